@@ -1,0 +1,1 @@
+"""The ``vpr`` command line tool."""
