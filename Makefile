@@ -1,0 +1,62 @@
+# Two commands do everything on a fresh machine:
+#   make demo   build a map from the shipped sample, replay its query sequence through the live
+#               ROS 2 node, print what it published and the scores, write the report
+#   make test   install and run the whole test suite
+# Both create the virtual environment (.venv) they need.
+#
+# Variables:
+#   PYTHON      interpreter for the venv (default python3; 3.10+)
+#   TORCH_PIP   torch requirement (default the pinned CPU/CUDA wheels; on a Jetson use the
+#               vendor's wheel, e.g. TORCH_PIP="torch==2.5.0 torchvision==0.20.0")
+#   ROS_WHEELS  1: install ROS 2 Python wheels from PyPI, 0: use the sourced system ROS 2
+#               (default: 0 when ROS_DISTRO is set and rclpy imports, else 1)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIP ?= torch==2.14.1 torchvision==0.29.1
+SYSTEM_ROS := $(shell [ -n "$$ROS_DISTRO" ] && $(PYTHON) -c "import rclpy" >/dev/null 2>&1 && echo 1 || echo 0)
+ROS_WHEELS ?= $(if $(filter 1,$(SYSTEM_ROS)),0,1)
+STAMP := $(VENV)/.vpr_ros_installed
+DEMO_OUT ?= demo_output
+PYTEST_ARGS ?=
+
+.PHONY: all install demo test lint bench bench-quick demo-model clean distclean
+
+all: test
+
+$(STAMP): requirements.txt requirements-ros-wheels.txt requirements-dev.txt setup.py setup.cfg package.xml
+	@echo "==> creating $(VENV) (system ROS 2: $(SYSTEM_ROS), ROS wheels from PyPI: $(ROS_WHEELS))"
+	@if [ ! -x "$(PY)" ]; then \
+	  if [ "$(ROS_WHEELS)" = "0" ]; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIP)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	@if [ "$(ROS_WHEELS)" = "1" ]; then $(PY) -m pip install --quiet -r requirements-ros-wheels.txt; fi
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vpr demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) test
+
+lint: $(STAMP)
+	$(PY) -m pytest -q test/test_lint.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run_all.py --quick
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build install log $(DEMO_OUT) .pytest_cache *.egg-info
+
+distclean: clean
+	rm -rf $(VENV)
