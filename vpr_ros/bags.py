@@ -159,7 +159,7 @@ def read_images(path: PathLike, topic: str, skip_bad: bool = False) -> Iterator[
                 rgb = message_to_rgb(msg, conn.msgtype)
             except ImageError as exc:
                 if not skip_bad:
-                    raise ImageError(f"{path} {topic} frame {index}: {exc}") from None
+                    raise type(exc)(f"{path} {topic} frame {index}: {exc}") from None
                 log.warning("skipping bad frame %d on %s: %s", index, topic, exc)
                 continue
             yield BagImage(stamp_ns=_stamp_ns(msg.header, bag_ns), image=rgb,

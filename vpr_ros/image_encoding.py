@@ -170,6 +170,8 @@ def image_fields_to_rgb(encoding: str, height: int, width: int, step: int,
     ImageError for zero size, a step smaller than a row, or data of the wrong length.
     """
     enc = _normalize_encoding(encoding)
+    if not (enc in _PLAIN or enc in _YUV or enc in _BAYER):
+        _layout(encoding.strip())
     rows = _rows(enc, int(height), int(width), int(step), data)
     h, w = int(height), int(width)
     if enc in _PLAIN:
