@@ -1,0 +1,232 @@
+"""Build a map directory from places (MapEntry), or append places to an existing map.
+
+The whole map is written into a temporary sibling folder (vpr_ros.atomic.atomic_directory)
+and swapped in at the end: a build that fails or is killed leaves the previous map as
+it was.  Images are described in batches and streamed to disk, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import platform
+import shutil
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_directory, atomic_write_json
+from ..errors import DatasetError, MapError, MapMismatchError
+from . import format as fmt
+from .index import DEFAULT_FACTORY, build_index, write_index
+from .place_map import PlaceMap, local_model_section, model_section
+from .sources import MapEntry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 16
+
+
+def _created(command: Optional[str]) -> dict:
+    return {"utc": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "host": platform.node(), "vpr_ros_version": __version__,
+            "command": command or "python API"}
+
+
+def _batched(entries: Iterable[MapEntry], size: int):
+    batch: List[MapEntry] = []
+    for e in entries:
+        batch.append(e)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _check_descriptors(desc: np.ndarray, batch: List[MapEntry], dim: int) -> np.ndarray:
+    desc = np.asarray(desc, dtype=np.float32)
+    if desc.shape != (len(batch), dim):
+        raise MapError(f"describer returned shape {desc.shape} for {len(batch)} images, "
+                       f"expected ({len(batch)}, {dim})")
+    bad = ~np.isfinite(desc).all(axis=1)
+    if bad.any():
+        raise MapError(f"non-finite descriptor for image {batch[int(np.flatnonzero(bad)[0])].name}")
+    return desc
+
+
+def _describe_into(folder: Path, entries: Iterable[MapEntry], describer, local_extractor,
+                   descriptor_dtype: str, batch_size: int, progress: bool, total: Optional[int],
+                   first_id: int, frame_id: str, seed_descriptors: Optional[np.ndarray] = None,
+                   seed_local: Optional[np.ndarray] = None):
+    """Describe entries batch by batch into folder/descriptors.npy (+ local_features.npy).
+
+    Returns (places of the new entries, number of rows written in total).
+    """
+    from tqdm import tqdm
+
+    dim = int(describer.dim)
+    desc_out = fmt.NpyAppender(folder / fmt.DESCRIPTORS_NPY, descriptor_dtype, (dim,))
+    local_out = None
+    names, positions, orientations, stamps = [], [], [], []
+    bar = tqdm(total=total, desc="describing map images", unit="img", disable=not progress)
+    try:
+        if seed_descriptors is not None:
+            for start in range(0, len(seed_descriptors), 4096):
+                desc_out.append(np.asarray(seed_descriptors[start:start + 4096]))
+        for batch in _batched(entries, batch_size):
+            images = [e.load() for e in batch]
+            if local_extractor is not None:
+                global_sela, local = local_extractor.extract(images)
+                if local_out is None:
+                    local_out = fmt.NpyAppender(folder / fmt.LOCAL_FEATURES_NPY, np.float16,
+                                                local.shape[1:])
+                    if seed_local is not None:
+                        for start in range(0, len(seed_local), 256):
+                            local_out.append(np.asarray(seed_local[start:start + 256]))
+                local_out.append(np.asarray(local, dtype=np.float16))
+            desc = _check_descriptors(describer.describe(images), batch, dim)
+            desc_out.append(desc)
+            for e in batch:
+                names.append(e.name)
+                positions.append(np.asarray(e.position, dtype=np.float64).reshape(3))
+                orientations.append(np.asarray(e.orientation, dtype=np.float64).reshape(4))
+                stamps.append(int(e.stamp_ns))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        desc_out.close()
+        if local_out is not None:
+            local_out.close()
+    if not names:
+        raise DatasetError("no images to put in the map (the source is empty, or keyframe "
+                           "selection kept nothing)")
+    n = len(names)
+    places = fmt.PlaceTable(np.arange(first_id, first_id + n, dtype=np.int64), names,
+                            np.array(positions), np.array(orientations),
+                            np.array(stamps, dtype=np.int64), frame_id)
+    return places, desc_out.rows
+
+
+def _finish(folder: Path, manifest: dict, places: fmt.PlaceTable, factory: str,
+            pca_dim: Optional[int], local_extractor) -> dict:
+    places.write(folder)
+    descriptors = np.load(folder / fmt.DESCRIPTORS_NPY, mmap_mode="r")
+    index, info = build_index(np.asarray(descriptors, dtype=np.float32), factory, pca_dim)
+    write_index(index, folder / fmt.INDEX_FAISS)
+    manifest["index"] = info
+    manifest["counts"] = {"places": len(places)}
+    manifest["frame_id"] = places.frame_id
+    manifest["descriptors"] = {"file": fmt.DESCRIPTORS_NPY, "dtype": str(descriptors.dtype),
+                               "shape": list(descriptors.shape)}
+    if (folder / fmt.LOCAL_FEATURES_NPY).exists():
+        local = np.load(folder / fmt.LOCAL_FEATURES_NPY, mmap_mode="r")
+        if local.shape[0] != len(places):
+            raise MapError(f"local features for {local.shape[0]} places, map has {len(places)}")
+        manifest["local_features"] = {"present": True, "file": fmt.LOCAL_FEATURES_NPY,
+                                      "shape": list(local.shape), "dtype": str(local.dtype),
+                                      "model": manifest.get("local_features", {}).get("model")
+                                      or local_model_section(local_extractor)}
+    else:
+        manifest["local_features"] = {"present": False}
+    manifest["files"] = fmt.file_checksums(folder)
+    atomic_write_json(folder / fmt.MANIFEST, manifest)
+    _usual_permissions(folder)
+    return manifest
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Temporary files/folders are created private (0600/0700); give the finished map the
+    permissions of a normal file under the user's umask, so other users (a ROS node
+    running as another user) can read it."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
+
+
+def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=None,
+              index: str = DEFAULT_FACTORY, pca_dim: Optional[int] = None,
+              frame_id: str = "map", overwrite: bool = False, batch_size: int = DEFAULT_BATCH,
+              descriptor_dtype: str = "float32", progress: bool = True,
+              command: Optional[str] = None, total: Optional[int] = None,
+              confidence: Optional[dict] = None) -> dict:
+    """Describe every place and write a complete map to ``out_dir`` atomically.
+
+    ``places`` is any iterable of MapEntry (lists, or a streaming BagSource).  With a
+    ``local_extractor`` (SelaVPR LocalFeatureExtractor) the dense local features needed for
+    re-ranking are stored too.  Returns the manifest.
+    """
+    out_dir = Path(out_dir)
+    if descriptor_dtype not in ("float32", "float16"):
+        raise MapError(f"descriptor dtype must be float32 or float16, got {descriptor_dtype!r}")
+    if out_dir.exists() and not overwrite:
+        raise MapError(f"{out_dir} already exists; pass --overwrite to replace it or choose "
+                       "another folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / fmt.MANIFEST).exists():
+        raise MapError(f"{out_dir} exists and is not a vpr_ros map; refusing to replace it")
+    if total is None and hasattr(places, "__len__"):
+        total = len(places)
+    manifest = {"format_version": fmt.FORMAT_VERSION, "created": _created(command),
+                "model": model_section(describer)}
+    if local_extractor is not None:
+        manifest["local_features"] = {"model": local_model_section(local_extractor)}
+    if confidence is not None:
+        manifest["confidence"] = confidence
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        table, _ = _describe_into(tmp, places, describer, local_extractor, descriptor_dtype,
+                                  batch_size, progress, total, 0, frame_id)
+        manifest = _finish(tmp, manifest, table, index, pca_dim, local_extractor)
+    log.info("map %s: %d places, index %s", out_dir, len(table), manifest["index"]["factory"])
+    return manifest
+
+
+def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=None,
+               batch_size: int = DEFAULT_BATCH, progress: bool = True,
+               command: Optional[str] = None, total: Optional[int] = None,
+               verify="full") -> dict:
+    """Append places to an existing map: only the new images are described, with the map's
+    own model (a different model is refused), and the index is rebuilt with the map's
+    factory string.  Atomic like build_map.  Returns the new manifest."""
+    map_dir = Path(map_dir)
+    old = PlaceMap.open_for(map_dir, describer, verify=verify, device="cpu")
+    has_local = old.has_local_features
+    if has_local and local_extractor is None:
+        raise MapError(f"map {map_dir} stores local features for re-ranking: pass the same "
+                       "--rerank-model/--rerank-weights so the new places get them too")
+    if local_extractor is not None:
+        if not has_local:
+            raise MapError(f"map {map_dir} has no local features; adding places with local "
+                           "features would leave the old ones without; rebuild the map instead")
+        old.check_local_extractor(local_extractor)
+    manifest = dict(old.manifest)
+    descriptor_dtype = manifest.get("descriptors", {}).get("dtype", "float32")
+    if total is None and hasattr(places, "__len__"):
+        total = len(places)
+    first_id = int(old.places.ids.max()) + 1 if len(old.places) else 0
+    with atomic_directory(map_dir, overwrite=True) as tmp:
+        new_table, _ = _describe_into(
+            tmp, places, describer, local_extractor if has_local else None, descriptor_dtype,
+            batch_size, progress, total, first_id, old.places.frame_id,
+            seed_descriptors=old.descriptors, seed_local=old.local_features if has_local else None)
+        table = old.places.concat(new_table)
+        updates = list(manifest.get("updates", []))
+        updates.append({**_created(command), "added_places": len(new_table)})
+        manifest["updates"] = updates
+        factory = manifest["index"]["factory"]
+        manifest = _finish(tmp, manifest, table, factory, None, local_extractor)
+    log.info("map %s: added %d places, now %d", map_dir, len(new_table), len(table))
+    return manifest
+
+
+def set_confidence_params(map_dir, params: dict) -> None:
+    """Store fitted confidence calibration in the map's manifest (atomic; data untouched)."""
+    manifest = fmt.read_manifest(map_dir)
+    manifest["confidence"] = params
+    atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
