@@ -1,0 +1,149 @@
+"""Images in, descriptors out: the one inference API every other part uses.
+
+``GlobalDescriber`` turns RGB images into unit-length global descriptors (SciceVPR,
+Super-CricaVPR or the SelaVPR global branch); ``LocalFeatureExtractor`` gives SelaVPR's
+global descriptor plus its dense (61, 61, C) local features for re-ranking.  Both take
+a model card (name, path or :class:`ModelCard`; None = the default card), an optional
+weights file, a device ("auto" | "cpu" | "cuda[:N]"), a precision ("fp32" | "bf16" |
+"fp16", fp16 on CUDA only) and a batch size.  Images are preprocessed with
+:func:`vpr_ros.preprocess.preprocess` (the official evaluation pipeline).
+
+``fingerprint`` identifies the weights ("sha256:<hex>" of the file or
+"random:<seed>:<card>"); maps store it so a map is never queried with another model.
+
+SciceVPR descriptors never depend on the batch: ``describe([a])[0] == describe([a, b])[0]``
+(up to float rounding).  The Super-CricaVPR teacher is batch dependent by design.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .device import autocast_context, resolve_device, resolve_precision
+from .errors import ImageError, ModelCardError
+from .models.cards import ModelCard, load_card
+from .models.factory import load_model
+from .preprocess import iter_batches, preprocess
+
+CardLike = Union[str, os.PathLike, ModelCard, None]
+
+
+class _ModelRunner:
+    """Shared set-up: card, weights, device, precision, batching."""
+
+    def __init__(self, card: CardLike = None, weights: Union[str, os.PathLike, None] = None,
+                 device: Union[str, torch.device] = "auto", precision: str = "fp32",
+                 batch_size: int = 8):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        self.precision = str(precision).lower()
+        self.batch_size = int(batch_size)
+        self.model, self.card, self.fingerprint = load_model(load_card(card), weights, self.device)
+        self.input_size: Tuple[int, int] = tuple(self.card.input_size)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ImageError(f"expected a preprocessed (B, 3, H, W) tensor, got {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.input_size:
+            raise ImageError(f"input is {tuple(x.shape[-2:])} but model {self.card.name!r} takes "
+                             f"{self.input_size}; preprocess with size={self.input_size}")
+        return x.to(self.device, torch.float32, non_blocking=True)
+
+    def _batches(self, images: Sequence[np.ndarray], progress: bool, desc: str):
+        images = list(images)
+        batches = iter_batches(images, self.batch_size)
+        if progress:
+            from tqdm import tqdm
+            total = (len(images) + self.batch_size - 1) // self.batch_size
+            batches = tqdm(batches, total=total, desc=desc, unit="batch")
+        return batches
+
+
+class GlobalDescriber(_ModelRunner):
+    """Global place descriptors: ``describe(images) -> (N, dim) float32``, unit L2."""
+
+    def __init__(self, card: CardLike = None, weights=None, device="auto",
+                 precision: str = "fp32", batch_size: int = 8):
+        super().__init__(card, weights, device, precision, batch_size)
+        self.dim = int(self.card.descriptor_dim)
+
+    @torch.inference_mode()
+    def describe_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, 3, H, W) input -> (B, dim) float32 descriptors on the device."""
+        x = self._check_input(x)
+        with autocast_context(self.device, self.dtype):
+            if self.card.architecture == "selavpr":
+                out = self.model.forward_global(x)
+            else:
+                out = self.model(x)
+        out = out.float()
+        if self.dtype != torch.float32:  # re-normalise after reduced-precision arithmetic
+            out = torch.nn.functional.normalize(out, p=2, dim=-1)
+        return out
+
+    def describe(self, images: Sequence[np.ndarray], color_order: str = "rgb",
+                 progress: bool = False) -> np.ndarray:
+        """RGB (or ``color_order``) uint8 images -> (N, dim) float32, unit L2 rows."""
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            images = [images]
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        row = 0
+        for batch in self._batches(images, progress, "describe"):
+            x = preprocess(batch, self.input_size, color_order)
+            desc = self.describe_tensor(x).cpu().numpy()
+            out[row:row + len(batch)] = desc
+            row += len(batch)
+        return out
+
+
+class LocalFeatureExtractor(_ModelRunner):
+    """SelaVPR: ``extract(images) -> (global (N, Dg) float32, local (N, 61, 61, C) float16)``."""
+
+    def __init__(self, card: CardLike = None, weights=None, device="auto",
+                 precision: str = "fp32", batch_size: int = 8):
+        card_obj = load_card(card if card is not None else "selavpr_tiny_random")
+        if card_obj.architecture != "selavpr":
+            raise ModelCardError(f"local features need a SelaVPR model card; {card_obj.name!r} is "
+                                 f"{card_obj.architecture} (try --local-model selavpr_vitl14)")
+        super().__init__(card_obj, weights, device, precision, batch_size)
+        self.global_dim = int(self.card.descriptor_dim)
+        self.dim = self.global_dim
+        self.local_shape: Tuple[int, int, int] = tuple(self.card.local_shape)
+
+    @torch.inference_mode()
+    def extract_tensor(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed input -> (global (B, Dg) float32, local (B, H, W, C) float32)."""
+        x = self._check_input(x)
+        with autocast_context(self.device, self.dtype):
+            glob, local = self.model(x)
+        glob, local = glob.float(), local.float()
+        if self.dtype != torch.float32:
+            glob = torch.nn.functional.normalize(glob, p=2, dim=-1)
+            local = torch.nn.functional.normalize(local, p=2, dim=-1)
+        return glob, local
+
+    def extract(self, images: Sequence[np.ndarray], color_order: str = "rgb",
+                progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            images = [images]
+        images = list(images)
+        n = len(images)
+        glob_out = np.empty((n, self.global_dim), dtype=np.float32)
+        local_out = np.empty((n,) + self.local_shape, dtype=np.float16)
+        row = 0
+        for batch in self._batches(images, progress, "local features"):
+            x = preprocess(batch, self.input_size, color_order)
+            glob, local = self.extract_tensor(x)
+            glob_out[row:row + len(batch)] = glob.cpu().numpy()
+            local_out[row:row + len(batch)] = local.to(torch.float16).cpu().numpy()
+            row += len(batch)
+        return glob_out, local_out
