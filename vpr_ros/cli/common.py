@@ -1,0 +1,56 @@
+"""Model options shared by every `vpr` subcommand that runs a network.
+
+``add_model_args(parser)`` adds ``--model``, ``--weights``, ``--device``,
+``--precision`` and ``--batch-size``; with ``local=True`` also ``--local-model`` and
+``--local-weights`` for SelaVPR re-ranking features.  ``describer_from_args(args)`` /
+``local_extractor_from_args(args)`` build the inference objects from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from ..device import PRECISIONS
+
+
+def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="CARD", default=None,
+                       help="model card name (see `vpr models`) or path of a card .yaml; "
+                            "default: the shipped demo model, else scicevpr_tiny_random")
+    group.add_argument("--weights", metavar="FILE", default=None,
+                       help="weights file: official .pth (training checkpoint or bare state "
+                            "dict), DINOv2 pretrain .pth, or a vpr_ros .safetensors; "
+                            "default: the card's own weights")
+    group.add_argument("--device", default="auto",
+                       help="auto | cpu | cuda | cuda:N (default auto)")
+    group.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                       help="fp32 (exact), bf16 (CPU/CUDA autocast) or fp16 (CUDA only)")
+    group.add_argument("--batch-size", type=int, default=8, metavar="N",
+                       help="images per forward pass (default 8)")
+    if local:
+        group.add_argument("--local-model", metavar="CARD", default=None,
+                           help="SelaVPR card for re-ranking local features (e.g. "
+                                "selavpr_vitl14); default: none (no local features)")
+        group.add_argument("--local-weights", metavar="FILE", default=None,
+                           help="weights for --local-model (official SelaVPR .pth)")
+
+
+def describer_from_args(args: argparse.Namespace):
+    from ..inference import GlobalDescriber
+
+    return GlobalDescriber(card=args.model, weights=args.weights, device=args.device,
+                           precision=args.precision, batch_size=args.batch_size)
+
+
+def local_extractor_from_args(args: argparse.Namespace):
+    """A LocalFeatureExtractor from --local-model/--local-weights, or None without them."""
+    from ..inference import LocalFeatureExtractor
+
+    card: Optional[str] = getattr(args, "local_model", None)
+    if card is None:
+        return None
+    return LocalFeatureExtractor(card=card, weights=getattr(args, "local_weights", None),
+                                 device=args.device, precision=args.precision,
+                                 batch_size=args.batch_size)
