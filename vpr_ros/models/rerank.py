@@ -1,0 +1,130 @@
+"""SelaVPR re-ranking: mutual-nearest-neighbour matching of dense local features.
+
+For a query map q (P points x C) and a candidate map c (P' x C), S = c q^T.  A query
+point i *matches* if its best candidate point j = argmax_j S[j, i] has i as its own
+best query point (argmax_i S[j, i] == i): mutual nearest neighbours.  ``argmax`` takes
+the first index on exact ties, as ``torch.argmax`` does in the official code.
+
+* :func:`mutual_nn_counts` - number of matches per candidate, batched over K candidates
+  on the CPU or a GPU, in chunks so K=100 maps of 61x61x128 never hold more than
+  ``max_chunk_bytes`` of similarity matrices at once; float16 inputs (maps store local
+  features as float16) are upcast to float32 chunk by chunk.
+* :func:`official_scores` - the official score: the count as float, except that a
+  count of exactly 1 scores 0 (a quirk of the official ``local_sim``: it squeezes the
+  match indices and a 0-d result is treated as "no matches").
+* :func:`rerank_order` - candidate order by descending score.  Ties keep their
+  first-stage order (stable sort).  The official code reverses numpy's unstable
+  ``argsort``, which leaves tied candidates in no defined order; for the short lists it
+  happens to put ties in *reverse* first-stage order, we keep the better first-stage
+  rank first, which is the sensible reading and is deterministic.
+* :func:`train_similarity` - the training-time similarity (``local_sim(trainflag=True)``):
+  the mean dot product over the mutual matches of each (query, candidate) pair,
+  differentiable in the features.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def _as_points(x: ArrayLike, batched: bool, device: Optional[torch.device]) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x)) if isinstance(x, np.ndarray) else x
+    want = 3 if batched else 2
+    if t.ndim == want + 1:                       # (..., H, W, C) -> (..., H*W, C)
+        t = t.reshape(*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1])
+    if t.ndim != want:
+        shape = "(K,H,W,C) or (K,P,C)" if batched else "(H,W,C) or (P,C)"
+        raise ValueError(f"expected local features shaped {shape}, got {tuple(t.shape)}")
+    if device is not None:
+        t = t.to(device)
+    return t
+
+
+def _mutual_matches(query: torch.Tensor, cands: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """query (P, C) float32, cands (k, P', C) float32 -> (valid (k, P) bool, best (k, P) long).
+
+    best[k, i] is the candidate point nearest to query point i.
+    """
+    sim = torch.matmul(cands, query.T)                 # (k, P', P)
+    best_cand = sim.argmax(dim=1)                     # (k, P): per query point
+    best_query = sim.argmax(dim=2)                    # (k, P'): per candidate point
+    back = torch.gather(best_query, 1, best_cand)      # (k, P)
+    arange = torch.arange(query.shape[0], device=query.device)
+    return back == arange.unsqueeze(0), best_cand
+
+
+def mutual_nn_counts(query: ArrayLike, candidates: ArrayLike,
+                     device: Union[str, torch.device, None] = None,
+                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> torch.LongTensor:
+    """Mutual nearest-neighbour counts of one query map against K candidate maps -> (K,)."""
+    if device is None:
+        device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    q = _as_points(query, False, device).float()
+    cands = _as_points(candidates, True, None)
+    k, p_cand, c = cands.shape
+    if c != q.shape[1]:
+        raise ValueError(f"query has {q.shape[1]} channels, candidates {c}")
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    per_candidate = p_cand * q.shape[0] * 4 * 2     # similarity + argmax work space
+    chunk = max(1, int(max_chunk_bytes // max(per_candidate, 1)))
+    counts = []
+    with torch.no_grad():
+        for start in range(0, k, chunk):
+            block = cands[start:start + chunk].to(device).float()
+            valid, _ = _mutual_matches(q, block)
+            counts.append(valid.sum(dim=1))
+    return torch.cat(counts).to(torch.long)
+
+
+def official_scores(counts: ArrayLike) -> torch.FloatTensor:
+    """Counts -> official re-ranking scores (count == 1 gives 0)."""
+    counts = torch.as_tensor(np.asarray(counts)) if isinstance(counts, np.ndarray) else counts
+    scores = counts.to(torch.float32)
+    return torch.where(counts == 1, torch.zeros_like(scores), scores)
+
+
+def rerank_order(scores: ArrayLike) -> np.ndarray:
+    """Positions of the candidates by descending score; ties keep first-stage order."""
+    s = scores.detach().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    return np.argsort(-s.astype(np.float64), kind="stable")
+
+
+def rerank(query: ArrayLike, candidates: ArrayLike, device=None,
+           max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tuple[np.ndarray, np.ndarray]:
+    """Convenience: (order of candidates, official scores in first-stage order)."""
+    scores = official_scores(mutual_nn_counts(query, candidates, device, max_chunk_bytes))
+    return rerank_order(scores), scores.cpu().numpy()
+
+
+def train_similarity(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Pairwise training similarity of queries[i] and candidates[i] -> (B,).
+
+    Mean over the query's mutual matches of the dot product with the matched candidate
+    point.  As the official code: when exactly one match exists it falls back to the mean
+    dot product of same-position points.  Gradients flow through the features (the
+    matching itself is a hard argmax).
+    """
+    q = _as_points(queries, True, None)
+    c = _as_points(candidates, True, q.device)
+    if q.shape[0] != c.shape[0]:
+        raise ValueError(f"{q.shape[0]} queries but {c.shape[0]} candidates")
+    out = []
+    for i in range(q.shape[0]):
+        qi, ci = q[i], c[i]
+        with torch.no_grad():
+            valid, best = _mutual_matches(qi.detach().float(), ci.detach().float().unsqueeze(0))
+        idx = torch.nonzero(valid[0]).squeeze(1)
+        if idx.numel() == 1:
+            out.append((qi * ci).sum(dim=1).mean())
+        else:
+            out.append((qi[idx] * ci[best[0, idx]]).sum(dim=1).mean())
+    return torch.stack(out)
