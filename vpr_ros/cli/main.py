@@ -14,6 +14,9 @@ from ..errors import VprError
 SUBCOMMAND_MODULES = [
     "describe",
     "models",
+    "map",
+    "localize",
+    "eval",
 ]
 
 

@@ -133,22 +133,8 @@ def _finish(folder: Path, manifest: dict, places: fmt.PlaceTable, factory: str,
         manifest["local_features"] = {"present": False}
     manifest["files"] = fmt.file_checksums(folder)
     atomic_write_json(folder / fmt.MANIFEST, manifest)
-    _usual_permissions(folder)
+    fmt.usual_permissions(folder)
     return manifest
-
-
-def _usual_permissions(folder: Path) -> None:
-    """Temporary files/folders are created private (0600/0700); give the finished map the
-    permissions of a normal file under the user's umask, so other users (a ROS node
-    running as another user) can read it."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
 
 
 def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=None,
@@ -230,3 +216,4 @@ def set_confidence_params(map_dir, params: dict) -> None:
     manifest = fmt.read_manifest(map_dir)
     manifest["confidence"] = params
     atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
+    fmt.usual_permissions(Path(map_dir))

@@ -244,3 +244,15 @@ def yaw_to_quaternion(yaw_deg: float) -> Tuple[float, float, float, float]:
     """Heading about +z (degrees) -> quaternion (qx, qy, qz, qw)."""
     half = math.radians(yaw_deg) / 2.0
     return 0.0, 0.0, math.sin(half), math.cos(half)
+
+
+def usual_permissions(folder: Path) -> None:
+    """Temporary files/folders are created private (0600/0700); give the finished map the
+    permissions of a normal file under the user's umask, so other users (a ROS node
+    running as another user) can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        if p.is_file():
+            os.chmod(p, 0o666 & ~umask)

@@ -1,0 +1,125 @@
+"""`vpr eval recall` (and `vpr eval bag` when vpr_ros/cli/eval_bag_cmd.py is installed)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import shlex
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    from .common import add_model_args
+    from .map_cmd import add_rerank_model_args
+
+    p = subparsers.add_parser("eval", help="evaluate recall on datasets (and bags)",
+                              description="Evaluation commands.")
+    sub = p.add_subparsers(dest="eval_command", metavar="WHAT")
+    sub.required = True
+
+    r = sub.add_parser(
+        "recall", help="Recall@N on a benchmark-layout dataset",
+        description="Build a map from the database split (or use --map), describe the "
+                    "queries, report Recall@1/5/10/20 (with and without re-ranking), the "
+                    "precision/recall curve of the confidence gate, the temporal filter and "
+                    "per-stage latency; write report.json and PNG plots to --out.")
+    r.add_argument("--dataset", required=True, metavar="DIR",
+                   help="dataset in the benchmark layout (images/test/{database,queries})")
+    r.add_argument("--map", metavar="MAP", default=None,
+                   help="use this map instead of building one from the database split")
+    r.add_argument("--save-map", metavar="DIR", default=None,
+                   help="keep the map built from the database split here, with the fitted "
+                        "confidence calibration in its manifest")
+    add_model_args(r, local=True)
+    add_rerank_model_args(r)
+    r.add_argument("--rerank", action="store_true",
+                   help="re-rank with SelaVPR local features (model from --rerank-model, "
+                        "default selavpr_tiny_random); implied by --rerank-model")
+    r.add_argument("--rerank-k", type=int, default=20, metavar="K",
+                   help="candidates re-ranked per query (default 20)")
+    r.add_argument("--radius", type=float, default=25.0, metavar="M",
+                   help="a match is correct within this distance (default 25 m)")
+    r.add_argument("--index", default="Flat", metavar="FACTORY",
+                   help="FAISS factory string for the map built here (default Flat)")
+    r.add_argument("--max-queries", type=int, default=None, metavar="N",
+                   help="evaluate only the first N queries")
+    r.add_argument("--no-temporal", dest="temporal", action="store_false",
+                   help="skip the temporal filter run")
+    r.add_argument("--temporal-sigma", type=float, default=30.0, metavar="M",
+                   help="temporal filter motion spread per frame (default 30 m)")
+    r.add_argument("--latency-queries", type=int, default=20, metavar="N",
+                   help="queries timed one by one through the Localizer (default 20)")
+    r.add_argument("--out", metavar="REPORT_DIR", default=None,
+                   help="write report.json, recall_at_n.png, pr_curve.png, examples.png here")
+    r.add_argument("--json", action="store_true",
+                   help="print one JSON object on the last line of stdout")
+    r.set_defaults(func=run_recall)
+
+    if importlib.util.find_spec(f"{__package__}.eval_bag_cmd") is not None:
+        importlib.import_module(f"{__package__}.eval_bag_cmd").register(sub)
+
+
+def _pct(x) -> str:
+    return "   -  " if x is None else f"{100 * x:6.2f}"
+
+
+def run_recall(args) -> int:
+    from ..evaluation.recall_eval import RecallSettings, evaluate_recall, public_report
+    from ..maps import PlaceMap
+    from .common import describer_from_args, local_extractor_from_args
+
+    describer = describer_from_args(args)
+    local = None
+    if args.rerank or args.local_model is not None:
+        if args.local_model is None:
+            from ..inference import LocalFeatureExtractor
+
+            log.info("--rerank without --rerank-model: using selavpr_tiny_random")
+            local = LocalFeatureExtractor(card=None, device=args.device,
+                                          precision=args.precision, batch_size=args.batch_size)
+        else:
+            local = local_extractor_from_args(args)
+    place_map = None
+    if args.map:
+        place_map = PlaceMap.open_for(args.map, describer,
+                                      local_extractor=local, device=args.device)
+    settings = RecallSettings(radius_m=args.radius, rerank_k=args.rerank_k,
+                              max_queries=args.max_queries, index=args.index,
+                              latency_queries=args.latency_queries, temporal=args.temporal,
+                              temporal_sigma_m=args.temporal_sigma)
+    command = "vpr " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    report = evaluate_recall(args.dataset, describer, local_extractor=local, place_map=place_map,
+                             settings=settings, out_dir=args.out, map_out=args.save_map,
+                             command=command)
+    rep = public_report(report)
+    ns = ["1", "5", "10", "20"]
+    print(f"dataset {args.dataset}: {rep['num_queries']} queries, {rep['num_database']} "
+          f"database places, radius {args.radius} m, model {rep['model']['card']}")
+    print("                    " + "".join(f"   R@{n:<3s}" for n in ns))
+    print("global descriptor   " + "".join(f"  {_pct(rep['recall'].get(n))}" for n in ns))
+    if "recall_reranked" in rep:
+        print("re-ranked           " + "".join(f"  {_pct(rep['recall_reranked'].get(n))}"
+                                               for n in ns))
+    if "recall_temporal" in rep:
+        print("temporal filter     " + f"  {_pct(rep['recall_temporal']['1'])}")
+    print(f"confidence gate: recall at 100% precision {100 * rep['recall_at_100_precision']:.2f}%, "
+          f"average precision {rep['pr_auc']:.3f}")
+    lat = rep.get("latency_ms", {}).get("total")
+    if lat:
+        print(f"latency per image: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95 "
+              f"({rep['device']})")
+    if args.out:
+        print(f"report: {args.out}/report.json (+ recall_at_n.png, pr_curve.png, examples.png)")
+    if args.json:
+        summary = {k: rep[k] for k in ("recall", "recall_reranked", "recall_temporal",
+                                       "num_queries", "num_database", "radius_m",
+                                       "recall_at_100_precision", "pr_auc", "latency_ms",
+                                       "confidence_calibration") if k in rep}
+        summary["report_dir"] = args.out
+        print(json.dumps(summary))
+    return 0

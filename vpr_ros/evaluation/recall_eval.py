@@ -1,0 +1,258 @@
+"""Recall@N evaluation of a model (and map) on a benchmark-layout dataset.
+
+Steps: build a map from the database split (or open the given one), describe the
+queries, search, score Recall@1/5/10/20 against positives within ``radius_m``;
+optionally re-rank with SelaVPR local features; fit and score the confidence gate
+(precision/recall curve, recall at 100 % precision); run the temporal filter over the
+queries in driving order; time the single-image Localizer stage by stage; write
+report.json and PNG plots atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..atomic import atomic_directory
+from ..maps.format import usual_permissions
+from ..errors import DatasetError
+from ..localizer import (DEFAULT_CONFIDENCE, Localizer, confidence_features,
+                         confidence_from_features, fit_confidence)
+from ..preprocess import load_image
+from .datasets import read_split
+from .metrics import DEFAULT_NS, correct_at_n, positives_within, precision_recall, recall_at_n
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecallSettings:
+    radius_m: float = 25.0
+    rerank_k: int = 20
+    max_queries: Optional[int] = None
+    index: str = "Flat"
+    latency_queries: int = 20
+    temporal: bool = True
+    temporal_sigma_m: float = 30.0
+    examples: int = 6
+    chunk: int = 64
+
+
+def _stats(values: List[float]) -> dict:
+    if not values:
+        return {}
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "median": float(np.median(a)),
+            "p95": float(np.percentile(a, 95)), "n": int(len(a))}
+
+
+def _cross_fitted_confidence(s1, margin, correct, radius_m):
+    """Confidence of each query from a calibration fitted on the *other* half (even/odd),
+    so the PR curve is not measured on the data the calibration was fitted on."""
+    conf = np.empty(len(s1))
+    folds = np.arange(len(s1)) % 2
+    for f in (0, 1):
+        train, test = folds != f, folds == f
+        params = fit_confidence(s1[train], margin[train], correct[train], radius_m)
+        conf[test] = confidence_from_features(s1[test], margin[test], params)
+    return conf
+
+
+def evaluate_recall(dataset_dir, describer, local_extractor=None, place_map=None,
+                    settings: Optional[RecallSettings] = None, out_dir=None,
+                    progress: bool = True, map_out=None, command: Optional[str] = None) -> dict:
+    """Run the evaluation; returns the report dict (also written to out_dir/report.json)."""
+    from tqdm import tqdm
+
+    from ..maps import PlaceMap, benchmark_source, build_map
+    from ..temporal import PlaceBeliefFilter
+
+    s = settings or RecallSettings()
+    t_start = time.perf_counter()
+    queries = read_split(dataset_dir, "queries")
+    q_paths = list(queries.paths)
+    q_pos = queries.positions
+    if s.max_queries is not None:
+        if s.max_queries < 1:
+            raise DatasetError(f"--max-queries must be >= 1, got {s.max_queries}")
+        q_paths, q_pos = q_paths[:s.max_queries], q_pos[:s.max_queries]
+    rerank_k = s.rerank_k if local_extractor is not None else 0
+
+    tmp_ctx = None
+    if place_map is None:
+        entries = benchmark_source(dataset_dir, "database")
+        if map_out is None:
+            tmp_ctx = tempfile.TemporaryDirectory(prefix="vpr-eval-map-")
+            map_dir = Path(tmp_ctx.name) / "map"
+        else:
+            map_dir = Path(map_out)
+        build_map(entries, map_dir, describer, local_extractor=local_extractor if rerank_k else None,
+                  index=s.index, overwrite=True, batch_size=getattr(describer, "batch_size", 16),
+                  progress=progress, command=command)
+        place_map = PlaceMap.open_for(map_dir, describer,
+                                      local_extractor=local_extractor if rerank_k else None,
+                                      verify="size")
+    elif rerank_k:
+        place_map.check_local_extractor(local_extractor)
+    try:
+        report = _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s,
+                           progress, tqdm, PlaceBeliefFilter, from_csv=queries.from_csv)
+        report["dataset"] = str(dataset_dir)
+        report["map"] = str(map_out) if map_out else (None if tmp_ctx else str(place_map.path))
+        report["seconds"] = round(time.perf_counter() - t_start, 2)
+        if out_dir is not None:
+            write_report(report, out_dir, place_map, q_paths)
+        if map_out is not None:
+            from ..maps import set_confidence_params
+
+            set_confidence_params(map_out, report["confidence_calibration"])
+    finally:
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+    return report
+
+
+def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s, progress,
+              tqdm, PlaceBeliefFilter, from_csv):
+    nq = len(q_paths)
+    k = min(max(max(DEFAULT_NS), rerank_k), len(place_map))
+    sims = np.zeros((nq, k), dtype=np.float32)
+    preds = np.zeros((nq, k), dtype=np.int64)
+    preds_rr = preds.copy() if rerank_k else None
+    sims_rr = sims.copy() if rerank_k else None
+    loc = Localizer(place_map, describer, local_extractor=local_extractor,
+                    top_k=k, rerank_k=rerank_k, check_map=False)
+    bar = tqdm(total=nq, desc="evaluating queries", unit="img", disable=not progress)
+    for start in range(0, nq, s.chunk):
+        images = [load_image(p) for p in q_paths[start:start + s.chunk]]
+        desc = describer.describe(images)
+        sm, ix = place_map.search(desc, k)
+        sims[start:start + len(images)] = sm
+        preds[start:start + len(images)] = ix
+        if rerank_k:
+            _, local = local_extractor.extract(images)
+            for j in range(len(images)):
+                order, _ = loc.rerank(local[j], ix[j, :rerank_k])
+                head = np.arange(len(order))[order]
+                perm = np.r_[head, np.arange(len(head), k)]
+                preds_rr[start + j] = ix[j][perm]
+                sims_rr[start + j] = sm[j][perm]
+        bar.update(len(images))
+    bar.close()
+
+    positives = positives_within(q_pos, place_map.places.positions, s.radius_m)
+    no_positive = int(sum(len(p) == 0 for p in positives))
+    report: Dict = {
+        "num_queries": nq, "num_database": len(place_map), "radius_m": s.radius_m,
+        "queries_without_positive": no_positive,
+        "model": place_map.manifest.get("model"),
+        "index": place_map.manifest.get("index"),
+        "recall": recall_at_n(preds, positives),
+    }
+    final_preds, final_sims = preds, sims
+    if rerank_k:
+        report["recall_reranked"] = recall_at_n(preds_rr, positives)
+        report["rerank"] = {"k": rerank_k,
+                            "model": (place_map.manifest.get("local_features") or {}).get("model")}
+        final_preds, final_sims = preds_rr, sims_rr
+
+    # Confidence gate.
+    hits = correct_at_n(final_preds, positives)
+    correct = hits[:, 0]
+    feats = np.array([confidence_features(final_sims[i], place_map.places.positions[final_preds[i]],
+                                          s.radius_m) for i in range(nq)]).reshape(nq, 2)
+    s1, margin = feats[:, 0], feats[:, 1]
+    calibration = fit_confidence(s1, margin, correct, s.radius_m)
+    conf_cv = _cross_fitted_confidence(s1, margin, correct, s.radius_m)
+    conf_default = confidence_from_features(s1, margin, dict(DEFAULT_CONFIDENCE))
+    pr = precision_recall(conf_cv, correct)
+    pr_default = precision_recall(conf_default, correct)
+    pr_sim = precision_recall(s1, correct)
+    report["confidence_calibration"] = calibration
+    report["precision_recall"] = {
+        "calibrated (cross-fitted)": _pr_json(pr),
+        "default parameters": _pr_json(pr_default),
+        "top-1 similarity": _pr_json(pr_sim),
+    }
+    report["recall_at_100_precision"] = pr["recall_at_100_precision"]
+    report["pr_auc"] = pr["auc"]
+
+    # Temporal filter over the queries in their order (driving order when a poses CSV exists).
+    if s.temporal:
+        filt = PlaceBeliefFilter(place_map.places.positions, sigma_m=s.temporal_sigma_m,
+                                 radius_m=s.radius_m)
+        t_preds = np.zeros((nq, 1), dtype=np.int64)
+        for i in range(nq):
+            best, _ = filt.update(final_preds[i], final_sims[i])
+            t_preds[i, 0] = best
+        report["recall_temporal"] = {"1": recall_at_n(t_preds, positives, ns=(1,))["1"]}
+        report["temporal"] = {"sigma_m": s.temporal_sigma_m, "kidnap_prob": filt.kidnap_prob,
+                              "queries_in_driving_order": bool(from_csv)}
+
+    # Single-image latency of the Localizer, stage by stage.
+    timings: Dict[str, List[float]] = {}
+    for p in q_paths[:max(0, s.latency_queries)]:
+        r = loc.localize(load_image(p))
+        for key, v in r.timings_ms.items():
+            timings.setdefault(key, []).append(v)
+    report["latency_ms"] = {key: _stats(v) for key, v in timings.items()}
+    report["device"] = str(getattr(describer, "device", "cpu"))
+    report["_arrays"] = {"preds": final_preds, "hits": hits, "pr": pr, "pr_default": pr_default,
+                         "pr_sim": pr_sim, "examples": s.examples}
+    return report
+
+
+def _pr_json(pr: dict) -> dict:
+    return {"recall_at_100_precision": pr["recall_at_100_precision"], "auc": pr["auc"],
+            "precision": [round(float(v), 5) for v in pr["precision"]],
+            "recall": [round(float(v), 5) for v in pr["recall"]],
+            "thresholds": [round(float(v), 6) for v in pr["thresholds"]]}
+
+
+def public_report(report: dict) -> dict:
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def write_report(report: dict, out_dir, place_map, q_paths) -> None:
+    """report.json + recall_at_n.png + pr_curve.png + examples.png, written atomically."""
+    import json
+
+    from .plots import plot_examples, plot_pr_curves, plot_recall_curves
+
+    arrays = report["_arrays"]
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        curves = {"global descriptor": report["recall"]}
+        if "recall_reranked" in report:
+            curves["re-ranked (SelaVPR MNN)"] = report["recall_reranked"]
+        model = (report.get("model") or {}).get("card", "?")
+        title = f"{Path(report['dataset']).name}: {model}, {report['num_queries']} queries"
+        plot_recall_curves(curves, tmp / "recall_at_n.png", title=title)
+        plot_pr_curves({"calibrated": arrays["pr"], "default": arrays["pr_default"],
+                        "top-1 similarity": arrays["pr_sim"]}, tmp / "pr_curve.png")
+        nq = len(q_paths)
+        picks = np.unique(np.linspace(0, nq - 1, num=min(arrays.get("examples", 6), nq)).astype(int))
+        names = place_map.places.names
+        root = Path(report["dataset"]) / "images" / "test" / "database"
+        match_paths, match_ok = [], []
+        for q in picks:
+            top = [int(i) for i in arrays["preds"][q, :3] if i >= 0]
+            match_paths.append([_db_image(place_map, root, names[i]) for i in top])
+            match_ok.append([bool(v) for v in arrays["hits"][q, :len(top)]])
+        if all(all(p is not None for p in row) for row in match_paths):
+            plot_examples([q_paths[q] for q in picks], match_paths, match_ok, tmp / "examples.png",
+                          captions=[f"query {q}" for q in picks])
+        (tmp / "report.json").write_text(json.dumps(public_report(report), indent=2) + "\n")
+        usual_permissions(tmp)
+
+
+def _db_image(place_map, root: Path, name: str):
+    p = root / name
+    return p if p.is_file() else None
