@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "map",
     "localize",
     "eval",
+    "train",
 ]
 
 

@@ -1,0 +1,99 @@
+"""Distributed data parallel (DDP) setup for ``torchrun``.
+
+The same command scales from one CPU process to N GPUs::
+
+    vpr train teacher --config cfg.yaml                         # one process
+    torchrun --nproc_per_node=2 -m vpr_ros.cli.main train teacher --config cfg.yaml
+                                                                # 2 processes (gloo on CPU,
+                                                                # nccl with one GPU each)
+
+``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``; when
+``WORLD_SIZE`` > 1 the process group is created with ``nccl`` if the process has a
+CUDA device, else ``gloo``.  Each process takes its own share of every P x K batch;
+gradients are averaged by :class:`torch.nn.parallel.DistributedDataParallel`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..device import resolve_device
+from ..errors import DeviceError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_spec: str = "auto") -> DistInfo:
+    """Read torchrun's environment, pick the device, create the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return DistInfo(device=resolve_device(device_spec))
+    spec = (device_spec or "auto").lower()
+    if spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device_spec!r} requested under torchrun, but CUDA is "
+                              "not available; use device: cpu (gloo)")
+        if local >= torch.cuda.device_count():
+            raise DeviceError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=30))
+        created = True
+    return DistInfo(rank, world, local, device, created)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_mean(info: DistInfo, value: float) -> float:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.to(info.device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.initialised_here and dist.is_initialized():
+        dist.destroy_process_group()
