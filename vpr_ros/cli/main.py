@@ -18,6 +18,8 @@ SUBCOMMAND_MODULES = [
     "localize",
     "eval",
     "train",
+    "bag",
+    "demo",
 ]
 
 
