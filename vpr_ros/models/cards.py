@@ -276,3 +276,49 @@ def write_card(card: ModelCard, path: Union[str, os.PathLike]) -> None:
     from ..atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(card.to_dict(), sort_keys=False))
+
+
+def card_from_reference_config(config: Dict[str, Any], name: str = "reference") -> ModelCard:
+    """A card from a ``<model>_tiny.config.json`` of the reference fixtures.
+
+    Those files describe the official constructor arguments (SciceVPR / Super-CricaVPR
+    ``official_class`` ``scicevpr.SciceVPR`` / ``super_cricavpr.Super_CricaVPR``, SelaVPR
+    ``network.GeoLocalizationNet``); this maps them onto our schema so tests build the
+    tiny models from the fixture itself, never from hard-coded sizes.
+    """
+    bb = config["backbone"]
+    grid = bb["pos_embed_grid"]
+    grid = int(grid[0] if isinstance(grid, (list, tuple)) else grid)
+    interp = bb.get("pos_embed_interpolation", {})
+    offset = 0.1
+    if isinstance(interp.get("scale_factor"), str) and "interpolate_offset" in interp["scale_factor"]:
+        import re
+        m = re.search(r"interpolate_offset\s*([0-9.]+)", interp["scale_factor"])
+        offset = float(m.group(1)) if m else 0.1
+    backbone = dict(embed_dim=int(bb["embed_dim"]), depth=int(bb["depth"]),
+                    num_heads=int(bb["num_heads"]), patch_size=int(bb["patch_size"]),
+                    mlp_ratio=float(bb["mlp_ratio"]),
+                    num_register_tokens=int(bb.get("num_register_tokens", 0)),
+                    pos_embed_grid=grid, interpolate_offset=offset)
+    official = config.get("official_class", "")
+    inp = config.get("input", {})
+    size = [int(inp.get("height", 224)), int(inp.get("width", 224))]
+    if "GeoLocalizationNet" in official:
+        adapters = config["adapters"]
+        local = config["local_branch"]
+        head = dict(adapter_dim=int(adapters["serial_adapter1"]["hidden"]),
+                    adapter_scale=float(adapters["parallel_adapter2"].get("scale", 0.2)),
+                    local_hidden_dim=int(local["upconv1"]["out"]),
+                    local_dim=int(local["upconv2"]["out"]))
+        arch = "selavpr"
+    else:
+        enc = config["encoder"]
+        head = dict(out_indices=[int(i) for i in config["out_indices"]],
+                    mix_in_dim=int(config["fusion"]["out"]),
+                    token_num=int(config["token_mixers"]["count"]),
+                    token_ratio=float(config["token_mixers"]["ratio"]),
+                    encoder_layers=int(enc["num_layers"]), encoder_heads=int(enc["nhead"]),
+                    encoder_ffn=int(enc["dim_feedforward"]))
+        arch = "super_cricavpr" if "cricavpr" in official.lower() else "scicevpr"
+    return card_from_dict(dict(name=name, architecture=arch, backbone=backbone, head=head,
+                               input_size=size))
