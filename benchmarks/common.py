@@ -1,0 +1,196 @@
+"""Shared helpers of the benchmark scripts: timing, memory, machine description, output.
+
+Benchmarks report medians of repeated measurements and ratios measured in the same
+run; nothing here asserts a wall-clock limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from vpr_ros.atomic import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
+
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_CACHE = Path(os.environ.get("VPR_BENCH_CACHE", "/tmp/vpr_bench_cache"))
+
+
+def set_threads(n: int = 2) -> None:
+    """Use ``n`` threads in torch, FAISS and BLAS (the benchmark machine has 2 cores)."""
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    try:
+        import faiss
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> List[float]:
+    """Run ``fn`` ``warmup`` times, then ``repeats`` times; return seconds per call."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int,
+                      warmup: int = 1) -> Dict[str, List[float]]:
+    """Time several variants round-robin so that load from other processes hits all alike.
+
+    The machine is shared; alternating A, B, C, A, B, C ... makes the *ratios* between
+    variants robust even when absolute times drift.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: List[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far in MB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (Linux >= 4.0: write 5 to /proc/self/clear_refs). True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def machine_info() -> dict:
+    """CPU model, core count, relevant ISA flags, memory and library versions."""
+    info: dict = {"platform": platform.platform(), "python": platform.python_version()}
+    cpu_model, flags = "unknown", []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu_model = m.group(1).strip() if m else cpu_model
+        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        all_flags = m.group(1).split() if m else []
+        wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                  "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
+        flags = [f for f in wanted if f in all_flags]
+    except OSError:
+        pass
+    info["cpu_model"] = cpu_model
+    info["cpu_flags"] = flags
+    info["logical_cpus"] = os.cpu_count()
+    try:
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        info["memory_gb"] = round(mem_kb / 1024 ** 2, 1)
+    except (OSError, AttributeError):
+        pass
+    try:
+        info["loadavg_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    versions = {}
+    for name in ("numpy", "torch", "faiss", "timm", "scipy"):
+        try:
+            mod = __import__(name)
+            versions[name] = getattr(mod, "__version__", "?")
+        except ImportError:
+            versions[name] = None
+    try:
+        import torch
+        versions["torch_threads"] = torch.get_num_threads()
+        versions["mkldnn"] = bool(torch.backends.mkldnn.is_available())
+        versions["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - purely informational
+        pass
+    try:
+        versions["git_commit"] = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info["versions"] = versions
+    return info
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_json(path, obj)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write_text(path, text)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure atomically as PNG."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+
+
+def fmt(x: Optional[float], nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and (x != x):
+        return "n/a"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{nd}f}"
+
+
+def md_table(header: List[str], rows: List[List[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+def dump_stdout(obj) -> None:
+    print(json.dumps(obj, indent=1, default=str)[:4000])
