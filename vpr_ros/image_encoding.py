@@ -169,6 +169,13 @@ def image_fields_to_rgb(encoding: str, height: int, width: int, step: int,
     Raises UnsupportedEncodingError for an encoding not in SUPPORTED_ENCODINGS and
     ImageError for zero size, a step smaller than a row, or data of the wrong length.
     """
+    out = _image_fields_to_rgb(encoding, height, width, step, is_bigendian, data)
+    # a view of a read-only message buffer would be read-only: hand out a writable array
+    return out if out.flags.writeable else out.copy()
+
+
+def _image_fields_to_rgb(encoding: str, height: int, width: int, step: int,
+                         is_bigendian: Union[bool, int], data: Buffer) -> np.ndarray:
     enc = _normalize_encoding(encoding)
     if not (enc in _PLAIN or enc in _YUV or enc in _BAYER):
         _layout(encoding.strip())

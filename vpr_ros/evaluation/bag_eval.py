@@ -255,6 +255,7 @@ def plot_trajectory(arrays: dict, db_xy: np.ndarray, path: Path, title: str) -> 
                                 (~ok & ~cf, "tab:red", "unsure, wrong")):
         ax.scatter(p[mask, 0], p[mask, 1], s=14, facecolors="none", edgecolors=colour,
                    label=label, zorder=3)
+    ax.set_aspect("equal", adjustable="datalim")
     ax.set_xlabel("x / east (m)")
     ax.set_ylabel("y / north (m)")
     ax.set_title(title)

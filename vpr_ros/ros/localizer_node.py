@@ -219,13 +219,22 @@ class LocalizerNode(LifecycleNode):
 
     # ------------------------------------------------------------------ loading
     def _load(self):
+        from pathlib import Path
+
+        from ..errors import MapError
+
+        self._check_parameters()
+        map_path = Path(self.p("map_path"))
+        if not map_path.is_dir():      # fail fast, before the heavy imports
+            raise MapError(f"map folder not found: {map_path} (build one with `vpr map build`)")
+        if not (map_path / "manifest.json").is_file():
+            raise MapError(f"{map_path} is not a vpr_ros map (no manifest.json); build one with "
+                           "`vpr map build`")
         from ..inference import GlobalDescriber, LocalFeatureExtractor
         from ..localizer import Localizer
         from ..maps import PlaceMap, read_manifest
         from ..temporal import PlaceBeliefFilter
 
-        self._check_parameters()
-        map_path = self.p("map_path")
         manifest = read_manifest(map_path)
         card = self.p("model") or (manifest.get("model") or {}).get("card")
         device, precision = self.p("device"), self.p("precision")
