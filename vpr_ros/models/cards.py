@@ -248,6 +248,8 @@ def list_cards() -> List[ModelCard]:
         return []
     cards = []
     for path in sorted(folder.glob("*.yaml")):
+        if path.name.endswith(".card.yaml"):  # sidecars of saved weights, not catalogue entries
+            continue
         try:
             cards.append(load_card(path))
         except ModelCardError:
