@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-from ..device import PRECISIONS
+PRECISIONS = ("fp32", "bf16", "fp16")  # = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
 
 
 def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None:
