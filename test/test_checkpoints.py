@@ -222,3 +222,31 @@ def test_save_weights_round_trip(tmp_path, student_card, student_pth, x, sela_ca
 def test_card_without_weights_asks_for_weights():
     with pytest.raises(CheckpointError, match="--weights"):
         load_model("scicevpr_b")
+
+
+def test_official_key_mapping_examples():
+    examples = {
+        "module.backbone.dino_model.blocks.3.attn.qkv.weight": "backbone.blocks.3.attn.qkv.weight",
+        "module.backbone.dino_model.pos_embed": "backbone.pos_embed",
+        "module.conv.weight": "fusion.weight",
+        "module.tokenmix.1.mix.2.bias": "token_mixers.1.mlp.2.bias",
+        "module.tokenmix.0.norm.weight": "token_mixers.0.norm.weight",
+        "module.gem.p": "gem.p",
+        "module.encoder.layers.0.self_attn.in_proj_weight": "encoder.layers.0.self_attn.in_proj_weight",
+    }
+    mapped, kind = official_to_ours({k: torch.zeros(1) for k in examples})
+    assert kind == "scicevpr_official" and set(mapped) == set(examples.values())
+    sela = {
+        "module.backbone.blocks.0.adapter1.D_fc1.weight": "backbone.blocks.0.adapter1.fc1.weight",
+        "module.backbone.blocks.5.adapter2.D_fc2.bias": "backbone.blocks.5.adapter2.fc2.bias",
+        "module.backbone.register_tokens": "backbone.register_tokens",
+        "module.aggregation.1.p": "gem.p",
+        "module.LocalAdapt.upconv2.weight": "local_adapt.upconv2.weight",
+    }
+    mapped, kind = official_to_ours({k: torch.zeros(1) for k in sela})
+    assert kind == "selavpr_official" and set(mapped) == set(sela.values())
+    mapped, kind = official_to_ours({"cls_token": torch.zeros(1), "blocks.0.ls1.gamma": torch.zeros(1)})
+    assert kind == "dinov2_pretrain" and set(mapped) == {"backbone.cls_token", "backbone.blocks.0.ls1.gamma"}
+    ours = {"backbone.cls_token": torch.zeros(1), "fusion.weight": torch.zeros(1)}
+    mapped, kind = official_to_ours(ours)
+    assert kind == "vpr_ros" and set(mapped) == set(ours)

@@ -143,6 +143,7 @@ def test_local_feature_extractor(sample_images):
 def test_position_embedding_cache_and_native_grid():
     model = build_model("scicevpr_tiny_random", seed=0).eval()
     bb = model.backbone
+    assert bb.blocks[0].attn.fused_attn  # scaled_dot_product_attention
     with torch.inference_mode():
         first = bb.position_embedding((16, 16))
         assert bb.position_embedding((16, 16)) is first

@@ -115,13 +115,19 @@ class DinoV2(nn.Module):
         if not cacheable:
             return resample_position_embedding(pe, self.pos_embed_grid, grid,
                                                self.interpolate_offset)
-        key = (tuple(grid), pe.device, pe.dtype, pe.data_ptr(), pe._version)
+        state = (pe.device, pe.dtype, pe.data_ptr(), pe._version)
+        key = (tuple(grid),) + state
         cached = self._pos_cache.get(key)
         if cached is None:
             with torch.no_grad(), torch.autocast(device_type=pe.device.type, enabled=False):
                 cached = resample_position_embedding(pe.detach(), self.pos_embed_grid, grid,
                                                      self.interpolate_offset).clone()
-            self._pos_cache = {key: cached}  # one entry per grid is enough for a camera
+            # Drop entries of older weights; keep a few grids (cameras of other sizes).
+            fresh = {k: v for k, v in self._pos_cache.items() if k[1:] == state}
+            if len(fresh) >= 8:
+                fresh.pop(next(iter(fresh)))
+            fresh[key] = cached
+            self._pos_cache = fresh
         return cached
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:

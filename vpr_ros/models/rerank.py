@@ -24,6 +24,7 @@ the first index on exact ties, as ``torch.argmax`` does in the official code.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -35,7 +36,12 @@ DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 def _as_points(x: ArrayLike, batched: bool, device: Optional[torch.device]) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x)) if isinstance(x, np.ndarray) else x
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # read-only memmaps of a map: we never write to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.as_tensor(np.asarray(x))
+    else:
+        t = x
     want = 3 if batched else 2
     if t.ndim == want + 1:                       # (..., H, W, C) -> (..., H*W, C)
         t = t.reshape(*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1])
