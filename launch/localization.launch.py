@@ -3,7 +3,10 @@
     ros2 launch vpr_ros localization.launch.py map:=/maps/site weights:=/models/scicevpr_b.pth
 
 Arguments: map, weights, model, device, camera_topic (remapped onto the node's image
-topic), namespace, params_file (default: the installed config/localizer.yaml).
+topic, and <camera_topic>/compressed for image_transport compressed), namespace,
+params_file (default: the installed config/localizer.yaml).  The node configures and
+activates itself (autostart); to drive it from a lifecycle manager instead, set
+autostart: false in the params file.
 """
 
 import os
@@ -44,9 +47,11 @@ def generate_launch_description():
                 "weights": LaunchConfiguration("weights"),
                 "model": LaunchConfiguration("model"),
                 "device": LaunchConfiguration("device"),
-                "autostart": True,
             },
         ],
-        remappings=[("/camera/image_raw", LaunchConfiguration("camera_topic"))],
+        remappings=[
+            ("/camera/image_raw", LaunchConfiguration("camera_topic")),
+            ("/camera/image_raw/compressed", [LaunchConfiguration("camera_topic"), "/compressed"]),
+        ],
     )
     return LaunchDescription(args + [node])

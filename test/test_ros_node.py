@@ -194,14 +194,28 @@ def test_frames_in_matches_poses_candidates_out(harness_factory, tiny_map, query
     assert "latency_describe_ms_mean" in vals and "input_rate_hz" in vals
 
 
-def test_unconfident_match_publishes_no_pose(harness_factory, tiny_map, query_images):
-    h = harness_factory(_params(tiny_map, confidence_threshold=1.0))
+def test_unconfident_match_publishes_no_pose_and_debug_image(harness_factory, tiny_map,
+                                                              query_images, sample_dir):
+    h = harness_factory(_params(tiny_map, confidence_threshold=1.0, publish_debug_image=True,
+                                map_images_dir=str(sample_dir / "images/test/database")))
+    debug = []
+    h.peer.create_subscription(Image, "/vpr_localizer/debug_image", debug.append, 10)
     h.wait_subscribed(h.raw_pub)
+    wait_for(lambda: h.node.count_subscribers("/vpr_localizer/debug_image") > 0, 30,
+             "the debug image subscription")
     h.raw_pub.publish(rgb_to_image_msg(query_images[0], ns_to_stamp(SEC), "cam"))
-    wait_for(lambda: len(h.matches) == 1 and len(h.candidates) == 1, 60, "one match")
+    wait_for(lambda: len(h.matches) == 1 and len(h.candidates) == 1 and debug, 60,
+             "one match and a debug image")
     time.sleep(0.5)
     assert h.matches[0]["confident"] is False
     assert h.poses == []
+    img = debug[0]
+    assert img.encoding == "rgb8" and img.header.frame_id == "map"
+    assert img.header.stamp.sec == 1 and img.height > 100 and img.width > 2 * img.height
+    pixels = np.frombuffer(bytes(img.data), np.uint8).reshape(img.height, img.width, 3)
+    left, right = pixels[:192, : img.width // 2 - 2], pixels[:192, img.width // 2 + 2:]
+    # both panels are real images (the match was found in map_images_dir), not the grey box
+    assert left.std() > 5 and right.std() > 5
 
 
 def test_burst_drops_stale_frames(harness_factory, tiny_map, query_images):
