@@ -1,0 +1,103 @@
+"""`vpr eval recall` end to end on the shipped Nordland sample: JSON, report, plots, and
+recall numbers recomputed by hand from the saved map."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from vpr_ros.cli.main import main
+from vpr_ros.inference import GlobalDescriber
+from vpr_ros.maps import PlaceMap, read_manifest
+from vpr_ros.preprocess import load_image
+
+CARD = "scicevpr_tiny_random"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_recall_cli_end_to_end_on_the_sample(sample_dir, tmp_path, capsys):
+    out, saved = tmp_path / "report", tmp_path / "map"
+    rc = main(["eval", "recall", "--dataset", str(sample_dir), "--model", CARD,
+               "--device", "cpu", "--batch-size", "16", "--max-queries", "30",
+               "--latency-queries", "3", "--out", str(out), "--save-map", str(saved), "--json"])
+    assert rc == 0
+    res = last_json(capsys)
+    assert res["num_queries"] == 30 and res["num_database"] == 200
+    assert set(res["recall"]) == {"1", "5", "10", "20"}
+    assert all(0.0 <= v <= 1.0 for v in res["recall"].values())
+    assert list(res["recall"].values()) == sorted(res["recall"].values())
+    assert "recall_reranked" not in res and "1" in res["recall_temporal"]
+    assert {"describe", "search", "total"} <= set(res["latency_ms"])
+    for name in ("recall_at_n.png", "pr_curve.png", "examples.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    report = json.loads((out / "report.json").read_text())
+    assert report["recall"] == res["recall"] and report["radius_m"] == 25.0
+    assert "calibrated (cross-fitted)" in report["precision_recall"]
+    assert not list(tmp_path.glob(".report.tmp-*"))
+    # Recompute the recall by hand: exact inner products against the saved map.
+    assert "confidence" in read_manifest(saved)
+    describer = GlobalDescriber(CARD, device="cpu", batch_size=16)
+    pm = PlaceMap.open_for(saved, describer)
+    with open(sample_dir / "poses_queries.csv") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: int(r["seq"]))[:30]
+    q = describer.describe([load_image(sample_dir / "images/test/queries" / r["filename"])
+                            for r in rows])
+    rank = np.argsort(-(q @ np.asarray(pm.descriptors).T), axis=1, kind="stable")
+    q_north = np.array([float(r["north_m"]) for r in rows])
+    db_north = pm.places.positions[:, 1]
+    for n in (1, 5, 10, 20):
+        hits = [np.any(np.abs(db_north[rank[i, :n]] - q_north[i]) <= 25.0) for i in range(30)]
+        assert res["recall"][str(n)] == pytest.approx(np.mean(hits)), n
+
+
+@pytest.fixture()
+def small_dataset(sample_dir, tmp_path):
+    """8 database places and the 4 queries of the first 4 of them, with poses CSVs."""
+    root = tmp_path / "small"
+    for split, count in (("database", 8), ("queries", 4)):
+        folder = root / "images" / "test" / split
+        folder.mkdir(parents=True)
+        with open(sample_dir / f"poses_{split}.csv") as fh:
+            reader = csv.DictReader(fh)
+            rows = sorted(reader, key=lambda r: int(r["seq"]))[:count]
+            fields = reader.fieldnames
+        with open(root / f"poses_{split}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        for r in rows:
+            shutil.copy(sample_dir / "images" / "test" / split / r["filename"], folder)
+    return root
+
+
+def test_eval_recall_with_reranking_and_with_a_given_map(small_dataset, tmp_path, capsys):
+    rc = main(["eval", "recall", "--dataset", str(small_dataset), "--model", CARD,
+               "--device", "cpu", "--rerank", "--rerank-k", "3", "--latency-queries", "1",
+               "--no-temporal", "--json", "--out", str(tmp_path / "rep"),
+               "--save-map", str(tmp_path / "m")])
+    assert rc == 0
+    res = last_json(capsys)
+    assert res["num_queries"] == 4 and res["num_database"] == 8
+    assert read_manifest(tmp_path / "m")["local_features"]["present"]
+    assert set(res["recall_reranked"]) == {"1", "5", "10", "20"}
+    assert "recall_temporal" not in res and "rerank" in res["latency_ms"]
+    # Re-ranking only reorders the first 3 candidates: recall@5 and beyond cannot change.
+    assert res["recall_reranked"]["5"] == res["recall"]["5"]
+    assert (tmp_path / "rep" / "recall_at_n.png").read_bytes()[:8] == PNG
+
+    assert main(["eval", "recall", "--dataset", str(small_dataset), "--map",
+                 str(tmp_path / "m"), "--model", CARD, "--device", "cpu",
+                 "--latency-queries", "0", "--json"]) == 0
+    with_map = last_json(capsys)
+    assert with_map["recall"] == res["recall"]
+    assert main(["eval", "recall", "--dataset", str(small_dataset), "--map",
+                 str(tmp_path / "m"), "--model", "selavpr_tiny_random", "--device", "cpu"]) == 2
+    assert "was built with model card" in capsys.readouterr().err
+    assert main(["eval", "recall", "--dataset", str(tmp_path / "nothing"), "--model", CARD,
+                 "--device", "cpu"]) == 2
