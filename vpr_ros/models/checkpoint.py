@@ -157,8 +157,10 @@ def _read_torch(path: Path) -> Dict[str, torch.Tensor]:
     import pickle
 
     try:
+        # mmap (zip files only): optimiser state in training files is never read into memory.
+        mmap = zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(official_numpy_globals()):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else "unpickling failed"
         if "Unsupported global" in str(exc) or "weights_only" in str(exc):
