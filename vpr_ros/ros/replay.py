@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -108,15 +108,16 @@ class ReplayResult:
         return max(0, len(self.sent) - len(self.matches))
 
 
-def _read_raw(bag, topic):
-    """(bag_time_ns, msgtype, raw CDR) of a topic, via rosbags (no decoding)."""
+def _iter_raw(bag, topic, max_frames: Optional[int] = None) -> Iterator[Tuple[int, bytes]]:
+    """(bag_time_ns, raw CDR) of a topic via rosbags, streamed (no decoding, no buffering)."""
     from ..bags import IMAGE_TYPES, _Bag
 
     with _Bag(bag) as b:
         conns = b.connections(topic, IMAGE_TYPES, "an image topic")
-        msgtype = conns[0].msgtype
-        return msgtype, [(int(t), bytes(raw)) for _c, t, raw in b.reader.messages(
-            connections=conns)]
+        for n, (_c, t, raw) in enumerate(b.reader.messages(connections=conns)):
+            if max_frames is not None and n >= max_frames:
+                return
+            yield int(t), bytes(raw)
 
 
 class _Collector(Node):
@@ -180,9 +181,12 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
     """
     if rate <= 0:
         raise VprError(f"--rate must be > 0, got {rate}")
-    msgtype, raws = _read_raw(bag, image_topic)
-    if max_frames is not None:
-        raws = raws[:max_frames]
+    from ..bags import IMAGE_TYPES, bag_topics
+
+    topics = bag_topics(bag)
+    if image_topic not in topics or topics[image_topic][0] not in IMAGE_TYPES:
+        raise BagError(f"{image_topic!r} is not an image topic of bag {bag}")
+    msgtype = topics[image_topic][0]
     compressed = msgtype.endswith("CompressedImage")
     topic = node_image_topic.rstrip("/") + ("/compressed" if compressed else "")
     cls = CompressedImage if compressed else Image
@@ -209,8 +213,10 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
             time.sleep(0.1)
         time.sleep(1.0)   # let both directions of DDS discovery settle
         t0 = time.monotonic()
-        first_bag_ns = raws[0][0]
-        for index, (bag_ns, raw) in enumerate(raws):
+        first_bag_ns = None
+        for index, (bag_ns, raw) in enumerate(_iter_raw(bag, image_topic, max_frames)):
+            if first_bag_ns is None:
+                first_bag_ns = bag_ns
             target = t0 + (bag_ns - first_bag_ns) / 1e9 / rate
             delay = target - time.monotonic()
             if delay > 0:
@@ -221,6 +227,8 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
             if node_process is not None and node_process.poll() is not None:
                 raise VprError(f"the localizer node exited with status {node_process.returncode} "
                                "during the replay")
+        if not col.result.sent:
+            raise BagError(f"no frames on {image_topic} in bag {bag}")
         last_stamp = col.result.sent[-1][1]
         last_count, last_change = -1, time.monotonic()
         while True:
