@@ -17,6 +17,11 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+# Idle OpenMP threads sleep instead of spinning.  On a shared, oversubscribed machine
+# spinning threads steal time slices from each other (FAISS k-means and 2-thread search
+# became 10-100x slower at load average 14); set before FAISS/torch load OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))

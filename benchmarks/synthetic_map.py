@@ -170,7 +170,7 @@ class ReducedGenerator:
 
     def reduced(self, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         z = z.astype(np.float64)
-        n1 = np.sqrt(np.einsum("ij,jk,ik->i", z, self.gram, z))
+        n1 = np.sqrt(np.sum((z @ self.gram) * z, axis=1))
         pv = (z @ self.proj) / n1[:, None]
         pu = rng.standard_normal((len(z), self.d_out)) * self.sigma
         D = self.gen.spec.dim

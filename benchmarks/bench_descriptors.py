@@ -1,0 +1,291 @@
+"""Descriptor speed: SciceVPR-B (and SelaVPR ViT-L) on this CPU, per precision and speed lever.
+
+All variants run the *same* randomly initialised weights (seed 0; no download needed):
+
+* ``eager_fp32``: the baseline, a plain eager float32 forward of the package model
+  with timm's fused attention switched off (explicit softmax(QK^T)V, as the official
+  DINOv2 code without xFormers) and the positional-embedding cache disabled (the
+  bicubic resampling runs every call, as in the official code).  It is checked to give
+  the same descriptors as the package's fp32 path.
+* ``package_fp32`` / ``package_bf16``: ``vpr_ros.inference.GlobalDescriber`` as shipped
+  (fused SDPA attention, cached positional embedding; bf16 = autocast).
+* prototypes of further levers, all on copies of the same model: ``bf16_weights``
+  (weights and activations stored in bf16, no autocast casts), ``int8_dynamic``
+  (``torch.ao.quantization.quantize_dynamic`` on the Linear layers, VNNI),
+  ``jit_freeze_fp32`` / ``jit_freeze_bf16`` (TorchScript trace + ``torch.jit.freeze``:
+  constant folding, oneDNN weight prepacking), and with ``--compile``
+  ``compile_bf16`` (``torch.compile``, inductor).
+
+Reported: median seconds per image and images/s at batch 1 and 8 (interleaved runs, so
+the ratios hold even when other processes load the machine), the speed-up over
+``eager_fp32``, and fidelity on Nordland images: cosine to the fp32 descriptors and
+whether every query keeps its top-1 database match.
+
+Run: ``python benchmarks/bench_descriptors.py [--quick] [--compile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import numpy as np
+
+from common import (DEFAULT_OUT, REPO_ROOT, fmt, interleaved_times, md_table, median,
+                    peak_rss_mb, set_threads, write_json)
+
+NORDLAND = REPO_ROOT.parent / "shared" / "data" / "nordland64_summer_winter_part1" / "images" / "test"
+
+
+def load_nordland(n_db: int, n_q: int) -> tuple:
+    from vpr_ros.preprocess import load_image
+    db_files = sorted((NORDLAND / "database").glob("*.jpg"))
+    q_files = sorted((NORDLAND / "queries").glob("*.jpg"))
+    step_db = max(1, len(db_files) // n_db)
+    step_q = max(1, len(q_files) // n_q)
+    db = [load_image(p) for p in db_files[::step_db][:n_db]]
+    q = [load_image(p) for p in q_files[::step_q][:n_q]]
+    return db, q
+
+
+def random_card(name: str):
+    from vpr_ros.models.cards import load_card
+    return load_card(name).replace(random_init_seed=0)
+
+
+def eager_baseline(model):
+    """A copy of the model with fused attention off and no positional-embedding cache."""
+    from vpr_ros.models.dinov2 import resample_position_embedding
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    bb = m.backbone
+
+    def uncached(grid, bb=bb):
+        return resample_position_embedding(bb.pos_embed, bb.pos_embed_grid, grid, bb.interpolate_offset)
+    bb.position_embedding = uncached
+    return m
+
+
+def variants(model, describer_fp32, describer_bf16, compile_: bool) -> Dict[str, Callable]:
+    """name -> f(x: preprocessed float32 (B,3,H,W)) -> (B, D) float32 unit descriptors."""
+    import torch
+    import torch.nn.functional as F
+
+    out: Dict[str, Callable] = {}
+    base = eager_baseline(model).eval()
+    out["eager_fp32"] = torch.inference_mode()(lambda x: base(x))
+    out["package_fp32"] = describer_fp32.describe_tensor
+    out["package_bf16"] = describer_bf16.describe_tensor
+
+    m16 = copy.deepcopy(model).to(torch.bfloat16).eval()
+
+    @torch.inference_mode()
+    def bf16_weights(x):
+        return F.normalize(m16(x.to(torch.bfloat16)).float(), dim=-1)
+    out["bf16_weights"] = bf16_weights
+
+    try:
+        q8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
+                                                    dtype=torch.qint8)
+
+        @torch.inference_mode()
+        def int8_dynamic(x):
+            return F.normalize(q8(x).float(), dim=-1)
+        out["int8_dynamic"] = int8_dynamic
+    except Exception as exc:  # noqa: BLE001 - a lever that does not work is a result
+        print(f"[descriptors] int8_dynamic unavailable: {exc}")
+
+    example = torch.zeros(1, 3, 224, 224)
+    for name, dtype in (("jit_freeze_fp32", torch.float32), ("jit_freeze_bf16", torch.bfloat16)):
+        try:
+            m = copy.deepcopy(model).eval()
+            with torch.inference_mode(False), torch.no_grad():
+                if dtype == torch.bfloat16:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        traced = torch.jit.trace(m, example, check_trace=False)
+                else:
+                    traced = torch.jit.trace(m, example, check_trace=False)
+                frozen = torch.jit.freeze(traced)
+
+            def run(x, frozen=frozen, dtype=dtype):
+                with torch.no_grad():
+                    if dtype == torch.bfloat16:
+                        with torch.autocast("cpu", dtype=torch.bfloat16):
+                            y = frozen(x)
+                    else:
+                        y = frozen(x)
+                return F.normalize(y.float(), dim=-1)
+            run(example)
+            out[name] = run
+        except Exception as exc:  # noqa: BLE001
+            print(f"[descriptors] {name} unavailable: {type(exc).__name__}: {str(exc)[:200]}")
+
+    if compile_:
+        try:
+            mc = torch.compile(copy.deepcopy(model).eval())
+
+            @torch.inference_mode()
+            def compiled(x):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = mc(x)
+                return F.normalize(y.float(), dim=-1)
+            t0 = time.perf_counter()
+            compiled(torch.zeros(1, 3, 224, 224))
+            compiled(torch.zeros(8, 3, 224, 224))
+            print(f"[descriptors] torch.compile warm-up {time.perf_counter() - t0:.0f} s")
+            out["compile_bf16"] = compiled
+        except Exception as exc:  # noqa: BLE001
+            print(f"[descriptors] compile_bf16 unavailable: {type(exc).__name__}: {str(exc)[:200]}")
+    return out
+
+
+def describe_all(fn: Callable, images: List[np.ndarray], batch: int = 8) -> np.ndarray:
+    from vpr_ros.preprocess import preprocess
+    outs = []
+    for s in range(0, len(images), batch):
+        x = preprocess(images[s:s + batch], (224, 224))
+        outs.append(fn(x).detach().float().cpu().numpy())
+    return np.concatenate(outs)
+
+
+def fidelity(fns: Dict[str, Callable], db_imgs, q_imgs) -> Dict[str, dict]:
+    """Cosine to package_fp32 and top-1 agreement of query -> database retrieval."""
+    ref_db = describe_all(fns["package_fp32"], db_imgs)
+    ref_q = describe_all(fns["package_fp32"], q_imgs)
+    ref_top1 = np.argmax(ref_q @ ref_db.T, axis=1)
+    out = {}
+    for name, fn in fns.items():
+        if name == "package_fp32":
+            continue
+        t0 = time.perf_counter()
+        vdb = describe_all(fn, db_imgs)
+        vq = describe_all(fn, q_imgs)
+        cos = np.concatenate([np.sum(vdb * ref_db, 1), np.sum(vq * ref_q, 1)])
+        top1 = np.argmax(vq @ vdb.T, axis=1)
+        out[name] = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+                     "max_abs_diff": float(max(np.abs(vdb - ref_db).max(), np.abs(vq - ref_q).max())),
+                     "top1_identical": float((top1 == ref_top1).mean()),
+                     "n_db": len(db_imgs), "n_queries": len(q_imgs),
+                     "seconds": time.perf_counter() - t0}
+        print(f"[descriptors] fidelity {name}: cos min {cos.min():.5f}, top-1 same "
+              f"{(top1 == ref_top1).mean():.3f}", flush=True)
+    return out
+
+
+def speed(fns: Dict[str, Callable], x_by_batch: Dict[int, object], repeats: Dict[int, int]) -> Dict[str, dict]:
+    out: Dict[str, dict] = {name: {} for name in fns}
+    for b, x in x_by_batch.items():
+        calls = {name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}
+        times = interleaved_times(calls, repeats[b], warmup=1)
+        base = median(times["eager_fp32"])
+        for name, ts in times.items():
+            m = median(ts)
+            out[name][f"b{b}"] = {"s_per_batch": m, "ms_per_image": 1000 * m / b,
+                                  "images_per_s": b / m, "speedup_vs_eager_fp32": base / m,
+                                  "runs": len(ts)}
+        print(f"[descriptors] batch {b}: " + ", ".join(
+            f"{n} {1000 * median(t) / b:.0f} ms/img" for n, t in times.items()), flush=True)
+    return out
+
+
+def selavpr_speed(quick: bool) -> dict:
+    """SelaVPR ViT-L (global + 61x61x128 local features): fp32 vs bf16 autocast, batch 1."""
+    import torch
+    from vpr_ros.inference import LocalFeatureExtractor
+    card = random_card("selavpr_vitl14")
+    t0 = time.perf_counter()
+    fp32 = LocalFeatureExtractor(card, device="cpu", precision="fp32", batch_size=1)
+    build_s = time.perf_counter() - t0
+    bf16 = LocalFeatureExtractor.__new__(LocalFeatureExtractor)
+    bf16.__dict__.update(fp32.__dict__)          # same model object, other precision
+    bf16.dtype, bf16.precision = torch.bfloat16, "bf16"
+    x = torch.randn(1, 3, 224, 224)
+    reps = 2 if quick else 4
+    times = interleaved_times({"fp32": lambda: fp32.extract_tensor(x),
+                               "bf16": lambda: bf16.extract_tensor(x)}, reps, warmup=1)
+    g32, l32 = fp32.extract_tensor(x)
+    g16, l16 = bf16.extract_tensor(x)
+    cos_g = torch.nn.functional.cosine_similarity(g32, g16).min().item()
+    cos_l = (l32 * l16).sum(-1).mean().item()
+    res = {"build_s": build_s, "fp32_s_per_image": median(times["fp32"]),
+           "bf16_s_per_image": median(times["bf16"]),
+           "bf16_speedup": median(times["fp32"]) / median(times["bf16"]),
+           "bf16_global_cosine_min": cos_g, "bf16_local_cosine_mean": cos_l,
+           "official_fp32_s_per_image_reference": 1.4}
+    del fp32, bf16
+    return res
+
+
+def run(quick: bool, compile_: bool = False, selavpr: bool = True) -> dict:
+    import torch
+    set_threads(2)
+    from vpr_ros.inference import GlobalDescriber
+    card = random_card("scicevpr_b")
+    t0 = time.perf_counter()
+    d32 = GlobalDescriber(card, device="cpu", precision="fp32", batch_size=8)
+    d16 = GlobalDescriber.__new__(GlobalDescriber)
+    d16.__dict__.update(d32.__dict__)             # share the model: same weights, bf16 autocast
+    d16.dtype, d16.precision = torch.bfloat16, "bf16"
+    build_s = time.perf_counter() - t0
+    fns = variants(d32.model, d32, d16, compile_)
+
+    n_db, n_q = (16, 16) if quick else (48, 48)
+    db_imgs, q_imgs = load_nordland(n_db, n_q)
+    from vpr_ros.preprocess import preprocess
+    x_by_batch = {1: preprocess(q_imgs[:1], (224, 224)), 8: preprocess(q_imgs[:8], (224, 224))}
+    repeats = {1: 3, 8: 2} if quick else {1: 7, 8: 3}
+    res = {"model": "scicevpr_b (random weights, seed 0)", "build_s": build_s,
+           "official_fp32_s_per_image_reference": 0.38,
+           "speed": speed(fns, x_by_batch, repeats),
+           "fidelity": fidelity(fns, db_imgs, q_imgs)}
+    if selavpr:
+        del fns
+        res["selavpr_vitl14"] = selavpr_speed(quick)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+def markdown(res: dict) -> str:
+    lines = ["## Descriptors (SciceVPR-B, 224x224, random weights, 2 threads)", "",
+             "Speed-up = eager fp32 time / variant time, measured interleaved in the same run. "
+             "Fidelity vs the package fp32 descriptors on Nordland images "
+             f"({next(iter(res['fidelity'].values()))['n_queries']} queries x "
+             f"{next(iter(res['fidelity'].values()))['n_db']} database).", ""]
+    rows = []
+    for name, r in res["speed"].items():
+        f = res["fidelity"].get(name, {})
+        rows.append([name, fmt(r["b1"]["ms_per_image"], 0), fmt(r["b1"]["speedup_vs_eager_fp32"], 2),
+                     fmt(r["b8"]["ms_per_image"], 0), fmt(r["b8"]["images_per_s"], 2),
+                     fmt(r["b8"]["speedup_vs_eager_fp32"], 2),
+                     fmt(f.get("cosine_min"), 5) if f else "1 (reference)",
+                     fmt(f.get("top1_identical"), 3) if f else "1"])
+    lines.append(md_table(["variant", "b1 ms/img", "b1 speed-up", "b8 ms/img", "b8 img/s",
+                           "b8 speed-up", "min cosine to fp32", "top-1 identical"], rows))
+    if "selavpr_vitl14" in res:
+        s = res["selavpr_vitl14"]
+        lines += ["", "SelaVPR ViT-L/14 (global + 61x61x128 local features), batch 1: "
+                  f"fp32 {s['fp32_s_per_image']:.2f} s/img, bf16 {s['bf16_s_per_image']:.2f} s/img "
+                  f"(x{s['bf16_speedup']:.2f}; global cosine min {s['bf16_global_cosine_min']:.5f}, "
+                  f"local cosine mean {s['bf16_local_cosine_mean']:.4f}); official fp32 on this CPU: 1.4 s."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow warm-up)")
+    ap.add_argument("--no-selavpr", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a = ap.parse_args()
+    res = run(a.quick, a.compile, not a.no_selavpr)
+    write_json(a.out / "descriptors.json", res)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
