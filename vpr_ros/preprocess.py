@@ -115,6 +115,8 @@ def preprocess(images: Union[np.ndarray, Sequence[np.ndarray]],
     out = []
     for img in images:
         rgb = to_rgb_uint8(img, color_order)
+        if not rgb.flags.writeable:  # torch.from_numpy warns on read-only buffers (PIL, mmap)
+            rgb = rgb.copy()
         t = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
         t = (t - mean) / std
         if tuple(t.shape[-2:]) != tuple(size):
