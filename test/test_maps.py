@@ -415,3 +415,19 @@ def test_cli_map_info_json(built_map, capsys):
     assert main(["map", "info", str(built_map)]) == 0
     text = capsys.readouterr().out
     assert "places:" in text and "Flat" in text
+
+
+def test_cli_map_build_from_bag_records_dropped_frames(tmp_path, entries):
+    from vpr_ros.cli.main import main
+
+    bag = tmp_path / "drive"
+    write_image_bag(bag, _frames(entries[:6], lambda i: i <= 3), storage="mcap")
+    out = tmp_path / "bagmap"
+    assert main(["map", "build", str(out), "--bag", str(bag), "--image-topic",
+                 "/camera/image_raw", "--pose-topic", "/ground_truth/pose", "--model", CARD,
+                 "--device", "cpu", "--min-distance", "30"]) == 0
+    m = read_manifest(out)
+    assert m["source"]["frames"] == 6 and m["source"]["dropped_without_pose"] == 2
+    assert m["counts"]["places"] == 2                     # 4 posed frames 20 m apart, keep >= 30 m
+    assert main(["map", "build", str(tmp_path / "x"), "--bag", str(bag), "--model", CARD,
+                 "--device", "cpu"]) == 2                 # --image-topic missing

@@ -297,7 +297,7 @@ class Localizer:
             place_index=best, place_id=int(places.ids[best]), image_name=places.names[best],
             position=places.positions[best].copy(), orientation=places.orientations[best].copy(),
             similarity=float(sims[0]), confidence=conf,
-            confident=conf >= self.confidence_threshold, candidates=cands[:max(self.top_k, 1)]
-            if not reranked else cands, timings_ms=timings, stamp_ns=stamp_ns,
+            confident=conf >= self.confidence_threshold, candidates=cands[:self.top_k],
+            timings_ms=timings, stamp_ns=stamp_ns,
             frame_id=places.frame_id, reranked=reranked,
             confidence_threshold=self.confidence_threshold)

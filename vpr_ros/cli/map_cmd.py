@@ -47,7 +47,7 @@ def add_rerank_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def source_from_args(args):
-    """-> (entries iterable, description, BagSource or None)."""
+    """-> (entries iterable, description, BagSource or None, total or None, source info)."""
     from ..maps import BagSource, benchmark_source, folder_source, select_keyframes
 
     given = [name for name, v in (("--images", args.images), ("--dataset", args.dataset),
@@ -61,9 +61,11 @@ def source_from_args(args):
             raise ConfigError("--images needs --poses CSV (one pose row per image)")
         entries = folder_source(args.images, args.poses)
         what = f"{args.images} + {args.poses}"
+        info = {"type": "images+csv", "images": str(args.images), "poses": str(args.poses)}
     elif args.dataset:
         entries = benchmark_source(args.dataset, args.split)
         what = f"{args.dataset} ({args.split})"
+        info = {"type": "benchmark", "dataset": str(args.dataset), "split": args.split}
     else:
         if not args.image_topic:
             raise ConfigError("--bag needs --image-topic TOPIC")
@@ -71,11 +73,14 @@ def source_from_args(args):
                         poses_csv=args.poses, max_gap_s=args.max_pose_gap)
         entries = bag
         what = f"{args.bag} {args.image_topic}"
+        info = bag.stats
     total = len(entries) if isinstance(entries, list) else None
     if args.min_distance > 0 or args.min_interval > 0:
         entries = select_keyframes(entries, args.min_distance, args.min_interval)
         total = None
-    return entries, what, bag, total
+        if not callable(info):
+            info = dict(info, min_distance_m=args.min_distance, min_interval_s=args.min_interval)
+    return entries, what, bag, total, info
 
 
 def register(subparsers) -> None:
@@ -147,7 +152,7 @@ def run_build(args) -> int:
     from ..maps import build_map
     from .common import describer_from_args
 
-    entries, what, bag, total = source_from_args(args)
+    entries, what, bag, total, info = source_from_args(args)
     describer = describer_from_args(args)
     local = _local_extractor(args, args.local_features)
     log.info("building map %s from %s with %s (%s)", args.out, what, describer.card.name,
@@ -155,9 +160,8 @@ def run_build(args) -> int:
     manifest = build_map(entries, args.out, describer, local_extractor=local, index=args.index,
                          pca_dim=args.pca_dim, frame_id=args.frame_id, overwrite=args.overwrite,
                          batch_size=args.batch_size, descriptor_dtype=args.descriptor_dtype,
-                         command=_command_line(), total=total)
+                         command=_command_line(), total=total, source_info=info)
     if bag is not None:
-        manifest["source_stats"] = {"frames": bag.frames, "dropped_without_pose": bag.dropped}
         print(f"bag frames: {bag.frames}, dropped without pose: {bag.dropped}")
     print(f"map {args.out}: {manifest['counts']['places']} places, index "
           f"{manifest['index']['factory']}, model {manifest['model']['card']}")
@@ -182,11 +186,12 @@ def run_add(args) -> int:
     from .common import describer_from_args, local_extractor_from_args
 
     _model_for_map(args, args.map)
-    entries, what, bag, total = source_from_args(args)
+    entries, what, bag, total, info = source_from_args(args)
     describer = describer_from_args(args)
     local = local_extractor_from_args(args)
     manifest = add_to_map(args.map, entries, describer, local_extractor=local,
-                          batch_size=args.batch_size, command=_command_line(), total=total)
+                          batch_size=args.batch_size, command=_command_line(), total=total,
+                          source_info=info)
     added = manifest["updates"][-1]["added_places"]
     print(f"map {args.map}: added {added} places from {what}, now "
           f"{manifest['counts']['places']} places")
@@ -218,6 +223,9 @@ def run_info(args) -> int:
                                   else "none (no re-ranking)"))
         conf = s["confidence"]
         print("confidence:   " + ("fitted " + json.dumps(conf) if conf else "defaults (not fitted)"))
+        src = place_map.manifest.get("source")
+        if src:
+            print("source:       " + ", ".join(f"{k}={v}" for k, v in src.items()))
         c = s["created"] or {}
         print(f"created:      {c.get('utc')} on {c.get('host')} by vpr_ros {c.get('vpr_ros_version')}")
         print(f"              {c.get('command')}")

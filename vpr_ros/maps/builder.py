@@ -142,12 +142,14 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
               frame_id: str = "map", overwrite: bool = False, batch_size: int = DEFAULT_BATCH,
               descriptor_dtype: str = "float32", progress: bool = True,
               command: Optional[str] = None, total: Optional[int] = None,
-              confidence: Optional[dict] = None) -> dict:
+              confidence: Optional[dict] = None, source_info=None) -> dict:
     """Describe every place and write a complete map to ``out_dir`` atomically.
 
     ``places`` is any iterable of MapEntry (lists, or a streaming BagSource).  With a
     ``local_extractor`` (SelaVPR LocalFeatureExtractor) the dense local features needed for
-    re-ranking are stored too.  Returns the manifest.
+    re-ranking are stored too.  ``source_info`` (a dict, or a callable returning one after
+    the places were read, e.g. ``BagSource.stats``) is stored as the manifest's ``source``.
+    Returns the manifest.
     """
     out_dir = Path(out_dir)
     if descriptor_dtype not in ("float32", "float16"):
@@ -168,6 +170,8 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
     with atomic_directory(out_dir, overwrite=True) as tmp:
         table, _ = _describe_into(tmp, places, describer, local_extractor, descriptor_dtype,
                                   batch_size, progress, total, 0, frame_id)
+        if source_info is not None:
+            manifest["source"] = source_info() if callable(source_info) else source_info
         manifest = _finish(tmp, manifest, table, index, pca_dim, local_extractor)
     log.info("map %s: %d places, index %s", out_dir, len(table), manifest["index"]["factory"])
     return manifest
@@ -176,7 +180,7 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
 def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=None,
                batch_size: int = DEFAULT_BATCH, progress: bool = True,
                command: Optional[str] = None, total: Optional[int] = None,
-               verify="full") -> dict:
+               verify="full", source_info=None) -> dict:
     """Append places to an existing map: only the new images are described, with the map's
     own model (a different model is refused), and the index is rebuilt with the map's
     factory string.  Atomic like build_map.  Returns the new manifest."""
@@ -203,7 +207,10 @@ def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=N
             seed_descriptors=old.descriptors, seed_local=old.local_features if has_local else None)
         table = old.places.concat(new_table)
         updates = list(manifest.get("updates", []))
-        updates.append({**_created(command), "added_places": len(new_table)})
+        update = {**_created(command), "added_places": len(new_table)}
+        if source_info is not None:
+            update["source"] = source_info() if callable(source_info) else source_info
+        updates.append(update)
         manifest["updates"] = updates
         factory = manifest["index"]["factory"]
         manifest = _finish(tmp, manifest, table, factory, None, local_extractor)

@@ -222,6 +222,13 @@ class BagSource:
             raise BagError("a bag map needs exactly one pose source: --pose-topic TOPIC or "
                            "--poses CSV (with stamp_ns or t_s)")
 
+    def stats(self) -> dict:
+        """What was read (valid after iterating): for the map manifest."""
+        return {"type": "rosbag", "bag": str(self.bag), "image_topic": self.image_topic,
+                "pose_source": self.pose_topic or str(self.poses_csv),
+                "max_pose_gap_s": self.max_gap_s, "frames": self.frames,
+                "frames_with_pose": self.kept, "dropped_without_pose": self.dropped}
+
     def _track(self):
         from ..bags import PoseTrack, read_poses
 
