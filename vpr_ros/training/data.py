@@ -397,6 +397,7 @@ class PlaceBatchSampler:
         rng = np.random.default_rng([self.seed, self.epoch])
         out: List[List[Tuple[int, int]]] = []
         while len(out) < self.batches_per_epoch:
+            before = len(out)
             for chunk in self._chunks(rng.permutation(self.num_places)):
                 if len(chunk) < max(2, self.world) or (self.world > 1 and len(chunk) < self.p):
                     continue
@@ -404,6 +405,10 @@ class PlaceBatchSampler:
                 out.append(list(zip(chunk, seeds.tolist())))
                 if len(out) == self.batches_per_epoch:
                     break
+            if len(out) == before:
+                raise DatasetError(
+                    f"cannot form any batch of {self.p} places (avoid_near_places_m="
+                    f"{self.avoid} leaves too few far-apart places); lower one of them")
         return out
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
@@ -478,7 +483,7 @@ class PlaceImagesDataset(torch.utils.data.Dataset):
             torch.manual_seed(int(seed))
             for j in sorted(chosen.tolist()):
                 try:
-                    img = load_image(place.images[j])
+                    img = np.array(load_image(place.images[j]))  # writable copy for torch
                 except ImageError as exc:
                     raise DatasetError(f"place {place.name}: {exc}") from None
                 tensors.append(preprocess(self.augmenter(img), self.input_size))

@@ -244,7 +244,8 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
         axes[0].set_xlabel("optimiser step")
         axes[0].set_ylabel("loss")
         axes[0].set_title("training loss")
-        axes[0].legend()
+        if axes[0].lines:
+            axes[0].legend()
         axes[0].grid(alpha=0.3)
     if epochs:
         x = [int(r["epoch"]) + 1 for r in epochs]
@@ -256,7 +257,8 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
         axes[1].set_ylabel("validation recall (%)")
         axes[1].set_title("validation Recall@N")
         axes[1].set_ylim(0, 100)
-        axes[1].legend()
+        if axes[1].lines:
+            axes[1].legend()
         axes[1].grid(alpha=0.3)
     fig.tight_layout()
     target = out_dir / "curves.png"
@@ -368,7 +370,6 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
     while state["epoch"] < epochs and not stopped_early:
         epoch = state["epoch"]
         sampler.set_epoch(epoch, state["batch"])
-        torch.manual_seed(seed * 1_000_003 + state["step"])  # dropout etc.: resumable
         module.train()
         sums: Dict[str, float] = {}
         count = 0
@@ -380,6 +381,9 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
         micro = 0
         interrupted = False
         for images, labels in loader:
+            # Dropout etc. seeded per (epoch, batch, rank): a resumed run repeats it exactly.
+            torch.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + state["batch"]) * 64
+                               + info.rank) % (2**63))
             images = images.to(info.device, non_blocking=True)
             labels = labels.to(info.device)
             lr = learning_rate(cfg, state["step"], steps_per_epoch)
