@@ -162,6 +162,8 @@ def test_position_embedding_cache_and_native_grid():
                   encoder_layers=1, encoder_heads=2, encoder_ffn=16)))
     demo = build_model(card, seed=0).eval()
     assert demo.backbone.position_embedding((16, 16)) is demo.backbone.pos_embed
+    with torch.inference_mode():
+        assert demo.backbone.position_embedding((16, 16)) is demo.backbone.pos_embed
     with torch.no_grad():
         assert demo(torch.zeros(2, 3, 112, 112)).shape == (2, 14 * 8)
 

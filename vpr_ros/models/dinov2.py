@@ -111,6 +111,8 @@ class DinoV2(nn.Module):
     def position_embedding(self, grid: Tuple[int, int]) -> torch.Tensor:
         """The (1, 1 + gh*gw, D) embedding added for a token grid (cached in eval mode)."""
         pe = self.pos_embed
+        if tuple(grid) == (self.pos_embed_grid, self.pos_embed_grid):
+            return pe  # stored grid = token grid: used as is, nothing to resample
         cacheable = not self.training and not (torch.is_grad_enabled() and pe.requires_grad)
         if not cacheable:
             return resample_position_embedding(pe, self.pos_embed_grid, grid,
