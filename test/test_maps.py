@@ -20,7 +20,6 @@ from vpr_ros.maps import (BagSource, MapEntry, PlaceMap, add_to_map, benchmark_s
                           build_index, build_map, folder_source, read_manifest,
                           select_keyframes)
 from vpr_ros.maps.index import normalized_factory
-from vpr_ros.preprocess import load_image
 
 CARD = "scicevpr_tiny_random"
 N_PLACES = 24

@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import shlex
 import sys
 
@@ -106,7 +105,9 @@ def run_recall(args) -> int:
         print("re-ranked           " + "".join(f"  {_pct(rep['recall_reranked'].get(n))}"
                                                for n in ns))
     if "recall_temporal" in rep:
-        print("temporal filter     " + f"  {_pct(rep['recall_temporal']['1'])}")
+        note = "" if rep["temporal"]["motion_prior_fits"] else (
+            "   (queries are not a continuous drive: the filter's motion prior does not apply)")
+        print("temporal filter     " + f"  {_pct(rep['recall_temporal']['1'])}" + note)
     print(f"confidence gate: recall at 100% precision {100 * rep['recall_at_100_precision']:.2f}%, "
           f"average precision {rep['pr_auc']:.3f}")
     lat = rep.get("latency_ms", {}).get("total")

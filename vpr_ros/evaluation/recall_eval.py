@@ -11,7 +11,6 @@ report.json and PNG plots atomically.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -193,8 +192,14 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
             best, _ = filt.update(final_preds[i], final_sims[i])
             t_preds[i, 0] = best
         report["recall_temporal"] = {"1": recall_at_n(t_preds, positives, ns=(1,))["1"]}
-        report["temporal"] = {"sigma_m": s.temporal_sigma_m, "kidnap_prob": filt.kidnap_prob,
-                              "queries_in_driving_order": bool(from_csv)}
+        steps = np.linalg.norm(np.diff(np.asarray(q_pos)[:, :2], axis=0), axis=1)
+        median_step = float(np.median(steps)) if len(steps) else 0.0
+        report["temporal"] = {
+            "sigma_m": s.temporal_sigma_m, "kidnap_prob": filt.kidnap_prob,
+            "queries_in_driving_order": bool(from_csv), "median_step_m": median_step,
+            # The motion prior assumes consecutive frames a few sigma apart at most; a set
+            # of separate places (e.g. GRIEF) violates it and the filter then hurts.
+            "motion_prior_fits": bool(from_csv) and median_step <= 3 * s.temporal_sigma_m}
 
     # Single-image latency of the Localizer, stage by stage.
     timings: Dict[str, List[float]] = {}

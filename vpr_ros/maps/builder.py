@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import platform
-import shutil
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import atomic_directory, atomic_write_json
-from ..errors import DatasetError, MapError, MapMismatchError
+from ..errors import DatasetError, MapError
 from . import format as fmt
 from .index import DEFAULT_FACTORY, build_index, write_index
 from .place_map import PlaceMap, local_model_section, model_section
