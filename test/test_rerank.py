@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.models.rerank import (mutual_nn_counts, official_scores, rerank, rerank_order,
+from vpr_ros.models.rerank import (argmax_over_rows, mutual_nn_counts, official_scores, rerank, rerank_order,
                                    train_similarity)
 
 
@@ -88,3 +88,11 @@ def test_train_similarity_properties_and_gradients():
     # Identical maps: every point is its own match, similarity = 1.
     same = train_similarity(q.unsqueeze(0), q.unsqueeze(0))
     assert abs(float(same[0]) - 1.0) < 1e-5
+
+
+def test_blocked_argmax_equals_torch_argmax_with_ties():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 4, (3, 1300, 50), generator=g).float()  # many exact ties
+    assert torch.equal(argmax_over_rows(sim, block=128), sim.argmax(dim=1))
+    sim = torch.randn(2, 777, 40, generator=g)
+    assert torch.equal(argmax_over_rows(sim, block=100), sim.argmax(dim=1))

@@ -53,13 +53,32 @@ def _as_points(x: ArrayLike, batched: bool, device: Optional[torch.device]) -> t
     return t
 
 
+def argmax_over_rows(sim: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """``sim.argmax(dim=1)`` for (k, R, P), first index on ties, computed in row blocks.
+
+    A reduction over the middle axis is strided and slow on the CPU; a running maximum
+    over contiguous blocks of rows gives the identical result several times faster
+    (``max`` returns the first maximal index inside a block, and a later block only
+    wins when strictly greater).
+    """
+    if sim.device.type != "cpu" or sim.shape[1] <= block:
+        return sim.argmax(dim=1)
+    best, index = sim[:, :block].max(dim=1)
+    for start in range(block, sim.shape[1], block):
+        value, idx = sim[:, start:start + block].max(dim=1)
+        better = value > best
+        best = torch.where(better, value, best)
+        index = torch.where(better, idx + start, index)
+    return index
+
+
 def _mutual_matches(query: torch.Tensor, cands: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """query (P, C) float32, cands (k, P', C) float32 -> (valid (k, P) bool, best (k, P) long).
 
     best[k, i] is the candidate point nearest to query point i.
     """
     sim = torch.matmul(cands, query.T)                 # (k, P', P)
-    best_cand = sim.argmax(dim=1)                     # (k, P): per query point
+    best_cand = argmax_over_rows(sim)                  # (k, P): per query point
     best_query = sim.argmax(dim=2)                    # (k, P'): per candidate point
     back = torch.gather(best_query, 1, best_cand)      # (k, P)
     arange = torch.arange(query.shape[0], device=query.device)
