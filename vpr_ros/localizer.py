@@ -116,19 +116,22 @@ def confidence_from_features(s1, margin, params: Optional[dict] = None):
 
 
 def fit_confidence(s1: np.ndarray, margin: np.ndarray, correct: np.ndarray,
-                   radius_m: float = 25.0, l2: float = 1e-2) -> dict:
+                   radius_m: float = 25.0, l2: float = 1e-2, min_each: int = 10) -> dict:
     """Logistic regression of ``correct`` on (s1, margin); returns manifest parameters.
 
     Features are standardised for the fit (with a small L2 penalty so perfectly separable
-    data still gives finite weights) and the weights converted back to raw units.
+    data still gives finite weights) and the weights converted back to raw units.  The
+    weights are kept >= 0 (a higher similarity or margin never lowers the confidence).
+    With fewer than ``min_each`` correct or wrong queries the defaults are returned.
     """
     from scipy.optimize import minimize
 
     x = np.stack([np.asarray(s1, float), np.asarray(margin, float)], axis=1)
     y = np.asarray(correct, dtype=float)
-    if len(y) < 4 or y.min() == y.max():
-        log.warning("cannot fit confidence on %d queries with %s correct: keeping defaults",
-                    len(y), int(y.sum()))
+    n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+    if min(n_pos, n_neg) < min_each:
+        log.warning("not fitting the confidence: %d correct and %d wrong queries (need %d of "
+                    "each); keeping the default parameters", n_pos, n_neg, min_each)
         return dict(DEFAULT_CONFIDENCE, radius_m=radius_m)
     mu, sd = x.mean(0), x.std(0)
     sd[sd < 1e-9] = 1.0
@@ -146,7 +149,8 @@ def fit_confidence(s1: np.ndarray, margin: np.ndarray, correct: np.ndarray,
         g[1:] += 2 * l2 * w[1:]
         return g
 
-    w = minimize(loss, np.zeros(3), jac=grad, method="L-BFGS-B").x
+    bounds = [(None, None), (0.0, None), (0.0, None)]
+    w = minimize(loss, np.zeros(3), jac=grad, method="L-BFGS-B", bounds=bounds).x
     wr = w[1:] / sd
     bias = w[0] - np.sum(wr * mu)
     return {"model": "logistic", "bias": float(bias), "w_similarity": float(wr[0]),
