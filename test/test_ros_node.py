@@ -219,7 +219,7 @@ def test_unconfident_match_publishes_no_pose_and_debug_image(harness_factory, ti
 
 
 def test_burst_drops_stale_frames(harness_factory, tiny_map, query_images):
-    h = harness_factory(_params(tiny_map, max_rate_hz=2.0))
+    h = harness_factory(_params(tiny_map, max_rate_hz=1.0))
     h.wait_subscribed(h.raw_pub)
     n = 30
     stamps = [(100 + i) * SEC for i in range(n)]
@@ -232,7 +232,7 @@ def test_burst_drops_stale_frames(harness_factory, tiny_map, query_images):
     time.sleep(1.0)
     processed = [m["stamp_ns"] for m in h.matches]
     slot = h.node.slot
-    assert len(processed) < n / 2, "a 2 Hz node cannot have processed most of a 100 Hz burst"
+    assert len(processed) < n / 2, "a 1 Hz node cannot have processed most of a fast burst"
     assert processed == sorted(processed) and len(set(processed)) == len(processed)
     assert processed[-1] == stamps[-1], "the newest frame must be the last one processed"
     assert slot.dropped > 0 and slot.pending == 0
@@ -251,11 +251,9 @@ def test_bad_frames_are_skipped_and_node_keeps_running(harness_factory, tiny_map
         Image(header=hdr, height=1, width=1, encoding="32FC1", step=4, data=bytes(4)),   # enc
         Image(header=hdr, height=0, width=0, encoding="rgb8", step=0, data=b""),          # empty
     ]
-    for msg in bad:
+    for k, msg in enumerate(bad, start=1):
         h.raw_pub.publish(msg)
-        wait_for(lambda: h.node.slot.pending == 0, 30, "the worker to take the frame")
-        time.sleep(0.2)
-    wait_for(lambda: h.node.stats.bad_frames == 4, 30, "4 bad frames counted")
+        wait_for(lambda: h.node.stats.bad_frames == k, 30, f"bad frame {k} to be counted")
     h.raw_pub.publish(good)
     wait_for(lambda: len(h.matches) == 1, 60, "the good frame after the bad ones")
     assert h.matches[0]["stamp_ns"] == 50 * SEC
