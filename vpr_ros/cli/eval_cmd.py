@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     r.add_argument("--dataset", required=True, metavar="DIR",
                    help="dataset in the benchmark layout (images/test/{database,queries})")
     r.add_argument("--map", metavar="MAP", default=None,
-                   help="use this map instead of building one from the database split")
+                   help="use this map instead of building one from the database split "
+                        "(the map's own card is the default --model then)")
     r.add_argument("--save-map", metavar="DIR", default=None,
                    help="keep the map built from the database split here, with the fitted "
                         "confidence calibration in its manifest")
@@ -72,6 +73,10 @@ def run_recall(args) -> int:
     from ..maps import PlaceMap
     from .common import describer_from_args, local_extractor_from_args
 
+    if args.map and args.model is None:
+        from ..maps import read_manifest
+
+        args.model = (read_manifest(args.map).get("model") or {}).get("card")
     describer = describer_from_args(args)
     local = None
     if args.rerank or args.local_model is not None:
