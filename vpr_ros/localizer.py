@@ -266,7 +266,7 @@ class Localizer:
         result = self._result(sims, idx, scores, reranked, stamp_ns, timings)
         if self.temporal_filter is not None:
             t = time.perf_counter()
-            result = self.temporal_filter.filter_result(result, self.place_map)
+            result = self.temporal_filter.filter_result(result, self.place_map, descriptor)
             result.timings_ms["temporal"] = (time.perf_counter() - t) * 1e3
         return result
 

@@ -112,13 +112,23 @@ class PlaceBeliefFilter:
         mass = float(post[self._near[best]].sum())
         return best, min(max(mass, 0.0), 1.0)
 
-    def filter_result(self, result, place_map):
-        """Filter a LocalizationResult: same candidates, place from the belief."""
+    def filter_result(self, result, place_map, descriptor=None):
+        """Filter a LocalizationResult: same candidates, place from the belief.
+
+        When the believed place is not among the candidates, its similarity is computed
+        from ``descriptor`` (the query's global descriptor) when given, else NaN.
+        """
         idx = np.array([c.place_index for c in result.candidates], dtype=np.int64)
         sims = np.array([c.similarity for c in result.candidates], dtype=np.float64)
         best, mass = self.update(idx, sims)
         places = place_map.places
-        sim = float(sims[idx == best][0]) if (idx == best).any() else float("nan")
+        if (idx == best).any():
+            sim = float(sims[idx == best][0])
+        elif descriptor is not None:
+            sim = float(np.dot(np.asarray(place_map.descriptors[best], dtype=np.float32),
+                               np.asarray(descriptor, dtype=np.float32).ravel()))
+        else:
+            sim = float("nan")
         return dataclasses.replace(
             result, place_index=best, place_id=int(places.ids[best]),
             image_name=places.names[best], position=places.positions[best].copy(),
