@@ -30,13 +30,16 @@ def test_describe_writes_npy_and_names(sample_dir, tmp_path, capsys):
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_describe_folder_argument(sample_dir, tmp_path):
+def test_describe_folder_argument(sample_dir, tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for p in sorted((sample_dir / "images" / "test" / "queries").glob("*.jpg"))[:3]:
         (folder / p.name).write_bytes(p.read_bytes())
-    rc = main(["describe", str(folder), "--out", str(tmp_path / "q.npy"), "--device", "cpu"])
+    rc = main(["describe", str(folder), "--out", str(tmp_path / "q.npy"), "--device", "cpu",
+               "--json"])
     assert rc == 0 and np.load(tmp_path / "q.npy").shape[0] == 3
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["count"] == 3 and summary["fingerprint"].startswith("random:")
 
 
 def test_describe_errors_exit_2(tmp_path, capsys, sample_dir):

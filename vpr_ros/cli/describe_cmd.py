@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, or folders (their images are taken in sorted order)")
     p.add_argument("--out", required=True, metavar="FILE.npy", help="output .npy file")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON summary (files, count, dim, model, fingerprint) on the last line")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -70,4 +73,9 @@ def run(args: argparse.Namespace) -> int:
     names = out.with_name(out.name[:-len(".npy")] + ".names.txt")
     atomic_write_text(names, "".join(f"{p}\n" for p in paths))
     print(f"wrote {out} ({len(paths)} x {describer.dim}) and {names}")
+    if args.json:
+        print(json.dumps({"out": str(out), "names": str(names), "count": len(paths),
+                          "dim": describer.dim, "model": describer.card.name,
+                          "fingerprint": describer.fingerprint,
+                          "device": str(describer.device), "precision": describer.precision}))
     return 0
