@@ -411,3 +411,25 @@ def test_launch_file_compiles_and_points_at_the_params_file(repo_root, tmp_path)
     for name, value in params.items():
         assert validate_parameter(name, value) is None, name
     assert np.isfinite(params["confidence_threshold"])
+
+
+def test_debug_image_mutual_matches_and_layout():
+    from types import SimpleNamespace
+
+    from vpr_ros.ros.debug_image import mutual_nn_pairs, render_debug_image
+
+    rng = np.random.default_rng(0)
+    grid = rng.normal(size=(6, 5, 8)).astype(np.float32)
+    grid /= np.linalg.norm(grid, axis=-1, keepdims=True)
+    pairs = mutual_nn_pairs(grid, grid, max_pairs=100)
+    assert len(pairs) == 30                                  # every cell matches itself
+    np.testing.assert_allclose(pairs[:, :2], pairs[:, 2:])
+    shifted = np.roll(grid, 1, axis=1)                       # place content moved right by 1
+    pairs = mutual_nn_pairs(grid, shifted, max_pairs=10)
+    assert len(pairs) == 10
+    np.testing.assert_allclose((pairs[:, 3] - pairs[:, 1]) % 1.0, 1 / 5)
+    result = SimpleNamespace(place_id=3, image_name="missing.jpg", similarity=0.5,
+                             confidence=0.7, confident=True, reranked=True,
+                             candidates=[SimpleNamespace(rerank_score=12.0)])
+    img = render_debug_image(np.zeros((32, 64, 3), np.uint8), result, "", {}, pairs)
+    assert img.dtype == np.uint8 and img.shape[0] == 192 + 44 and img.shape[1] == 2 * 384 + 4

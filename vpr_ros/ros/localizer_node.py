@@ -459,9 +459,17 @@ class LocalizerNode(LifecycleNode):
         self.stats.output(timings, result.confidence, result.confident)
         if self.p("publish_debug_image"):
             try:
-                from .debug_image import render_debug_image
+                from .debug_image import mutual_nn_pairs, render_debug_image
 
-                img = render_debug_image(rgb, result, self.p("map_images_dir"), self._debug_cache)
+                pairs = None
+                loc = self.localizer
+                if result.reranked and loc is not None and loc.local_extractor is not None \
+                        and loc.place_map.local_features is not None:
+                    _, query_local = loc.local_extractor.extract([rgb])
+                    pairs = mutual_nn_pairs(query_local[0],
+                                            loc.place_map.local_features[result.place_index])
+                img = render_debug_image(rgb, result, self.p("map_images_dir"), self._debug_cache,
+                                         correspondences=pairs)
                 pubs["debug_image"].publish(rgb_to_image_msg(img, in_header.stamp, frame_id))
             except Exception as exc:  # never let a debug view break localization
                 self.get_logger().warning(f"debug image failed: {exc}", throttle_duration_sec=10.0)
