@@ -141,7 +141,15 @@ def offline_predictions(bag, place_map, describer, local_extractor, settings: Ba
 def realtime_predictions(bag, place_map, settings: BagEvalSettings, node_params: dict,
                          log_path: Optional[str] = None, on_frame: Optional[Callable] = None):
     """Replay through the live node (subprocess); returns (frames, total, bad, extra)."""
-    from ..ros.replay import run_node_and_replay
+    try:
+        from ..ros.replay import run_node_and_replay
+    except ImportError as exc:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"the live node needs ROS 2 Python (rclpy) and its messages: {exc}. "
+                          "Source a ROS 2 installation or `pip install -r "
+                          "requirements-ros-wheels.txt`; offline evaluation (without "
+                          "--realtime) needs no ROS") from None
 
     id_to_index = {int(pid): i for i, pid in enumerate(place_map.places.ids)}
     stamp_to_index: Dict[int, int] = {}

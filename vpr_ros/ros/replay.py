@@ -75,8 +75,21 @@ def start_node_process(params: dict, env: dict, log_path: Optional[str] = None,
     env["PYTHONPATH"] = os.pathsep.join([_package_root()] + [p for p in env.get(
         "PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("PYTHONUNBUFFERED", "1")
-    out = open(log_path, "w", encoding="utf-8") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    log_path = log_path or os.path.join(tmp, "node.log")
+    with open(log_path, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    return proc
+
+
+def _log_tail(proc, lines: int = 6) -> str:
+    path = getattr(proc, "log_path", None)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            tail = [ln.rstrip() for ln in fh.readlines()[-lines:] if ln.strip()]
+    except (OSError, TypeError):
+        return ""
+    return (f"; node log {path}:\n  " + "\n  ".join(tail)) if tail else ""
 
 
 def stop_node_process(proc: subprocess.Popen, timeout: float = 15.0) -> int:
@@ -202,7 +215,7 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
         while True:
             if node_process is not None and node_process.poll() is not None:
                 raise VprError(f"the localizer node exited with status {node_process.returncode} "
-                               "before it was ready (see its log)")
+                               f"before it was ready{_log_tail(node_process)}")
             ready = (col.pub.get_subscription_count() > 0
                      and col.count_publishers(col.matches_topic) > 0)
             if ready:
@@ -226,7 +239,7 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
             col.result.sent.append((index, stamp_to_ns(msg.header.stamp) or bag_ns))
             if node_process is not None and node_process.poll() is not None:
                 raise VprError(f"the localizer node exited with status {node_process.returncode} "
-                               "during the replay")
+                               f"during the replay{_log_tail(node_process)}")
         if not col.result.sent:
             raise BagError(f"no frames on {image_topic} in bag {bag}")
         last_stamp = col.result.sent[-1][1]
