@@ -433,3 +433,49 @@ def test_debug_image_mutual_matches_and_layout():
                              candidates=[SimpleNamespace(rerank_score=12.0)])
     img = render_debug_image(np.zeros((32, 64, 3), np.uint8), result, "", {}, pairs)
     assert img.dtype == np.uint8 and img.shape[0] == 192 + 44 and img.shape[1] == 2 * 384 + 4
+
+
+def test_driven_by_a_lifecycle_manager_over_services(harness_factory, tiny_map, query_images):
+    """autostart false: the standard lifecycle services (what nav2's manager and
+    `ros2 lifecycle set` call) configure and activate the node."""
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    h = harness_factory(_params(tiny_map), autostart=False)
+    change = h.peer.create_client(ChangeState, "/vpr_localizer/change_state")
+    get = h.peer.create_client(GetState, "/vpr_localizer/get_state")
+    assert change.wait_for_service(timeout_sec=30) and get.wait_for_service(timeout_sec=30)
+
+    def call(client, request):
+        future = client.call_async(request)
+        wait_for(future.done, 120, f"{client.srv_name} reply")
+        return future.result()
+    assert call(get, GetState.Request()).current_state.id == State.PRIMARY_STATE_UNCONFIGURED
+    for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert call(change, ChangeState.Request(transition=Transition(id=transition))).success
+    assert call(get, GetState.Request()).current_state.id == State.PRIMARY_STATE_ACTIVE
+    h.wait_subscribed(h.raw_pub)
+    h.raw_pub.publish(rgb_to_image_msg(query_images[5], ns_to_stamp(SEC), "cam"))
+    wait_for(lambda: len(h.matches) == 1, 60, "a match")
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "mono8", "bgra8", "16UC1", "yuv422",
+                                      "bayer_grbg8"])
+def test_message_conversions(encoding, query_images):
+    from vpr_ros.ros.conversions import msg_to_rgb, using_cv_bridge
+
+    rgb = np.repeat(query_images[0][:, ::2], 2, axis=1)       # pixel pairs share chroma
+    msg = rgb_to_image_msg(rgb, ns_to_stamp(SEC), "cam", encoding=encoding)
+    assert isinstance(msg, Image) and msg.encoding == encoding
+    out = msg_to_rgb(msg)
+    assert out.shape == rgb.shape and out.dtype == np.uint8 and out.flags.writeable
+    diff = np.abs(out.astype(int) - rgb.astype(int))
+    if encoding in ("rgb8", "bgr8", "bgra8"):
+        assert diff.max() == 0
+    elif encoding in ("mono8", "16UC1"):       # the sample is (almost) grey: luma ~ channels
+        assert diff.max() <= 8
+    else:                                      # chroma subsampling / demosaic: close on average
+        assert diff.mean() < 6
+    jpeg = rgb_to_compressed_msg(rgb, ns_to_stamp(SEC), "cam", fmt="png")
+    np.testing.assert_array_equal(msg_to_rgb(jpeg), rgb)
+    assert using_cv_bridge() in (True, False)
