@@ -1,0 +1,118 @@
+"""The benchmark baselines and prototypes compute what they claim to compute.
+
+Speed claims in benchmarks/ are only meaningful if the baselines are faithful and the
+fast paths give the same answers; these tests check that on small real inputs (no
+wall-clock assertions here: speed lives in benchmarks/).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_rerank  # noqa: E402
+import synthetic_map  # noqa: E402
+from vpr_ros.models.rerank import mutual_nn_counts  # noqa: E402
+
+
+def test_official_style_counts_match_reference_and_package(reference):
+    data = np.load(reference / "selavpr_outputs.npz")
+    feats = torch.from_numpy(data["local_feats"]).float()          # (5, 61, 61, C)
+    expected = data["mutual_nn_counts"]
+    n, h, w, c = feats.shape
+    flat = feats.reshape(n, h * w, c)
+    for i in range(n):
+        base = bench_rerank.official_style_counts(flat[i], flat)
+        assert base.tolist() == expected[i].tolist()
+        assert torch.equal(base, mutual_nn_counts(flat[i], flat))
+
+
+def test_int8_point_quantisation_roundtrip_error_is_half_a_step():
+    x = torch.nn.functional.normalize(torch.randn(50, 128), dim=-1).half()
+    codes, scale = bench_rerank.quantize_int8(x)
+    assert codes.dtype == torch.int8 and scale.shape == (50, 1)
+    back = bench_rerank.dequantize_int8(codes, scale)
+    step = scale.float()
+    assert torch.all((back - x.float()).abs() <= step * 0.5 + 1e-3)
+
+
+def test_synthetic_maps_have_spread_of_counts():
+    q, c = bench_rerank.synthetic_maps(1, 6, seed=3)
+    assert q.shape == (1, 61 * 61, 128) and c.shape == (1, 6, 61 * 61, 128)
+    assert q.dtype == torch.float16
+    counts = bench_rerank.official_style_counts(q[0].float(), c[0])
+    assert counts.max() > 1.5 * counts.min()        # similar and dissimilar candidates
+
+
+def test_eager_baseline_equals_package_fp32():
+    import bench_descriptors
+    from vpr_ros.inference import GlobalDescriber
+    d = GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="fp32")
+    base = bench_descriptors.eager_baseline(d.model).eval()
+    fused = [m for m in base.modules() if hasattr(m, "fused_attn")]
+    assert fused and not any(m.fused_attn for m in fused)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = d.describe_tensor(x)
+        out = base(x)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_closed_form_reduced_places_match_the_full_dimensional_path():
+    import faiss
+    spec = synthetic_map.SyntheticSpec(dim=1536, latent=16, route_len=200, seed=1)
+    gen = synthetic_map.SyntheticPlaces(spec)
+    full = gen.places(0, 1000)
+    pca = faiss.PCAMatrix(spec.dim, 64)
+    pca.train(gen.places(1000, 4000))            # learnt on other places, as build_cache does
+    red = synthetic_map.ReducedGenerator(gen, pca)
+    targets = np.arange(0, 1000, 7)
+    long_way = synthetic_map._neighbour_stats(pca.apply_py(full), pca.apply_py(gen.queries(targets, 1)), targets)
+    closed = synthetic_map._neighbour_stats(red.places(0, 1000), red.queries(targets, 2), targets)
+    for key in ("cos_query_truth_mean", "cos_next_place_mean", "cos_random_pair_mean"):
+        assert abs(long_way[key] - closed[key]) < 0.03, (key, long_way, closed)
+
+
+def test_generator_is_deterministic_and_chunk_independent():
+    spec = synthetic_map.SyntheticSpec(dim=256, latent=8, route_len=50, seed=2)
+    gen = synthetic_map.SyntheticPlaces(spec)
+    z_all = gen.latents(0, 120)
+    z_parts = np.concatenate([gen.latents(0, 70), gen.latents(70, 120)])
+    assert np.array_equal(z_all, z_parts)
+    assert np.array_equal(gen.latents_of(np.array([5, 60, 119])), z_all[[5, 60, 119]])
+    x = gen.places(0, 10)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_recall_helpers_on_hand_cases():
+    pred = np.array([[5, 1, 2], [9, 8, 7]])
+    exact = np.array([[5, 2, 1], [8, 9, 7]])
+    r = synthetic_map.agreement_recall(pred, exact, ns=(1, 3))
+    assert r["recall@1"] == 0.5 and r["recall@3"] == 1.0
+    p = synthetic_map.place_recall(pred, np.array([3, 20]), tolerance=2, ns=(1, 3))
+    assert p["R@1"] == 0.5 and p["R@3"] == 0.5
+
+
+@pytest.mark.parametrize("n", [1000])
+def test_reduced_map_views_are_normalised(tmp_path, n):
+    spec = synthetic_map.SyntheticSpec(dim=768, latent=16, route_len=250, seed=4)
+    folder = synthetic_map.build_cache(n, [n], n_queries=20, d_out=64, n_train=256, chunk=500,
+                                       fidelity_places=500, n_fidelity_queries=10, spec=spec,
+                                       cache_dir=tmp_path, progress=False)
+    m = synthetic_map.ReducedMap(folder)
+    db = m.database(n, 32)
+    q, t = m.queries(n, 32)
+    assert db.shape == (n, 32) and q.shape == (20, 32) and t.max() < n
+    assert np.allclose(np.linalg.norm(db, axis=1), 1, atol=1e-5)
+    fdb, fq, ft, gt = m.fidelity_set(32)
+    assert fdb.shape == (500, 32) and gt.shape == (10, 10)
+    # cache is reused, not regenerated
+    again = synthetic_map.build_cache(n, [n], n_queries=20, d_out=64, spec=spec, cache_dir=tmp_path)
+    assert again == folder
