@@ -318,7 +318,7 @@ def write_image_bag(path: PathLike, frames: Iterable, image_topic: str = "/camer
                     compressed: bool = False, frame_id: str = "camera",
                     encoding: str = "rgb8", pose_frame_id: str = "map",
                     compressed_format: str = "jpeg", overwrite: bool = True,
-                    progress: bool = False) -> int:
+                    progress: bool = False, total: Optional[int] = None) -> int:
     """Write frames as a rosbag2 folder (atomically); returns the number of images.
 
     ``frames``: BagFrame objects, dicts with its fields, or (stamp_ns, image[, position,
@@ -353,7 +353,9 @@ def write_image_bag(path: PathLike, frames: Iterable, image_topic: str = "/camer
     iterator = frames
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(frames, desc=f"writing {path.name}", unit="frame")
+        if total is None and hasattr(frames, "__len__"):
+            total = len(frames)
+        iterator = tqdm(frames, desc=f"writing {path.name}", unit="frame", total=total)
     with atomic_directory(path) as tmp:
         inner = tmp / path.name
         writer = Writer(inner, version=9, storage_plugin=plugin)

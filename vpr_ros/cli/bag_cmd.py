@@ -111,7 +111,7 @@ def run_from_images(args) -> int:
     n = write_image_bag(args.out, _frames(entries, stamps), image_topic=args.image_topic,
                         pose_topic=args.pose_topic or None, storage=args.storage,
                         compressed=args.compressed, frame_id=args.frame_id,
-                        encoding=args.encoding, progress=True)
+                        encoding=args.encoding, progress=True, total=len(entries))
     summary = bag_summary(args.out)
     print(f"wrote {n} images to {args.out} ({args.storage}, "
           f"{'CompressedImage' if args.compressed else 'Image ' + args.encoding}, "

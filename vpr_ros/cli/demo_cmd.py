@@ -126,7 +126,8 @@ def run(args) -> int:
                        position=[float(v) for v in q.position]) for i, q in enumerate(queries))
     bag_dir = out / "queries_bag"
     n = write_image_bag(bag_dir, frames, image_topic="/camera/image_raw",
-                        pose_topic="/ground_truth/pose", storage="sqlite3")
+                        pose_topic="/ground_truth/pose", storage="sqlite3", progress=True,
+                        total=len(queries))
     gt = np.array([q.position for q in queries], dtype=np.float64)
     _say(f"   {n} frames -> {bag_dir}")
 
