@@ -33,7 +33,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from ..errors import BagError, VprError
-from .conversions import stamp_to_ns
+from .conversions import ns_to_stamp, stamp_to_ns
 
 NODE_NAME = "vpr_localizer"
 
@@ -235,8 +235,11 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
             if delay > 0:
                 time.sleep(delay)
             msg = deserialize_message(raw, cls)
+            if stamp_to_ns(msg.header.stamp) == 0:
+                # unstamped camera: use the recording time, as vpr_ros.bags does when reading
+                msg.header.stamp = ns_to_stamp(bag_ns)
             col.pub.publish(msg)
-            col.result.sent.append((index, stamp_to_ns(msg.header.stamp) or bag_ns))
+            col.result.sent.append((index, stamp_to_ns(msg.header.stamp)))
             if node_process is not None and node_process.poll() is not None:
                 raise VprError(f"the localizer node exited with status {node_process.returncode} "
                                f"during the replay{_log_tail(node_process)}")
