@@ -10,8 +10,8 @@ and, for every frame:
 2. **update**: multiply by the likelihood of the frame's retrieval result: a retrieved
    candidate j gets ``exp((s_j - s_1) / T)``, every place that was not retrieved gets the
    value of the weakest retrieved candidate (its similarity is at most that); the
-   temperature T defaults to a third of the similarity spread of the candidates, so
-   the filter works whatever the similarity scale of the model;
+   temperature T defaults to a sixth of the similarity spread (s_1 - s_K) of the
+   candidates, so the filter works whatever the similarity scale of the model;
 3. report the place with the highest belief; its confidence is the belief mass within
    ``radius_m`` of it.
 
@@ -35,7 +35,7 @@ class PlaceBeliefFilter:
 
     def __init__(self, positions: np.ndarray, sigma_m: float = 30.0, kidnap_prob: float = 0.05,
                  temperature: Optional[float] = None, radius_m: float = 25.0,
-                 max_neighbours: int = 64):
+                 max_neighbours: int = 64, spread_fraction: float = 1.0 / 6.0):
         from scipy import sparse
         from scipy.spatial import cKDTree
 
@@ -50,6 +50,7 @@ class PlaceBeliefFilter:
         self.sigma_m = float(sigma_m)
         self.kidnap_prob = float(kidnap_prob)
         self.temperature = temperature
+        self.spread_fraction = float(spread_fraction)
         self.radius_m = float(radius_m)
         n = len(positions)
         tree = cKDTree(positions)
@@ -85,7 +86,7 @@ class PlaceBeliefFilter:
         s1, s_min = sims.max(), sims.min()
         t = self.temperature
         if t is None:
-            t = max((s1 - s_min) / 3.0, 1e-4)
+            t = max((s1 - s_min) * self.spread_fraction, 1e-4)
         lik = np.full(len(self), np.exp((s_min - s1) / t))
         lik[indices] = np.exp((sims - s1) / t)
         return lik
