@@ -16,6 +16,7 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode
+from launch_ros.parameter_descriptions import ParameterValue
 
 
 def generate_launch_description():
@@ -42,11 +43,11 @@ def generate_launch_description():
         output="screen",
         parameters=[
             LaunchConfiguration("params_file"),
-            {
-                "map_path": LaunchConfiguration("map"),
-                "weights": LaunchConfiguration("weights"),
-                "model": LaunchConfiguration("model"),
-                "device": LaunchConfiguration("device"),
+            {   # value_type=str: an empty argument stays "" instead of becoming YAML null
+                "map_path": ParameterValue(LaunchConfiguration("map"), value_type=str),
+                "weights": ParameterValue(LaunchConfiguration("weights"), value_type=str),
+                "model": ParameterValue(LaunchConfiguration("model"), value_type=str),
+                "device": ParameterValue(LaunchConfiguration("device"), value_type=str),
             },
         ],
         remappings=[
