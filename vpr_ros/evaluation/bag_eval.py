@@ -179,7 +179,8 @@ def realtime_predictions(bag, place_map, settings: BagEvalSettings, node_params:
     params.setdefault("temporal_filter", bool(settings.temporal))
     callback = (lambda doc: on_frame(convert(doc))) if on_frame is not None else None
     result = run_node_and_replay(bag, settings.image_topic, params, rate=settings.rate,
-                                 log_path=log_path, on_match=callback)
+                                 log_path=log_path, on_match=callback,
+                                 max_frames=settings.max_frames)
     frames = sorted((convert(d) for d in result.matches), key=lambda f: f["stamp_ns"])
     diag = result.diagnostics
     extra = {"frames_sent": len(result.sent), "frames_answered": len(frames),

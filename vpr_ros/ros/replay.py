@@ -272,8 +272,8 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
 
 def run_node_and_replay(bag, image_topic: str, node_params: dict, rate: float = 1.0,
                         log_path: Optional[str] = None, on_match=None,
-                        ready_timeout_s: float = 180.0, params_file: Optional[str] = None
-                        ) -> ReplayResult:
+                        ready_timeout_s: float = 180.0, params_file: Optional[str] = None,
+                        max_frames: Optional[int] = None) -> ReplayResult:
     """Start the real node as a subprocess on a private domain, replay, stop the node."""
     if not Path(bag).exists():
         raise BagError(f"bag not found: {bag}")
@@ -289,7 +289,8 @@ def run_node_and_replay(bag, image_topic: str, node_params: dict, rate: float = 
     rclpy.init(context=context, domain_id=domain)
     try:
         result = replay_bag(bag, image_topic, rate=rate, context=context, on_match=on_match,
-                            ready_timeout_s=ready_timeout_s, node_process=proc)
+                            ready_timeout_s=ready_timeout_s, node_process=proc,
+                            max_frames=max_frames)
     finally:
         code = stop_node_process(proc)
         rclpy.try_shutdown(context=context)
