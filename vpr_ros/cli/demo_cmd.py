@@ -151,7 +151,9 @@ def run(args) -> int:
 
     settings = BagEvalSettings(image_topic="/camera/image_raw", pose_topic="/ground_truth/pose",
                                radius_m=args.radius, top_k=20, realtime=True, rate=args.rate)
-    node_params = {"map_path": str(map_dir.resolve()), "model": describer.card.name,
+    model_ref = str(Path(args.model).resolve()) if args.model and Path(args.model).is_file() \
+        else describer.card.name          # a card given as a YAML path stays a path
+    node_params = {"map_path": str(map_dir.resolve()), "model": model_ref,
                    "weights": str(Path(args.weights).resolve()) if args.weights else "",
                    "device": args.device}
     report_dir = out / "report"
