@@ -101,3 +101,5 @@ def test_eval_recall_with_reranking_and_with_a_given_map(small_dataset, tmp_path
     assert "was built with model card" in capsys.readouterr().err
     assert main(["eval", "recall", "--dataset", str(tmp_path / "nothing"), "--model", CARD,
                  "--device", "cpu"]) == 2
+    assert main(["eval", "recall", "--dataset", str(small_dataset), "--map",
+                 str(tmp_path / "m"), "--save-map", str(tmp_path / "m2")]) == 2

@@ -135,6 +135,9 @@ def test_failed_build_leaves_the_previous_map(tmp_path, entries, describer):
     assert len(PlaceMap.open(out)) == 8
     with pytest.raises(MapError, match="already exists"):
         build_map(entries[:2], out, describer, progress=False)
+    empty = tmp_path / "made_by_user"
+    empty.mkdir()
+    assert build_map(entries[:2], empty, describer, progress=False)["counts"]["places"] == 2
 
 
 def test_killed_cli_build_leaves_the_previous_map(tmp_path, sample_dir, built_map, repo_root):

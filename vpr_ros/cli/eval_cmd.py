@@ -9,6 +9,8 @@ import logging
 import shlex
 import sys
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +75,9 @@ def run_recall(args) -> int:
     from ..maps import PlaceMap
     from .common import describer_from_args, local_extractor_from_args
 
+    if args.map and args.save_map:
+        raise ConfigError("--save-map keeps the map this command builds; with --map no map is "
+                          "built (give one of the two)")
     if args.map and args.model is None:
         from ..maps import read_manifest
 

@@ -153,7 +153,7 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
     out_dir = Path(out_dir)
     if descriptor_dtype not in ("float32", "float16"):
         raise MapError(f"descriptor dtype must be float32 or float16, got {descriptor_dtype!r}")
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MapError(f"{out_dir} already exists; pass --overwrite to replace it or choose "
                        "another folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / fmt.MANIFEST).exists():
