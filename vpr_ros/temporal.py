@@ -68,8 +68,7 @@ class PlaceBeliefFilter:
         row_sum = np.asarray(kernel.sum(axis=1)).ravel()
         kernel = sparse.diags(1.0 / row_sum) @ kernel
         self._spread = kernel.T.tocsr()
-        within = tree.query_ball_point(positions, r=self.radius_m + 1e-6)
-        self._near = within
+        self._tree = tree
         self.belief: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -110,7 +109,8 @@ class PlaceBeliefFilter:
             post = post / total
         self.belief = post
         best = int(np.argmax(post))
-        mass = float(post[self._near[best]].sum())
+        near = self._tree.query_ball_point(self.positions[best], r=self.radius_m + 1e-6)
+        mass = float(post[near].sum())
         return best, min(max(mass, 0.0), 1.0)
 
     def filter_result(self, result, place_map, descriptor=None):
