@@ -26,8 +26,8 @@ def register(subparsers) -> None:
                    help="candidates to report (default 5)")
     p.add_argument("--rerank-k", type=int, default=None, metavar="K",
                    help="re-rank the first K candidates with SelaVPR local features (default: "
-                        "20 when the map has local features and a re-ranking model is given, "
-                        "else 0)")
+                        "20 when the map has local features, with the map's re-ranking card "
+                        "unless --rerank-model is given; 0 turns re-ranking off)")
     p.add_argument("--temporal", action="store_true",
                    help="treat the images as a sequence and apply the place-belief filter")
     p.add_argument("--temporal-sigma", type=float, default=30.0, metavar="M",
@@ -53,6 +53,9 @@ def run(args) -> int:
     manifest = read_manifest(args.map)
     if args.model is None:
         args.model = (manifest.get("model") or {}).get("card")
+    stored_local = manifest.get("local_features") or {}
+    if args.local_model is None and stored_local.get("present") and args.rerank_k != 0:
+        args.local_model = (stored_local.get("model") or {}).get("card")
     describer = describer_from_args(args)
     local = local_extractor_from_args(args)
     rerank_k = args.rerank_k

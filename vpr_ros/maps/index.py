@@ -24,6 +24,8 @@ import numpy as np
 from ..errors import DeviceError, MapError
 
 log = logging.getLogger(__name__)
+# FAISS logs its CPU-feature probing (AVX512/AVX2 fallbacks) at INFO: noise for users.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 DEFAULT_FACTORY = "Flat"
 MMAP_MIN_BYTES = 256 << 20      # memory-map index files larger than this when FAISS can
