@@ -18,7 +18,7 @@ SciceVPR descriptors never depend on the batch: ``describe([a])[0] == describe([
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 import torch

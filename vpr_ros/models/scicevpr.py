@@ -21,7 +21,7 @@ model does, so its descriptors depend on which images share a batch.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
