@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +355,20 @@ def test_student_step_distils_towards_frozen_teacher(tmp_path, sample_dir):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
 
 
+def test_student_copy_head_option(tmp_path, sample_dir):
+    from vpr_ros.training.student import StudentStage
+    weights = teacher_file(tmp_path)
+    card = write_card(tmp_path, "s", "scicevpr")
+    for copy in (False, True):
+        cfg = base_cfg(tmp_path, sample_dir, "student", card, teacher__weights=str(weights),
+                       teacher__copy_head=copy)
+        stage = StudentStage(cfg, torch.device("cpu"))
+        t, s = stage.teacher.state_dict(), stage.model.state_dict()
+        same = torch.equal(t["token_mixers.0.mlp.0.weight"], s["token_mixers.0.mlp.0.weight"])
+        assert same == copy
+        assert "token_mixers.0.mlp.0.weight" in stage.trainable_names()
+
+
 def test_student_teacher_mismatch_is_a_checkpoint_error(tmp_path, sample_dir):
     from vpr_ros.training.student import StudentStage
     weights = teacher_file(tmp_path, embed_dim=48)
@@ -414,7 +426,8 @@ def test_training_run_resume_continues_from_saved_step(tmp_path, sample_dir):
     full = train(cfg, tmp_path / "full", progress=False)
     assert full["finished"] and full["steps"] == 4 and full["epochs_done"] == 2
     for name in ("steps.csv", "epochs.csv", "curves.png", "config.yaml", "summary.json",
-                 "checkpoint/model.safetensors", "checkpoint/optimizer.pt", "best/model.safetensors",
+                 "checkpoint/model.safetensors", "checkpoint/optimizer.pt",
+                 "best/model.safetensors",
                  "model/tiny_teacher.yaml", "model/tiny_teacher.safetensors"):
         assert (tmp_path / "full" / name).is_file(), name
     assert all(0.0 <= h["R@5"] <= 1.0 for h in full["history"])
@@ -455,13 +468,18 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, sample_dir):
         train(cfg, tmp_path / "nothing", resume=True, progress=False)
 
 
-def test_cli_reports_unknown_key(tmp_path, repo_root):
+def test_cli_reports_unknown_key(tmp_path, capsys):
+    from vpr_ros.cli.main import main
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("stage: teacher\nmodel: scicevpr_tiny_random\nlearning_rate: 1\n"
                    "data: {train: {type: csv, path: x.csv}}\n")
-    proc = subprocess.run([sys.executable, "-m", "vpr_ros.cli.main", "train", "teacher",
-                           "--config", str(cfg), "--out", str(tmp_path / "o")],
-                          cwd=repo_root, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 2
-    assert "learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    code = main(["train", "teacher", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown config key(s): learning_rate" in err and "Traceback" not in err
+    cfg.write_text("stage: teacher\nmodel: scicevpr_tiny_random\n"
+                   "data: {train: {type: csv, path: x.csv}}\n")
+    code = main(["train", "teacher", "--config", str(cfg), "--set", "optim.lr=abc"])
+    assert code == 2 and "optim.lr" in capsys.readouterr().err
+    code = main(["train", "teacher", "optim.epochs=0", "--config", str(cfg)])
+    assert code == 2 and "optim.epochs" in capsys.readouterr().err

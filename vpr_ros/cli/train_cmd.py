@@ -2,7 +2,7 @@
 
     vpr train teacher --config config/train/teacher_b.yaml --out runs/teacher_b
     vpr train student --config config/train/student_b.yaml --out runs/student_b \
-        optim.lr=5e-5 data.places_per_batch=32
+        --set optim.lr=5e-5 --set data.places_per_batch=32
     vpr train teacher --config ... --out runs/teacher_b --resume
 
 Several processes (CPU: gloo, GPUs: nccl, one GPU per process)::
@@ -21,8 +21,9 @@ from ..training.config import STAGES
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train the teacher, the distilled student or SelaVPR",
-        description="Train one stage from a YAML config (see docs/training.md). Extra "
-                    "KEY=VALUE arguments override config keys (e.g. optim.lr=5e-5).",
+        description="Train one stage from a YAML config (see docs/training.md). "
+                    "--set KEY=VALUE (repeatable) overrides config keys (e.g. --set "
+                    "optim.lr=5e-5); KEY=VALUE words right after the stage work too.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
     p.add_argument("stage", choices=STAGES, help="what to train")
     p.add_argument("--config", required=True, help="training config (YAML)")
@@ -35,7 +36,10 @@ def register(subparsers) -> None:
                         "--resume continues)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides (directly after the stage)")
     p.set_defaults(func=run)
 
 
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training import run as run_training
 
     summary = run_training(args.config, stage=args.stage, out_dir=args.out, resume=args.resume,
-                           overrides=args.overrides, progress=not args.no_progress,
+                           overrides=list(args.overrides) + list(args.set_overrides),
+                           progress=not args.no_progress,
                            max_steps=args.max_steps)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items()}, default=str))

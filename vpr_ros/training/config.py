@@ -38,6 +38,9 @@ DEFAULTS: Dict[str, Any] = {
     "teacher": {                   # student stage: the trained Super-CricaVPR teacher
         "model": None,             # teacher card (name or path)
         "weights": None,           # teacher weights (safetensors or official .pth)
+        "copy_head": False,        # also start the student's token mixers + GeM from the
+                                   # teacher's (they keep training); the paper copies only
+                                   # backbone + fusion conv (false)
     },
     "seed": 0,
     "deterministic": True,         # torch.use_deterministic_algorithms(warn_only) + fixed seeds

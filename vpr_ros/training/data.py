@@ -83,7 +83,8 @@ class PlaceSet:
             return None
         return np.asarray([p.position for p in self.places], dtype=np.float64)
 
-    def require_min_images(self, k: int, drop: bool = False, what: str = "training set") -> "PlaceSet":
+    def require_min_images(self, k: int, drop: bool = False,
+                           what: str = "training set") -> "PlaceSet":
         small = [p for p in self.places if len(p.images) < k]
         if small and not drop:
             shown = ", ".join(f"{p.name} ({len(p.images)})" for p in small[:8])
@@ -322,7 +323,8 @@ def load_source(src: dict, base: Path, k: int) -> PlaceSet:
     else:
         raise ConfigError(f"unknown data source type {kind!r}; expected csv, gsv_cities, "
                           "benchmark or maps")
-    return ps.require_min_images(k, drop=drop, what=f"{kind} source {src.get('path') or src.get('paths')}")
+    where = src.get("path") or src.get("paths")
+    return ps.require_min_images(k, drop=drop, what=f"{kind} source {where}")
 
 
 def load_train_places(sources, base: Path, k: int) -> PlaceSet:

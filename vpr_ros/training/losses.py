@@ -59,7 +59,8 @@ def _log1p_sum_exp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def multi_similarity_loss(descriptors: torch.Tensor, labels: torch.Tensor,
                           pos_mask: torch.Tensor = None, neg_mask: torch.Tensor = None,
-                          alpha: float = 1.0, beta: float = 50.0, base: float = 0.0) -> torch.Tensor:
+                          alpha: float = 1.0, beta: float = 50.0,
+                          base: float = 0.0) -> torch.Tensor:
     """Multi-similarity loss over the given pairs (all pairs when no masks are given)."""
     d = descriptors.float()
     sim = d @ d.T
@@ -147,7 +148,8 @@ def triplet_indices(descriptors: torch.Tensor, labels: torch.Tensor, negatives: 
 
 
 def selavpr_losses(global_desc: torch.Tensor, local_feats: torch.Tensor,
-                   triplets: torch.Tensor, margin: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
+                   triplets: torch.Tensor,
+                   margin: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
     """(global triplet loss, local mutual-NN loss), each averaged over the triplets."""
     if len(triplets) == 0:
         zero = global_desc.sum() * 0.0

@@ -31,6 +31,7 @@ from .losses import MultiSimilarity, distillation_loss
 from .stage import Stage, freeze_backbone, set_requires_grad
 
 SHARED_PREFIXES = ("backbone.", "fusion.")
+HEAD_PREFIXES = ("token_mixers.", "gem.")
 
 
 def head_from_fused(model: nn.Module, fused: torch.Tensor) -> torch.Tensor:
@@ -42,15 +43,15 @@ def head_from_fused(model: nn.Module, fused: torch.Tensor) -> torch.Tensor:
 
 
 def copy_shared_weights(teacher: nn.Module, student: nn.Module, teacher_name: str,
-                        student_name: str) -> int:
+                        student_name: str, prefixes=SHARED_PREFIXES) -> int:
     """Copy backbone + fusion conv from teacher to student; CheckpointError on mismatch."""
     t_state = teacher.state_dict()
     s_state = student.state_dict()
-    shared = [k for k in s_state if k.startswith(SHARED_PREFIXES)]
+    shared = [k for k in s_state if k.startswith(prefixes)]
     missing = [k for k in shared if k not in t_state]
     shapes = [f"{k} {tuple(t_state[k].shape)} vs {tuple(s_state[k].shape)}"
               for k in shared if k in t_state and t_state[k].shape != s_state[k].shape]
-    extra = [k for k in t_state if k.startswith(SHARED_PREFIXES) and k not in s_state]
+    extra = [k for k in t_state if k.startswith(prefixes) and k not in s_state]
     if missing or shapes or extra:
         parts = []
         if shapes:
@@ -63,7 +64,8 @@ def copy_shared_weights(teacher: nn.Module, student: nn.Module, teacher_name: st
                          f"(e.g. {', '.join(extra[:3])})")
         raise CheckpointError(
             f"teacher {teacher_name!r} does not match student {student_name!r}: the student "
-            f"copies the teacher's backbone and fusion conv, but " + "; ".join(parts) +
+            f"copies the teacher's {', '.join(p.rstrip('.') for p in prefixes)}, but "
+            + "; ".join(parts) +
             ". Use a student card with the teacher's backbone sizes, out_indices and mix_in_dim.")
     with torch.no_grad():
         for k in shared:
@@ -128,6 +130,9 @@ class StudentStage(Stage):
         set_requires_grad(self.teacher.parameters(), False)
         self.teacher.eval()
         copy_shared_weights(self.teacher, self.model, t_card.name, self.card.name)
+        if tcfg["copy_head"]:
+            copy_shared_weights(self.teacher, self.model, t_card.name, self.card.name,
+                                HEAD_PREFIXES)
         freeze_backbone(self.model.backbone, cfg["freeze"]["backbone_blocks"])
         set_requires_grad(self.model.fusion.parameters(), False)
         shared = cfg["freeze"]["backbone_blocks"] == "all"

@@ -160,14 +160,18 @@ def save_checkpoint(folder: Path, stage, optimizer, scaler, state: dict) -> None
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
-def load_checkpoint(folder: Path, stage, optimizer, scaler) -> dict:
-    from safetensors.torch import load_file
-
+def check_resumable(folder: Path) -> None:
     needed = [folder / n for n in ("model.safetensors", "optimizer.pt", "state.json")]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         raise CheckpointError(f"cannot resume: {folder} lacks {', '.join(missing)} (start "
                               "without --resume, or point --out at the earlier run)")
+
+
+def load_checkpoint(folder: Path, stage, optimizer, scaler) -> dict:
+    from safetensors.torch import load_file
+
+    check_resumable(folder)
     try:
         weights = load_file(str(folder / "model.safetensors"))
         opt = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -296,8 +300,9 @@ def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True,
 
 
 def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: DistInfo, tqdm):
-    t_start = time.time()
     seed = int(cfg["seed"])
+    if resume:
+        check_resumable(out_dir / "checkpoint")
     seed_everything(seed, cfg["deterministic"])
     precision = resolve_precision(cfg["precision"], info.device)
     if info.is_main:
@@ -494,7 +499,7 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
         "best_epoch": state["best_epoch"], "best_val_R@5": state["best_r5"],
         "history": state["history"], "train_seconds": round(total_seconds, 1),
         "world_size": info.world_size, "device": str(info.device),
-        "host": socket.gethostname(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "host": socket.gethostname(), "machine": machine_description(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "command": " ".join(sys.argv),
     }
@@ -505,18 +510,33 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
         name = cfg["export_name"] or out_dir.name
         last = state["history"][-1] if state["history"] else {}
         best_entry = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), last)
+        val_text = ", ".join(f"R@{n} {100 * float(best_entry[f'R@{n}']):.1f}%" for n in ns
+                             if best_entry.get(f"R@{n}") not in ("", None))
         notes = (f"Trained by `vpr train {stage.name}` (vpr_ros) from card {stage.card.name}: "
                  f"{state['epoch']} epochs, {state['step']} optimiser steps, seed {seed}, "
-                 f"{info.world_size} process(es) on {info.device}, "
+                 f"{info.world_size} process(es) on {info.device} ({machine_description()}), "
                  f"{total_seconds / 60:.1f} min. Exported epoch {state['best_epoch']}; "
-                 "validation " + ", ".join(f"R@{n} {100 * float(best_entry[f'R@{n}']):.1f}%"
-                                           for n in ns if best_entry.get(f"R@{n}") not in ("", None)))
+                 f"validation {val_text or 'none'}")
         card_path = export_model(out_dir, stage, weights, name, notes, "")
         summary["model_card"] = str(card_path)
         atomic_write_json(out_dir / "summary.json", summary)
         log.info("exported %s", card_path)
     barrier(info)
     return summary
+
+
+def machine_description() -> str:
+    """CPU model and core count (for the record in exported cards)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical CPUs"
 
 
 class _null_context:
