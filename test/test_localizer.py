@@ -110,11 +110,20 @@ def test_bad_input_and_mismatched_model_are_refused(place_map, describer):
         Localizer(place_map, describer, LocalFeatureExtractor(device="cpu"), rerank_k=3)
 
 
-def test_selavpr_reranking_keeps_exact_self_match_first(tmp_path, describer, db):
-    local = LocalFeatureExtractor("selavpr_tiny_random", device="cpu")
-    out = tmp_path / "rr"
+@pytest.fixture(scope="module")
+def local():
+    return LocalFeatureExtractor("selavpr_tiny_random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rerank_map(tmp_path_factory, describer, local, db):
+    out = tmp_path_factory.mktemp("rr") / "map"
     build_map(db[:8], out, describer, local_extractor=local, progress=False)
-    pm = PlaceMap.open_for(out, describer, local_extractor=local)
+    return out
+
+
+def test_selavpr_reranking_keeps_exact_self_match_first(rerank_map, describer, local, db):
+    pm = PlaceMap.open_for(rerank_map, describer, local_extractor=local)
     assert pm.local_features.shape == (8, 61, 61, 16) and pm.local_features.dtype == np.float16
     loc = Localizer(pm, describer, local_extractor=local, top_k=4, rerank_k=3)
     for i in (2, 5):
@@ -150,3 +159,16 @@ def test_cli_localize_json(place_map, db, capsys):
     rc = main(["localize", "--map", str(place_map.path), str(db[4].path), "--device", "cpu",
                "--model", "selavpr_tiny_random"])
     assert rc == 2
+
+
+def test_cli_localize_reranks_with_the_maps_own_card(rerank_map, db, capsys):
+    from vpr_ros.cli.main import main
+
+    assert main(["localize", "--map", str(rerank_map), str(db[6].path), "--device", "cpu",
+                 "--rerank-k", "3", "--top-k", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
+    assert r["reranked"] and r["place_id"] == 6 and "rerank_score" in r["candidates"][0]
+    assert main(["localize", "--map", str(rerank_map), str(db[6].path), "--device", "cpu",
+                 "--rerank-k", "0", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0][
+        "reranked"]
