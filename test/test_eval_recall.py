@@ -38,7 +38,8 @@ def test_eval_recall_cli_end_to_end_on_the_sample(sample_dir, tmp_path, capsys):
         assert (out / name).read_bytes()[:8] == PNG, name
     report = json.loads((out / "report.json").read_text())
     assert report["recall"] == res["recall"] and report["radius_m"] == 25.0
-    assert "calibrated (cross-fitted)" in report["precision_recall"]
+    assert {"calibrated (cross-fitted)", "temporal filter (belief mass)"} <= set(
+        report["precision_recall"])
     assert not list(tmp_path.glob(".report.tmp-*"))
     # Recompute the recall by hand: exact inner products against the saved map.
     assert "confidence" in read_manifest(saved)

@@ -184,14 +184,18 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     report["pr_auc"] = pr["auc"]
 
     # Temporal filter over the queries in their order (driving order when a poses CSV exists).
+    pr_temporal = None
     if s.temporal:
         filt = PlaceBeliefFilter(place_map.places.positions, sigma_m=s.temporal_sigma_m,
                                  radius_m=s.radius_m)
         t_preds = np.zeros((nq, 1), dtype=np.int64)
+        t_mass = np.zeros(nq)
         for i in range(nq):
-            best, _ = filt.update(final_preds[i], final_sims[i])
-            t_preds[i, 0] = best
+            t_preds[i, 0], t_mass[i] = filt.update(final_preds[i], final_sims[i])
         report["recall_temporal"] = {"1": recall_at_n(t_preds, positives, ns=(1,))["1"]}
+        # The filter's own confidence (belief mass near its answer) as a gate.
+        pr_temporal = precision_recall(t_mass, correct_at_n(t_preds, positives)[:, 0])
+        report["precision_recall"]["temporal filter (belief mass)"] = _pr_json(pr_temporal)
         steps = np.linalg.norm(np.diff(np.asarray(q_pos)[:, :2], axis=0), axis=1)
         median_step = float(np.median(steps)) if len(steps) else 0.0
         report["temporal"] = {
@@ -210,7 +214,7 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     report["latency_ms"] = {key: _stats(v) for key, v in timings.items()}
     report["device"] = str(getattr(describer, "device", "cpu"))
     report["_arrays"] = {"preds": final_preds, "hits": hits, "pr": pr, "pr_default": pr_default,
-                         "pr_sim": pr_sim, "examples": s.examples}
+                         "pr_sim": pr_sim, "pr_temporal": pr_temporal, "examples": s.examples}
     return report
 
 
@@ -237,11 +241,16 @@ def write_report(report: dict, out_dir, place_map, q_paths) -> None:
         curves = {"global descriptor": report["recall"]}
         if "recall_reranked" in report:
             curves["re-ranked (SelaVPR MNN)"] = report["recall_reranked"]
+        if "recall_temporal" in report:
+            curves["temporal filter (R@1)"] = report["recall_temporal"]
         model = (report.get("model") or {}).get("card", "?")
         title = f"{Path(report['dataset']).name}: {model}, {report['num_queries']} queries"
         plot_recall_curves(curves, tmp / "recall_at_n.png", title=title)
-        plot_pr_curves({"calibrated": arrays["pr"], "default": arrays["pr_default"],
-                        "top-1 similarity": arrays["pr_sim"]}, tmp / "pr_curve.png")
+        pr_curves = {"calibrated": arrays["pr"], "default": arrays["pr_default"],
+                     "top-1 similarity": arrays["pr_sim"]}
+        if arrays.get("pr_temporal") is not None:
+            pr_curves["temporal belief"] = arrays["pr_temporal"]
+        plot_pr_curves(pr_curves, tmp / "pr_curve.png")
         nq = len(q_paths)
         picks = np.unique(np.linspace(0, nq - 1, num=min(arrays.get("examples", 6), nq)).astype(int))
         names = place_map.places.names
