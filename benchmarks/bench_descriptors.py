@@ -245,7 +245,10 @@ def run(quick: bool, compile_: bool = False, selavpr: bool = True) -> dict:
            "fidelity": fidelity(fns, db_imgs, q_imgs)}
     if selavpr:
         del fns
-        res["selavpr_vitl14"] = selavpr_speed(quick)
+        try:
+            res["selavpr_vitl14"] = selavpr_speed(quick)
+        except Exception as exc:  # noqa: BLE001 - keep the SciceVPR results
+            res["selavpr_vitl14_error"] = f"{type(exc).__name__}: {exc}"
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 

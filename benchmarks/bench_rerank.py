@@ -143,7 +143,7 @@ def run(quick: bool) -> dict:
     import torch
     from vpr_ros.models.rerank import mutual_nn_counts
     set_threads(2)
-    n_queries = 2 if quick else 4
+    n_queries = 2
     ks = [20] if quick else [20, 100]
     results: Dict[str, dict] = {}
     for k in ks:
