@@ -483,3 +483,20 @@ def test_cli_reports_unknown_key(tmp_path, capsys):
     assert code == 2 and "optim.lr" in capsys.readouterr().err
     code = main(["train", "teacher", "optim.epochs=0", "--config", str(cfg)])
     assert code == 2 and "optim.epochs" in capsys.readouterr().err
+
+
+def test_student_and_selavpr_run_through_the_trainer(tmp_path, sample_dir):
+    from vpr_ros.training.trainer import train
+    weights = teacher_file(tmp_path)
+    val = {"type": "benchmark", "path": str(sample_dir), "seq_range": [1293, 1299]}
+    student = base_cfg(tmp_path, sample_dir, "student", write_card(tmp_path, "s", "scicevpr"),
+                       teacher__weights=str(weights), data__val=val, data__batches_per_epoch=2)
+    out = train(student, tmp_path / "student", progress=False)
+    assert out["finished"] and out["steps"] == 2 and "distill_loss" in out["history"][0]
+    card = load_card(tmp_path / "student" / "model" / "student.yaml")
+    assert card.architecture == "scicevpr" and card.has_weights
+    sela = base_cfg(tmp_path, sample_dir, "selavpr", write_card(tmp_path, "sela", "selavpr"),
+                    data__val=val, data__batches_per_epoch=2)
+    out = train(sela, tmp_path / "sela", progress=False)
+    assert out["finished"] and out["history"][0]["triplets"] > 0
+    assert 0.0 <= out["history"][0]["R@1"] <= 1.0
