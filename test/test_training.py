@@ -207,6 +207,14 @@ def test_maps_source_matches_traversals_by_position(tmp_path, sample_dir):
     places = load_train_places(src, tmp_path, 2)
     assert len(places) == 5
     assert all({i.parent.name for i in p.images} == {"database", "queries"} for p in places.places)
+    # Without image_roots the folders come from the sources the manifests record.
+    (maps[0] / "manifest.json").write_text(json.dumps(
+        {"source": {"type": "benchmark", "dataset": str(sample_dir), "split": "database"}}))
+    (maps[1] / "manifest.json").write_text(json.dumps(
+        {"source": {"type": "images+csv", "images": str(sample_dir / "images/test/queries")}}))
+    del src["image_roots"]
+    again = load_train_places(src, tmp_path, 2)
+    assert [p.images for p in again.places] == [p.images for p in places.places]
 
 
 def test_sampler_p_by_k_deterministic_and_split_across_ranks():

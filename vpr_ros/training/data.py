@@ -30,8 +30,10 @@ Sources (``data.train`` in the config: one dict or a list; ``type`` selects the 
     ``places.csv`` and ``manifest.json``).  Every place of the first map is paired with
     the nearest place of each other map within ``radius_m``; a place seen in at least
     K traversals becomes a training place.  Image paths come from the ``image_path``
-    column of places.csv or ``image_root`` + ``image_name`` (give ``image_roots`` as a
-    list in the same order as ``paths`` when the maps don't record where the images are).
+    column of places.csv, else ``<image folder>/<image_name>`` with the image folder the
+    map's manifest records (``vpr map build --images DIR`` or ``--dataset DIR``); give
+    ``image_roots`` (one per map, same order as ``paths``) to override it, e.g. for maps
+    built from bags.
 
 Places with fewer than K images raise :class:`DatasetError` naming how many and which
 (``min_images: drop`` in a source drops them instead, with a warning).
@@ -255,8 +257,7 @@ def _read_map_places(map_dir: Path, image_root: Optional[Path]) -> Tuple[np.ndar
     manifest = {}
     if (map_dir / "manifest.json").is_file():
         manifest = json.loads((map_dir / "manifest.json").read_text(encoding="utf-8"))
-    src = manifest.get("source", {}) if isinstance(manifest.get("source"), dict) else {}
-    root = image_root or (Path(src["image_root"]) if src.get("image_root") else None)
+    root = image_root or _map_image_root(manifest)
     xy, paths = [], []
     with open(table, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
@@ -270,6 +271,16 @@ def _read_map_places(map_dir: Path, image_root: Optional[Path]) -> Tuple[np.ndar
                 raise DatasetError(f"{map_dir}: places.csv has no image_path column and no "
                                    "image root is known; give image_roots in the maps source")
     return np.asarray(xy, dtype=np.float64).reshape(-1, 2), paths
+
+
+def _map_image_root(manifest: dict) -> Optional[Path]:
+    """Folder of a map's images from its manifest (``vpr map build`` records the source)."""
+    src = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    if src.get("type") == "images+csv" and src.get("images"):
+        return Path(src["images"])
+    if src.get("type") == "benchmark" and src.get("dataset"):
+        return Path(src["dataset"]) / "images" / "test" / str(src.get("split", "database"))
+    return Path(src["image_root"]) if src.get("image_root") else None
 
 
 def places_from_maps(map_dirs: Sequence[Path], radius_m: float = 5.0,
