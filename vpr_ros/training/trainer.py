@@ -515,7 +515,8 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
         notes = (f"Trained by `vpr train {stage.name}` (vpr_ros) from card {stage.card.name}: "
                  f"{state['epoch']} epochs, {state['step']} optimiser steps, seed {seed}, "
                  f"{info.world_size} process(es) on {info.device} ({machine_description()}), "
-                 f"{total_seconds / 60:.1f} min. Exported epoch {state['best_epoch']}; "
+                 f"{total_seconds / 60:.1f} min. Exported epoch "
+                 f"{(state['best_epoch'] or 0) + 1} (1-based); "
                  f"validation {val_text or 'none'}")
         card_path = export_model(out_dir, stage, weights, name, notes, "")
         summary["model_card"] = str(card_path)
