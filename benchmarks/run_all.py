@@ -40,6 +40,11 @@ def _run_topic(name: str, quick: bool, out: Path, cache: Path, compile_: bool):
     raise ValueError(name)
 
 
+def _markdown_of(name: str):
+    import importlib
+    return importlib.import_module(f"bench_{name}").markdown
+
+
 def summary(results: dict) -> str:
     """The headline ratios, one line each."""
     lines = []
@@ -73,6 +78,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--only", default=",".join(TOPICS), help=f"comma list of {TOPICS}")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile in descriptors")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other topics of an existing results.json in --out (re-run some topics only)")
     a = ap.parse_args()
     set_threads(2)
     out = a.out
@@ -81,7 +88,22 @@ def main() -> None:
     results: dict = {"mode": "quick" if a.quick else "full", "started_utc": started.isoformat(),
                      "machine": machine_info()}
     sections = []
-    for name in [t.strip() for t in a.only.split(",") if t.strip()]:
+    chosen = [t.strip() for t in a.only.split(",") if t.strip()]
+    previous = {}
+    if a.merge and (out / "results.json").exists():
+        import json
+        previous = json.loads((out / "results.json").read_text())
+        results["merged_from"] = {t: previous.get("started_utc") for t in TOPICS
+                                  if t in previous and t not in chosen}
+    for name in TOPICS:
+        if name in chosen or name not in previous:
+            continue
+        results[name] = previous[name]
+        try:
+            sections.append(_markdown_of(name)(previous[name]) + f"\n\n(from the run of {previous.get('started_utc')})")
+        except Exception:  # noqa: BLE001
+            sections.append(f"## {name}\n\n(see results.json)")
+    for name in chosen:
         t0 = time.perf_counter()
         print(f"=== {name} ===", flush=True)
         try:

@@ -116,3 +116,18 @@ def test_reduced_map_views_are_normalised(tmp_path, n):
     # cache is reused, not regenerated
     again = synthetic_map.build_cache(n, [n], n_queries=20, d_out=64, spec=spec, cache_dir=tmp_path)
     assert again == folder
+
+
+def test_tiled_prototype_counts_equal_official_style_counts(reference):
+    data = np.load(reference / "selavpr_outputs.npz")
+    feats = torch.from_numpy(data["local_feats"]).float()
+    n, h, w, c = feats.shape
+    flat = feats.reshape(n, h * w, c)
+    for i in range(n):
+        assert torch.equal(bench_rerank.tiled_counts(flat[i], flat, block=500),
+                           bench_rerank.official_style_counts(flat[i], flat))
+    # exact ties: a duplicated candidate point must resolve to the first index, as argmax does
+    q = torch.nn.functional.normalize(torch.randn(40, 8), dim=-1)
+    cand = q[torch.tensor([3, 3, 7, 7] + list(range(36)))].unsqueeze(0)
+    assert torch.equal(bench_rerank.tiled_counts(q, cand, block=7),
+                       bench_rerank.official_style_counts(q, cand))
