@@ -258,6 +258,8 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
             if len(y) == len(x):
                 axes[1].plot(x, y, marker="o", label=key)
         axes[1].set_xlabel("epoch")
+        from matplotlib.ticker import MaxNLocator
+        axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1].set_ylabel("validation recall (%)")
         axes[1].set_title("validation Recall@N")
         axes[1].set_ylim(0, 100)
