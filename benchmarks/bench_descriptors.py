@@ -14,7 +14,8 @@ All variants run the *same* randomly initialised weights (seed 0; no download ne
   (``torch.ao.quantization.quantize_dynamic`` on the Linear layers, VNNI),
   ``jit_freeze_bf16`` (TorchScript trace under bf16 autocast + ``torch.jit.freeze``:
   constant folding, oneDNN weight prepacking; the fp32 variant gave no gain in trials), and with ``--compile``
-  ``compile_bf16`` (``torch.compile``, inductor).
+  ``compile_bf16`` (``torch.compile``, inductor with ``freezing=True``, under bf16
+  autocast; the first call compiles for minutes on 2 cores).
 
 Reported: median seconds per image and images/s at batch 1 and 8 (interleaved runs, so
 the ratios hold even when other processes load the machine), the speed-up over
@@ -127,6 +128,8 @@ def variants(model, describer_fp32, describer_bf16, compile_: bool) -> Dict[str,
 
     if compile_:
         try:
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True           # fold weights, oneDNN prepacking
             mc = torch.compile(copy.deepcopy(model).eval())
 
             @torch.inference_mode()

@@ -162,13 +162,55 @@ def order_of(counts) -> np.ndarray:
     return rerank_order(official_scores(counts))
 
 
-def peak_of(fn) -> float:
-    """Extra peak RSS (MB) while running fn, relative to the RSS before it."""
+VARIANT_FUNCS = {"baseline": "official_style_counts", "package": None,
+                 "bf16_compute": "bf16_counts", "tiled_fp32": "tiled_counts"}
+
+
+def _child_peak(path: str, name: str) -> None:
+    """In a fresh process: load the maps, run one variant, print the extra peak RSS."""
+    import json as _json
+
+    import torch
+    torch.set_num_threads(2)
+    data = torch.load(path, weights_only=True)
+    q, c = data["query"], data["candidates"]
+    if VARIANT_FUNCS[name] is None:
+        from vpr_ros.models.rerank import mutual_nn_counts as fn
+    else:
+        fn = globals()[VARIANT_FUNCS[name]]
+    fn(q, c[:1])                                   # import / allocator warm-up
     base = rss_mb()
-    if not reset_peak_rss():
-        return float("nan")
-    fn()
-    return peak_rss_mb() - base
+    reset_peak_rss()
+    fn(q, c)
+    print(_json.dumps({"peak_extra_mb": peak_rss_mb() - base}))
+
+
+def peak_in_subprocess(query, candidates, names) -> Dict[str, float]:
+    """Extra peak RSS (MB) of each variant, each measured in its own fresh process.
+
+    In-process peaks are meaningless here: freed similarity matrices stay in the
+    allocator, so a second variant never raises the high-water mark.
+    """
+    import json as _json
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+    out: Dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/maps.pt"
+        torch.save({"query": query.contiguous(), "candidates": candidates.contiguous()}, path)
+        here = str(Path(__file__).resolve().parent)
+        for name in names:
+            code = (f"import sys; sys.path[:0] = [{here!r}, {str(Path(here).parent)!r}]; "
+                    f"import bench_rerank as b; b._child_peak({path!r}, {name!r})")
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+            try:
+                out[name] = _json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+            except (IndexError, ValueError, KeyError):
+                out[name] = float("nan")
+    return out
 
 
 def run(quick: bool) -> dict:
@@ -196,10 +238,7 @@ def run(quick: bool) -> dict:
             "bf16_compute": lambda: bf16_counts(qf[0], cands[0]),
             "tiled_fp32": lambda: tiled_counts(qf[0], cands[0]),
         }, reps, warmup=1)
-        mem = {"baseline": peak_of(lambda: official_style_counts(qf[0], cands[0])),
-               "package": peak_of(lambda: mutual_nn_counts(qf[0], cands[0])),
-               "bf16_compute": peak_of(lambda: bf16_counts(qf[0], cands[0])),
-               "tiled_fp32": peak_of(lambda: tiled_counts(qf[0], cands[0]))}
+        mem = peak_in_subprocess(qf[0], cands[0], list(times))
         entry = {"k": k, "n_queries": n_queries, "counts_identical": True,
                  "count_range": [int(min(c.min() for c in base_counts)), int(max(c.max() for c in base_counts))],
                  "latency_s": {n: median(t) for n, t in times.items()},
@@ -248,7 +287,7 @@ def run(quick: bool) -> dict:
 def markdown(res: dict) -> str:
     lines = ["## Re-ranking (mutual nearest neighbours, 61x61x128 local features)", "",
              "Latency per query, one query against K candidates, 2 threads; peak = extra RSS "
-             "while running. Counts of the package and of the official-style baseline are "
+             "while running (each variant in a fresh process). Counts of the package and of the official-style baseline are "
              "asserted identical.", ""]
     rows = []
     for key, e in res["results"].items():
