@@ -45,6 +45,26 @@ def _batched(entries: Iterable[MapEntry], size: int):
         yield batch
 
 
+def _loaded_batches(entries: Iterable[MapEntry], size: int, workers: int = 2):
+    """(batch, images) pairs; the next batch's images are decoded on ``workers`` threads
+    while the current one is described.  At most two batches are in memory; a decoding
+    error surfaces when its batch is reached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="map-load")
+    pending = None
+    try:
+        for batch in _batched(entries, size):
+            futures = [pool.submit(e.load) for e in batch]
+            if pending is not None:
+                yield pending[0], [f.result() for f in pending[1]]
+            pending = (batch, futures)
+        if pending is not None:
+            yield pending[0], [f.result() for f in pending[1]]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _check_descriptors(desc: np.ndarray, batch: List[MapEntry], dim: int) -> np.ndarray:
     desc = np.asarray(desc, dtype=np.float32)
     if desc.shape != (len(batch), dim):
@@ -75,8 +95,7 @@ def _describe_into(folder: Path, entries: Iterable[MapEntry], describer, local_e
         if seed_descriptors is not None:
             for start in range(0, len(seed_descriptors), 4096):
                 desc_out.append(np.asarray(seed_descriptors[start:start + 4096]))
-        for batch in _batched(entries, batch_size):
-            images = [e.load() for e in batch]
+        for batch, images in _loaded_batches(entries, batch_size):
             if local_extractor is not None:
                 global_sela, local = local_extractor.extract(images)
                 if local_out is None:
