@@ -85,6 +85,21 @@ def test_confidence_threshold_and_features(place_map, describer, db):
     assert margin == pytest.approx(0.1)                     # no far rival: last candidate
 
 
+def test_confidence_parameters_stored_in_the_map_are_used(place_map, describer, db, tmp_path):
+    import shutil
+
+    from vpr_ros.maps import set_confidence_params
+
+    copy = tmp_path / "calibrated"
+    shutil.copytree(place_map.path, copy)
+    params = {"model": "logistic", "bias": 30.0, "w_similarity": 0.0, "w_margin": 0.0,
+              "radius_m": 25.0, "fitted": True}
+    set_confidence_params(copy, params)
+    pm = PlaceMap.open_for(copy, describer)                # checksums still valid
+    r = Localizer(pm, describer).localize(db[1].load())
+    assert r.confidence == pytest.approx(1.0) and r.confident
+
+
 def test_fitted_confidence_grows_with_the_margin():
     rng = np.random.default_rng(0)
     margin = rng.uniform(0, 0.3, 200)

@@ -78,6 +78,14 @@ def test_open_and_exact_self_retrieval(built_map, entries, describer):
     assert (np.diff(sims, axis=1) <= 1e-6).all()          # best first
 
 
+def test_memory_mapped_index_gives_the_same_answers(built_map):
+    normal = PlaceMap.open(built_map, verify="size")
+    mapped = PlaceMap.open(built_map, verify="size", mmap_index=True)
+    desc = np.asarray(normal.descriptors[:5])
+    for a, b in zip(normal.search(desc, 4), mapped.search(desc, 4)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_open_refuses_other_card_other_seed_other_dim_and_version(built_map, tmp_path,
                                                                   describer):
     other_card = GlobalDescriber("selavpr_tiny_random", device="cpu")
