@@ -220,7 +220,6 @@ def selavpr_speed(quick: bool) -> dict:
            "bf16_speedup": median(times["fp32"]) / median(times["bf16"]),
            "bf16_global_cosine_min": cos_g, "bf16_local_cosine_mean": cos_l,
            "official_fp32_s_per_image_reference": 1.4}
-    del fp32, bf16
     return res
 
 

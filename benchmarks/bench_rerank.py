@@ -28,7 +28,6 @@ Run: ``python benchmarks/bench_rerank.py [--quick]``
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Dict, List
 
