@@ -439,6 +439,11 @@ def test_training_run_resume_continues_from_saved_step(tmp_path, sample_dir):
                  "model/tiny_teacher.yaml", "model/tiny_teacher.safetensors"):
         assert (tmp_path / "full" / name).is_file(), name
     assert all(0.0 <= h["R@5"] <= 1.0 for h in full["history"])
+    import os
+    import stat
+    mode = stat.S_IMODE(os.stat(tmp_path / "full" / "model" / "tiny_teacher.safetensors").st_mode)
+    from vpr_ros.training.trainer import _umask
+    assert mode == 0o666 & ~_umask()           # not the 0600 of the temporary file
     exported = load_card(tmp_path / "full" / "model" / "tiny_teacher.yaml")
     assert exported.has_weights and "2 epochs" in exported.notes
 

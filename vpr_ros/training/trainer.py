@@ -142,6 +142,25 @@ def validate(stage, val: ValidationSet, ns, batch_size: int, precision: torch.dt
 
 # --------------------------------------------------------------------------- checkpoints
 
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def share_permissions(path: Path) -> None:
+    """Give a run's outputs the usual umask permissions (temp files start as 0600/0700)."""
+    mask = _umask()
+    path = Path(path)
+    items = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for item in items:
+        try:
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+        except OSError:
+            pass
+
+
 def _state_dict_cpu(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -158,6 +177,7 @@ def save_checkpoint(folder: Path, stage, optimizer, scaler, state: dict) -> None
             opt["scaler"] = scaler.state_dict()
         torch.save(opt, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        share_permissions(tmp)
 
 
 def check_resumable(folder: Path) -> None:
@@ -206,6 +226,7 @@ def export_model(out_dir: Path, stage, weights: Dict[str, torch.Tensor], name: s
                   metadata={"format": "vpr_ros", "architecture": card.architecture,
                             "card_name": name})
         write_card(card, tmp / f"{name}.yaml")
+        share_permissions(tmp)
     return target / f"{name}.yaml"
 
 
@@ -272,6 +293,7 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
     with atomic_path(target, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    share_permissions(target)
     return target
 
 
@@ -313,6 +335,7 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
             for stale in ("steps.csv", "epochs.csv"):
                 (out_dir / stale).unlink(missing_ok=True)
         atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
+        share_permissions(out_dir / "config.yaml")
 
     stage = stage_class(cfg["stage"])(cfg, info.device)
     log.info("%s", stage.summary())
@@ -472,6 +495,7 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
                     save_file(_state_dict_cpu(stage.model), str(tmp / "model.safetensors"))
                     (tmp / "state.json").write_text(json.dumps(
                         {"epoch": epoch, "step": state["step"], "recalls": recalls}) + "\n")
+                    share_permissions(tmp)
         else:
             state["not_improved"] += 1
         elapsed = train_seconds + time.time() - t_run
@@ -523,6 +547,7 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
         card_path = export_model(out_dir, stage, weights, name, notes, "")
         summary["model_card"] = str(card_path)
         atomic_write_json(out_dir / "summary.json", summary)
+        share_permissions(out_dir / "summary.json")
         log.info("exported %s", card_path)
     barrier(info)
     return summary
