@@ -100,24 +100,14 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 def mutual_nn_similarity(anchor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Mean dot product over the mutual-nearest-neighbour matches of two dense maps.
 
-    anchor, other: (H, W, C) or (P, C), L2-normalised per point.  A point i of the anchor
-    and j of the other map match when j is i's best match and i is j's best match.
-    Differentiable in the matched features (the matching itself is a hard selection).
-    Uses the model package's training similarity when it provides one.
+    anchor, other: (H, W, C) or (P, C), L2-normalised per point; the model package's
+    training similarity (:func:`vpr_ros.models.rerank.train_similarity`, checked against
+    the official ``local_sim(trainflag=True)`` there).  Differentiable in the matched
+    features (the matching itself is a hard selection).
     """
-    a = anchor.reshape(-1, anchor.shape[-1]).float()
-    b = other.reshape(-1, other.shape[-1]).float()
-    sim = b @ a.T                                  # (Pb, Pa)
-    best_b_for_a = sim.argmax(dim=0)               # for each anchor point, best other point
-    best_a_for_b = sim.argmax(dim=1)               # for each other point, best anchor point
-    idx_a = torch.arange(a.shape[0], device=a.device)
-    mutual = best_a_for_b[best_b_for_a] == idx_a
-    if int(mutual.sum()) > 1:
-        ia = idx_a[mutual]
-        ib = best_b_for_a[mutual]
-        return (a[ia] * b[ib]).sum(dim=1).mean()
-    # The official code treats a single match like none and compares point by point.
-    return (a * b).sum(dim=1).mean()
+    from ..models.rerank import train_similarity
+
+    return train_similarity(anchor.unsqueeze(0), other.unsqueeze(0))[0]
 
 
 def triplet_indices(descriptors: torch.Tensor, labels: torch.Tensor, negatives: int = 2,
@@ -157,11 +147,11 @@ def selavpr_losses(global_desc: torch.Tensor, local_feats: torch.Tensor,
     a, p, n = triplets.T
     g = global_desc.float()
     global_loss = F.triplet_margin_loss(g[a], g[p], g[n], margin=margin, p=2, reduction="sum")
-    local_terms = []
-    for ai, pi, ni in triplets.tolist():
-        sim_p = mutual_nn_similarity(local_feats[ai], local_feats[pi])
-        sim_n = mutual_nn_similarity(local_feats[ai], local_feats[ni])
-        local_terms.append(torch.clamp(sim_n - sim_p, min=0.0))
-    local_loss = torch.stack(local_terms).sum()
+    from ..models.rerank import train_similarity
+
+    feats = local_feats.float()
+    sim_p = train_similarity(feats[a], feats[p])
+    sim_n = train_similarity(feats[a], feats[n])
+    local_loss = torch.clamp(sim_n - sim_p, min=0.0).sum()
     t = float(len(triplets))
     return global_loss / t, local_loss / t
