@@ -513,3 +513,21 @@ def test_student_and_selavpr_run_through_the_trainer(tmp_path, sample_dir):
     out = train(sela, tmp_path / "sela", progress=False)
     assert out["finished"] and out["history"][0]["triplets"] > 0
     assert 0.0 <= out["history"][0]["R@1"] <= 1.0
+
+
+def test_corrupt_training_image_and_bad_precision_are_clear_errors(tmp_path, sample_dir):
+    from vpr_ros.errors import DeviceError
+    from vpr_ros.training.trainer import train
+    places_csv = sample_csv(sample_dir, tmp_path, n_places=2)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with open(places_csv, "a", newline="") as fh:
+        csv.writer(fh).writerows([["broken_place", str(bad), 0, 0]] * 2)
+    places = places_from_csv(places_csv)
+    ds = PlaceImagesDataset(places, 2, (112, 112))
+    with pytest.raises(DatasetError, match=r"place broken_place: .*broken\.jpg"):
+        ds[(2, 0)]
+    cfg = trainer_cfg(tmp_path, sample_dir)
+    cfg["precision"] = "fp16"
+    with pytest.raises(DeviceError, match="fp16"):
+        train(cfg, tmp_path / "fp16", progress=False)
