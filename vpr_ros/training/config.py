@@ -92,6 +92,8 @@ DEFAULTS: Dict[str, Any] = {
         "triplet_margin": 0.1,     # selavpr: global triplet margin (official 0.1)
         "local_weight": 1.0,       # selavpr: weight of the mutual-NN local loss
         "negatives_per_anchor": 2, # selavpr: hardest in-batch negatives per anchor
+        "gather_across_processes": True,  # DDP: MS/distillation loss over the whole batch
+                                   # of all processes (as DataParallel does), not per process
     },
     "eval": {
         "recall_ns": [1, 5, 10, 20],

@@ -371,8 +371,10 @@ class PlaceBatchSampler:
             raise DatasetError(f"need at least 2 places, got {num_places}")
         self.num_places = num_places
         self.p = min(places_per_batch, num_places)
-        if self.p < world_size:
-            raise DatasetError(f"places_per_batch {self.p} < number of processes {world_size}")
+        if self.p < world_size or self.p % world_size:
+            from ..errors import ConfigError
+            raise ConfigError(f"places_per_batch {self.p} must be a multiple of the number of "
+                              f"processes ({world_size})")
         self.seed = seed
         self.rank = rank
         self.world = world_size

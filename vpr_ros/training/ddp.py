@@ -94,6 +94,27 @@ def all_reduce_mean(info: DistInfo, value: float) -> float:
     return float(t.item()) / info.world_size
 
 
+def gather_with_grad(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor of every process along dim 0 (rank order), keeping gradients.
+
+    The backward pass sums the gradients all processes compute for each part, so a loss
+    computed identically on every process over the gathered batch, followed by DDP's
+    gradient averaging, gives exactly the single-process full-batch gradient.
+    """
+    if not info.enabled:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+
+
+def gather_no_grad(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
+    if not info.enabled:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def cleanup(info: DistInfo) -> None:
     if info.initialised_here and dist.is_initialized():
         dist.destroy_process_group()

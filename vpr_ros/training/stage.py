@@ -119,6 +119,10 @@ class Stage:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
     # -- interface -------------------------------------------------------------------
+    def gather(self, outputs, labels: torch.Tensor, info):
+        """Outputs and labels of all DDP processes (default: unchanged, per process)."""
+        return outputs, labels
+
     def compute_loss(self, outputs, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         raise NotImplementedError
 

@@ -150,6 +150,14 @@ class StudentStage(Stage):
         return loss, {"ms_loss": float(ms.detach()), "distill_loss": float(distill.detach()),
                       "mined_fraction": self.criterion.last_mined_fraction}
 
+    def gather(self, outputs, labels, info):
+        from .ddp import gather_no_grad, gather_with_grad
+        if not (info.enabled and self.cfg["loss"]["gather_across_processes"]):
+            return outputs, labels
+        student_desc, teacher_desc = outputs
+        return ((gather_with_grad(info, student_desc), gather_no_grad(info, teacher_desc)),
+                gather_no_grad(info, labels))
+
     @torch.no_grad()
     def describe(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -38,6 +38,12 @@ class TeacherStage(Stage):
         return loss, {"ms_loss": float(loss.detach()),
                       "mined_fraction": self.criterion.last_mined_fraction}
 
+    def gather(self, outputs, labels, info):
+        from .ddp import gather_no_grad, gather_with_grad
+        if not (info.enabled and self.cfg["loss"]["gather_across_processes"]):
+            return outputs, labels
+        return gather_with_grad(info, outputs), gather_no_grad(info, labels)
+
     @torch.no_grad()
     def describe(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -426,6 +426,7 @@ def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: Di
                 from ..device import autocast_context
                 with autocast_context(info.device, precision):
                     outputs = module(images)
+                outputs, labels = stage.gather(outputs, labels, info)
                 loss, metrics = stage.compute_loss(outputs, labels)
                 scaled = loss / accum
                 if scaler is not None:
