@@ -26,6 +26,7 @@ data_files = [
     (os.path.join(share, "launch"), glob("launch/*.launch.py")),
     (os.path.join(share, "config"), glob("config/*.yaml")),
     (os.path.join(share, "config", "train"), glob("config/train/*.yaml")),
+    (os.path.join(share, "config", "train", "cards"), glob("config/train/cards/*.yaml")),
     (os.path.join(share, "models"), sorted(glob("models/*.yaml") + glob("models/*.safetensors")
                                            + glob("models/*.md") + glob("models/*.json"))),
 ]

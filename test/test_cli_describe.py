@@ -39,7 +39,10 @@ def test_describe_folder_argument(sample_dir, tmp_path, capsys):
                "--json"])
     assert rc == 0 and np.load(tmp_path / "q.npy").shape[0] == 3
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["count"] == 3 and summary["fingerprint"].startswith("random:")
+    # no --model: the embedded default (the shipped demo model, or the tiny random card)
+    from vpr_ros.models import default_card_name
+    assert summary["count"] == 3 and summary["model"] == default_card_name()
+    assert summary["fingerprint"].startswith(("sha256:", "random:"))
 
 
 def test_describe_errors_exit_2(tmp_path, capsys, sample_dir):
