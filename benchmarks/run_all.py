@@ -78,51 +78,74 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--only", default=",".join(TOPICS), help=f"comma list of {TOPICS}")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile in descriptors")
+    ap.add_argument("--render", action="store_true",
+                    help="only re-write results.md from the results.json in --out")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other topics of an existing results.json in --out (re-run some topics only)")
     a = ap.parse_args()
     set_threads(2)
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
+    if a.render:
+        import json
+        render(json.loads((out / "results.json").read_text()), out)
+        return
     started = datetime.now(timezone.utc)
     results: dict = {"mode": "quick" if a.quick else "full", "started_utc": started.isoformat(),
                      "machine": machine_info()}
-    sections = []
     chosen = [t.strip() for t in a.only.split(",") if t.strip()]
     previous = {}
     if a.merge and (out / "results.json").exists():
         import json
         previous = json.loads((out / "results.json").read_text())
-        results["merged_from"] = {t: previous.get("started_utc") for t in TOPICS
+        earlier = previous.get("merged_from", {})
+        results["merged_from"] = {t: earlier.get(t, previous.get("started_utc")) for t in TOPICS
                                   if t in previous and t not in chosen}
     for name in TOPICS:
-        if name in chosen or name not in previous:
-            continue
-        results[name] = previous[name]
-        try:
-            sections.append(_markdown_of(name)(previous[name]) + f"\n\n(from the run of {previous.get('started_utc')})")
-        except Exception:  # noqa: BLE001
-            sections.append(f"## {name}\n\n(see results.json)")
+        if name in previous and name not in chosen:
+            results[name] = previous[name]
     for name in chosen:
         t0 = time.perf_counter()
         print(f"=== {name} ===", flush=True)
         try:
-            res, to_md = _run_topic(name, a.quick, out, a.cache, a.compile)
+            res, _ = _run_topic(name, a.quick, out, a.cache, a.compile)
             res["wall_s"] = time.perf_counter() - t0
             results[name] = res
-            sections.append(to_md(res))
         except Exception as exc:  # noqa: BLE001 - keep the other topics' results
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - t0}
-            sections.append(f"## {name}\n\nFAILED: {type(exc).__name__}: {exc}")
         write_json(out / "results.json", results)      # partial results survive a later crash
     results["finished_utc"] = datetime.now(timezone.utc).isoformat()
     write_json(out / "results.json", results)
+    render(results, out)
+
+
+def render(results: dict, out: Path) -> None:
+    """results.json -> results.md, topics in the fixed TOPICS order."""
+    sections = []
+    merged = results.get("merged_from", {})
+    for name in TOPICS:
+        if name not in results:
+            continue
+        res = results[name]
+        if "error" in res:
+            sections.append(f"## {name}\n\nFAILED: {res['error']}")
+            continue
+        try:
+            md = _markdown_of(name)(res)
+        except Exception as exc:  # noqa: BLE001
+            md = f"## {name}\n\n(could not render: {exc}; see results.json)"
+        if name in merged:
+            md += f"\n\n(measured in the run started {merged[name]})"
+        sections.append(md)
+    started = datetime.fromisoformat(results["started_utc"])
     m = results["machine"]
     head = [f"# vpr_ros benchmark results ({results['mode']} run)", "",
             f"Run {started:%Y-%m-%d %H:%M} UTC on {m['cpu_model']}, {m['logical_cpus']} logical CPUs, "
             f"{m.get('memory_gb', '?')} GB RAM, flags: {' '.join(m['cpu_flags'])}; "
-            f"load average at start {m.get('loadavg_at_start')}.", "",
+            f"load average at start {[round(x, 1) for x in m.get('loadavg_at_start', [])]}.", "",
+            "Topics re-run later (merged): " + (", ".join(f"{k} ({v})" for k, v in merged.items()) or "none")
+            + ".", "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
             "The machine is shared with other jobs: absolute times are noisy, ratios come from "
             "interleaved runs in the same process.", "", "## Summary", "", summary(results), ""]
