@@ -5,7 +5,9 @@ Asking for CUDA on a machine without it is a :class:`DeviceError`, not a silent
 fallback: a robot that should run on its GPU must not quietly run on the CPU.
 
 Precisions: ``fp32`` (default, exact parity with the official models), ``bf16``
-(autocast on CPU or CUDA; outputs are returned as float32) and ``fp16`` (CUDA only).
+(CUDA: autocast; CPU: the network's weights are cast to bfloat16 once, see
+:mod:`vpr_ros.inference`; outputs are returned as float32), ``fp16`` (CUDA only) and
+``int8`` (CPU only: dynamic int8 quantisation of the Linear layers, ``torch.qint8``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import torch
 
 from .errors import DeviceError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
-_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                     "int8": torch.qint8}
 
 
 def resolve_device(spec: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -47,13 +50,16 @@ def resolve_device(spec: Union[str, torch.device, None] = "auto") -> torch.devic
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """"fp32" | "bf16" | "fp16" -> compute dtype, checked against the device."""
+    """"fp32" | "bf16" | "fp16" | "int8" -> compute dtype, checked against the device."""
     key = (name or "fp32").strip().lower()
     if key not in _PRECISION_DTYPES:
         raise DeviceError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
     if key == "fp16" and device.type != "cuda":
         raise DeviceError("precision fp16 needs a CUDA device (half-precision matrix kernels "
                           "on the CPU are slow and inexact); use bf16 or fp32 on the CPU")
+    if key == "int8" and device.type != "cpu":
+        raise DeviceError(f"precision int8 (dynamic quantisation) runs on the CPU only, not on "
+                          f"{device}; use fp16 or bf16 on a GPU")
     if key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"precision bf16 is not supported by {device}; use fp16 or fp32")
     return _PRECISION_DTYPES[key]
@@ -63,6 +69,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     """Autocast for reduced precision; a no-op context for fp32."""
     import contextlib
 
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.qint8):   # int8: quantised modules, no autocast
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -5,7 +5,22 @@ Super-CricaVPR or the SelaVPR global branch); ``LocalFeatureExtractor`` gives Se
 global descriptor plus its dense (61, 61, C) local features for re-ranking.  Both take
 a model card (name, path or :class:`ModelCard`; None = the default card), an optional
 weights file, a device ("auto" | "cpu" | "cuda[:N]"), a precision ("fp32" | "bf16" |
-"fp16", fp16 on CUDA only) and a batch size.  Images are preprocessed with
+"fp16" | "int8", fp16 on CUDA only, int8 on the CPU only) and a batch size.
+
+Precisions (speed and fidelity measured in docs/fast_paths.md):
+
+* ``fp32``: exact parity with the official models.
+* ``bf16``: on CUDA ``torch.autocast``; on the CPU the network's weights are cast to
+  bfloat16 once (no per-call weight casts, which autocast pays on every forward), except
+  the numerically delicate tail: GeM pooling (its learned exponent stays float32, so the
+  ``pow(p)`` / mean / ``pow(1/p)`` run in float32) and everything after it (the SciceVPR
+  region encoder, the final L2 normalisations).  LayerNorm statistics are accumulated in
+  float32 by PyTorch's bf16 kernels.
+* ``fp16``: CUDA autocast.
+* ``int8`` (CPU): ``torch.ao`` dynamic quantisation of the Linear layers (int8 weights,
+  activations quantised per call with a scale from the whole input tensor).  Because that
+  scale would depend on the other images of a batch, int8 runs one image per forward,
+  which keeps descriptors independent of the batch.  Images are preprocessed with
 :func:`vpr_ros.preprocess.preprocess` (the official evaluation pipeline).
 
 ``fingerprint`` identifies the weights ("sha256:<hex>" of the file or
@@ -32,6 +47,32 @@ from .preprocess import iter_batches, preprocess
 CardLike = Union[str, os.PathLike, ModelCard, None]
 
 
+def cast_weights_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast ``model`` to bfloat16 in place, keeping GeM and what follows it in float32.
+
+    GeM modules keep their float32 exponent ``p`` (type promotion then runs the
+    ``pow``/mean in float32 and the rest of the head sees float32 tensors); the SciceVPR
+    region encoder (14 tokens per image: negligible cost) stays float32 for that reason.
+    """
+    from .models.scicevpr import GeM
+
+    model.to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, (GeM, torch.nn.TransformerEncoder)):
+            module.float()
+    return model
+
+
+def quantize_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every ``nn.Linear`` (CPU; VNNI kernels where present)."""
+    import warnings
+
+    with warnings.catch_warnings():   # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                      dtype=torch.qint8, inplace=True)
+
+
 class _ModelRunner:
     """Shared set-up: card, weights, device, precision, batching."""
 
@@ -42,10 +83,31 @@ class _ModelRunner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        self.precision = str(precision).lower()
+        self.precision = str(precision).strip().lower()
         self.batch_size = int(batch_size)
         self.model, self.card, self.fingerprint = load_model(load_card(card), weights, self.device)
         self.input_size: Tuple[int, int] = tuple(self.card.input_size)
+        # how the forward runs: input dtype, autocast or not, one image per forward or not
+        self._input_dtype = torch.float32       # bfloat16 when the weights are bfloat16
+        self._per_image = False
+        if self.dtype == torch.bfloat16 and self.device.type == "cpu":
+            cast_weights_bf16(self.model)
+            self._input_dtype = torch.bfloat16
+        elif self.dtype == torch.qint8:
+            self.model = quantize_int8_dynamic(self.model)
+            self._per_image = True
+
+    def _forward(self, fn, x: torch.Tensor):
+        """``fn(x)`` under this runner's precision set-up; int8 runs image by image."""
+        if self._per_image and x.shape[0] > 1:
+            parts = [self._forward(fn, x[i:i + 1]) for i in range(x.shape[0])]
+            if isinstance(parts[0], tuple):
+                return tuple(torch.cat(p) for p in zip(*parts))
+            return torch.cat(parts)
+        if self._input_dtype != torch.float32:      # weights already cast: no autocast
+            return fn(x.to(self._input_dtype))
+        with autocast_context(self.device, self.dtype):
+            return fn(x)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -77,11 +139,8 @@ class GlobalDescriber(_ModelRunner):
     def describe_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed (B, 3, H, W) input -> (B, dim) float32 descriptors on the device."""
         x = self._check_input(x)
-        with autocast_context(self.device, self.dtype):
-            if self.card.architecture == "selavpr":
-                out = self.model.forward_global(x)
-            else:
-                out = self.model(x)
+        fn = self.model.forward_global if self.card.architecture == "selavpr" else self.model
+        out = self._forward(fn, x)
         out = out.float()
         if self.dtype != torch.float32:  # re-normalise after reduced-precision arithmetic
             out = torch.nn.functional.normalize(out, p=2, dim=-1)
@@ -123,8 +182,7 @@ class LocalFeatureExtractor(_ModelRunner):
     def extract_tensor(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed input -> (global (B, Dg) float32, local (B, H, W, C) float32)."""
         x = self._check_input(x)
-        with autocast_context(self.device, self.dtype):
-            glob, local = self.model(x)
+        glob, local = self._forward(self.model, x)
         glob, local = glob.float(), local.float()
         if self.dtype != torch.float32:
             glob = torch.nn.functional.normalize(glob, p=2, dim=-1)

@@ -166,7 +166,13 @@ class Localizer:
     def __init__(self, place_map, describer, local_extractor=None, top_k: int = 10,
                  rerank_k: int = 0, confidence_threshold: float = DEFAULT_THRESHOLD,
                  temporal_filter=None, confidence_params: Optional[dict] = None,
-                 check_map: bool = True):
+                 check_map: bool = True, rerank_compute: str = "fp32"):
+        from .models.rerank import COMPUTES
+
+        if str(rerank_compute).strip().lower() not in COMPUTES:
+            raise ConfigError(f"rerank_compute must be one of {', '.join(COMPUTES)} (fp32 = exact "
+                              f"official counts, bf16 = faster, counts within ~1%), got "
+                              f"{rerank_compute!r}")
         if top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}")
         if rerank_k < 0:
@@ -192,6 +198,7 @@ class Localizer:
         self.local_extractor = local_extractor
         self.top_k = int(top_k)
         self.rerank_k = int(rerank_k)
+        self.rerank_compute = str(rerank_compute).strip().lower()
         self.confidence_threshold = float(confidence_threshold)
         self.temporal_filter = temporal_filter
         self.confidence_params = (confidence_params or place_map.manifest.get("confidence")
@@ -281,7 +288,7 @@ class Localizer:
             raise MapError(f"map {self.place_map.path} has no local features for re-ranking")
         cand = np.stack([np.asarray(feats[int(i)]) for i in indices])
         counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)),
-                                  torch.from_numpy(cand))
+                                  torch.from_numpy(cand), compute=self.rerank_compute)
         scores = official_scores(counts)
         order = np.asarray(rerank_order(scores))
         return order, scores.detach().cpu().numpy().astype(np.float64)

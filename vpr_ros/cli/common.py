@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
+RERANK_COMPUTES = ("fp32", "bf16")  # = vpr_ros.models.rerank.COMPUTES
 
 
 def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None:
@@ -26,7 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None
     group.add_argument("--device", default="auto",
                        help="auto | cpu | cuda | cuda:N (default auto)")
     group.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                       help="fp32 (exact), bf16 (CPU/CUDA autocast) or fp16 (CUDA only)")
+                       help="fp32 (exact), bf16 (CPU: bf16 weights; CUDA: autocast), fp16 "
+                            "(CUDA only) or int8 (CPU only: dynamic int8 Linear layers); "
+                            "see docs/fast_paths.md")
     group.add_argument("--batch-size", type=int, default=8, metavar="N",
                        help="images per forward pass (default 8)")
     if local:
@@ -35,6 +38,14 @@ def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None
                                 "selavpr_vitl14); default: none (no local features)")
         group.add_argument("--local-weights", metavar="FILE", default=None,
                            help="weights for --local-model (official SelaVPR .pth)")
+
+
+def add_rerank_compute_arg(parser: argparse.ArgumentParser) -> None:
+    """``--rerank-compute fp32|bf16``: precision of the re-ranking similarity matmul."""
+    parser.add_argument("--rerank-compute", default="fp32", choices=RERANK_COMPUTES,
+                        help="re-ranking similarity matmul: fp32 (default, exact official "
+                             "counts) or bf16 (faster on CPUs with bf16 matrix units; counts "
+                             "within ~1%%, see docs/fast_paths.md)")
 
 
 def describer_from_args(args: argparse.Namespace):

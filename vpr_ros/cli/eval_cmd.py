@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from .common import add_model_args
+    from .common import add_model_args, add_rerank_compute_arg
     from .map_cmd import add_rerank_model_args
 
     p = subparsers.add_parser("eval", help="evaluate recall on datasets (and bags)",
@@ -44,6 +44,7 @@ def register(subparsers) -> None:
                         "default selavpr_tiny_random); implied by --rerank-model")
     r.add_argument("--rerank-k", type=int, default=20, metavar="K",
                    help="candidates re-ranked per query (default 20)")
+    add_rerank_compute_arg(r)
     r.add_argument("--radius", type=float, default=25.0, metavar="M",
                    help="a match is correct within this distance (default 25 m)")
     r.add_argument("--index", default="Flat", metavar="FACTORY",
@@ -98,6 +99,7 @@ def run_recall(args) -> int:
         place_map = PlaceMap.open_for(args.map, describer,
                                       local_extractor=local, device=args.device)
     settings = RecallSettings(radius_m=args.radius, rerank_k=args.rerank_k,
+                              rerank_compute=args.rerank_compute,
                               max_queries=args.max_queries, index=args.index,
                               latency_queries=args.latency_queries, temporal=args.temporal,
                               temporal_sigma_m=args.temporal_sigma)

@@ -9,7 +9,7 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from .common import add_model_args
+    from .common import add_model_args, add_rerank_compute_arg
     from .map_cmd import add_rerank_model_args
 
     p = subparsers.add_parser(
@@ -28,6 +28,7 @@ def register(subparsers) -> None:
                    help="re-rank the first K candidates with SelaVPR local features (default: "
                         "20 when the map has local features, with the map's re-ranking card "
                         "unless --rerank-model is given; 0 turns re-ranking off)")
+    add_rerank_compute_arg(p)
     p.add_argument("--temporal", action="store_true",
                    help="treat the images as a sequence and apply the place-belief filter")
     p.add_argument("--temporal-sigma", type=float, default=30.0, metavar="M",
@@ -69,6 +70,7 @@ def run(args) -> int:
         temporal = PlaceBeliefFilter(place_map.places.positions, sigma_m=args.temporal_sigma)
     loc = Localizer(place_map, describer, local_extractor=local, top_k=args.top_k,
                     rerank_k=rerank_k, confidence_threshold=args.confidence_threshold,
+                    rerank_compute=args.rerank_compute,
                     temporal_filter=temporal)
     results = []
     for path in paths:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class RecallSettings:
     radius_m: float = 25.0
     rerank_k: int = 20
+    rerank_compute: str = "fp32"          # fp32 (exact) | bf16 (faster similarity matmul)
     max_queries: Optional[int] = None
     index: str = "Flat"
     latency_queries: int = 20
@@ -127,7 +128,8 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     preds_rr = preds.copy() if rerank_k else None
     sims_rr = sims.copy() if rerank_k else None
     loc = Localizer(place_map, describer, local_extractor=local_extractor,
-                    top_k=k, rerank_k=rerank_k, check_map=False)
+                    top_k=k, rerank_k=rerank_k, check_map=False,
+                    rerank_compute=s.rerank_compute)
     bar = tqdm(total=nq, desc="evaluating queries", unit="img", disable=not progress)
     for start in range(0, nq, s.chunk):
         images = [load_image(p) for p in q_paths[start:start + s.chunk]]
@@ -158,7 +160,7 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     final_preds, final_sims = preds, sims
     if rerank_k:
         report["recall_reranked"] = recall_at_n(preds_rr, positives)
-        report["rerank"] = {"k": rerank_k,
+        report["rerank"] = {"k": rerank_k, "compute": loc.rerank_compute,
                             "model": (place_map.manifest.get("local_features") or {}).get("model")}
         final_preds, final_sims = preds_rr, sims_rr
 

@@ -8,7 +8,13 @@ the first index on exact ties, as ``torch.argmax`` does in the official code.
 * :func:`mutual_nn_counts` - number of matches per candidate, batched over K candidates
   on the CPU or a GPU, in chunks so K=100 maps of 61x61x128 never hold more than
   ``max_chunk_bytes`` of similarity matrices at once; float16 inputs (maps store local
-  features as float16) are upcast to float32 chunk by chunk.
+  features as float16) are upcast to float32 chunk by chunk.  ``compute="fp32"`` (the
+  default) is exact: identical counts to the official algorithm.  ``compute="bf16"`` is an
+  opt-in fast path: the similarity matmul runs in bfloat16 (AMX/AVX512-BF16 on recent
+  CPUs, tensor cores on GPUs), each chunk's bf16 product is widened to float32 (exactly:
+  every bf16 value is a float32 value) and both argmaxes run on that, so they are still
+  first-index-on-ties exact *for the bf16 similarities*; only the similarities themselves
+  are rounded, which moves a few near-tie matches (counts within about 1% on SelaVPR maps).
 * :func:`official_scores` - the official score: the count as float, except that a
   count of exactly 1 scores 0 (a quirk of the official ``local_sim``: it squeezes the
   match indices and a 0-d result is treated as "no matches").
@@ -33,6 +39,19 @@ import torch
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
+
+COMPUTES = ("fp32", "bf16")
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def check_compute(compute: str) -> str:
+    """Validate a re-ranking compute precision name -> its canonical lower-case form."""
+    key = str(compute).strip().lower() if compute is not None else "fp32"
+    if key not in _COMPUTE_DTYPES:
+        raise ValueError(f"unknown re-ranking compute precision {compute!r}: use one of "
+                         f"{', '.join(COMPUTES)} (fp32 = exact official counts, bf16 = faster, "
+                         "counts within ~1%)")
+    return key
 
 
 def _as_points(x: ArrayLike, batched: bool, device: Optional[torch.device]) -> torch.Tensor:
@@ -72,23 +91,34 @@ def argmax_over_rows(sim: torch.Tensor, block: int = 512) -> torch.Tensor:
     return index
 
 
+def _matches_from_similarity(sim: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sim (k, P', P) -> (valid (k, P) bool, best (k, P) long); first index on ties."""
+    best_cand = argmax_over_rows(sim)                  # (k, P): per query point
+    best_query = sim.argmax(dim=2)                    # (k, P'): per candidate point
+    back = torch.gather(best_query, 1, best_cand)      # (k, P)
+    arange = torch.arange(sim.shape[2], device=sim.device)
+    return back == arange.unsqueeze(0), best_cand
+
+
 def _mutual_matches(query: torch.Tensor, cands: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """query (P, C) float32, cands (k, P', C) float32 -> (valid (k, P) bool, best (k, P) long).
 
     best[k, i] is the candidate point nearest to query point i.
     """
-    sim = torch.matmul(cands, query.T)                 # (k, P', P)
-    best_cand = argmax_over_rows(sim)                  # (k, P): per query point
-    best_query = sim.argmax(dim=2)                    # (k, P'): per candidate point
-    back = torch.gather(best_query, 1, best_cand)      # (k, P)
-    arange = torch.arange(query.shape[0], device=query.device)
-    return back == arange.unsqueeze(0), best_cand
+    return _matches_from_similarity(torch.matmul(cands, query.T))   # sim (k, P', P)
 
 
 def mutual_nn_counts(query: ArrayLike, candidates: ArrayLike,
                      device: Union[str, torch.device, None] = None,
-                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> torch.LongTensor:
-    """Mutual nearest-neighbour counts of one query map against K candidate maps -> (K,)."""
+                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+                     compute: str = "fp32") -> torch.LongTensor:
+    """Mutual nearest-neighbour counts of one query map against K candidate maps -> (K,).
+
+    ``compute``: "fp32" (exact, the official counts) or "bf16" (bfloat16 similarity
+    matmul, float32 argmaxes; faster where the CPU/GPU has bf16 matrix units).
+    """
+    compute = check_compute(compute)
+    mm_dtype = _COMPUTE_DTYPES[compute]
     if device is None:
         device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -99,13 +129,20 @@ def mutual_nn_counts(query: ArrayLike, candidates: ArrayLike,
         raise ValueError(f"query has {q.shape[1]} channels, candidates {c}")
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
-    per_candidate = p_cand * q.shape[0] * 4 * 2     # similarity + argmax work space
+    # similarity + argmax work space per candidate (bf16 also holds its bf16 product)
+    per_candidate = p_cand * q.shape[0] * (4 * 2 + (2 if compute == "bf16" else 0))
     chunk = max(1, int(max_chunk_bytes // max(per_candidate, 1)))
+    q_mm = q.to(mm_dtype)
     counts = []
     with torch.no_grad():
         for start in range(0, k, chunk):
-            block = cands[start:start + chunk].to(device).float()
-            valid, _ = _mutual_matches(q, block)
+            block = cands[start:start + chunk].to(device).to(mm_dtype)
+            if compute == "fp32":
+                valid, _ = _mutual_matches(q, block)
+            else:
+                sim = torch.matmul(block, q_mm.T).float()   # exact widening of bf16 values
+                valid, _ = _matches_from_similarity(sim)
+                del sim
             counts.append(valid.sum(dim=1))
     return torch.cat(counts).to(torch.long)
 
@@ -124,9 +161,11 @@ def rerank_order(scores: ArrayLike) -> np.ndarray:
 
 
 def rerank(query: ArrayLike, candidates: ArrayLike, device=None,
-           max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tuple[np.ndarray, np.ndarray]:
+           max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+           compute: str = "fp32") -> Tuple[np.ndarray, np.ndarray]:
     """Convenience: (order of candidates, official scores in first-stage order)."""
-    scores = official_scores(mutual_nn_counts(query, candidates, device, max_chunk_bytes))
+    scores = official_scores(mutual_nn_counts(query, candidates, device, max_chunk_bytes,
+                                              compute=compute))
     return rerank_order(scores), scores.cpu().numpy()
 
 

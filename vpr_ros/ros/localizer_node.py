@@ -47,7 +47,8 @@ from .node_stats import NodeStats
 
 NODE_NAME = "vpr_localizer"
 TRANSPORTS = ("raw", "compressed")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+RERANK_COMPUTES = ("fp32", "bf16")   # = vpr_ros.models.rerank.COMPUTES
 VERIFY_MODES = ("full", "size", "none")
 MIN_CONFIDENCE_FOR_COVARIANCE = 0.05
 
@@ -68,11 +69,13 @@ PARAMETERS = {
                      None),
     "rerank_weights": ("", "SelaVPR weights file", True, None),
     "device": ("auto", "torch device: auto, cpu, cuda, cuda:N", True, None),
-    "precision": ("fp32", "inference precision: fp32, bf16, fp16 (CUDA only)", True,
-                  PRECISIONS),
+    "precision": ("fp32", "inference precision: fp32, bf16, fp16 (CUDA only), int8 (CPU only)",
+                  True, PRECISIONS),
     "top_k": (10, "number of candidates published on ~/candidates and ~/matches", False,
               (1, 100, 1)),
     "rerank_k": (20, "candidates re-ranked when rerank is true", False, (1, 200, 1)),
+    "rerank_compute": ("fp32", "re-ranking similarity matmul: fp32 (exact official counts) or "
+                               "bf16 (faster, counts within ~1%)", False, RERANK_COMPUTES),
     "confidence_threshold": (0.5, "a match is confident (pose published) at confidence >= this",
                              False, (0.0, 1.0, 0.0)),
     "temporal_filter": (False, "Bayes filter over places along the image stream", True, None),
@@ -205,6 +208,8 @@ class LocalizerNode(LifecycleNode):
                     loc.top_k = int(param.value)
                 elif param.name == "rerank_k" and loc.rerank_k > 0:
                     loc.rerank_k = int(param.value)
+                elif param.name == "rerank_compute":
+                    loc.rerank_compute = str(param.value)
                 elif param.name == "confidence_threshold":
                     loc.confidence_threshold = float(param.value)
         return SetParametersResult(successful=True)
@@ -256,7 +261,8 @@ class LocalizerNode(LifecycleNode):
         localizer = Localizer(place_map, describer, local, top_k=self.p("top_k"),
                               rerank_k=self.p("rerank_k") if local is not None else 0,
                               confidence_threshold=self.p("confidence_threshold"),
-                              temporal_filter=temporal)
+                              temporal_filter=temporal,
+                              rerank_compute=self.p("rerank_compute"))
         info = {"map": str(map_path), "map_size": len(place_map), "model": describer.card.name,
                 "fingerprint": describer.fingerprint, "device": str(describer.device),
                 "precision": describer.precision,
