@@ -228,12 +228,15 @@ def open_times(rmap: ReducedMap, n: int, index_files: Dict[str, Path], work: Pat
     desc = work / f"descriptors_{n}x10752.npy"
     work.mkdir(parents=True, exist_ok=True)
     if not desc.exists():
-        mm = np.lib.format.open_memmap(desc, mode="w+", dtype=np.float32, shape=(n, 10752))
+        # plain writes, not a writable memmap: dirty mapped pages would count as this
+        # process's RSS (4 GB at 100k places) and inflate the reported peak
         block = np.random.default_rng(0).standard_normal((1000, 10752)).astype(np.float32)
-        for s in range(0, n, 1000):
-            mm[s:s + 1000] = block[: min(1000, n - s)]
-        mm.flush()
-        del mm
+        with open(desc, "wb") as fh:
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                     "fortran_order": False, "shape": (n, 10752)})
+            for s in range(0, n, 1000):
+                fh.write(block[: min(1000, n - s)].tobytes())
     _evict(desc)
     t0 = time.perf_counter()
     arr = np.load(desc, mmap_mode="r")
