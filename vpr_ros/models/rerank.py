@@ -133,17 +133,24 @@ def mutual_nn_counts(query: ArrayLike, candidates: ArrayLike,
     per_candidate = p_cand * q.shape[0] * (4 * 2 + (2 if compute == "bf16" else 0))
     chunk = max(1, int(max_chunk_bytes // max(per_candidate, 1)))
     q_mm = q.to(mm_dtype)
+    # One similarity buffer (and a bf16 one) reused by every chunk: a fresh 100+ MB tensor
+    # per chunk costs as much in page faults as the bf16 matmul itself.  Same kernels,
+    # same values: the counts are bit-for-bit those of a fresh tensor.
+    rows = min(chunk, k)
+    sim_buf = torch.empty((rows, p_cand, q.shape[0]), dtype=torch.float32, device=device)
+    mm_buf = sim_buf if compute == "fp32" else torch.empty(sim_buf.shape, dtype=mm_dtype,
+                                                           device=device)
     counts = []
     with torch.no_grad():
         for start in range(0, k, chunk):
             block = cands[start:start + chunk].to(device).to(mm_dtype)
-            if compute == "fp32":
-                valid, _ = _mutual_matches(q, block)
-            else:
-                sim = torch.matmul(block, q_mm.T).float()   # exact widening of bf16 values
-                valid, _ = _matches_from_similarity(sim)
-                del sim
+            n = block.shape[0]
+            sim = torch.matmul(block, q_mm.T, out=mm_buf[:n])
+            if compute == "bf16":
+                sim = sim_buf[:n].copy_(sim)     # exact widening of the bf16 values
+            valid, _ = _matches_from_similarity(sim)
             counts.append(valid.sum(dim=1))
+        del sim_buf, mm_buf
     return torch.cat(counts).to(torch.long)
 
 
