@@ -66,13 +66,5 @@ demo-model: $(STAMP)
 clean:
 	rm -rf build install log $(DEMO_OUT) .pytest_cache *.egg-info
 
-dist# Retrain the shipped demo model (teacher, then distilled student; ~45 min on 2 busy cores).
-# The cards' hand-written notes (held-out recall, wall times) must be updated after a rerun.
-demo-model: $(STAMP)
-	$(VENV)/bin/vpr train teacher --config config/train/demo_teacher.yaml --out runs/demo_teacher --no-progress
-	$(VENV)/bin/vpr train student --config config/train/demo_student.yaml --out runs/demo_student --no-progress
-	cp runs/demo_teacher/model/demo_tiny_teacher.yaml runs/demo_teacher/model/demo_tiny_teacher.safetensors models/
-	cp runs/demo_student/model/demo_tiny.yaml runs/demo_student/model/demo_tiny.safetensors models/
-
-clean: clean
+distclean: clean
 	rm -rf $(VENV)

@@ -35,3 +35,11 @@ def test_setup_cfg_installs_scripts_for_ros2_run(repo_root):
     cfg = (repo_root / "setup.cfg").read_text()
     assert "install_scripts=$base/lib/vpr_ros" in cfg
     assert "script_dir=$base/lib/vpr_ros" in cfg
+
+
+def test_makefile_targets_parse(repo_root):
+    import subprocess
+
+    proc = subprocess.run(["make", "-n", "demo", "test", "demo-model", "bench-quick", "clean"],
+                          cwd=repo_root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
