@@ -171,7 +171,7 @@ class Localizer:
 
         if str(rerank_compute).strip().lower() not in COMPUTES:
             raise ConfigError(f"rerank_compute must be one of {', '.join(COMPUTES)} (fp32 = exact "
-                              f"official counts, bf16 = faster, counts within ~1%), got "
+                              f"official counts, bf16 = faster, approximate counts), got "
                               f"{rerank_compute!r}")
         if top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {top_k}")

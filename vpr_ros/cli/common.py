@@ -45,7 +45,7 @@ def add_rerank_compute_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank-compute", default="fp32", choices=RERANK_COMPUTES,
                         help="re-ranking similarity matmul: fp32 (default, exact official "
                              "counts) or bf16 (faster on CPUs with bf16 matrix units; counts "
-                             "within ~1%%, see docs/fast_paths.md)")
+                             "approximate, see docs/fast_paths.md)")
 
 
 def describer_from_args(args: argparse.Namespace):

@@ -14,7 +14,10 @@ the first index on exact ties, as ``torch.argmax`` does in the official code.
   CPUs, tensor cores on GPUs), each chunk's bf16 product is widened to float32 (exactly:
   every bf16 value is a float32 value) and both argmaxes run on that, so they are still
   first-index-on-ties exact *for the bf16 similarities*; only the similarities themselves
-  are rounded, which moves a few near-tie matches (counts within about 1% on SelaVPR maps).
+  are rounded (resolution ~0.004 near 1), which moves near-tie matches: counts of maps of
+  different places change by ~0.5-3%, but a near-duplicate map (the same place seen
+  again, many neighbouring points within one bf16 step of the best) can lose a third of
+  its matches to first-index ties (docs/fast_paths.md).
 * :func:`official_scores` - the official score: the count as float, except that a
   count of exactly 1 scores 0 (a quirk of the official ``local_sim``: it squeezes the
   match indices and a 0-d result is treated as "no matches").
@@ -50,7 +53,7 @@ def check_compute(compute: str) -> str:
     if key not in _COMPUTE_DTYPES:
         raise ValueError(f"unknown re-ranking compute precision {compute!r}: use one of "
                          f"{', '.join(COMPUTES)} (fp32 = exact official counts, bf16 = faster, "
-                         "counts within ~1%)")
+                         "approximate counts)")
     return key
 
 

@@ -75,7 +75,7 @@ PARAMETERS = {
               (1, 100, 1)),
     "rerank_k": (20, "candidates re-ranked when rerank is true", False, (1, 200, 1)),
     "rerank_compute": ("fp32", "re-ranking similarity matmul: fp32 (exact official counts) or "
-                               "bf16 (faster, counts within ~1%)", False, RERANK_COMPUTES),
+                               "bf16 (faster, approximate counts)", False, RERANK_COMPUTES),
     "confidence_threshold": (0.5, "a match is confident (pose published) at confidence >= this",
                              False, (0.0, 1.0, 0.0)),
     "temporal_filter": (False, "Bayes filter over places along the image stream", True, None),
