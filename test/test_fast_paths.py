@@ -63,7 +63,8 @@ def test_bf16_counts_close_on_reference(reference):
         fast = mutual_nn_counts(feats[i], feats, compute="bf16").numpy()
         # measured: at most 22 of 380..3721 (16-channel tiny features); bound 5% + 3
         assert np.all(np.abs(fast - expected[i]) <= 0.05 * expected[i] + 3), (fast, expected[i])
-        assert int(np.argmax(fast[np.arange(5) != i])) == int(np.argmax(expected[i][np.arange(5) != i]))
+        others = np.arange(5) != i
+        assert int(np.argmax(fast[others])) == int(np.argmax(expected[i][others]))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -154,7 +155,8 @@ def test_local_features_precisions_close(sample_images):
 
     ref_g, ref_l = LocalFeatureExtractor(None, device="cpu").extract(sample_images[:2])
     for precision in ("bf16", "int8"):
-        g, local = LocalFeatureExtractor(None, device="cpu", precision=precision).extract(sample_images[:2])
+        extractor = LocalFeatureExtractor(None, device="cpu", precision=precision)
+        g, local = extractor.extract(sample_images[:2])
         assert local.dtype == np.float16 and local.shape == ref_l.shape
         assert np.sum(g * ref_g, axis=1).min() >= 0.999
         cos = np.sum(local.astype(np.float32) * ref_l.astype(np.float32), axis=-1)

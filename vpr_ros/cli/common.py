@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
+# = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 RERANK_COMPUTES = ("fp32", "bf16")  # = vpr_ros.models.rerank.COMPUTES
 
 
