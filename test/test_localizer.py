@@ -145,6 +145,9 @@ def test_selavpr_reranking_keeps_exact_self_match_first(rerank_map, describer, l
         r = loc.localize(db[i].load())
         assert r.reranked and r.place_index == i
         assert "rerank" in r.timings_ms
+        # the query's local features travel with the result (debug view reuses them)
+        assert r.query_local is not None and r.query_local.shape == (61, 61, 16)
+        assert "query_local" not in r.to_dict()
         scores = [c.rerank_score for c in r.candidates[:3]]
         assert all(s is not None for s in scores) and scores[0] == max(scores)
         assert r.candidates[3].rerank_score is None          # beyond rerank_k

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -74,6 +74,8 @@ class LocalizationResult:
     temporal: bool = False
     raw_place_index: Optional[int] = None   # single-frame answer when the temporal filter changed it
     confidence_threshold: float = DEFAULT_THRESHOLD
+    # the query's SelaVPR local features when re-ranking ran (for debug views; not serialised)
+    query_local: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {"place_index": self.place_index, "place_id": self.place_id,
@@ -235,6 +237,7 @@ class Localizer:
         result = self.localize_descriptor(desc, query_local=query_local, stamp_ns=stamp_ns,
                                           timings=timings)
         result.timings_ms["total"] = (time.perf_counter() - t_start) * 1e3
+        result.query_local = query_local
         return result
 
     def localize_descriptor(self, descriptor: np.ndarray, query_local: Optional[np.ndarray] = None,

@@ -469,10 +469,10 @@ class LocalizerNode(LifecycleNode):
 
                 pairs = None
                 loc = self.localizer
-                if result.reranked and loc is not None and loc.local_extractor is not None \
+                if result.reranked and result.query_local is not None and loc is not None \
                         and loc.place_map.local_features is not None:
-                    _, query_local = loc.local_extractor.extract([rgb])
-                    pairs = mutual_nn_pairs(query_local[0],
+                    # the localizer's own query features: no second SelaVPR pass per frame
+                    pairs = mutual_nn_pairs(result.query_local,
                                             loc.place_map.local_features[result.place_index])
                 img = render_debug_image(rgb, result, self.p("map_images_dir"), self._debug_cache,
                                          correspondences=pairs)
