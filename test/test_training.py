@@ -531,3 +531,11 @@ def test_corrupt_training_image_and_bad_precision_are_clear_errors(tmp_path, sam
     cfg["precision"] = "fp16"
     with pytest.raises(DeviceError, match="fp16"):
         train(cfg, tmp_path / "fp16", progress=False)
+
+
+def test_stage_refuses_a_card_of_another_architecture(tmp_path, sample_dir):
+    from vpr_ros.training.teacher import TeacherStage
+    card = write_card(tmp_path, "s", "scicevpr")
+    cfg = base_cfg(tmp_path, sample_dir, "teacher", card)
+    with pytest.raises(ConfigError, match="stage teacher trains a super_cricavpr card"):
+        TeacherStage(cfg, torch.device("cpu"))

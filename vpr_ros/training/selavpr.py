@@ -18,20 +18,17 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..errors import ConfigError
 from .losses import selavpr_losses, triplet_indices
 from .stage import Stage, freeze_backbone
 
 
 class SelaVPRStage(Stage):
     name = "selavpr"
+    architecture = "selavpr"
     metric_names = ("global_loss", "local_loss", "triplets")
 
     def __init__(self, cfg: dict, device: torch.device):
         super().__init__(cfg, device)
-        if self.card.architecture != "selavpr":
-            raise ConfigError(f"stage selavpr trains a selavpr card; {self.card.name!r} is "
-                              f"{self.card.architecture}")
         freeze_backbone(self.model.backbone, cfg["freeze"]["backbone_blocks"],
                         keep_trainable=lambda name: "adapter" in name)
         loss = cfg["loss"]

@@ -79,6 +79,7 @@ def scratch_init_backbone(backbone: nn.Module, seed: int, layer_scale: float = 0
 
 class Stage:
     name = "stage"
+    architecture = ""          # the card architecture this stage trains
     metric_names: Tuple[str, ...] = ()
 
     def __init__(self, cfg: dict, device: torch.device):
@@ -87,6 +88,9 @@ class Stage:
         self.card: ModelCard = load_card(str(resolve_path(cfg, cfg["model"]))
                                          if str(cfg["model"]).endswith((".yaml", ".yml"))
                                          else cfg["model"])
+        if self.architecture and self.card.architecture != self.architecture:
+            raise ConfigError(f"stage {self.name} trains a {self.architecture} card; "
+                              f"{self.card.name!r} is {self.card.architecture}")
         self.model: nn.Module = self._build(self.card)
         self.train_module: nn.Module = self.model
 

@@ -102,13 +102,11 @@ class StudentTrainModule(nn.Module):
 
 class StudentStage(Stage):
     name = "student"
+    architecture = "scicevpr"
     metric_names = ("ms_loss", "distill_loss", "mined_fraction")
 
     def __init__(self, cfg: dict, device: torch.device):
         super().__init__(cfg, device)
-        if self.card.architecture != "scicevpr":
-            raise ConfigError(f"stage student trains a scicevpr card; {self.card.name!r} is "
-                              f"{self.card.architecture}")
         tcfg = cfg["teacher"]
         t_model_spec = tcfg["model"]
         t_weights = resolve_path(cfg, tcfg["weights"])

@@ -13,20 +13,17 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..errors import ConfigError
 from .losses import MultiSimilarity
 from .stage import Stage, freeze_backbone
 
 
 class TeacherStage(Stage):
     name = "teacher"
+    architecture = "super_cricavpr"
     metric_names = ("ms_loss", "mined_fraction")
 
     def __init__(self, cfg: dict, device: torch.device):
         super().__init__(cfg, device)
-        if self.card.architecture != "super_cricavpr":
-            raise ConfigError(f"stage teacher trains a super_cricavpr card; {self.card.name!r} "
-                              f"is {self.card.architecture}")
         freeze_backbone(self.model.backbone, cfg["freeze"]["backbone_blocks"])
         loss = cfg["loss"]
         self.criterion = MultiSimilarity(loss["ms_alpha"], loss["ms_beta"], loss["ms_base"],
