@@ -17,10 +17,15 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   region encoder, the final L2 normalisations).  LayerNorm statistics are accumulated in
   float32 by PyTorch's bf16 kernels.
 * ``fp16``: CUDA autocast.
-* ``int8`` (CPU): ``torch.ao`` dynamic quantisation of the Linear layers (int8 weights,
-  activations quantised per call with a scale from the whole input tensor).  Because that
-  scale would depend on the other images of a batch, int8 runs one image per forward,
-  which keeps descriptors independent of the batch.  Images are preprocessed with
+* ``int8`` (CPU): :mod:`vpr_ros.models.int8_linear`: every Linear layer and the 1x1
+  ``fusion`` convolution run with int8 weights (one scale per output channel) and int8
+  activations quantised per call with one scale per row, i.e. per token of one image,
+  multiplied exactly in int32 (``torch._int_mm``).  No scale is shared between images,
+  so a whole batch runs in one forward and each descriptor is bit-identical to the one
+  of the image described alone.  Attention (SDPA), LayerNorm, GELU, the patch embedding,
+  GeM and the SciceVPR region encoder stay float32.
+
+Images are preprocessed with
 :func:`vpr_ros.preprocess.preprocess` (the official evaluation pipeline).
 
 ``fingerprint`` identifies the weights ("sha256:<hex>" of the file or
@@ -63,14 +68,17 @@ def cast_weights_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def quantize_int8_dynamic(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of every ``nn.Linear`` (CPU; VNNI kernels where present)."""
-    import warnings
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch-invariant int8 (CPU), in place: see :mod:`vpr_ros.models.int8_linear`.
 
-    with warnings.catch_warnings():   # torch.ao.quantization announces its move to torchao
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
-                                                      dtype=torch.qint8, inplace=True)
+    Every ``nn.Linear`` and the pointwise (1x1) convolutions become int8 layers with
+    per-output-channel weight scales and per-row (per-token) activation scales computed
+    on each call, multiplied exactly in int32 (``torch._int_mm``).  The SciceVPR region
+    encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.
+    """
+    from .models.int8_linear import convert_to_int8
+
+    return convert_to_int8(model)
 
 
 class _ModelRunner:
@@ -87,23 +95,16 @@ class _ModelRunner:
         self.batch_size = int(batch_size)
         self.model, self.card, self.fingerprint = load_model(load_card(card), weights, self.device)
         self.input_size: Tuple[int, int] = tuple(self.card.input_size)
-        # how the forward runs: input dtype, autocast or not, one image per forward or not
+        # how the forward runs: input dtype, autocast or not
         self._input_dtype = torch.float32       # bfloat16 when the weights are bfloat16
-        self._per_image = False
         if self.dtype == torch.bfloat16 and self.device.type == "cpu":
             cast_weights_bf16(self.model)
             self._input_dtype = torch.bfloat16
         elif self.dtype == torch.qint8:
-            self.model = quantize_int8_dynamic(self.model)
-            self._per_image = True
+            self.model = quantize_int8(self.model)
 
     def _forward(self, fn, x: torch.Tensor):
-        """``fn(x)`` under this runner's precision set-up; int8 runs image by image."""
-        if self._per_image and x.shape[0] > 1:
-            parts = [self._forward(fn, x[i:i + 1]) for i in range(x.shape[0])]
-            if isinstance(parts[0], tuple):
-                return tuple(torch.cat(p) for p in zip(*parts))
-            return torch.cat(parts)
+        """``fn(x)`` under this runner's precision set-up (whole batch in one forward)."""
         if self._input_dtype != torch.float32:      # weights already cast: no autocast
             return fn(x.to(self._input_dtype))
         with autocast_context(self.device, self.dtype):

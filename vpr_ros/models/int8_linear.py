@@ -1,0 +1,182 @@
+"""Batch-invariant int8 Linear layers for CPU inference (``precision="int8"``).
+
+Each row of the input (one token of one image) is quantised on its own: symmetric int8
+with ``scale = absmax(row) / 127`` computed on every call.  Weights are quantised once,
+symmetric int8 with one scale per output channel.  The product of the two int8 matrices
+is an exact int32 matrix (``torch._int_mm``), so a row's result depends only on that row
+and the weights, never on the other rows of the call: an image's descriptor is
+bit-identical whether it is described alone or within a batch.  The int32 result is
+turned back into float32 as ``acc * row_scale * col_scale + bias``, element by element.
+
+Why per row and not per tensor: ``torch.ao``'s dynamic quantisation takes one activation
+scale from the whole input tensor, which couples the images of a batch (a bright image
+changes the rounding of a dark one); it had to run image by image.  Per-row scales are
+also a closer fit to transformer activations, whose magnitude varies from token to token.
+
+Where ``torch._int_mm`` refuses a shape (older builds or other CPUs have asked for
+M > 16 and K, N multiples of 8), the same integer product is computed as a float matmul
+of the int8 values: every product and partial sum is an integer, exact in float32 while
+``127 * 127 * K < 2**24`` and in float64 beyond that, so the fallback gives the same
+int32 result (and keeps batch invariance) whatever order the BLAS sums in.
+
+:func:`convert_to_int8` swaps, in place, every ``nn.Linear`` of a model and every 1x1
+``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over channels, like
+the SciceVPR ``fusion`` layer) for these modules.  ``nn.TransformerEncoder`` subtrees are
+left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of
+calling the module, and the SciceVPR region encoder sees only 14 tokens per image.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+INT8_MAX = 127
+# float32 integers are exact below 2**24: the largest |sum| of K products is 127*127*K.
+_FLOAT32_EXACT_K = (1 << 24) // (INT8_MAX * INT8_MAX)
+_TINY_SCALE = 1e-30   # an all-zero row gets this scale (its int8 values are all 0)
+
+
+def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> (int8 (M, K), float32 scale (M, 1)), symmetric, one scale per row."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY_SCALE).div_(INT8_MAX)
+    q = (x / scale).round_().to(torch.int8)     # |x / scale| <= 127 (+ rounding) < 127.5
+    return q, scale
+
+
+def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> (int8 (N, K), float32 scale (N,)), one scale per output channel."""
+    q, scale = quantize_rows(weight.detach())
+    return q, scale.squeeze(1)
+
+
+def integer_matmul(a: torch.Tensor, b: torch.Tensor, use_int_mm: bool = True) -> torch.Tensor:
+    """Exact int32 product of int8 ``a`` (M, K) and int8 ``b`` (K, N).
+
+    ``torch._int_mm`` when it accepts the shapes (and ``use_int_mm``), otherwise a float
+    matmul of the same integers that is exact by construction (float64 for long K).
+    """
+    if use_int_mm:
+        try:
+            return torch._int_mm(a, b)
+        except RuntimeError:      # shape or layout this build's kernel does not take
+            pass
+    k = a.shape[1]
+    dtype = torch.float32 if k <= _FLOAT32_EXACT_K else torch.float64
+    return torch.mm(a.to(dtype), b.to(dtype)).to(torch.int32)
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with int8 W (per output channel) and int8 x (per row), int32 sums.
+
+    Buffers: ``weight_int8`` (K, N) contiguous (the layout ``torch._int_mm`` runs fastest
+    with here), ``weight_scale`` (N,), ``bias`` (N,) or None.  Input (..., K) of any
+    float dtype; output (..., N) float32.
+    """
+
+    use_int_mm: bool = True   # tests set False on an instance to exercise the float fallback
+
+    def __init__(self, weight_int8_kn: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if weight_int8_kn.dtype != torch.int8 or weight_int8_kn.ndim != 2:
+            raise ValueError("weight_int8_kn must be a 2-D int8 tensor (in_features, out_features)")
+        self.in_features, self.out_features = (int(s) for s in weight_int8_kn.shape)
+        self.register_buffer("weight_int8", weight_int8_kn.contiguous())
+        self.register_buffer("weight_scale", weight_scale.detach().float().reshape(-1).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_weight(linear.weight.float())
+        return cls(q.t().contiguous(), scale, linear.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (N, K) float32 weight this layer effectively multiplies with."""
+        return (self.weight_int8.float() * self.weight_scale).t().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        q, row_scale = quantize_rows(rows)
+        acc = integer_matmul(q, self.weight_int8, self.use_int_mm)
+        # element-wise only (no fused multiply-add), so every row is rounded the same way
+        # whatever the number of rows
+        out = acc.to(torch.float32).mul_(row_scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, per-row int8 activations")
+
+
+class Int8PointwiseConv2d(nn.Module):
+    """A 1x1 ``Conv2d`` (stride 1, no padding, groups 1) run as an :class:`Int8Linear` over channels.
+
+    (B, C_in, H, W) -> (B, C_out, H, W) float32; each pixel of each image is one row.
+    """
+
+    def __init__(self, linear: Int8Linear):
+        super().__init__()
+        self.linear = linear
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "Int8PointwiseConv2d":
+        if not is_pointwise_conv(conv):
+            raise ValueError(f"not a pointwise convolution: {conv}")
+        weight = conv.weight.detach().float().reshape(conv.out_channels, conv.in_channels)
+        q, scale = quantize_weight(weight)
+        return cls(Int8Linear(q.t().contiguous(), scale, conv.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x.permute(0, 2, 3, 1))           # (B, H, W, C_out)
+        return y.permute(0, 3, 1, 2)
+
+
+def is_pointwise_conv(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv2d and tuple(module.kernel_size) == (1, 1)
+            and tuple(module.stride) == (1, 1) and tuple(module.dilation) == (1, 1)
+            and module.groups == 1 and module.padding_mode == "zeros"
+            and (module.padding == "valid" or tuple(module.padding) == (0, 0)))
+
+
+def convert_to_int8(model: nn.Module,
+                    keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,)) -> nn.Module:
+    """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` in place; return it.
+
+    Subtrees whose type is in ``keep_float`` stay untouched (by default
+    ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  Meant
+    for inference: the converted layers hold buffers, not trainable parameters.
+    """
+    keep = tuple(keep_float)
+
+    def convert(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if keep and isinstance(child, keep):
+                continue
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
+            elif is_pointwise_conv(child):
+                setattr(parent, name, Int8PointwiseConv2d.from_conv(child).to(child.weight.device))
+            else:
+                convert(child)
+
+    if type(model) is nn.Linear or is_pointwise_conv(model):
+        raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
+                         "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
+    convert(model)
+    return model
+
+
+def count_int8_layers(model: nn.Module) -> int:
+    """How many :class:`Int8Linear` layers ``model`` holds (pointwise convs included)."""
+    return sum(isinstance(m, Int8Linear) for m in model.modules())
+
+
+__all__ = ["Int8Linear", "Int8PointwiseConv2d", "convert_to_int8", "count_int8_layers",
+           "integer_matmul", "quantize_rows", "quantize_weight", "is_pointwise_conv"]
