@@ -96,3 +96,30 @@ def test_blocked_argmax_equals_torch_argmax_with_ties():
     assert torch.equal(argmax_over_rows(sim, block=128), sim.argmax(dim=1))
     sim = torch.randn(2, 777, 40, generator=g)
     assert torch.equal(argmax_over_rows(sim, block=100), sim.argmax(dim=1))
+
+
+@pytest.mark.parametrize("shape", [(3721, 300), (100, 37), (61, 61), (5, 3), (1, 4), (130, 7)])
+@pytest.mark.parametrize("block", [None, 1, 7, 61, 64])
+def test_first_argmax_over_rows_is_argmax_with_first_index_ties(shape, block):
+    from vpr_ros.models.rerank import first_argmax_over_rows
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    smooth = rng.standard_normal(shape).astype(np.float32)
+    ties = np.round(smooth * 2).astype(np.float32)          # many exact ties at the maximum
+    for a in (smooth, ties):
+        np.testing.assert_array_equal(first_argmax_over_rows(a, block),
+                                      torch.from_numpy(a).argmax(0).numpy())
+    nan = smooth.copy()
+    nan[0, 0] = np.nan
+    np.testing.assert_array_equal(first_argmax_over_rows(nan, block), np.argmax(nan, axis=0))
+
+
+def test_cpu_counts_with_duplicate_points_follow_first_index_ties():
+    """Maps whose points repeat exactly (flat image regions) tie exactly; the counts must
+    still be those of the official argmax (first index), i.e. of the plain definition."""
+    q, cands = _maps(5, h=12, w=12, c=4, seed=3)
+    q[:6] = q[0]                                   # whole rows of identical points
+    cands[:, 3:9] = cands[:, 3:4]
+    cands[1] = q
+    assert mutual_nn_counts(q, cands).tolist() == _reference_counts(q, cands)
+    seq = [cands[i].numpy().astype(np.float16) for i in range(5)]   # any sequence of maps
+    assert torch.equal(mutual_nn_counts(q, seq), mutual_nn_counts(q, cands.half()))
