@@ -289,9 +289,10 @@ class Localizer:
         feats = self.place_map.local_features
         if feats is None:
             raise MapError(f"map {self.place_map.path} has no local features for re-ranking")
-        cand = np.stack([np.asarray(feats[int(i)]) for i in indices])
-        counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)),
-                                  torch.from_numpy(cand), compute=self.rerank_compute)
+        # one candidate map at a time from the memory-mapped store (dequantised if int8)
+        cand = [feats[int(i)] for i in indices]
+        counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)), cand,
+                                  compute=self.rerank_compute)
         scores = official_scores(counts)
         order = np.asarray(rerank_order(scores))
         return order, scores.detach().cpu().numpy().astype(np.float64)

@@ -20,6 +20,7 @@ from ..atomic import atomic_directory, atomic_write_json
 from ..errors import DatasetError, MapError
 from . import format as fmt
 from .index import DEFAULT_FACTORY, build_index, write_index
+from .local_store import LocalFeatureWriter, check_local_storage, storage_of
 from .place_map import PlaceMap, local_model_section, model_section
 from .sources import MapEntry
 
@@ -79,10 +80,11 @@ def _check_descriptors(desc: np.ndarray, batch: List[MapEntry], dim: int) -> np.
 def _describe_into(folder: Path, entries: Iterable[MapEntry], describer, local_extractor,
                    descriptor_dtype: str, batch_size: int, progress: bool, total: Optional[int],
                    first_id: int, frame_id: str, seed_descriptors: Optional[np.ndarray] = None,
-                   seed_local: Optional[np.ndarray] = None):
-    """Describe entries batch by batch into folder/descriptors.npy (+ local_features.npy).
+                   seed_local=None, local_storage: str = "float16"):
+    """Describe entries batch by batch into folder/descriptors.npy (+ local features).
 
-    Returns (places of the new entries, number of rows written in total).
+    Returns (places of the new entries, {"rows": rows written in total, "local_unit_norm":
+    whether every stored local feature point had length 1, or None without local features}).
     """
     from tqdm import tqdm
 
@@ -99,12 +101,10 @@ def _describe_into(folder: Path, entries: Iterable[MapEntry], describer, local_e
             if local_extractor is not None:
                 global_sela, local = local_extractor.extract(images)
                 if local_out is None:
-                    local_out = fmt.NpyAppender(folder / fmt.LOCAL_FEATURES_NPY, np.float16,
-                                                local.shape[1:])
+                    local_out = LocalFeatureWriter(folder, local_storage, local.shape[1:])
                     if seed_local is not None:
-                        for start in range(0, len(seed_local), 256):
-                            local_out.append(np.asarray(seed_local[start:start + 256]))
-                local_out.append(np.asarray(local, dtype=np.float16))
+                        local_out.copy_from(seed_local)
+                local_out.append(np.asarray(local, dtype=np.float32))
             desc = _check_descriptors(describer.describe(images), batch, dim)
             desc_out.append(desc)
             for e in batch:
@@ -125,11 +125,12 @@ def _describe_into(folder: Path, entries: Iterable[MapEntry], describer, local_e
     places = fmt.PlaceTable(np.arange(first_id, first_id + n, dtype=np.int64), names,
                             np.array(positions), np.array(orientations),
                             np.array(stamps, dtype=np.int64), frame_id)
-    return places, desc_out.rows
+    unit = local_out.unit_norm if local_out is not None else None
+    return places, {"rows": desc_out.rows, "local_unit_norm": unit}
 
 
 def _finish(folder: Path, manifest: dict, places: fmt.PlaceTable, factory: str,
-            pca_dim: Optional[int], local_extractor) -> dict:
+            pca_dim: Optional[int], local_extractor, written: Optional[dict] = None) -> dict:
     places.write(folder)
     descriptors = np.load(folder / fmt.DESCRIPTORS_NPY, mmap_mode="r")
     index, info = build_index(np.asarray(descriptors, dtype=np.float32), factory, pca_dim)
@@ -143,10 +144,17 @@ def _finish(folder: Path, manifest: dict, places: fmt.PlaceTable, factory: str,
         local = np.load(folder / fmt.LOCAL_FEATURES_NPY, mmap_mode="r")
         if local.shape[0] != len(places):
             raise MapError(f"local features for {local.shape[0]} places, map has {len(places)}")
-        manifest["local_features"] = {"present": True, "file": fmt.LOCAL_FEATURES_NPY,
-                                      "shape": list(local.shape), "dtype": str(local.dtype),
-                                      "model": manifest.get("local_features", {}).get("model")
-                                      or local_model_section(local_extractor)}
+        storage = "int8" if local.dtype == np.int8 else "float16"
+        section = {"present": True, "file": fmt.LOCAL_FEATURES_NPY, "storage": storage,
+                   "shape": list(local.shape), "dtype": str(local.dtype),
+                   "bytes_per_place": int(local[:1].nbytes)}
+        if storage == "int8":
+            section["scales_file"] = fmt.LOCAL_SCALES_NPY
+            section["unit_norm"] = bool((written or {}).get("local_unit_norm"))
+            section["bytes_per_place"] += int(np.prod(local.shape[1:-1])) * 2
+        section["model"] = (manifest.get("local_features", {}).get("model")
+                            or local_model_section(local_extractor))
+        manifest["local_features"] = section
     else:
         manifest["local_features"] = {"present": False}
     manifest["files"] = fmt.file_checksums(folder)
@@ -160,18 +168,22 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
               frame_id: str = "map", overwrite: bool = False, batch_size: int = DEFAULT_BATCH,
               descriptor_dtype: str = "float32", progress: bool = True,
               command: Optional[str] = None, total: Optional[int] = None,
-              confidence: Optional[dict] = None, source_info=None) -> dict:
+              confidence: Optional[dict] = None, source_info=None,
+              local_storage: str = "float16") -> dict:
     """Describe every place and write a complete map to ``out_dir`` atomically.
 
     ``places`` is any iterable of MapEntry (lists, or a streaming BagSource).  With a
     ``local_extractor`` (SelaVPR LocalFeatureExtractor) the dense local features needed for
-    re-ranking are stored too.  ``source_info`` (a dict, or a callable returning one after
+    re-ranking are stored too, as float16 (``local_storage="float16"``, exact re-ranking) or
+    int8 codes with per-point scales (``"int8"``, half the size; maps/local_store.py).
+    ``source_info`` (a dict, or a callable returning one after
     the places were read, e.g. ``BagSource.stats``) is stored as the manifest's ``source``.
     Returns the manifest.
     """
     out_dir = Path(out_dir)
     if descriptor_dtype not in ("float32", "float16"):
         raise MapError(f"descriptor dtype must be float32 or float16, got {descriptor_dtype!r}")
+    local_storage = check_local_storage(local_storage)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MapError(f"{out_dir} already exists; pass --overwrite to replace it or choose "
                        "another folder")
@@ -186,11 +198,12 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
     if confidence is not None:
         manifest["confidence"] = confidence
     with atomic_directory(out_dir, overwrite=True) as tmp:
-        table, _ = _describe_into(tmp, places, describer, local_extractor, descriptor_dtype,
-                                  batch_size, progress, total, 0, frame_id)
+        table, written = _describe_into(tmp, places, describer, local_extractor,
+                                        descriptor_dtype, batch_size, progress, total, 0,
+                                        frame_id, local_storage=local_storage)
         if source_info is not None:
             manifest["source"] = source_info() if callable(source_info) else source_info
-        manifest = _finish(tmp, manifest, table, index, pca_dim, local_extractor)
+        manifest = _finish(tmp, manifest, table, index, pca_dim, local_extractor, written)
     log.info("map %s: %d places, index %s", out_dir, len(table), manifest["index"]["factory"])
     return manifest
 
@@ -219,10 +232,11 @@ def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=N
         total = len(places)
     first_id = int(old.places.ids.max()) + 1 if len(old.places) else 0
     with atomic_directory(map_dir, overwrite=True) as tmp:
-        new_table, _ = _describe_into(
+        new_table, written = _describe_into(
             tmp, places, describer, local_extractor if has_local else None, descriptor_dtype,
             batch_size, progress, total, first_id, old.places.frame_id,
-            seed_descriptors=old.descriptors, seed_local=old.local_features if has_local else None)
+            seed_descriptors=old.descriptors, seed_local=old.local_features if has_local else None,
+            local_storage=storage_of(old.local_features) or "float16")
         table = old.places.concat(new_table)
         updates = list(manifest.get("updates", []))
         update = {**_created(command), "added_places": len(new_table)}
@@ -231,7 +245,7 @@ def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=N
         updates.append(update)
         manifest["updates"] = updates
         factory = manifest["index"]["factory"]
-        manifest = _finish(tmp, manifest, table, factory, None, local_extractor)
+        manifest = _finish(tmp, manifest, table, factory, None, local_extractor, written)
     log.info("map %s: added %d places, now %d", map_dir, len(new_table), len(table))
     return manifest
 

@@ -8,7 +8,8 @@ A map is a folder (no pickle anywhere)::
     MAP/stamps.npy           (N,) int64 nanoseconds, -1 when unknown
     MAP/descriptors.npy      (N, D) float32 or float16, unit L2, memory-mappable
     MAP/index.faiss          faiss.write_index of the search index
-    MAP/local_features.npy   (N, 61, 61, C) float16, only when re-ranking is enabled
+    MAP/local_features.npy   (N, 61, 61, C) float16 (or int8 codes), only with re-ranking
+    MAP/local_scales.npy     (N, 61, 61) float16 per-point scales, only with int8 storage
 
 See docs/maps.md for every manifest field.
 """
@@ -37,6 +38,7 @@ STAMPS_NPY = "stamps.npy"
 DESCRIPTORS_NPY = "descriptors.npy"
 INDEX_FAISS = "index.faiss"
 LOCAL_FEATURES_NPY = "local_features.npy"
+LOCAL_SCALES_NPY = "local_scales.npy"
 
 PLACE_COLUMNS = ("place_id", "image_name", "x", "y", "z", "qx", "qy", "qz", "qw",
                  "stamp_ns", "frame_id")

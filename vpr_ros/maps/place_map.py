@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import MapError, MapMismatchError
 from . import format as fmt
 from .index import place_index_on_device, read_index, search
+from .local_store import LocalFeatures, open_local_features
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class PlaceMap:
     """A map opened for search.  Use :meth:`open`."""
 
     def __init__(self, path: Path, manifest: dict, places: fmt.PlaceTable,
-                 descriptors: np.ndarray, index, local_features: Optional[np.ndarray],
+                 descriptors: np.ndarray, index, local_features: Optional[LocalFeatures],
                  index_device: str = "cpu"):
         self.path = Path(path)
         self.manifest = manifest
@@ -112,14 +113,7 @@ class PlaceMap:
         local = None
         lf = manifest.get("local_features") or {}
         if lf.get("present"):
-            try:
-                local = np.load(path / fmt.LOCAL_FEATURES_NPY, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, FileNotFoundError) as exc:
-                raise MapError(f"map {path}: {fmt.LOCAL_FEATURES_NPY} is missing or corrupt "
-                               f"({exc})") from None
-            if local.shape[0] != n or list(local.shape) != list(lf.get("shape", local.shape)):
-                raise MapError(f"map {path}: local_features.npy has shape {local.shape}, the "
-                               f"manifest says {lf.get('shape')}")
+            local = open_local_features(path, lf, n)
         index, index_device = place_index_on_device(index, device)
         return cls(path, manifest, places, descriptors, index, local, index_device)
 
