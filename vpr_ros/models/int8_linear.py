@@ -40,11 +40,17 @@ _TINY_SCALE = 1e-30   # an all-zero row gets this scale (its int8 values are all
 
 
 def quantize_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> (int8 (M, K), float32 scale (M, 1)), symmetric, one scale per row."""
+    """(M, K) float -> (int8 (M, K), float32 scale (M, 1)), symmetric, one scale per row.
+
+    ``q = round(x * 127 / absmax(row))``, ``scale = absmax(row) / 127``.  The row maxima
+    are exact whatever order a kernel reduces in, so a row's int8 values never depend on
+    the other rows.
+    """
     x = x.float()
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=_TINY_SCALE).div_(INT8_MAX)
-    q = (x / scale).round_().to(torch.int8)     # |x / scale| <= 127 (+ rounding) < 127.5
-    return q, scale
+    absmax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+    absmax.clamp_(min=_TINY_SCALE)
+    q = torch.mul(x, INT8_MAX / absmax).round_().to(torch.int8)   # |values| <= 127
+    return q, absmax.div_(INT8_MAX)
 
 
 def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -146,12 +152,15 @@ def is_pointwise_conv(module: nn.Module) -> bool:
 
 
 def convert_to_int8(model: nn.Module,
-                    keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,)) -> nn.Module:
+                    keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
+                    fold_layer_scales: bool = True) -> nn.Module:
     """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` in place; return it.
 
     Subtrees whose type is in ``keep_float`` stay untouched (by default
-    ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  Meant
-    for inference: the converted layers hold buffers, not trainable parameters.
+    ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
+    ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
+    int8 layer before it (see :func:`fold_block_layer_scales`).  Meant for inference: the
+    converted layers hold buffers, not trainable parameters.
     """
     keep = tuple(keep_float)
 
@@ -170,7 +179,40 @@ def convert_to_int8(model: nn.Module,
         raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
                          "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
     convert(model)
+    if fold_layer_scales:
+        for module in model.modules():
+            fold_block_layer_scales(module)
     return model
+
+
+def fold_block_layer_scales(block: nn.Module) -> bool:
+    """Fold ``ls1``/``ls2`` of a timm ``Block`` into its int8 ``attn.proj``/``mlp.fc2``.
+
+    ``gamma * (acc * s_row * s_col + b) == acc * s_row * (gamma * s_col) + gamma * b``: the
+    int8 weights stay as they are, the per-channel scale and the bias absorb ``gamma`` and
+    the LayerScale becomes an identity, two element-wise passes fewer per block.  Only an
+    exact ``timm.models.vision_transformer.Block`` qualifies (subclasses such as SelaVPR's
+    adapted block apply the LayerScale to something else).  Returns True if it folded.
+    """
+    from timm.models.vision_transformer import Block, LayerScale
+
+    if type(block) is not Block:
+        return False
+    folded = False
+    for scale_name, layer in (("ls1", getattr(block.attn, "proj", None)),
+                              ("ls2", getattr(block.mlp, "fc2", None))):
+        scale = getattr(block, scale_name)
+        if not (isinstance(scale, LayerScale) and isinstance(layer, Int8Linear)):
+            continue
+        gamma = scale.gamma.detach().float().reshape(-1)
+        if gamma.numel() != layer.out_features:
+            continue
+        layer.weight_scale.mul_(gamma)
+        if layer.bias is not None:
+            layer.bias.mul_(gamma)
+        setattr(block, scale_name, nn.Identity())
+        folded = True
+    return folded
 
 
 def count_int8_layers(model: nn.Module) -> int:
@@ -179,4 +221,5 @@ def count_int8_layers(model: nn.Module) -> int:
 
 
 __all__ = ["Int8Linear", "Int8PointwiseConv2d", "convert_to_int8", "count_int8_layers",
+           "fold_block_layer_scales",
            "integer_matmul", "quantize_rows", "quantize_weight", "is_pointwise_conv"]

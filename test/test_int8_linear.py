@@ -1,0 +1,234 @@
+"""Per-token int8 Linear layers (vpr_ros.models.int8_linear) and ``precision="int8"``.
+
+Checks: the integer path is exact (int32 products equal an int64 reference, outputs equal
+a float64 evaluation of the same quantisation), the float fallback gives the same
+integers for shapes of any size, conversion covers Linear and pointwise Conv2d layers
+and folds LayerScales, descriptors are bit-identical alone and within a batch, and int8
+stays close to fp32 on real images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from vpr_ros.errors import DeviceError
+from vpr_ros.models.int8_linear import (Int8Linear, Int8PointwiseConv2d, convert_to_int8,
+                                        count_int8_layers, fold_block_layer_scales,
+                                        integer_matmul, quantize_rows)
+
+
+def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        if bias:
+            layer.bias.normal_(0, 0.1)
+    return layer.eval()
+
+
+def _float64_reference(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The same quantisation evaluated in float64 (no integer kernel involved)."""
+    q, row_scale = quantize_rows(x.reshape(-1, layer.in_features))
+    acc = q.double() @ layer.weight_int8.double()
+    out = acc * row_scale.double() * layer.weight_scale.double()
+    if layer.bias is not None:
+        out = out + layer.bias.double()
+    return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+def test_quantize_rows_symmetric_per_row():
+    torch.manual_seed(1)
+    x = torch.randn(20, 37) * torch.logspace(-3, 3, 20).unsqueeze(1)   # rows of very different size
+    x[3] = 0.0
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (20, 1)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    assert torch.all(q[3] == 0) and torch.isfinite(scale).all()
+    nonzero = torch.arange(20) != 3
+    assert torch.all(q[nonzero].abs().amax(1) == 127)          # every row uses its full range
+    err = (q.float() * scale - x).abs()
+    assert torch.all(err <= scale * 0.5 * (1 + 1e-5))           # round to nearest
+    # one row quantised alone gives the same int8 values and scale
+    q_alone, s_alone = quantize_rows(x[7:8])
+    assert torch.equal(q_alone, q[7:8]) and torch.equal(s_alone, scale[7:8])
+
+
+@pytest.mark.parametrize("m,k,n", [(257, 768, 96), (40, 64, 48), (3, 8, 8)])
+def test_integer_path_exact(m, k, n):
+    layer = Int8Linear.from_linear(_linear(k, n))
+    torch.manual_seed(2)
+    x = torch.randn(m, k)
+    q, _ = quantize_rows(x)
+    acc = integer_matmul(q, layer.weight_int8)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.long(), q.long() @ layer.weight_int8.long())
+    out = layer(x)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    ref = _float64_reference(layer, x)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
+    # and the quantisation error against the float layer is small
+    float_out = _linear(k, n)(x)
+    assert (out - float_out).abs().max() < 0.05 * float_out.abs().max()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 13, 7), (17, 3, 250), (9, 2000, 5)])
+def test_float_fallback_same_integers_for_odd_shapes(m, k, n):
+    torch.manual_seed(3)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+    exact = a.long() @ b.long()
+    fallback = integer_matmul(a, b, use_int_mm=False)   # K=2000 takes the float64 branch
+    assert fallback.dtype == torch.int32 and torch.equal(fallback.long(), exact)
+    assert torch.equal(integer_matmul(a, b).long(), exact)
+
+    layer = Int8Linear.from_linear(_linear(k, n, seed=4))
+    x = torch.randn(2, m, k)                               # 3-D input: rows are the leading dims
+    y_int_mm = layer(x)
+    layer.use_int_mm = False
+    y_fallback = layer(x)
+    assert y_int_mm.shape == (2, m, n)
+    assert torch.equal(y_int_mm, y_fallback)
+
+
+def test_linear_without_bias_and_other_input_dtype():
+    layer = Int8Linear.from_linear(_linear(32, 24, bias=False))
+    assert layer.bias is None
+    x = torch.randn(30, 32)
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _float64_reference(layer, x.to(torch.bfloat16).float()),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_pointwise_conv_as_linear():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(24, 10, kernel_size=1).eval()
+    x = torch.randn(2, 24, 5, 6)
+    int8 = Int8PointwiseConv2d.from_conv(conv)
+    y = int8(x)
+    ref = conv(x)
+    assert y.shape == ref.shape
+    cos = nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.999
+    # each pixel is its own row: one image alone gives the same bits
+    assert torch.equal(int8(x[1:2]), y[1:2])
+    with pytest.raises(ValueError, match="pointwise"):
+        Int8PointwiseConv2d.from_conv(nn.Conv2d(4, 4, kernel_size=3))
+
+
+def test_convert_model_keeps_transformer_encoder_and_folds_layer_scale():
+    from vpr_ros.models.cards import load_card
+    from vpr_ros.models.factory import load_model
+    from timm.models.vision_transformer import Block
+
+    model, _, _ = load_model(load_card("scicevpr_tiny_random"))
+    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear
+               and not name.startswith("encoder.")]
+    x = torch.randn(2, 3, *load_card("scicevpr_tiny_random").input_size)
+    with torch.no_grad():
+        ref = model(x)
+    convert_to_int8(model)
+    assert count_int8_layers(model) == len(linears) + 1             # + the fusion conv
+    assert isinstance(model.fusion, Int8PointwiseConv2d)
+    assert type(model.encoder.layers[0].linear1) is nn.Linear        # region encoder stays float
+    assert type(model.encoder.layers[0].self_attn.out_proj) is not Int8Linear
+    blocks = [b for b in model.modules() if type(b) is Block]
+    assert blocks and all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity)
+                          for b in blocks)
+    with torch.no_grad():
+        out = model(x)
+    assert nn.functional.cosine_similarity(out, ref).min() > 0.999
+    with pytest.raises(ValueError, match="inside a model"):
+        convert_to_int8(nn.Linear(4, 4))
+
+
+def test_layer_scale_folding_matches_unfolded_block():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(6)
+    block = Block(dim=32, num_heads=4, mlp_ratio=2.0, qkv_bias=True, init_values=1.0).eval()
+    with torch.no_grad():
+        block.ls1.gamma.uniform_(-2, 2)
+        block.ls2.gamma.uniform_(0.1, 3)
+    x = torch.randn(3, 20, 32)
+    holder = nn.Sequential(block)
+    convert_to_int8(holder, fold_layer_scales=False)
+    with torch.no_grad():
+        unfolded = block(x)
+        assert fold_block_layer_scales(block)
+        folded = block(x)
+    assert isinstance(block.ls1, nn.Identity)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
+    assert not fold_block_layer_scales(nn.Linear(3, 3))
+
+
+# ----------------------------------------------------------------------------- describers
+
+@pytest.fixture(scope="module")
+def sample_images(sample_dir):
+    from vpr_ros.preprocess import load_image
+
+    files = sorted(sample_dir.rglob("*.jpg"))
+    assert len(files) >= 40
+    return [load_image(f) for f in files[::10][:4]]
+
+
+@pytest.mark.parametrize("card", ["scicevpr_tiny_random", "demo_tiny"])
+def test_int8_descriptors_bit_identical_alone_and_in_batch(card, sample_images):
+    from vpr_ros.inference import GlobalDescriber
+
+    d = GlobalDescriber(card, device="cpu", precision="int8", batch_size=3)
+    assert count_int8_layers(d.model) > 0
+    batch = d.describe(sample_images[:3])
+    for i, image in enumerate(sample_images[:3]):
+        alone = d.describe([image])[0]
+        assert np.array_equal(alone, batch[i]), (card, i, np.abs(alone - batch[i]).max())
+    # the same image next to different neighbours
+    other = d.describe([sample_images[3], sample_images[3], sample_images[0]])
+    assert np.array_equal(other[2], batch[0])
+
+
+def test_int8_selavpr_backbone_bit_identical_alone_and_in_batch(sample_images):
+    """SelaVPR: the int8 backbone is bit-exact; its float32 GeM tail is not (as in fp32)."""
+    from vpr_ros.inference import GlobalDescriber
+    from vpr_ros.preprocess import preprocess
+
+    d = GlobalDescriber("selavpr_tiny_random", device="cpu", precision="int8", batch_size=3)
+    x = preprocess(sample_images[:3], d.input_size)
+    with torch.inference_mode():
+        maps = d.model.backbone.forward_patch_map(x)
+        alone = d.model.backbone.forward_patch_map(x[1:2])
+    assert torch.equal(alone[0], maps[1])
+    batch = d.describe(sample_images[:3])
+    np.testing.assert_allclose(d.describe([sample_images[1]])[0], batch[1], atol=1e-6)
+
+
+def test_int8_close_to_fp32_on_sample_images(sample_images):
+    from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
+
+    ref = GlobalDescriber("demo_tiny", device="cpu", precision="fp32").describe(sample_images)
+    out = GlobalDescriber("demo_tiny", device="cpu", precision="int8").describe(sample_images)
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert np.sum(out * ref, axis=1).min() >= 0.999
+
+    ref_g, ref_l = LocalFeatureExtractor(None, device="cpu").extract(sample_images[:2])
+    g, local = LocalFeatureExtractor(None, device="cpu", precision="int8").extract(sample_images[:2])
+    assert np.sum(g * ref_g, axis=1).min() >= 0.999
+    cos = np.sum(local.astype(np.float32) * ref_l.astype(np.float32), axis=-1)
+    assert cos.mean() >= 0.999
+
+
+def test_int8_needs_the_cpu():
+    from vpr_ros.device import resolve_precision
+    from vpr_ros.inference import GlobalDescriber
+
+    with pytest.raises(DeviceError, match="CPU only"):
+        resolve_precision("int8", torch.device("cuda"))
+    with pytest.raises(DeviceError):     # no CUDA here: the device itself is refused first
+        GlobalDescriber("scicevpr_tiny_random", device="cuda", precision="int8")
+    assert resolve_precision("int8", torch.device("cpu")) == torch.qint8
