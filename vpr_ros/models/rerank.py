@@ -5,11 +5,16 @@ point i *matches* if its best candidate point j = argmax_j S[j, i] has i as its 
 best query point (argmax_i S[j, i] == i): mutual nearest neighbours.  ``argmax`` takes
 the first index on exact ties, as ``torch.argmax`` does in the official code.
 
-* :func:`mutual_nn_counts` - number of matches per candidate, batched over K candidates
-  on the CPU or a GPU, in chunks so K=100 maps of 61x61x128 never hold more than
-  ``max_chunk_bytes`` of similarity matrices at once; float16 inputs (maps store local
-  features as float16) are upcast to float32 chunk by chunk.  ``compute="fp32"`` (the
-  default) is exact: identical counts to the official algorithm.  ``compute="bf16"`` is an
+* :func:`mutual_nn_counts` - number of matches per candidate.  On the CPU the candidates
+  go one at a time through one reused similarity buffer (55 MB for 61x61 maps): the
+  matmul through numpy's BLAS, the best query point of every candidate point with
+  numpy's contiguous argmax, the best candidate point of every query point with
+  :func:`first_argmax_over_rows` (tiled, first index on ties); ``candidates`` may be any
+  sequence of maps (a memory-mapped float16 array, an int8 store that dequantises one
+  place at a time).  On a GPU they are batched in chunks of at most ``max_chunk_bytes``
+  of similarity work space.  Float16 inputs are upcast per candidate/chunk.
+  ``compute="fp32"`` (the default) is exact: identical counts to the official algorithm.
+  ``compute="bf16"`` is an
   opt-in fast path: the similarity matmul runs in bfloat16 (AMX/AVX512-BF16 on recent
   CPUs, tensor cores on GPUs), each chunk's bf16 product is widened to float32 (exactly:
   every bf16 value is a float32 value) and both argmaxes run on that, so they are still
