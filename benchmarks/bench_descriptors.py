@@ -9,9 +9,14 @@ All variants run the *same* randomly initialised weights (seed 0; no download ne
   the same descriptors as the package's fp32 path.
 * ``package_fp32`` / ``package_bf16``: ``vpr_ros.inference.GlobalDescriber`` as shipped
   (fused SDPA attention, cached positional embedding; bf16 = autocast).
+* ``package_int8``: ``GlobalDescriber(precision="int8")`` as shipped
+  (``vpr_ros.models.int8_linear``: int8 weights per output channel, int8 activations with
+  one scale per token, exact int32 ``torch._int_mm``; whole batches, batch-invariant).
 * prototypes of further levers, all on copies of the same model: ``bf16_weights``
   (weights and activations stored in bf16, no autocast casts), ``int8_dynamic``
-  (``torch.ao.quantization.quantize_dynamic`` on the Linear layers, VNNI),
+  (``torch.ao.quantization.quantize_dynamic`` on the Linear layers, VNNI: one activation
+  scale per whole input tensor, so a batch's images change each other's descriptors;
+  the package's int8 before ``package_int8``, which then ran image by image),
   ``jit_freeze_bf16`` (TorchScript trace under bf16 autocast + ``torch.jit.freeze``:
   constant folding, oneDNN weight prepacking; the fp32 variant gave no gain in trials), and with ``--compile``
   ``compile_bf16`` (``torch.compile``, inductor with ``freezing=True``, under bf16
@@ -72,7 +77,8 @@ def eager_baseline(model):
     return m
 
 
-def variants(model, describer_fp32, describer_bf16, compile_: bool) -> Dict[str, Callable]:
+def variants(model, describer_fp32, describer_bf16, compile_: bool,
+             describer_int8=None) -> Dict[str, Callable]:
     """name -> f(x: preprocessed float32 (B,3,H,W)) -> (B, D) float32 unit descriptors."""
     import torch
     import torch.nn.functional as F
@@ -82,6 +88,8 @@ def variants(model, describer_fp32, describer_bf16, compile_: bool) -> Dict[str,
     out["eager_fp32"] = torch.inference_mode()(lambda x: base(x))
     out["package_fp32"] = describer_fp32.describe_tensor
     out["package_bf16"] = describer_bf16.describe_tensor
+    if describer_int8 is not None:
+        out["package_int8"] = describer_int8.describe_tensor
 
     m16 = copy.deepcopy(model).to(torch.bfloat16).eval()
 
@@ -180,6 +188,27 @@ def fidelity(fns: Dict[str, Callable], db_imgs, q_imgs) -> Dict[str, dict]:
     return out
 
 
+INVARIANCE_VARIANTS = ("package_fp32", "package_int8", "int8_dynamic")
+
+
+def batch_invariance(fns: Dict[str, Callable], images,
+                     names=INVARIANCE_VARIANTS) -> Dict[str, dict]:
+    """Each image described alone vs within one batch of all ``images``: max |difference|."""
+    from vpr_ros.preprocess import preprocess
+    x = preprocess(images, (224, 224))
+    out = {}
+    for name in names:
+        if name not in fns:
+            continue
+        batch = fns[name](x).detach().float().cpu().numpy()
+        alone = np.concatenate([fns[name](x[i:i + 1]).detach().float().cpu().numpy()
+                                for i in range(len(images))])
+        out[name] = {"max_abs_diff_alone_vs_batch": float(np.abs(alone - batch).max()),
+                     "bit_identical": bool(np.array_equal(alone, batch)), "batch": len(images)}
+        print(f"[descriptors] batch invariance {name}: {out[name]}", flush=True)
+    return out
+
+
 def speed(fns: Dict[str, Callable], x_by_batch: Dict[int, object], repeats: Dict[int, int]) -> Dict[str, dict]:
     out: Dict[str, dict] = {name: {} for name in fns}
     for b, x in x_by_batch.items():
@@ -234,7 +263,9 @@ def run(quick: bool, compile_: bool = False, selavpr: bool = True) -> dict:
     d16.__dict__.update(d32.__dict__)             # share the model: same weights, bf16 autocast
     d16.dtype, d16.precision = torch.bfloat16, "bf16"
     build_s = time.perf_counter() - t0
-    fns = variants(d32.model, d32, d16, compile_)
+    # same seed, so the same weights
+    d8 = GlobalDescriber(card, device="cpu", precision="int8", batch_size=8)
+    fns = variants(d32.model, d32, d16, compile_, describer_int8=d8)
 
     n_db, n_q = (8, 8) if quick else (32, 32)
     db_imgs, q_imgs = load_nordland(n_db, n_q)
@@ -244,7 +275,8 @@ def run(quick: bool, compile_: bool = False, selavpr: bool = True) -> dict:
     res = {"model": "scicevpr_b (random weights, seed 0)", "build_s": build_s,
            "official_fp32_s_per_image_reference": 0.38,
            "speed": speed(fns, x_by_batch, repeats),
-           "fidelity": fidelity(fns, db_imgs, q_imgs)}
+           "fidelity": fidelity(fns, db_imgs, q_imgs),
+           "batch_invariance": batch_invariance(fns, q_imgs[:8])}
     if selavpr:
         del fns
         try:
@@ -271,6 +303,12 @@ def markdown(res: dict) -> str:
                      fmt(f.get("top1_identical"), 3) if f else "1"])
     lines.append(md_table(["variant", "b1 ms/img", "b1 speed-up", "b8 ms/img", "b8 img/s",
                            "b8 speed-up", "min cosine to fp32", "top-1 identical"], rows))
+    if res.get("batch_invariance"):
+        lines.append("")
+    for name, r in res.get("batch_invariance", {}).items():
+        lines.append(f"- {name}: alone vs in a batch of {r['batch']}: "
+                     + ("bit-identical" if r["bit_identical"]
+                        else f"max |difference| {r['max_abs_diff_alone_vs_batch']:.2e}"))
     if "selavpr_vitl14" in res:
         s = res["selavpr_vitl14"]
         lines += ["", "SelaVPR ViT-L/14 (global + 61x61x128 local features), batch 1: "

@@ -100,8 +100,8 @@ def test_linear_without_bias_and_other_input_dtype():
     x = torch.randn(30, 32)
     out = layer(x.to(torch.bfloat16))
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), _float64_reference(layer, x.to(torch.bfloat16).float()),
-                               rtol=1e-6, atol=1e-6)
+    ref = _float64_reference(layer, x.to(torch.bfloat16).float())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
 def test_pointwise_conv_as_linear():
@@ -217,7 +217,8 @@ def test_int8_close_to_fp32_on_sample_images(sample_images):
     assert np.sum(out * ref, axis=1).min() >= 0.999
 
     ref_g, ref_l = LocalFeatureExtractor(None, device="cpu").extract(sample_images[:2])
-    g, local = LocalFeatureExtractor(None, device="cpu", precision="int8").extract(sample_images[:2])
+    int8_extractor = LocalFeatureExtractor(None, device="cpu", precision="int8")
+    g, local = int8_extractor.extract(sample_images[:2])
     assert np.sum(g * ref_g, axis=1).min() >= 0.999
     cos = np.sum(local.astype(np.float32) * ref_l.astype(np.float32), axis=-1)
     assert cos.mean() >= 0.999

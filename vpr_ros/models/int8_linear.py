@@ -122,7 +122,7 @@ class Int8Linear(nn.Module):
 
 
 class Int8PointwiseConv2d(nn.Module):
-    """A 1x1 ``Conv2d`` (stride 1, no padding, groups 1) run as an :class:`Int8Linear` over channels.
+    """A 1x1 ``Conv2d`` (stride 1, no padding, groups 1) as an :class:`Int8Linear` over channels.
 
     (B, C_in, H, W) -> (B, C_out, H, W) float32; each pixel of each image is one row.
     """
