@@ -7,7 +7,11 @@ fallback: a robot that should run on its GPU must not quietly run on the CPU.
 Precisions: ``fp32`` (default, exact parity with the official models), ``bf16``
 (CUDA: autocast; CPU: the network's weights are cast to bfloat16 once, see
 :mod:`vpr_ros.inference`; outputs are returned as float32), ``fp16`` (CUDA only) and
-``int8`` (CPU only: dynamic int8 quantisation of the Linear layers, ``torch.qint8``).
+``int8`` (CPU only: the Linear layers and the 1x1 ``fusion`` convolution run with int8
+weights, one scale per output channel, and int8 activations quantised on every call with
+one scale per token, multiplied exactly in int32 by ``torch._int_mm``; see
+:mod:`vpr_ros.models.int8_linear`.  No scale is shared between images, so batches stay
+batch-invariant.  ``torch.qint8`` is only the marker dtype of this precision).
 """
 
 from __future__ import annotations
@@ -50,7 +54,11 @@ def resolve_device(spec: Union[str, torch.device, None] = "auto") -> torch.devic
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """"fp32" | "bf16" | "fp16" | "int8" -> compute dtype, checked against the device."""
+    """"fp32" | "bf16" | "fp16" | "int8" -> compute dtype, checked against the device.
+
+    int8 maps to ``torch.qint8`` as a marker (the int8 layers themselves hold plain int8
+    tensors, see :mod:`vpr_ros.models.int8_linear`).
+    """
     key = (name or "fp32").strip().lower()
     if key not in _PRECISION_DTYPES:
         raise DeviceError(f"unknown precision {name!r}: use one of {', '.join(PRECISIONS)}")
