@@ -503,8 +503,70 @@ def _node_ready_times(folder: Path, card_path: Path) -> dict:
     return out
 
 
+def _node_process_ready(folder: Path, card_path: Path, timeout_s: float = 300.0) -> dict:
+    """A fresh ``python -m vpr_ros.ros.localizer_node`` (autostart) on the map, cache dropped:
+    seconds from process start to its "active" log line, including every import."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1",
+           "RCUTILS_LOGGING_BUFFERED_STREAM": "0"}
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    env.setdefault("ROS_DOMAIN_ID", str(110 + os.getpid() % 90))
+    cmd = [sys.executable, "-m", "vpr_ros.ros.localizer_node", "--ros-args",
+           "-p", f"map_path:={folder}", "-p", f"model:={card_path}", "-p", "device:=cpu"]
+    out: dict = {"cached_mb_before": _evict_map(folder)}
+    lines: List[tuple] = []
+    active = threading.Event()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+
+    def reader():
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - t0, line.rstrip()))
+            if "active: listening" in line:
+                active.set()
+        active.set()                            # process ended: stop waiting
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        active.wait(timeout_s)
+        hit = [t for t, s in lines if "active: listening" in s]
+        if hit:
+            out["process_ready_s"] = hit[0]
+            for t, s in lines:
+                m = re.search(r"configured in ([0-9.]+) s", s)
+                if m:
+                    out["log_configured_in_s"] = float(m.group(1))
+                    out["configured_log_at_s"] = t
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                for key in ("VmRSS", "RssAnon", "RssFile"):
+                    m = re.search(rf"^{key}:\s+(\d+)", status, re.M)
+                    if m:
+                        out[f"{key}_mb"] = int(m.group(1)) / 1024.0
+            except OSError:
+                pass
+        else:
+            out["error"] = "no 'active' line: " + " | ".join(s for _, s in lines[-5:])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        th.join(5)
+    return out
+
+
 def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = True,
-                   repeats: int = 3, keep: bool = False) -> dict:
+                   repeats: int = 5, keep: bool = False) -> dict:
     """Open a complete n-place map the way the package does, and answer the first query.
 
     Writes a real map folder (``write_synthetic_map``, float16 10752-D descriptors,
@@ -512,7 +574,8 @@ def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = T
     files dropped first: ``PlaceMap.open`` with verify size / full / none (and the index
     memory-mapped), RSS around the open, a fresh Python process that imports the package
     and opens the map, the first and steady-state ``search`` of a 10752-D query, the first
-    ``Localizer.localize`` answer, and the LocalizerNode's configure + activate.  The
+    ``Localizer.localize`` answer, the LocalizerNode's configure + activate in this process
+    and a fresh node process's time to "active" (imports included).  The
     multi-GB folder is deleted at the end unless ``keep``.
     """
     import shutil
@@ -648,6 +711,11 @@ def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = T
             except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
                 out["node"] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[open] node: {out['node']}", flush=True)
+            try:
+                out["node_process"] = _node_process_ready(folder, card_path)
+            except Exception as exc:  # noqa: BLE001
+                out["node_process"] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"[open] node process: {out['node_process']}", flush=True)
         out["peak_rss_mb"] = peak_rss_mb()
     finally:
         if not keep:
@@ -717,6 +785,16 @@ def markdown_map_open(o: dict) -> str:
                       "timed separately on a shared machine)."]
         else:
             lines += ["", f"LocalizerNode: failed ({nd.get('error')})."]
+    npr = o.get("node_process")
+    if npr:
+        if "process_ready_s" in npr:
+            lines += ["", f"A fresh `python -m vpr_ros.ros.localizer_node` process (autostart, cold map): "
+                      f"\"active\" {npr['process_ready_s']:.2f} s after the process started (its log: "
+                      f"configured in {fmt(npr.get('log_configured_in_s'), 1)} s; the rest is Python, torch, "
+                      f"timm, FAISS and rclpy imports and node start); RSS then "
+                      f"{fmt(npr.get('VmRSS_mb'), 0)} MB ({fmt(npr.get('RssAnon_mb'), 0)} MB anonymous)."]
+        else:
+            lines += ["", f"Node process: failed ({npr.get('error')})."]
     lines += ["", f"Writing the map: descriptors {b['descriptors_write_s']:.0f} s, index training "
               f"{b['index_train_s']:.0f} s, adding {b['index_add_s']:.0f} s, sha256 of all files "
               f"{b['checksums_s']:.0f} s."]
