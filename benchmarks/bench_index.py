@@ -264,6 +264,7 @@ MAP_OPEN_FACTORY = "PCA256,IVF1024,Flat"      # docs/performance.md: the 100k-pl
 MAP_OPEN_BLOCK = 2500                         # rows generated / written / added at a time
 MAP_OPEN_PCA_TRAIN = 2048                     # PCA trained on this many places (n < dim: Gram)
 MAP_OPEN_IVF_TRAIN = 20_000                   # IVF k-means trained on this many places
+MAP_OPEN_BASELINE = 2_000                     # small map of the same kind, for node start-up
 
 
 def _status_mb(key: str) -> float:
@@ -407,18 +408,20 @@ _FRESH_PROCESS_OPEN = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
+import faiss
 from vpr_ros.maps import PlaceMap
 t1 = time.perf_counter()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+before = {"rss_before_open_mb": status("VmRSS"), "rss_anon_before_open_mb": status("RssAnon")}
 pm = PlaceMap.open(sys.argv[1], verify="size", device="cpu")
 t2 = time.perf_counter()
 q = np.load(sys.argv[2])
 pm.search(q[:1], 10)
 t3 = time.perf_counter()
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024.0
-print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "first_search_s": t3 - t2,
+print(json.dumps({**before, "import_s": t1 - t0, "open_s": t2 - t1, "first_search_s": t3 - t2,
                   "rss_mb": status("VmRSS"), "rss_anon_mb": status("RssAnon"),
                   "rss_file_mb": status("RssFile"), "peak_rss_mb": status("VmHWM")}))
 """
@@ -563,6 +566,20 @@ def _node_process_ready(folder: Path, card_path: Path, timeout_s: float = 300.0)
                 proc.wait(5)
         th.join(5)
     return out
+
+
+def _summarize_process_runs(runs: List[dict]) -> dict:
+    ok = [r for r in runs if "process_ready_s" in r]
+    res: dict = {"runs": runs}
+    if not ok:
+        res["error"] = runs[-1].get("error") if runs else "no runs"
+        return res
+    ready = [r["process_ready_s"] for r in ok]
+    res.update({"process_ready_s": median(ready), "process_ready_s_min": min(ready),
+                "process_ready_s_max": max(ready),
+                "log_configured_in_s": median([r.get("log_configured_in_s", float("nan")) for r in ok]),
+                "VmRSS_mb": ok[-1].get("VmRSS_mb"), "RssAnon_mb": ok[-1].get("RssAnon_mb")})
+    return res
 
 
 def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = True,
@@ -711,17 +728,31 @@ def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = T
             except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
                 out["node"] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"[open] node: {out['node']}", flush=True)
-            try:
-                out["node_process"] = _node_process_ready(folder, card_path)
-            except Exception as exc:  # noqa: BLE001
-                out["node_process"] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"[open] node process: {out['node_process']}", flush=True)
+            # fresh node processes, interleaved with the same on a small map of the same
+            # kind: the difference is what the map's size costs, the rest is start-up
+            targets_proc = {"node_process": folder}
+            if n >= 2 * MAP_OPEN_BASELINE:
+                small = work / f"map_{MAP_OPEN_BASELINE}"
+                out["baseline_build"] = write_synthetic_map(small, MAP_OPEN_BASELINE, describer)
+                targets_proc["node_process_baseline"] = small
+            runs: Dict[str, List[dict]] = {k: [] for k in targets_proc}
+            for _ in range(3):
+                for key, path in targets_proc.items():
+                    try:
+                        runs[key].append(_node_process_ready(path, card_path))
+                    except Exception as exc:  # noqa: BLE001
+                        runs[key].append({"error": f"{type(exc).__name__}: {exc}"})
+                    print(f"[open] {key}: {runs[key][-1]}", flush=True)
+            for key, rs in runs.items():
+                out[key] = _summarize_process_runs(rs)
+                out[key]["places"] = n if key == "node_process" else MAP_OPEN_BASELINE
         out["peak_rss_mb"] = peak_rss_mb()
     finally:
         if not keep:
-            shutil.rmtree(folder, ignore_errors=True)
-            for stale in work.glob(f".{folder.name}.*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for f in (folder, work / f"map_{MAP_OPEN_BASELINE}"):
+                shutil.rmtree(f, ignore_errors=True)
+                for stale in work.glob(f".{f.name}.*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             for f in (work / "queries.npy", work / f"{MAP_OPEN_CARD}_seed0.yaml"):
                 f.unlink(missing_ok=True)
             try:
@@ -763,9 +794,10 @@ def markdown_map_open(o: dict) -> str:
               f"{p['descriptors_mmap_s'] * 1000:.1f} ms, index read {p['index_read_s'] * 1000:.0f} ms."]
     f = o.get("fresh_process", {})
     if "open_s" in f:
-        lines += ["", f"A fresh Python process (cold map): `import vpr_ros.maps` {f['import_s']:.2f} s, "
-                  f"open {f['open_s']:.2f} s, first search {f['first_search_s'] * 1000:.0f} ms; its RSS "
-                  f"then {f['rss_mb']:.0f} MB ({f['rss_anon_mb']:.0f} MB anonymous, "
+        lines += ["", f"A fresh Python process (cold map): `import faiss, vpr_ros.maps` {f['import_s']:.2f} s "
+                  "(vpr_ros.maps imports torch through maps.sources -> preprocess), "
+                  f"open {f['open_s']:.2f} s, first search {f['first_search_s'] * 1000:.0f} ms; RSS "
+                  f"{f['rss_before_open_mb']:.0f} MB after the imports, {f['rss_mb']:.0f} MB after the open ({f['rss_anon_mb']:.0f} MB anonymous, "
                   f"{f['rss_file_mb']:.0f} MB file-backed), i.e. the "
                   f"{b['files_mb'].get('descriptors.npy', 0) / 1024:.1f} GB descriptor file is not read."]
     lines += ["", f"After a cold `open_for`: first search of a 10752-D query "
@@ -785,16 +817,27 @@ def markdown_map_open(o: dict) -> str:
                       "timed separately on a shared machine)."]
         else:
             lines += ["", f"LocalizerNode: failed ({nd.get('error')})."]
-    npr = o.get("node_process")
-    if npr:
+    for key in ("node_process", "node_process_baseline"):
+        npr = o.get(key)
+        if not npr:
+            continue
+        what = (f"A fresh `python -m vpr_ros.ros.localizer_node` process on the {npr['places']:,}-place "
+                "map (autostart, cold map")
         if "process_ready_s" in npr:
-            lines += ["", f"A fresh `python -m vpr_ros.ros.localizer_node` process (autostart, cold map): "
-                      f"\"active\" {npr['process_ready_s']:.2f} s after the process started (its log: "
-                      f"configured in {fmt(npr.get('log_configured_in_s'), 1)} s; the rest is Python, torch, "
-                      f"timm, FAISS and rclpy imports and node start); RSS then "
-                      f"{fmt(npr.get('VmRSS_mb'), 0)} MB ({fmt(npr.get('RssAnon_mb'), 0)} MB anonymous)."]
+            lines += ["", what + f", {len(npr['runs'])} runs interleaved with the other map): \"active\" "
+                      f"{npr['process_ready_s']:.2f} s (median; {npr['process_ready_s_min']:.2f}-"
+                      f"{npr['process_ready_s_max']:.2f}) after the process started; its log says "
+                      f"configured in {fmt(npr.get('log_configured_in_s'), 1)} s (the lazy torch/timm "
+                      "imports, the model and the map; before that: Python start-up, rclpy and the "
+                      f"node module); RSS then {fmt(npr.get('VmRSS_mb'), 0)} MB "
+                      f"({fmt(npr.get('RssAnon_mb'), 0)} MB anonymous)."]
         else:
-            lines += ["", f"Node process: failed ({npr.get('error')})."]
+            lines += ["", what + f"): failed ({npr.get('error')})."]
+    big, small = o.get("node_process", {}), o.get("node_process_baseline", {})
+    if "process_ready_s" in big and "process_ready_s" in small:
+        lines += ["", f"So in a fresh node the {big['places']:,}-place map costs "
+                  f"{big['process_ready_s'] - small['process_ready_s']:+.2f} s over a "
+                  f"{small['places']:,}-place map of the same kind (medians; the rest is start-up)."]
     lines += ["", f"Writing the map: descriptors {b['descriptors_write_s']:.0f} s, index training "
               f"{b['index_train_s']:.0f} s, adding {b['index_add_s']:.0f} s, sha256 of all files "
               f"{b['checksums_s']:.0f} s."]
