@@ -787,6 +787,9 @@ def markdown_map_open(o: dict) -> str:
                      fmt(r0.get("cached_mb_before"), 1)])
     lines.append(md_table(["verify", "cache", "runs", "open s (median)", "open s (max)",
                            "RSS +MB (1st run)", "anon +MB", "MB cached before"], rows))
+    lines += ["", "RSS +MB is measured in this long-lived process with the map open; the allocator "
+              "reuses memory freed by earlier opens, so it understates.  The fresh-process numbers "
+              "below are the clean ones (RSS stays flat over repeated open/close: no leak)."]
     p = o["open_pieces_cold_s"]
     lines += ["", "Where a cold `verify=\"size\"` open spends its time: manifest + size check "
               f"{p['manifest_and_size_check_s'] * 1000:.1f} ms, places table (CSV + npy) "
