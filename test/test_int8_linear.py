@@ -71,7 +71,10 @@ def test_integer_path_exact(m, k, n):
     ref = _float64_reference(layer, x)
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
     # and the quantisation error against the float layer is small
-    float_out = _linear(k, n)(x)
+    float_layer = _linear(k, n)
+    w_err = (layer.dequantized_weight() - float_layer.weight).abs()
+    assert torch.all(w_err <= layer.weight_scale.unsqueeze(1) * 0.5 * (1 + 1e-5))
+    float_out = float_layer(x)
     assert (out - float_out).abs().max() < 0.05 * float_out.abs().max()
 
 

@@ -68,7 +68,7 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor, use_int_mm: bool = True) ->
     if use_int_mm:
         try:
             return torch._int_mm(a, b)
-        except RuntimeError:      # shape or layout this build's kernel does not take
+        except (RuntimeError, NotImplementedError):   # a shape this build's kernel refuses
             pass
     k = a.shape[1]
     dtype = torch.float32 if k <= _FLOAT32_EXACT_K else torch.float64
