@@ -222,6 +222,25 @@ def test_compressed_index_trains_on_the_map_descriptors():
     assert (idx[:, 0] == np.arange(20)).mean() >= 0.9
 
 
+def test_index_trains_on_a_sample_of_a_float16_memmap(tmp_path, monkeypatch):
+    """Large maps: descriptors stay memory-mapped (added in blocks) and training uses a
+    fixed-seed sample, so the same map always gives the same index."""
+    import vpr_ros.maps.index as index_mod
+    x = np.random.default_rng(1).standard_normal((500, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "d.npy", x.astype(np.float16))
+    mm = np.load(tmp_path / "d.npy", mmap_mode="r")
+    monkeypatch.setattr(index_mod, "ADD_BLOCK", 64)          # several add blocks
+    a, info = build_index(mm, "PCA16,IVF4,Flat", max_train=200)
+    b, _ = build_index(mm, "PCA16,IVF4,Flat", max_train=200)
+    assert info["train_size"] == 200 and a.ntotal == 500
+    from vpr_ros.maps.index import search
+    sa, ia = search(a, x[:50], 5)
+    sb, ib = search(b, x[:50], 5)
+    np.testing.assert_array_equal(ia, ib)
+    assert (ia[:, 0] == np.arange(50)).mean() >= 0.9
+
+
 def test_index_errors_are_clear(built_map):
     desc = np.asarray(np.load(built_map / "descriptors.npy"))
     with pytest.raises(MapError, match=r"IVF1024.*at least 1024"):

@@ -133,7 +133,7 @@ def _finish(folder: Path, manifest: dict, places: fmt.PlaceTable, factory: str,
             pca_dim: Optional[int], local_extractor, written: Optional[dict] = None) -> dict:
     places.write(folder)
     descriptors = np.load(folder / fmt.DESCRIPTORS_NPY, mmap_mode="r")
-    index, info = build_index(np.asarray(descriptors, dtype=np.float32), factory, pca_dim)
+    index, info = build_index(descriptors, factory, pca_dim)      # memmap, added in blocks
     write_index(index, folder / fmt.INDEX_FAISS)
     manifest["index"] = info
     manifest["counts"] = {"places": len(places)}

@@ -31,6 +31,8 @@ DEFAULT_FACTORY = "Flat"
 MMAP_MIN_BYTES = 256 << 20      # memory-map index files larger than this when FAISS can
 DEFAULT_NPROBE = 16
 DEFAULT_EF_SEARCH = 64
+DEFAULT_MAX_TRAIN = 65536       # training sample of a trained index (PCA, IVF, PQ)
+ADD_BLOCK = 16384               # rows converted to float32 and added at a time
 
 _PCA_RE = re.compile(r"^(PCAW?R?)(\d+)$")
 
@@ -74,17 +76,23 @@ def _min_training_vectors(factory: str) -> Tuple[int, str]:
 
 
 def build_index(descriptors: np.ndarray, factory: str = DEFAULT_FACTORY,
-                pca_dim: Optional[int] = None):
-    """Create, train (on ``descriptors`` themselves) and fill an inner-product index.
+                pca_dim: Optional[int] = None, max_train: int = DEFAULT_MAX_TRAIN):
+    """Create, train (on the map's own descriptors) and fill an inner-product index.
+
+    ``descriptors`` may be a memory-mapped float16/float32 array: it is converted to
+    float32 and added ``ADD_BLOCK`` rows at a time, never copied whole (a million
+    SciceVPR-B descriptors are 43 GB as float32).  A trained index (PCA, IVF, PQ) is
+    trained on all rows up to ``max_train``, else on ``max_train`` rows drawn evenly
+    at random with a fixed seed (the same map gives the same index).
 
     Returns (index, info) where info is the manifest's ``index`` section.
     """
     import faiss
 
-    x = np.ascontiguousarray(descriptors, dtype=np.float32)
-    if x.ndim != 2 or len(x) == 0:
-        raise MapError(f"cannot build an index from descriptors of shape {x.shape}")
-    n, dim = x.shape
+    shape = tuple(getattr(descriptors, "shape", np.shape(descriptors)))
+    if len(shape) != 2 or shape[0] == 0:
+        raise MapError(f"cannot build an index from descriptors of shape {shape}")
+    n, dim = shape
     spec = normalized_factory(factory, pca_dim)
     for part in spec.split(","):
         m = _PCA_RE.match(part)
@@ -105,15 +113,23 @@ def build_index(descriptors: np.ndarray, factory: str = DEFAULT_FACTORY,
                 f"index {spec!r} cannot be trained on {n} places: {why}, so it needs at least "
                 f"{need} descriptors. Use --index Flat (exact) or HNSW32 for a map this small, "
                 "or a smaller IVF/PQ setting")
+        rows = (np.arange(n) if n <= max_train else
+                np.sort(np.random.default_rng(0).choice(n, int(max_train), replace=False)))
+        sample = np.ascontiguousarray(descriptors[rows], dtype=np.float32)
         try:
-            index.train(x)
+            index.train(sample)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1]
-            raise MapError(f"training index {spec!r} on {n} descriptors failed: {reason}") from None
-    index.add(x)
+            raise MapError(f"training index {spec!r} on {len(sample)} descriptors failed: "
+                           f"{reason}") from None
+        del sample
+    for start in range(0, n, ADD_BLOCK):
+        index.add(np.ascontiguousarray(descriptors[start:start + ADD_BLOCK], dtype=np.float32))
     tune_search(index)
     info = {"factory": spec, "metric": "inner_product", "trained": bool(trained),
             "pca_dim": _pca_dim(spec), "ntotal": int(index.ntotal)}
+    if trained:
+        info["train_size"] = int(min(n, max_train))
     return index, info
 
 
