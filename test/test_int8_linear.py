@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from vpr_ros.errors import DeviceError
-from vpr_ros.models.int8_linear import (Int8Linear, Int8PointwiseConv2d, convert_to_int8,
-                                        count_int8_layers, fold_block_layer_scales,
-                                        integer_matmul, quantize_rows)
+from vpr_ros.models.int8_linear import (InplaceGELU, Int8Linear, Int8PointwiseConv2d,
+                                        convert_to_int8, count_int8_layers,
+                                        fold_block_layer_scales, integer_matmul, quantize_rows)
 
 
 def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Linear:
@@ -107,6 +107,15 @@ def test_linear_without_bias_and_other_input_dtype():
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_inplace_gelu_equals_gelu():
+    x = torch.randn(40, 33) * 4
+    for approximate in ("none", "tanh"):
+        expected = nn.GELU(approximate)(x)
+        y = x.clone()
+        out = InplaceGELU(approximate)(y)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, expected)
+
+
 def test_pointwise_conv_as_linear():
     torch.manual_seed(5)
     conv = nn.Conv2d(24, 10, kernel_size=1).eval()
@@ -166,6 +175,7 @@ def test_layer_scale_folding_matches_unfolded_block():
         folded = block(x)
     assert isinstance(block.ls1, nn.Identity)
     torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
+    assert isinstance(block.mlp.act, InplaceGELU)
     assert not fold_block_layer_scales(nn.Linear(3, 3))
 
 

@@ -23,7 +23,8 @@ int32 result (and keeps batch invariance) whatever order the BLAS sums in.
 ``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over channels, like
 the SciceVPR ``fusion`` layer) for these modules.  ``nn.TransformerEncoder`` subtrees are
 left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of
-calling the module, and the SciceVPR region encoder sees only 14 tokens per image.
+calling the module, and the SciceVPR region encoder sees only 14 tokens per image.  The
+GELU after an int8 ``fc1`` of a timm ``Mlp`` runs in place on that layer's fresh output.
 """
 
 from __future__ import annotations
@@ -109,9 +110,13 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         q, row_scale = quantize_rows(rows)
         acc = integer_matmul(q, self.weight_int8, self.use_int_mm)
-        # element-wise only (no fused multiply-add), so every row is rounded the same way
-        # whatever the number of rows
-        out = acc.to(torch.float32).mul_(row_scale).mul_(self.weight_scale)
+        # int32 -> float32 in place (same element size, each element read before it is
+        # written): no second (M, N) buffer, whose fresh pages cost as much as the pass.
+        out = acc.view(torch.float32)
+        out.copy_(acc)
+        # one rounding per element-wise op (no fused multiply-add), so every row is
+        # rounded the same way whatever the number of rows
+        out.mul_(row_scale).mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*lead, self.out_features)
@@ -142,6 +147,22 @@ class Int8PointwiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x.permute(0, 2, 3, 1))           # (B, H, W, C_out)
         return y.permute(0, 3, 1, 2)
+
+
+class InplaceGELU(nn.Module):
+    """GELU that overwrites its input: for the activation right after an :class:`Int8Linear`.
+
+    The int8 layer's output is a fresh tensor nobody else holds, so the activation can
+    reuse it instead of allocating another (M, hidden) buffer.  Inference only (autograd
+    would need the input).
+    """
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.gelu_(x, approximate=self.approximate)
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:
@@ -179,10 +200,22 @@ def convert_to_int8(model: nn.Module,
         raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
                          "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
     convert(model)
-    if fold_layer_scales:
-        for module in model.modules():
+    for module in model.modules():
+        if fold_layer_scales:
             fold_block_layer_scales(module)
+        use_inplace_activation(module)
     return model
+
+
+def use_inplace_activation(mlp: nn.Module) -> bool:
+    """In a timm ``Mlp`` whose ``fc1`` is int8, run the GELU in place (see :class:`InplaceGELU`)."""
+    from timm.layers import Mlp
+
+    if not (isinstance(mlp, Mlp) and isinstance(getattr(mlp, "fc1", None), Int8Linear)
+            and type(getattr(mlp, "act", None)) is nn.GELU):
+        return False
+    mlp.act = InplaceGELU(mlp.act.approximate)
+    return True
 
 
 def fold_block_layer_scales(block: nn.Module) -> bool:
@@ -221,5 +254,5 @@ def count_int8_layers(model: nn.Module) -> int:
 
 
 __all__ = ["Int8Linear", "Int8PointwiseConv2d", "convert_to_int8", "count_int8_layers",
-           "fold_block_layer_scales",
+           "fold_block_layer_scales", "use_inplace_activation", "InplaceGELU",
            "integer_matmul", "quantize_rows", "quantize_weight", "is_pointwise_conv"]
