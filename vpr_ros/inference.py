@@ -21,8 +21,9 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   ``fusion`` convolution run with int8 weights (one scale per output channel) and int8
   activations quantised per call with one scale per row, i.e. per token of one image,
   multiplied exactly in int32 (``torch._int_mm``).  No scale is shared between images,
-  so a whole batch runs in one forward and each descriptor is bit-identical to the one
-  of the image described alone.  Attention (SDPA), LayerNorm, GELU, the patch embedding,
+  so a whole batch runs in one forward and the int8 layers give an image the same bits
+  alone or in a batch (SciceVPR int8 descriptors are bit-identical; checked in
+  test/test_int8_linear.py).  Attention (SDPA), LayerNorm, GELU, the patch embedding,
   GeM and the SciceVPR region encoder stay float32.
 
 Images are preprocessed with
