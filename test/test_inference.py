@@ -92,7 +92,7 @@ def test_fp16_on_cpu_is_refused():
     with pytest.raises(DeviceError, match="fp16"):
         GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="fp16")
     with pytest.raises(DeviceError, match="precision"):
-        GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int4")  # int8 is valid on the CPU (dynamic quantisation)
+        GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int4")  # int8 is valid on the CPU
 
 
 def test_bf16_close_to_fp32(describer, sample_images):

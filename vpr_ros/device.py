@@ -66,7 +66,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         raise DeviceError("precision fp16 needs a CUDA device (half-precision matrix kernels "
                           "on the CPU are slow and inexact); use bf16 or fp32 on the CPU")
     if key == "int8" and device.type != "cpu":
-        raise DeviceError(f"precision int8 (dynamic quantisation) runs on the CPU only, not on "
+        raise DeviceError(f"precision int8 (integer matmuls) runs on the CPU only, not on "
                           f"{device}; use fp16 or bf16 on a GPU")
     if key == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"precision bf16 is not supported by {device}; use fp16 or fp32")

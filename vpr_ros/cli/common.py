@@ -29,7 +29,7 @@ def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None
                        help="auto | cpu | cuda | cuda:N (default auto)")
     group.add_argument("--precision", default="fp32", choices=PRECISIONS,
                        help="fp32 (exact), bf16 (CPU: bf16 weights; CUDA: autocast), fp16 "
-                            "(CUDA only) or int8 (CPU only: dynamic int8 Linear layers); "
+                            "(CUDA only) or int8 (CPU only: int8 Linear layers, per-token scales); "
                             "see docs/fast_paths.md")
     group.add_argument("--batch-size", type=int, default=8, metavar="N",
                        help="images per forward pass (default 8)")
