@@ -47,7 +47,14 @@ def test_two_process_gloo_training(tmp_path, sample_dir, repo_root):
     assert summary["world_size"] == 2 and summary["steps"] == 2 and summary["finished"]
     assert (out / "model" / "ddp_teacher.safetensors").is_file()
     # Both processes printed a summary (one JSON line each) with the same step count.
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # (decoded object by object: the ranks share one stdout pipe)
+    decoder, lines, pos, text = json.JSONDecoder(), [], 0, proc.stdout
+    while (start := text.find("{", pos)) >= 0:
+        if start and text[start - 1] not in "\n}":      # a brace inside some other line
+            pos = start + 1
+            continue
+        obj, pos = decoder.raw_decode(text, start)
+        lines.append(obj)
     assert len(lines) == 2 and {s["steps"] for s in lines} == {2}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..training.config import STAGES
 
@@ -51,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
                            progress=not args.no_progress,
                            max_steps=args.max_steps)
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items()}, default=str))
+        # one write per line: under torchrun every rank shares this stdout, and print()'s
+        # separate writes of text and newline let two ranks' lines run together
+        sys.stdout.write(json.dumps({k: v for k, v in summary.items()}, default=str) + "\n")
+        sys.stdout.flush()
     else:
         best = summary.get("best_val_R@5")
         print(f"{summary['stage']}: {summary['epochs_done']} epochs, {summary['steps']} steps, "
