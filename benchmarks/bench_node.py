@@ -25,7 +25,6 @@ Run: ``python benchmarks/bench_node.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import tempfile
@@ -33,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import DEFAULT_OUT, REPO_ROOT, fmt, md_table, median, set_threads, write_json
+from common import REPO_ROOT, fmt, md_table, median, set_threads, topic_main
 
 TINY = "scicevpr_tiny_random"
 DEPLOY = "scicevpr_b"
@@ -242,13 +241,7 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    a = ap.parse_args()
-    res = run(a.quick)
-    write_json(a.out / "node.json", res)
-    print(markdown(res))
+    topic_main(__doc__, "node", run, markdown)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Re-ranking: official-style mutual-NN counting vs the package's batched version, and storage.
+"""Re-ranking: the official algorithm vs the package's exact, int8-storage and bf16 paths, and storage.
 
 Local features are SelaVPR-shaped maps (61 x 61 x 128, unit vectors per point, stored
 as float16 as a map stores them).  They are synthetic but have the spatial structure of
@@ -34,14 +34,13 @@ Run: ``python benchmarks/bench_rerank.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-from common import (DEFAULT_OUT, fmt, interleaved_times, md_table, median, peak_rss_mb,
-                    reset_peak_rss, rss_mb, set_threads, write_json)
+from common import (fmt, interleaved_times, md_table, median, peak_rss_mb, reset_peak_rss,
+                    rss_mb, set_threads, topic_main)
 
 H = W = 61
 C = 128
@@ -306,13 +305,7 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    a = ap.parse_args()
-    res = run(a.quick)
-    write_json(a.out / "rerank.json", res)
-    print(markdown(res))
+    topic_main(__doc__, "rerank", run, markdown)
 
 
 if __name__ == "__main__":

@@ -197,5 +197,18 @@ def md_table(header: List[str], rows: List[List[object]]) -> str:
     return "\n".join(lines)
 
 
+def topic_main(doc: str, topic: str, run: Callable[[bool], dict],
+               markdown: Callable[[dict], str]) -> None:
+    """Command line of a benchmark with only --quick and --out: run, write <topic>.json, print."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a = ap.parse_args()
+    res = run(a.quick)
+    write_json(a.out / f"{topic}.json", res)
+    print(markdown(res))
+
+
 def dump_stdout(obj) -> None:
     print(json.dumps(obj, indent=1, default=str)[:4000])

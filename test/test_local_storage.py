@@ -14,8 +14,8 @@ from vpr_ros.errors import MapError
 from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
 from vpr_ros.localizer import Localizer
 from vpr_ros.maps import PlaceMap, add_to_map, benchmark_source, build_map
-from vpr_ros.maps.local_store import (Int8LocalFeatures, check_local_storage, dequantize_int8,
-                                      quantize_int8)
+from vpr_ros.maps.local_store import (Int8LocalFeatures, PlaceSubset, check_local_storage,
+                                      dequantize_int8, quantize_int8)
 from vpr_ros.models.rerank import mutual_nn_counts
 
 N = 8
@@ -102,7 +102,7 @@ def test_counts_on_int8_storage_equal_counts_on_its_dequantised_values(maps, des
     i8 = PlaceMap.open_for(maps / "int8", describer, local_extractor=local)
     store = i8.local_features
     query = torch.from_numpy(store[0])
-    lazy = mutual_nn_counts(query, [store[i] for i in range(N)])
+    lazy = mutual_nn_counts(query, PlaceSubset(store, range(N)))
     dense = mutual_nn_counts(query, torch.from_numpy(store[np.arange(N)]))
     assert torch.equal(lazy, dense)
     # unit-length features come back unit length, so every point of a place matches its

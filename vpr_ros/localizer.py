@@ -284,15 +284,15 @@ class Localizer:
         """SelaVPR re-ranking of candidate places -> (order, scores) of ``indices``."""
         import torch
 
+        from .maps.local_store import PlaceSubset
         from .models.rerank import mutual_nn_counts, official_scores, rerank_order
 
         feats = self.place_map.local_features
         if feats is None:
             raise MapError(f"map {self.place_map.path} has no local features for re-ranking")
         # one candidate map at a time from the memory-mapped store (dequantised if int8)
-        cand = [feats[int(i)] for i in indices]
-        counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)), cand,
-                                  compute=self.rerank_compute)
+        counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)),
+                                  PlaceSubset(feats, indices), compute=self.rerank_compute)
         scores = official_scores(counts)
         order = np.asarray(rerank_order(scores))
         return order, scores.detach().cpu().numpy().astype(np.float64)

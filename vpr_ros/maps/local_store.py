@@ -121,6 +121,24 @@ class Int8LocalFeatures:
 LocalFeatures = Union[np.ndarray, Int8LocalFeatures]
 
 
+class PlaceSubset:
+    """The maps of some places of a store, read (and dequantised) only when indexed.
+
+    ``PlaceSubset(store, ids)[k]`` is ``store[ids[k]]``: re-ranking K candidates holds one
+    float32 map at a time instead of K of them.
+    """
+
+    def __init__(self, store: LocalFeatures, ids: Sequence[int]):
+        self.store = store
+        self.ids = [int(i) for i in ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.store[self.ids[k]]
+
+
 def storage_of(local: Optional[LocalFeatures]) -> Optional[str]:
     if local is None:
         return None

@@ -231,6 +231,11 @@ def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.devi
     if device.type == "cpu":
         return _counts_cpu(query, candidates, compute)
     mm_dtype = _COMPUTE_DTYPES[compute]
+    if len(candidates) == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if not isinstance(candidates, (torch.Tensor, np.ndarray)):     # a sequence of maps
+        candidates = np.stack([np.asarray(candidates[i], dtype=np.float32)
+                               for i in range(len(candidates))])
     q = _as_points(query, False, device).float()
     cands = _as_points(candidates, True, None)
     k, p_cand, c = cands.shape
