@@ -34,6 +34,8 @@ from typing import Iterable, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
+from .int8_kernels import native_kernels
+
 INT8_MAX = 127
 # float32 integers are exact below 2**24: the largest |sum| of K products is 127*127*K.
 _FLOAT32_EXACT_K = (1 << 24) // (INT8_MAX * INT8_MAX)
@@ -108,6 +110,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
+        kernels = native_kernels() if rows.device.type == "cpu" else None
+        if kernels is not None:     # same bits as below, one pass per row (int8_kernels.c)
+            rows = rows.float().contiguous()
+            q, row_scale = kernels.quantize_rows(rows)
+            acc = integer_matmul(q, self.weight_int8, self.use_int_mm)
+            out = kernels.dequantize_(acc, row_scale, self.weight_scale, self.bias)
+            return out.reshape(*lead, self.out_features)
         q, row_scale = quantize_rows(rows)
         acc = integer_matmul(q, self.weight_int8, self.use_int_mm)
         # int32 -> float32 in place (same element size, each element read before it is
@@ -174,13 +183,15 @@ def is_pointwise_conv(module: nn.Module) -> bool:
 
 def convert_to_int8(model: nn.Module,
                     keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
-                    fold_layer_scales: bool = True) -> nn.Module:
+                    fold_layer_scales: bool = True, fuse_blocks: bool = True) -> nn.Module:
     """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` in place; return it.
 
     Subtrees whose type is in ``keep_float`` stay untouched (by default
     ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
     ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
-    int8 layer before it (see :func:`fold_block_layer_scales`).  Meant for inference: the
+    int8 layer before it (see :func:`fold_block_layer_scales`); with ``fuse_blocks``, such
+    blocks then run through the fused native kernels
+    (:class:`vpr_ros.models.int8_block.Int8TransformerBlock`).  Meant for inference: the
     converted layers hold buffers, not trainable parameters.
     """
     keep = tuple(keep_float)
@@ -204,6 +215,9 @@ def convert_to_int8(model: nn.Module,
         if fold_layer_scales:
             fold_block_layer_scales(module)
         use_inplace_activation(module)
+    if fold_layer_scales and fuse_blocks:
+        from .int8_block import fuse_transformer_blocks
+        fuse_transformer_blocks(model)
     return model
 
 

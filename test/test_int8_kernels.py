@@ -1,0 +1,193 @@
+"""Native fused int8 kernels (vpr_ros.models.int8_kernels, int8_block).
+
+Checks: the kernels build with the machine's compiler into an atomic, reusable cache;
+quantisation and dequantisation are bit-identical to the torch path; the fused GELU and
+LayerNorm steps agree with torch's to float32 rounding; a fused ViT block matches the
+block it wraps, never writes its input, returns fresh memory and is batch-invariant; and
+without a compiler (or with the switch off) everything falls back to the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from vpr_ros.models import int8_kernels
+from vpr_ros.models.int8_block import Int8TransformerBlock, fusable, fuse_transformer_blocks
+from vpr_ros.models.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
+                                        quantize_rows)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = int8_kernels.native_kernels()
+    assert k is not None, "this machine has a C compiler: the native kernels must build"
+    return k
+
+
+def _acc(m: int, k: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 3
+    q, s = quantize_rows(x)
+    w = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=g)
+    return integer_matmul(q, w), s, torch.rand(n, generator=g) * 1e-3, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("m,k", [(1, 7), (5, 768), (257, 3072), (33, 100)])
+def test_quantize_rows_bit_identical_to_torch(kernels, m, k):
+    torch.manual_seed(m + k)
+    x = torch.randn(m, k) * torch.logspace(-6, 3, m).unsqueeze(1)
+    x[0, :] = 0.0                       # an all-zero row gets the tiny scale, codes 0
+    q, s = kernels.quantize_rows(x)
+    q_ref, s_ref = quantize_rows(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert int(q[0].abs().max()) == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dequantize_and_residual_add_bit_identical_to_torch(kernels, bias):
+    acc, s, cs, b = _acc(70, 96, 136)
+    b = b if bias else None
+    ref = acc.float().mul_(s).mul_(cs)
+    if b is not None:
+        ref.add_(b)
+    out = kernels.dequantize_(acc.clone(), s, cs, b)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    residual = torch.randn(70, 136)
+    kept = residual.clone()
+    added = kernels.dequantize_add_(acc.clone(), s, cs, b, residual)
+    assert torch.equal(added, residual + ref)
+    assert torch.equal(residual, kept)                  # the residual is only read
+
+
+def test_gelu_and_layer_norm_steps_agree_with_torch(kernels):
+    acc, s, cs, b = _acc(300, 64, 512, seed=3)
+    q, qs = kernels.dequantize_gelu_quantize(acc.clone(), s, cs, b)
+    h = nn.functional.gelu(acc.float().mul_(s).mul_(cs).add_(b))
+    q_ref, qs_ref = quantize_rows(h)
+    assert torch.allclose(qs, qs_ref, rtol=1e-5, atol=0)
+    diff = (q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+    torch.manual_seed(4)
+    norm = nn.LayerNorm(200, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(50, 200) * 4 + 2
+    q, qs = kernels.layer_norm_quantize(x, norm.weight.detach(), norm.bias.detach(), norm.eps)
+    with torch.no_grad():
+        q_ref, qs_ref = quantize_rows(norm(x))
+    assert torch.allclose(qs, qs_ref, rtol=1e-5, atol=0)
+    assert int((q.int() - q_ref.int()).abs().max()) <= 1
+    # rows are independent of where they sit
+    q2, qs2 = kernels.layer_norm_quantize(x[7:9].contiguous(), norm.weight.detach(),
+                                          norm.bias.detach(), norm.eps)
+    assert torch.equal(q2, q[7:9]) and torch.equal(qs2, qs[7:9])
+
+
+def test_kernels_reject_wrong_inputs(kernels):
+    with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
+        kernels.quantize_rows(torch.randn(4, 8).t())
+    acc, s, cs, b = _acc(4, 8, 16)
+    with pytest.raises(ValueError, match="expected 16 elements"):
+        kernels.dequantize_(acc, s, cs[:8], b)
+    with pytest.raises(ValueError, match="torch.int32"):
+        kernels.dequantize_(acc.float(), s, cs, b)
+
+
+def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(seed)
+    block = Block(dim=dim, num_heads=heads, mlp_ratio=4.0, qkv_bias=True, init_values=0.5,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    holder = nn.Sequential(block)
+    convert_to_int8(holder, fuse_blocks=False)
+    return holder
+
+
+def test_fused_block_matches_wrapped_block_and_keeps_memory_apart(kernels):
+    holder = _int8_block()
+    assert fusable(holder[0])
+    assert fuse_transformer_blocks(holder) == 1
+    fused = holder[0]
+    assert isinstance(fused, Int8TransformerBlock)
+    x = torch.randn(3, 50, 64)
+    x_kept = x.clone()
+    with torch.inference_mode():
+        out = fused(x)
+        ref = fused.block(x)                         # the same layers through torch ops
+        first = out.clone()
+        again = fused(torch.randn(3, 50, 64))          # reuses the workspace
+    assert torch.equal(x, x_kept)                       # the input is never written
+    assert torch.equal(out, first)                      # an earlier output is not overwritten
+    assert again.data_ptr() != out.data_ptr()
+    cos = nn.functional.cosine_similarity(out.reshape(-1, 64), ref.reshape(-1, 64))
+    assert float(cos.min()) > 0.9999
+    with torch.inference_mode():
+        alone = fused(x[1:2])
+    assert torch.equal(alone[0], out[1])                # batch-invariant, bit for bit
+
+
+def test_fusable_refuses_what_it_cannot_reproduce():
+    from timm.models.vision_transformer import Block
+
+    plain = Block(dim=32, num_heads=4).eval()
+    assert not fusable(plain)                           # float layers
+    holder = _int8_block(dim=32)
+    holder[0].mlp.act = nn.GELU(approximate="tanh")
+    assert not fusable(holder[0])
+    with pytest.raises(ValueError, match="fusable"):
+        Int8TransformerBlock(plain)
+    assert not fusable(nn.Linear(3, 3))
+
+
+def test_cache_is_reused_and_written_atomically(tmp_path):
+    first = int8_kernels.build(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert int8_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]     # no temporary left behind
+    loaded = int8_kernels.NativeKernels(first)
+    q, s = loaded.quantize_rows(torch.ones(2, 3))
+    assert torch.equal(q, torch.full((2, 3), 127, dtype=torch.int8))
+
+
+def test_without_compiler_or_switched_off_the_torch_path_runs(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(int8_kernels.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(int8_kernels.KernelBuildError, match="no C compiler"):
+        int8_kernels.build()
+    with caplog.at_level(logging.WARNING, logger="vpr_ros.models.int8_kernels"):
+        assert int8_kernels.native_kernels() is None
+    assert "torch path" in caplog.text
+
+    from vpr_ros.inference import GlobalDescriber
+    x = torch.rand(3, 3, 224, 224)
+    d = GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int8")
+    torch_path = d.describe_tensor(x)                   # no kernels for this cache folder
+    assert torch.equal(d.describe_tensor(x[2:3])[0], torch_path[2])
+    monkeypatch.delenv(int8_kernels.ENV_CACHE)
+    monkeypatch.delenv("CC")
+    native = d.describe_tensor(x)
+    assert int8_kernels.native_kernels() is not None
+    cos = nn.functional.cosine_similarity(native, torch_path)
+    assert float(cos.min()) > 0.9999
+    monkeypatch.setenv(int8_kernels.ENV_SWITCH, "0")
+    assert int8_kernels.native_kernels() is None
+    assert torch.equal(d.describe_tensor(x), torch_path)
+
+
+def test_int8_linear_native_path_is_bit_identical(kernels, monkeypatch):
+    torch.manual_seed(5)
+    layer = Int8Linear.from_linear(nn.Linear(48, 40))
+    x = torch.randn(2, 30, 48)
+    native = layer(x)
+    monkeypatch.setenv(int8_kernels.ENV_SWITCH, "off")
+    assert torch.equal(layer(x), native)
+    assert np.isfinite(native.numpy()).all()

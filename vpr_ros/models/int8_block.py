@@ -1,0 +1,179 @@
+"""A whole int8 ViT block run through the fused native kernels (precision ``"int8"``).
+
+After :func:`vpr_ros.models.int8_linear.convert_to_int8`, a timm ``Block`` holds four
+:class:`~vpr_ros.models.int8_linear.Int8Linear` layers, each with its own quantise and
+dequantise passes, and the LayerNorms, GELU and residual adds between them are separate
+torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
+pass per row for everything between two integer matmuls:
+
+    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> attention (float32 SDPA)
+    -> quantise -> int8 proj -> dequantise + bias + residual
+    -> LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
+    -> int8 fc2 -> dequantise + bias + residual
+
+Rows stay independent (per-token scales, per-row LayerNorm), so descriptors stay
+batch-invariant.  The block's input is never written (the multi-layer fusion of
+SciceVPR keeps earlier blocks' outputs) and its output is a fresh tensor; everything in
+between lives in a per-thread workspace reused by every block and call (about 65 MB at
+batch 8 for ViT-B): fresh multi-megabyte buffers cost a page fault per 4 KB, as much as
+the pass that fills them.  Without the native kernels
+(:func:`vpr_ros.models.int8_kernels.native_kernels` is None), or for inputs the kernels
+do not take (an attention mask, a non-float32 or non-CPU tensor), the wrapped block runs
+as it is, through the torch path of its int8 layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .int8_kernels import native_kernels
+from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
+
+
+def _is_identity(module: Optional[nn.Module]) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _is_plain_layer_norm(norm: nn.Module, dim: int) -> bool:
+    return (type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (dim,)
+            and norm.weight is not None and norm.bias is not None)
+
+
+def fusable(block: nn.Module) -> bool:
+    """True for an exact timm ``Block`` whose parts this module reproduces.
+
+    Requires: int8 qkv/proj/fc1/fc2, LayerNorm norms, exact GELU, no q/k norm, no gate,
+    no norm inside the attention or MLP, and the LayerScales already folded away
+    (:func:`~vpr_ros.models.int8_linear.fold_block_layer_scales`).
+    """
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block
+
+    if type(block) is not Block:
+        return False
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention or type(mlp) is not Mlp:
+        return False
+    if not all(isinstance(layer, Int8Linear) for layer in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)):
+        return False
+    dim = attn.qkv.in_features
+    act = mlp.act
+    exact_gelu = (type(act) in (nn.GELU, InplaceGELU) and act.approximate == "none")
+    return (_is_plain_layer_norm(block.norm1, dim) and _is_plain_layer_norm(block.norm2, dim)
+            and exact_gelu and all(_is_identity(m) for m in (
+                block.ls1, block.ls2, block.drop_path1, block.drop_path2,
+                attn.q_norm, attn.k_norm, attn.norm, mlp.norm))
+            and getattr(attn, "gate", None) is None
+            and attn.qkv.out_features == 3 * dim and attn.proj.in_features == dim
+            and attn.num_heads * attn.head_dim == dim)
+
+
+class Workspace(threading.local):
+    """Scratch buffers by role, one set per thread, grown to the largest request seen."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, role: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        buf = self.buffers.get(role)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            with torch.inference_mode(False):    # a normal tensor: writable in and out of it
+                buf = torch.empty(numel, dtype=dtype)
+            self.buffers[role] = buf
+        return buf[:numel].view(shape)
+
+    def release(self) -> None:
+        self.buffers.clear()
+
+
+WORKSPACE = Workspace()
+
+
+def _int_mm(q: torch.Tensor, layer: Int8Linear, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is not None and layer.use_int_mm:
+        try:
+            return torch._int_mm(q, layer.weight_int8, out=out)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return integer_matmul(q, layer.weight_int8, layer.use_int_mm)
+
+
+class Int8TransformerBlock(nn.Module):
+    """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not fusable(block):
+            raise ValueError("not a fusable int8 timm Block (convert_to_int8 it first)")
+        self.block = block
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        kernels = native_kernels()
+        if (kernels is None or attn_mask is not None or is_causal or x.dtype != torch.float32
+                or x.device.type != "cpu" or x.ndim != 3):
+            return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
+        blk = self.block
+        attn, mlp = blk.attn, blk.mlp
+        b, n, c = x.shape
+        m, hidden = b * n, mlp.fc1.out_features
+        ws = WORKSPACE
+        rows = x.reshape(m, c)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        q_c = ws.get("q_c", (m, c), torch.int8)
+        s_a, s_b = ws.get("s_a", (m, 1), torch.float32), ws.get("s_b", (m, 1), torch.float32)
+
+        # attention: LayerNorm + quantise, qkv, float32 SDPA, proj + residual
+        kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
+        qkv = kernels.dequantize_(_int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32)),
+                                  s_a, attn.qkv.weight_scale, attn.qkv.bias)
+        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
+        mixed = ws.get("mixed", (b, n, attn.num_heads, attn.head_dim), torch.float32)
+        mixed.copy_(heads.transpose(1, 2))
+        kernels.quantize_rows(mixed.view(m, c), q_c, s_a)
+        rows = kernels.dequantize_add_(_int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32)),
+                                       s_a, attn.proj.weight_scale, attn.proj.bias, rows)
+
+        # MLP: LayerNorm + quantise, fc1 + GELU + quantise, fc2 + residual (a fresh output)
+        kernels.layer_norm_quantize(rows, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
+        q_h = ws.get("q_h", (m, hidden), torch.int8)
+        kernels.dequantize_gelu_quantize(_int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32)),
+                                         s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
+        out = kernels.dequantize_add_(_int_mm(q_h, mlp.fc2, torch.empty((m, c), dtype=torch.int32)),
+                                      s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
+        return out.reshape(b, n, c)
+
+
+def fuse_transformer_blocks(model: nn.Module) -> int:
+    """Wrap every fusable block of ``model`` (in place) in :class:`Int8TransformerBlock`.
+
+    Returns how many blocks were wrapped.
+    """
+    count = 0
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal count
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int8TransformerBlock):
+                continue
+            if fusable(child):
+                setattr(parent, name, Int8TransformerBlock(child))
+                count += 1
+            else:
+                visit(child)
+
+    visit(model)
+    return count
+
+
+__all__ = ["Int8TransformerBlock", "Workspace", "WORKSPACE", "fusable", "fuse_transformer_blocks"]
