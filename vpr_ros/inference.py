@@ -24,7 +24,10 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   so a whole batch runs in one forward and the int8 layers give an image the same bits
   alone or in a batch (SciceVPR int8 descriptors are bit-identical; checked in
   test/test_int8_linear.py).  Attention (SDPA), LayerNorm, GELU, the patch embedding,
-  GeM and the SciceVPR region encoder stay float32.
+  GeM and the SciceVPR region encoder compute in float32.  The passes between two int8
+  matmuls (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in
+  small C kernels compiled on first use (:mod:`vpr_ros.models.int8_kernels`; the torch
+  ops where no C compiler is found).
 
 Images are preprocessed with
 :func:`vpr_ros.preprocess.preprocess` (the official evaluation pipeline).
@@ -75,10 +78,14 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     Every ``nn.Linear`` and the pointwise (1x1) convolutions become int8 layers with
     per-output-channel weight scales and per-row (per-token) activation scales computed
     on each call, multiplied exactly in int32 (``torch._int_mm``).  The SciceVPR region
-    encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.
+    encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.  The
+    native fused kernels (:mod:`vpr_ros.models.int8_kernels`) are built here, at model
+    construction, so that the first image does not wait for the compiler.
     """
+    from .models.int8_kernels import native_kernels
     from .models.int8_linear import convert_to_int8
 
+    native_kernels()
     return convert_to_int8(model)
 
 

@@ -134,23 +134,23 @@ class Int8TransformerBlock(nn.Module):
 
         # attention: LayerNorm + quantise, qkv, float32 SDPA, proj + residual
         kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
-        qkv = kernels.dequantize_(_int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32)),
-                                  s_a, attn.qkv.weight_scale, attn.qkv.bias)
+        acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
+        qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
         mixed = ws.get("mixed", (b, n, attn.num_heads, attn.head_dim), torch.float32)
         mixed.copy_(heads.transpose(1, 2))
         kernels.quantize_rows(mixed.view(m, c), q_c, s_a)
-        rows = kernels.dequantize_add_(_int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32)),
-                                       s_a, attn.proj.weight_scale, attn.proj.bias, rows)
+        acc = _int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
+        rows = kernels.dequantize_add_(acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows)
 
         # MLP: LayerNorm + quantise, fc1 + GELU + quantise, fc2 + residual (a fresh output)
         kernels.layer_norm_quantize(rows, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
         q_h = ws.get("q_h", (m, hidden), torch.int8)
-        kernels.dequantize_gelu_quantize(_int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32)),
-                                         s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
-        out = kernels.dequantize_add_(_int_mm(q_h, mlp.fc2, torch.empty((m, c), dtype=torch.int32)),
-                                      s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
+        acc = _int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32))
+        kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
+        acc = _int_mm(q_h, mlp.fc2, torch.empty((m, c), dtype=torch.int32))
+        out = kernels.dequantize_add_(acc, s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
         return out.reshape(b, n, c)
 
 

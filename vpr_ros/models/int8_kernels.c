@@ -116,8 +116,8 @@ static inline float exp_nonpositive(float v) {
     return p * two_n;
 }
 
-/* erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, the size of float32
- * rounding near 1). */
+/* erf by Abramowitz & Stegun 7.1.26: 1.5e-7 in exact arithmetic, 6.4e-7 measured in
+ * float32 over [-6, 6]; GELU built on it is within 5e-7 of the exact GELU there. */
 static inline float erf_approx(float x) {
     const float a = fabsf(x);
     const float t = 1.0f / (1.0f + 0.3275911f * a);
