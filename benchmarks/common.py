@@ -20,7 +20,11 @@ from typing import Callable, Dict, List, Optional
 # Idle OpenMP threads sleep instead of spinning.  On a shared, oversubscribed machine
 # spinning threads steal time slices from each other (FAISS k-means and 2-thread search
 # became 10-100x slower at load average 14); set before FAISS/torch load OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# VPR_BENCH_OMP_DEFAULT=1 keeps the OpenMP runtime's default instead (what the node and
+# the CLI run with: spin briefly, then sleep); bench_descriptors measures both.
+OMP_DEFAULT_ENV = "VPR_BENCH_OMP_DEFAULT"
+if os.environ.get(OMP_DEFAULT_ENV) != "1":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:

@@ -57,6 +57,13 @@ def summary(results: dict) -> str:
                          f"{d['fidelity'][name]['top1_identical']:.3f}" if name in d["fidelity"] else "1"])
         lines += ["Descriptor speed-ups over plain eager fp32 (SciceVPR-B):", "",
                   md_table(["variant", "batch 1", "batch 8", "min cosine", "top-1 identical"], rows), ""]
+        child = d.get("speed_omp_default", {}).get("speed", {})
+        if child:
+            lines += ["Under the OpenMP runtime's default wait policy (as the node and CLI run): "
+                      + ", ".join(f"{name} {r['b1']['speedup_vs_eager_fp32']:.2f}x / "
+                                  f"{r['b8']['speedup_vs_eager_fp32']:.2f}x"
+                                  for name, r in child.items() if name != "eager_fp32")
+                      + " (batch 1 / batch 8).", ""]
     r = results.get("rerank", {})
     if "results" in r:
         for key, e in r["results"].items():
