@@ -191,3 +191,19 @@ def test_int8_linear_native_path_is_bit_identical(kernels, monkeypatch):
     monkeypatch.setenv(int8_kernels.ENV_SWITCH, "off")
     assert torch.equal(layer(x), native)
     assert np.isfinite(native.numpy()).all()
+
+
+def test_worker_thread_gives_the_same_bits(kernels):
+    """The node describes on an executor thread: its own workspace, same descriptors."""
+    import threading
+
+    from vpr_ros.inference import GlobalDescriber
+
+    d = GlobalDescriber("demo_tiny", device="cpu", precision="int8")
+    x = torch.rand(2, 3, *d.input_size)
+    main = d.describe_tensor(x)
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(out=d.describe_tensor(x)))
+    worker.start()
+    worker.join(timeout=120)
+    assert torch.equal(results["out"], main)
