@@ -16,8 +16,8 @@ per row.  It is plain C (no torch headers), so it compiles in about a second:
 
 Without a compiler, or with ``VPR_ROS_NATIVE_KERNELS=0``, :func:`native_kernels` returns
 None and the int8 layers use their torch implementation: the same quantisation and
-dequantisation bit for bit (the tests check it), slower.  Only the GELU (polynomial
-``erf``, GELU within 5e-7 of the exact one) and the LayerNorm (a fixed 16-way summation order)
+dequantisation bit for bit (the tests check it), slower.  Only the GELU (a rational
+``erf`` within 5e-7 of the exact one) and the LayerNorm (a fixed 16-way summation order)
 differ from torch's own, by float32 rounding.
 """
 
