@@ -175,3 +175,21 @@ def test_realtime_bag_eval_through_the_live_node(setup, ros_domain):
     assert report["recall"]["1"] == 1.0 and report["recall"]["5"] == 1.0
     assert report["node"]["node_diagnostics"]["state"] == "active"
     assert report["node"]["node_diagnostics"]["exit_code"] == "0"
+
+
+def test_realtime_replay_reports_a_node_that_dies_instead_of_waiting(setup, ros_domain, tmp_path):
+    """A node that exits (here: its map does not exist) ends the replay at once with the
+    node's status and log, rather than leaving the replay waiting on a dead peer."""
+    import time
+
+    pytest.importorskip("rclpy")
+    from vpr_ros.errors import VprError
+    from vpr_ros.ros.replay import run_node_and_replay
+
+    root, *_ = setup
+    t0 = time.monotonic()
+    with pytest.raises(VprError, match="exited with status 1 before it was ready"):
+        run_node_and_replay(root / "drive", "/camera/image_raw",
+                            {"map_path": str(tmp_path / "no_map"), "device": "cpu"},
+                            ready_timeout_s=120.0)
+    assert time.monotonic() - t0 < 100.0      # well before the ready timeout

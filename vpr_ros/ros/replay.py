@@ -178,6 +178,24 @@ class _Collector(Node):
                 self.status_seen.set()
 
 
+def _spin_politely(executor, stop: threading.Event) -> None:
+    """``executor.spin()`` that sleeps a millisecond between rounds.
+
+    When the node process dies, the collector's wait set can become ready on every
+    round (graph changes) and a bare ``spin()`` then loops at full speed, holding the
+    GIL so that the thread watching the node process hardly runs: a CI run hung for
+    20 minutes that way.  The sleep hands the GIL over and bounds the CPU use.
+    """
+    while not stop.is_set() and executor.context.ok():
+        try:
+            executor.spin_once(timeout_sec=0.05)
+        except Exception:   # noqa: BLE001 - context shut down under us: stop spinning
+            if not executor.context.ok():
+                return
+            raise
+        time.sleep(0.001)
+
+
 def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
                node_image_topic: str = "/camera/image_raw", rate: float = 1.0,
                context=None, ready_timeout_s: float = 120.0, settle_s: float = 5.0,
@@ -208,7 +226,8 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
         col.callbacks.append(on_match)
     executor = SingleThreadedExecutor(context=col.context)
     executor.add_node(col)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    stop = threading.Event()
+    spinner = threading.Thread(target=_spin_politely, args=(executor, stop), daemon=True)
     spinner.start()
     try:
         deadline = time.monotonic() + ready_timeout_s
@@ -266,6 +285,8 @@ def replay_bag(bag, image_topic: str, node_name: str = NODE_NAME,
         with col.lock:
             return col.result
     finally:
+        stop.set()
+        spinner.join(timeout=5.0)
         executor.shutdown(timeout_sec=2.0)
         col.destroy_node()
 
