@@ -279,10 +279,10 @@ def speed_with_omp_default(quick: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def child_speed(quick: bool) -> dict:
-    import os
+def describers():
+    """The package's fp32, bf16 and int8 describers of SciceVPR-B with the same weights
+    (random, seed 0); fp32 and bf16 share one model (bf16 = autocast over it)."""
     import torch
-    set_threads(2)
     from vpr_ros.inference import GlobalDescriber
     card = random_card("scicevpr_b")
     d32 = GlobalDescriber(card, device="cpu", precision="fp32", batch_size=8)
@@ -290,12 +290,26 @@ def child_speed(quick: bool) -> dict:
     d16.__dict__.update(d32.__dict__)
     d16.dtype, d16.precision = torch.bfloat16, "bf16"
     d8 = GlobalDescriber(card, device="cpu", precision="int8", batch_size=8)
-    fns = variants(d32.model, d32, d16, False, describer_int8=d8)
-    fns = {name: fns[name] for name in CHILD_VARIANTS}
-    _, q_imgs = load_nordland(8 if quick else 32, 8 if quick else 32)
+    return d32, d16, d8
+
+
+def speed_setup(quick: bool):
+    """(Nordland database images, query images, inputs by batch size, rounds by batch size)."""
     from vpr_ros.preprocess import preprocess
+    n = 8 if quick else 32
+    db_imgs, q_imgs = load_nordland(n, n)
     x_by_batch = {1: preprocess(q_imgs[:1], (224, 224)), 8: preprocess(q_imgs[:8], (224, 224))}
     repeats = {1: 2, 8: 1} if quick else {1: 11, 8: 5}
+    return db_imgs, q_imgs, x_by_batch, repeats
+
+
+def child_speed(quick: bool) -> dict:
+    import os
+    set_threads(2)
+    d32, d16, d8 = describers()
+    fns = variants(d32.model, d32, d16, False, describer_int8=d8)
+    fns = {name: fns[name] for name in CHILD_VARIANTS}
+    _, _, x_by_batch, repeats = speed_setup(quick)
     return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (runtime default)"),
             "speed": speed(fns, x_by_batch, repeats)}
 
@@ -329,25 +343,12 @@ def selavpr_speed(quick: bool) -> dict:
 
 def run(quick: bool, compile_: bool = False, selavpr: bool = True) -> dict:
     import os
-    import torch
     set_threads(2)
-    from vpr_ros.inference import GlobalDescriber
-    card = random_card("scicevpr_b")
     t0 = time.perf_counter()
-    d32 = GlobalDescriber(card, device="cpu", precision="fp32", batch_size=8)
-    d16 = GlobalDescriber.__new__(GlobalDescriber)
-    d16.__dict__.update(d32.__dict__)             # share the model: same weights, bf16 autocast
-    d16.dtype, d16.precision = torch.bfloat16, "bf16"
+    d32, d16, d8 = describers()
     build_s = time.perf_counter() - t0
-    # same seed, so the same weights
-    d8 = GlobalDescriber(card, device="cpu", precision="int8", batch_size=8)
     fns = variants(d32.model, d32, d16, compile_, describer_int8=d8)
-
-    n_db, n_q = (8, 8) if quick else (32, 32)
-    db_imgs, q_imgs = load_nordland(n_db, n_q)
-    from vpr_ros.preprocess import preprocess
-    x_by_batch = {1: preprocess(q_imgs[:1], (224, 224)), 8: preprocess(q_imgs[:8], (224, 224))}
-    repeats = {1: 2, 8: 1} if quick else {1: 11, 8: 5}
+    db_imgs, q_imgs, x_by_batch, repeats = speed_setup(quick)
     res = {"model": "scicevpr_b (random weights, seed 0)", "build_s": build_s,
            "official_fp32_s_per_image_reference": 0.38,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (runtime default)"),

@@ -106,11 +106,6 @@ class Int8LocalFeatures:
     def dtype(self) -> np.dtype:
         return self.codes.dtype
 
-    @property
-    def bytes_per_place(self) -> int:
-        n = max(len(self), 1)
-        return int((self.codes.nbytes + self.scales.nbytes) // n)
-
     def __len__(self) -> int:
         return int(self.codes.shape[0])
 
@@ -163,10 +158,6 @@ class LocalFeatureWriter:
             self._scales = fmt.NpyAppender(folder / fmt.LOCAL_SCALES_NPY, np.float16,
                                            self.row_shape[:-1])
 
-    @property
-    def rows(self) -> int:
-        return self._values.rows
-
     def append(self, block: np.ndarray) -> None:
         """Float features (B, H, W, C) -> stored (quantised when int8)."""
         if self._scales is None:
@@ -182,11 +173,12 @@ class LocalFeatureWriter:
         if storage_of(local) != self.storage:
             raise MapError(f"cannot append {storage_of(local)} local features to a "
                            f"{self.storage} store")
+        if self._scales is not None:
+            self.unit_norm = self.unit_norm and local.unit_norm
         for start in range(0, len(local), chunk):
             if self._scales is None:
                 self._values.append(np.asarray(local[start:start + chunk]))
             else:
-                self.unit_norm = self.unit_norm and local.unit_norm
                 self._values.append(np.asarray(local.codes[start:start + chunk]))
                 self._scales.append(np.asarray(local.scales[start:start + chunk]))
 
@@ -206,8 +198,7 @@ def open_local_features(folder: Path, section: dict, n_places: int) -> LocalFeat
                   if storage == "int8" else None)
     except (ValueError, OSError) as exc:
         raise MapError(f"map {folder}: local features are missing or corrupt ({exc})") from None
-    want = "int8" if storage == "int8" else "float16"
-    if values.dtype != np.dtype(want):
+    if values.dtype != np.dtype(storage):
         raise MapError(f"map {folder}: {fmt.LOCAL_FEATURES_NPY} holds {values.dtype}, the "
                        f"manifest says {storage} storage")
     if values.shape[0] != n_places or list(values.shape) != list(section.get("shape", values.shape)):

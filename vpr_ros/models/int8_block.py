@@ -98,12 +98,7 @@ WORKSPACE = Workspace()
 
 
 def _int_mm(q: torch.Tensor, layer: Int8Linear, out: Optional[torch.Tensor]) -> torch.Tensor:
-    if out is not None and layer.use_int_mm:
-        try:
-            return torch._int_mm(q, layer.weight_int8, out=out)
-        except (RuntimeError, NotImplementedError):
-            pass
-    return integer_matmul(q, layer.weight_int8, layer.use_int_mm)
+    return integer_matmul(q, layer.weight_int8, layer.use_int_mm, out=out)
 
 
 class Int8TransformerBlock(nn.Module):
@@ -149,7 +144,7 @@ class Int8TransformerBlock(nn.Module):
         q_h = ws.get("q_h", (m, hidden), torch.int8)
         acc = _int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32))
         kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
-        acc = _int_mm(q_h, mlp.fc2, torch.empty((m, c), dtype=torch.int32))
+        acc = _int_mm(q_h, mlp.fc2, None)            # a fresh tensor: the output
         out = kernels.dequantize_add_(acc, s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
         return out.reshape(b, n, c)
 

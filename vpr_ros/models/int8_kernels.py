@@ -49,6 +49,7 @@ FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
 
 _lock = threading.Lock()
 _loaded: dict = {}
+_NOT_LOADED = object()
 
 
 class KernelBuildError(RuntimeError):
@@ -239,11 +240,16 @@ class NativeKernels:
 def native_kernels() -> Optional[NativeKernels]:
     """The loaded kernels, building them on first call; None if disabled or unavailable.
 
-    A failure is logged once (with the reason) and remembered for the process.
+    A failure is logged once (with the reason) and remembered for the process.  Called by
+    every int8 layer on every forward, so the common case is two environment lookups
+    and a dict hit (the key is the raw settings that decide the cache folder).
     """
     if not enabled():
         return None
-    key = str(cache_dir())
+    key = (os.environ.get(ENV_CACHE), os.environ.get("XDG_CACHE_HOME"))
+    loaded = _loaded.get(key, _NOT_LOADED)
+    if loaded is not _NOT_LOADED:
+        return loaded
     with _lock:
         if key not in _loaded:
             try:

@@ -62,15 +62,17 @@ def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, scale.squeeze(1)
 
 
-def integer_matmul(a: torch.Tensor, b: torch.Tensor, use_int_mm: bool = True) -> torch.Tensor:
+def integer_matmul(a: torch.Tensor, b: torch.Tensor, use_int_mm: bool = True,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact int32 product of int8 ``a`` (M, K) and int8 ``b`` (K, N).
 
-    ``torch._int_mm`` when it accepts the shapes (and ``use_int_mm``), otherwise a float
-    matmul of the same integers that is exact by construction (float64 for long K).
+    ``torch._int_mm`` when it accepts the shapes (and ``use_int_mm``), written into
+    ``out`` (int32 (M, N)) when given; otherwise a float matmul of the same integers that
+    is exact by construction (float64 for long K), in a new tensor.
     """
     if use_int_mm:
         try:
-            return torch._int_mm(a, b)
+            return torch._int_mm(a, b) if out is None else torch._int_mm(a, b, out=out)
         except (RuntimeError, NotImplementedError):   # a shape this build's kernel refuses
             pass
     k = a.shape[1]
