@@ -2,9 +2,11 @@
 
 Checks: the kernels build with the machine's compiler into an atomic, reusable cache;
 quantisation and dequantisation are bit-identical to the torch path; the fused GELU and
-LayerNorm steps agree with torch's to float32 rounding; a fused ViT block matches the
-block it wraps, never writes its input, returns fresh memory and is batch-invariant; and
-without a compiler (or with the switch off) everything falls back to the torch path.
+LayerNorm steps agree with torch's to float32 rounding; the int8 attention computes what
+it defines (int8 Q, K, V, 8-bit softmax weights), the same bits with AVX512-VNNI and with
+plain loops, image by image, and stays close to float32 SDPA; a fused ViT block matches
+the block it wraps, never writes its input, returns fresh memory and is batch-invariant;
+and without a compiler (or with the switch off) everything falls back to the torch path.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from vpr_ros.models import int8_kernels
-from vpr_ros.models.int8_block import Int8TransformerBlock, fusable, fuse_transformer_blocks
+from vpr_ros.models.int8_block import (ENV_ATTENTION, Int8TransformerBlock, fusable,
+                                       fuse_transformer_blocks)
 from vpr_ros.models.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
                                         quantize_rows)
 
@@ -99,6 +102,62 @@ def test_kernels_reject_wrong_inputs(kernels):
         kernels.dequantize_(acc, s, cs[:8], b)
     with pytest.raises(ValueError, match="torch.int32"):
         kernels.dequantize_(acc.float(), s, cs, b)
+
+
+def _attention_by_definition(qkv: torch.Tensor, b: int, n: int, h: int, d: int, scale: float):
+    """What vpr_attention_int8 computes, written with torch ops (integer products in float64,
+    exact); and float32 SDPA of the same inputs."""
+    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+
+    def per_token(x):                            # the linear layers' row quantisation
+        codes, s = quantize_rows(x.reshape(-1, d))
+        return codes.double().view(b, h, n, d), s.view(b, h, n, 1)
+
+    q_codes, q_scale = per_token(q)
+    k_codes, k_scale = per_token(k)
+    k_scale = k_scale.transpose(-1, -2)
+    scores = (q_codes @ k_codes.transpose(-1, -2)).float() * (q_scale * scale) * k_scale
+    weights = torch.round(torch.exp(scores - scores.amax(-1, keepdim=True)) * 255)
+    v_scale = v.abs().amax(-2, keepdim=True).clamp_min(1e-30) / 127      # per channel of an image
+    v_codes = torch.round(v * ((1 / (v_scale * 127)) * 127))
+    sums = (weights.double() @ v_codes.double()).float()
+    out = sums * v_scale * (1 / weights.sum(-1, keepdim=True))
+    exact = nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return (out.transpose(1, 2).reshape(b * n, h * d), exact.transpose(1, 2).reshape(b * n, h * d))
+
+
+@pytest.mark.parametrize("b,n,h,d", [(1, 257, 12, 64), (2, 37, 3, 16), (3, 50, 4, 20),
+                                     (1, 5, 2, 6), (2, 1, 2, 8)])
+def test_int8_attention_computes_its_definition_close_to_sdpa(kernels, b, n, h, d):
+    g = torch.Generator().manual_seed(n * d)
+    qkv = torch.randn(b * n, 3 * h * d, generator=g) * 2
+    qkv[:, 2 * h * d:] += torch.randn(h * d, generator=g) * 3       # channels of different sizes
+    out = kernels.attention_int8(qkv, b, n, h, d, d ** -0.5)
+    defined, exact = _attention_by_definition(qkv, b, n, h, d, d ** -0.5)
+    # only exp differs (a polynomial vs torch's), which can move a weight code by one
+    assert float((out - defined).abs().max()) < 1e-3
+    assert float((out - defined).abs().mean()) < 1e-6
+    cos = nn.functional.cosine_similarity(out.view(-1, d), exact.view(-1, d))
+    assert float(cos.mean()) > 0.999 and float(cos.min()) > 0.99
+    # the plain-C integer loops (the path of CPUs without AVX512-VNNI) give the same bits
+    assert torch.equal(kernels.attention_int8(qkv, b, n, h, d, d ** -0.5, generic=True), out)
+    # every image on its own scales: alone or in a batch, the same bits
+    for i in range(b):
+        alone = kernels.attention_int8(qkv[i * n:(i + 1) * n].contiguous(), 1, n, h, d, d ** -0.5)
+        assert torch.equal(alone, out[i * n:(i + 1) * n])
+
+
+def test_int8_attention_checks_its_buffers(kernels):
+    qkv = torch.randn(10, 3 * 16)                          # 2 images x 5 tokens, 2 heads of 8
+    with pytest.raises(ValueError, match="qkv: expected 960 elements"):
+        kernels.attention_int8(qkv, 2, 5, 4, 8, 0.3)
+    with pytest.raises(ValueError, match="out: expected 160 elements"):
+        kernels.attention_int8(qkv, 2, 5, 2, 8, 0.3, out=torch.empty(5, 16))
+    with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
+        kernels.attention_int8(qkv, 2, 5, 2, 8, 0.3, out=torch.empty(16, 10).t())
+    with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
+        kernels.attention_int8(qkv.double(), 2, 5, 2, 8, 0.3)
+    assert kernels.attention_int8(qkv, 2, 5, 2, 8, 0.3).shape == (10, 16)
 
 
 def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):
@@ -207,3 +266,19 @@ def test_worker_thread_gives_the_same_bits(kernels):
     worker.start()
     worker.join(timeout=120)
     assert torch.equal(results["out"], main)
+
+
+def test_int8_attention_switch_keeps_float_attention(kernels, monkeypatch):
+    """VPR_ROS_INT8_ATTENTION=0: float32 SDPA inside the fused block, still batch-invariant."""
+    from vpr_ros.inference import GlobalDescriber
+
+    d = GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int8")
+    x = torch.rand(3, 3, *d.input_size)
+    with_int8 = d.describe_tensor(x)
+    monkeypatch.setenv(ENV_ATTENTION, "0")
+    with_float = d.describe_tensor(x)
+    assert not torch.equal(with_float, with_int8)          # the switch reaches the blocks
+    assert torch.equal(d.describe_tensor(x[1:2])[0], with_float[1])
+    assert float(nn.functional.cosine_similarity(with_float, with_int8).min()) > 0.999
+    monkeypatch.delenv(ENV_ATTENTION)
+    assert torch.equal(d.describe_tensor(x), with_int8)

@@ -23,11 +23,13 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   multiplied exactly in int32 (``torch._int_mm``).  No scale is shared between images,
   so a whole batch runs in one forward and the int8 layers give an image the same bits
   alone or in a batch (SciceVPR int8 descriptors are bit-identical; checked in
-  test/test_int8_linear.py).  Attention (SDPA), LayerNorm, GELU, the patch embedding,
-  GeM and the SciceVPR region encoder compute in float32.  The passes between two int8
-  matmuls (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in
-  small C kernels compiled on first use (:mod:`vpr_ros.models.int8_kernels`; the torch
-  ops where no C compiler is found).
+  test/test_int8_linear.py).  LayerNorm, GELU, the patch embedding, GeM and the
+  SciceVPR region encoder compute in float32.  The passes between two int8 matmuls
+  (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in small C
+  kernels compiled on first use (:mod:`vpr_ros.models.int8_kernels`), and with them the
+  ViT blocks' attention runs on int8 Q, K, V and 8-bit softmax weights
+  (:mod:`vpr_ros.models.int8_block`; ``VPR_ROS_INT8_ATTENTION=0`` keeps float32 SDPA).
+  Where no C compiler is found the torch ops run, with float32 SDPA attention.
 
 Images are preprocessed with
 :func:`vpr_ros.preprocess.preprocess` (the official evaluation pipeline).

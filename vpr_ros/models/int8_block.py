@@ -6,15 +6,25 @@ dequantise passes, and the LayerNorms, GELU and residual adds between them are s
 torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
 pass per row for everything between two integer matmuls:
 
-    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> attention (float32 SDPA)
+    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> int8 attention
     -> quantise -> int8 proj -> dequantise + bias + residual
     -> LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
     -> int8 fc2 -> dequantise + bias + residual
 
-Rows stay independent (per-token scales, per-row LayerNorm), so descriptors stay
-batch-invariant.  The block's input is never written (the multi-layer fusion of
-SciceVPR keeps earlier blocks' outputs) and its output is a fresh tensor; everything in
-between lives in a per-thread workspace reused by every block and call (about 65 MB at
+The attention (``NativeKernels.attention_int8``) computes the scores Q K^T from int8 Q
+and K (one scale per token and head, as the linear layers quantise their inputs), the
+softmax in float32, and the weighted sum of the values from 8-bit weights and int8 V
+(one scale per channel of each image and head): both products exact in int32, with
+AVX512-VNNI where the CPU has it.  At ViT-B's 257 tokens it takes 0.4x the time of
+float32 SDPA, the largest cost of the block after the matmuls.  With
+``VPR_ROS_INT8_ATTENTION=0`` the block runs float32 SDPA there instead (the int8 model
+of before, for comparison or if a checkpoint's attention turns out too peaky for 8-bit
+weights).
+
+Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
+belong to one image, so descriptors stay batch-invariant.  The block's input is never
+written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
+output is a fresh tensor; everything in between lives in a per-thread workspace reused by every block and call (about 65 MB at
 batch 8 for ViT-B): fresh multi-megabyte buffers cost a page fault per 4 KB, as much as
 the pass that fills them.  Without the native kernels
 (:func:`vpr_ros.models.int8_kernels.native_kernels` is None), or for inputs the kernels
@@ -24,6 +34,7 @@ as it is, through the torch path of its int8 layers.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional, Tuple
 
@@ -33,6 +44,13 @@ import torch.nn.functional as F
 
 from .int8_kernels import native_kernels
 from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
+
+
+ENV_ATTENTION = "VPR_ROS_INT8_ATTENTION"    # "0" / "off" / "false": float32 SDPA in fused blocks
+
+
+def int8_attention_enabled() -> bool:
+    return os.environ.get(ENV_ATTENTION, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _is_identity(module: Optional[nn.Module]) -> bool:
@@ -131,11 +149,15 @@ class Int8TransformerBlock(nn.Module):
         kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
         acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
         qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
-        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
-        mixed = ws.get("mixed", (b, n, attn.num_heads, attn.head_dim), torch.float32)
-        mixed.copy_(heads.transpose(1, 2))
-        kernels.quantize_rows(mixed.view(m, c), q_c, s_a)
+        mixed = ws.get("mixed", (m, c), torch.float32)
+        if int8_attention_enabled():
+            kernels.attention_int8(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
+                                   out=mixed)
+        else:
+            qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
+            mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))
+        kernels.quantize_rows(mixed, q_c, s_a)
         acc = _int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
         rows = kernels.dequantize_add_(acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows)
 
@@ -171,4 +193,5 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["Int8TransformerBlock", "Workspace", "WORKSPACE", "fusable", "fuse_transformer_blocks"]
+__all__ = ["Int8TransformerBlock", "Workspace", "WORKSPACE", "ENV_ATTENTION", "fusable",
+           "fuse_transformer_blocks", "int8_attention_enabled"]

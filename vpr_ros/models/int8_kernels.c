@@ -1,4 +1,5 @@
-/* Fused element-wise passes around the int8 matmuls of vpr_ros (precision "int8").
+/* Fused element-wise passes around the int8 matmuls of vpr_ros (precision "int8"), and
+ * an int8 multi-head attention (at the end of this file).
  *
  * Built on first use by vpr_ros/models/int8_kernels.py with the machine's C compiler
  * (-O3 -march=native, OpenMP) and called through ctypes on contiguous tensors.  Each
@@ -188,4 +189,351 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
         for (int64_t j = 0; j < k; ++j) h[j] = (r[j] - mean) * rstd * weight[j] + bias[j];
         q_scale[i] = quantize_row(h, k, q + i * k);
     }
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Multi-head attention with int8 scores and int8 weighted sums (one image, one head at a
+ * time; the heads of all images are shared out between the threads).
+ *
+ *   Q, K: int8, one scale per token (absmax of its head_dim values / 127), as the linear
+ *         layers quantise their inputs;  S = (Q K^T) * q_scale * k_scale * scale, exact
+ *         in int32 before the two float multiplies.
+ *   P:    p = exp(S - rowmax) in float32, so the largest weight of a row is exactly 1,
+ *         then uint8 codes round(255 p) (weights below 1/510 of the row's largest vanish);
+ *   V:    int8, one scale per channel over the image's tokens;
+ *   out = (P_codes V_codes) * v_scale / sum(P_codes), exact in int32 before the floats.
+ *
+ * With AVX512-VNNI the two integer products are vpdpbusd (uint8 x int8 -> int32): Q is
+ * offset by +128 into uint8 and 128 * sum(k) subtracted again, P codes are uint8 already.
+ * Without it a plain C loop computes the same integers, so both give the same bits.
+ * Everything is computed per (image, head), so the result does not depend on the batch.
+ * ------------------------------------------------------------------------------------ */
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define VPR_HAVE_VNNI 1
+#else
+#define VPR_HAVE_VNNI 0
+#endif
+#include <stdlib.h>
+
+#define ATT_BLOCK 16            /* keys per score vector, channels per output vector */
+#define EXP_FLOOR (-87.0f)      /* below: exp underflows float32; return 0 */
+
+/* e^x for x <= 0 (float32; within 2 ulp): x = n ln2 + r with |r| <= ln2 / 2, a degree-6
+ * Taylor polynomial in r, 2^n put into the exponent bits.  Plain arithmetic, so the loop
+ * calling it vectorises and every element gets the same value wherever it sits. */
+static inline float exp_nonpositive(float x) {
+    const float xc = x < EXP_FLOOR ? EXP_FLOOR : x;
+    const float n = rintf(xc * 1.4426950408889634f);
+    float r = xc - n * 0.693145751953125f;
+    r = r - n * 1.4286068203094173e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    const float y = p * two_n;
+    return x < EXP_FLOOR ? 0.0f : y;
+}
+
+static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+#define ROWS 4                  /* query rows computed together (each key/value load serves 4) */
+
+/* Per-(image, head) scratch, sized for n tokens of head_dim d. */
+typedef struct {
+    int64_t n, d, n_pad, d_pad;
+    uint8_t *q;        /* n_pad x d_pad: Q codes + 128 (padding rows/channels: 128 = code 0) */
+    float *q_scale;    /* n */
+    int8_t *k;         /* VNNI layout [n_pad/16][d_pad/4][16][4] */
+    float *k_scale;    /* n_pad (padding: 0) */
+    int32_t *k_sum;    /* n_pad: sum of each key's codes */
+    int8_t *v;         /* VNNI layout [d_pad/16][n_pad/4][16][4] */
+    float *v_scale;    /* d_pad */
+    float *s;          /* n_pad: one row of scores */
+    uint8_t *p;        /* ROWS x n_pad: weight codes of ROWS query rows (padding: 0) */
+    int32_t *ints;     /* ROWS x max(n_pad, d_pad): integer scores, then integer sums */
+    int8_t *codes;     /* n_pad x d_pad: K or V codes in token order, before the re-layout */
+    void *block;
+} attention_scratch;
+
+static int scratch_alloc(attention_scratch *w, int64_t n, int64_t d) {
+    w->n = n;
+    w->d = d;
+    w->n_pad = round_up(n, ATT_BLOCK);
+    w->d_pad = round_up(d, ATT_BLOCK);
+    const int64_t np = w->n_pad, dp = w->d_pad, wide = np > dp ? np : dp;
+    const int64_t sizes[11] = {np * dp, n * 4, np * dp, np * 4, np * 4, dp * np, dp * 4,
+                               np * 4, ROWS * np, ROWS * wide * 4, np * dp};
+    int64_t total = 0;
+    for (int i = 0; i < 11; ++i) total += round_up(sizes[i], 64);
+    w->block = aligned_alloc(64, (size_t)total);   /* 64-byte aligned pieces of one block */
+    if (!w->block) return -1;
+    char *at = (char *)w->block;
+    void *piece[11];
+    for (int i = 0; i < 11; ++i) {
+        piece[i] = at;
+        at += round_up(sizes[i], 64);
+    }
+    w->q = piece[0];
+    w->q_scale = piece[1];
+    w->k = piece[2];
+    w->k_scale = piece[3];
+    w->k_sum = piece[4];
+    w->v = piece[5];
+    w->v_scale = piece[6];
+    w->s = piece[7];
+    w->p = piece[8];
+    w->ints = piece[9];
+    w->codes = piece[10];
+    return 0;
+}
+
+/* K codes (token order, rows of d_pad) -> VNNI layout [n_pad/16][d_pad/4][16][4]: each
+ * key's 4-byte groups of channels spread over 16 keys, a transpose of 32-bit words. */
+static void keys_to_vnni(const int8_t *codes, int64_t np, int64_t dp, int8_t *out) {
+    const int64_t g = dp / 4;
+    for (int64_t jb = 0; jb < np / ATT_BLOCK; ++jb)
+        for (int64_t l = 0; l < ATT_BLOCK; ++l) {
+            const int8_t *src = codes + (jb * ATT_BLOCK + l) * dp;
+            int8_t *dst = out + jb * g * (ATT_BLOCK * 4) + l * 4;
+            for (int64_t c4 = 0; c4 < g; ++c4) memcpy(dst + c4 * (ATT_BLOCK * 4), src + 4 * c4, 4);
+        }
+}
+
+/* V codes (token order, rows of d_pad) -> VNNI layout [d_pad/16][n_pad/4][16][4]: for 16
+ * channels, the codes of 4 consecutive tokens side by side, a transpose of bytes. */
+static void values_to_vnni(const int8_t *codes, int64_t np, int64_t dp, int8_t *out,
+                           int generic) {
+    const int64_t t4n = np / 4;
+#if defined(__AVX512VBMI__) && VPR_HAVE_VNNI
+    if (!generic) {
+        /* 4 rows x 16 channels in one register, then one byte permutation:
+         * output byte 4 l + e <- input byte 16 e + l */
+        uint8_t order[64];
+        for (int l = 0; l < ATT_BLOCK; ++l)
+            for (int e = 0; e < 4; ++e) order[4 * l + e] = (uint8_t)(16 * e + l);
+        const __m512i idx = _mm512_loadu_si512((const void *)order);
+        for (int64_t cb = 0; cb < dp / ATT_BLOCK; ++cb)
+            for (int64_t t4 = 0; t4 < t4n; ++t4) {
+                const int8_t *src = codes + 4 * t4 * dp + cb * ATT_BLOCK;
+                __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)src));
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + dp)), 1);
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + 2 * dp)), 2);
+                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + 3 * dp)), 3);
+                _mm512_store_si512((void *)(out + (cb * t4n + t4) * 64), _mm512_permutexvar_epi8(idx, z));
+            }
+        return;
+    }
+#endif
+    (void)generic;
+    for (int64_t cb = 0; cb < dp / ATT_BLOCK; ++cb)
+        for (int64_t t4 = 0; t4 < t4n; ++t4) {
+            int8_t *dst = out + (cb * t4n + t4) * 64;
+            for (int l = 0; l < ATT_BLOCK; ++l)
+                for (int e = 0; e < 4; ++e) dst[4 * l + e] = codes[(4 * t4 + e) * dp + cb * ATT_BLOCK + l];
+        }
+}
+
+/* Quantise one image-head's Q, K (per token) and V (per channel) into the scratch.
+ * Token t's head_dim values of q, k, v start at q_src, k_src, v_src + t * stride. */
+static void attention_quantize(attention_scratch *w, const float *q_src, const float *k_src,
+                               const float *v_src, int64_t stride, int generic) {
+    const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
+    int8_t *codes = w->codes;
+    memset(codes, 0, (size_t)(np * dp));       /* padding tokens and channels: code 0 */
+    memset(w->q + n * dp, 128, (size_t)((np - n) * dp));
+    for (int64_t t = 0; t < n; ++t) {
+        uint8_t *qu = w->q + t * dp;
+        int8_t *qc = codes + t * dp;           /* Q codes pass through the K rows' slot */
+        w->q_scale[t] = quantize_row(q_src + t * stride, d, qc);
+        for (int64_t c = 0; c < d; ++c) qu[c] = (uint8_t)(qc[c] + 128);
+        for (int64_t c = d; c < dp; ++c) qu[c] = 128;
+        w->k_scale[t] = quantize_row(k_src + t * stride, d, qc);
+        int32_t sum = 0;
+        for (int64_t c = 0; c < d; ++c) sum += qc[c];
+        w->k_sum[t] = sum;
+    }
+    for (int64_t t = n; t < np; ++t) {
+        w->k_scale[t] = 0.0f;
+        w->k_sum[t] = 0;
+    }
+    keys_to_vnni(codes, np, dp, w->k);
+    /* V: absmax of each channel over the tokens, then codes in token order */
+    float mult[dp];
+    for (int64_t c = 0; c < dp; ++c) w->v_scale[c] = 0.0f;
+    for (int64_t t = 0; t < n; ++t) {
+        const float *x = v_src + t * stride;
+        for (int64_t c = 0; c < d; ++c) {
+            const float a = fabsf(x[c]);
+            w->v_scale[c] = a > w->v_scale[c] ? a : w->v_scale[c];
+        }
+    }
+    for (int64_t c = 0; c < d; ++c) {
+        const float amax = w->v_scale[c] < TINY_SCALE ? TINY_SCALE : w->v_scale[c];
+        mult[c] = (1.0f / amax) * INT8_MAX_F;
+        w->v_scale[c] = amax / INT8_MAX_F;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+        const float *x = v_src + t * stride;
+        int8_t *vc = codes + t * dp;
+        for (int64_t c = 0; c < d; ++c) vc[c] = (int8_t)(int32_t)rintf(x[c] * mult[c]);
+    }
+    values_to_vnni(codes, np, dp, w->v, generic);
+}
+
+/* C[r][l] = sum_k A[r][k] B[l][k] for ROWS rows r of uint8 A (row stride a_stride bytes)
+ * and n_blocks blocks of 16 columns l of int8 B in the VNNI layout (block stride
+ * b_stride bytes, k4 = k / 4 groups of 4 bytes per column), into int32 C (row stride
+ * c_stride).  The scores (A: query codes, B: keys) and the weighted sums (A: weight
+ * codes, B: values) are both this product.  Integer sums are exact, so the AVX512-VNNI
+ * path and the plain loops give the same result. */
+static void u8s8_product(const uint8_t *a, int64_t a_stride, const int8_t *b, int64_t b_stride,
+                         int64_t n_blocks, int64_t k4, int32_t *c, int64_t c_stride,
+                         int generic) {
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        int64_t jb = 0;
+        /* 4 rows x 4 column blocks: 16 independent accumulator chains, and each load of B
+         * serves 4 rows (one row at a time waits on L2 for B) */
+        for (; jb + 4 <= n_blocks; jb += 4) {
+            const int8_t *bb = b + jb * b_stride;
+            __m512i acc[ROWS][4];
+            for (int r = 0; r < ROWS; ++r)
+                for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
+            for (int64_t g = 0; g < k4; ++g) {
+                __m512i col[4];
+                for (int l = 0; l < 4; ++l)
+                    col[l] = _mm512_load_si512((const void *)(bb + l * b_stride + g * 64));
+                for (int r = 0; r < ROWS; ++r) {
+                    int32_t four;
+                    memcpy(&four, a + r * a_stride + 4 * g, 4);
+                    const __m512i row = _mm512_set1_epi32(four);
+                    for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_dpbusd_epi32(acc[r][l], row, col[l]);
+                }
+            }
+            for (int r = 0; r < ROWS; ++r)
+                for (int l = 0; l < 4; ++l)
+                    _mm512_storeu_si512((void *)(c + r * c_stride + (jb + l) * ATT_BLOCK), acc[r][l]);
+        }
+        for (; jb < n_blocks; ++jb) {
+            const int8_t *bb = b + jb * b_stride;
+            __m512i acc[ROWS];
+            for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
+            for (int64_t g = 0; g < k4; ++g) {
+                const __m512i col = _mm512_load_si512((const void *)(bb + g * 64));
+                for (int r = 0; r < ROWS; ++r) {
+                    int32_t four;
+                    memcpy(&four, a + r * a_stride + 4 * g, 4);
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(four), col);
+                }
+            }
+            for (int r = 0; r < ROWS; ++r)
+                _mm512_storeu_si512((void *)(c + r * c_stride + jb * ATT_BLOCK), acc[r]);
+        }
+        return;
+    }
+#endif
+    (void)generic;
+    for (int r = 0; r < ROWS; ++r)
+        for (int64_t jb = 0; jb < n_blocks; ++jb) {
+            const int8_t *bb = b + jb * b_stride;
+            for (int64_t l = 0; l < ATT_BLOCK; ++l) {
+                int32_t acc = 0;
+                for (int64_t g = 0; g < k4; ++g)
+                    for (int64_t e = 0; e < 4; ++e)
+                        acc += (int32_t)a[r * a_stride + 4 * g + e] * (int32_t)bb[g * 64 + l * 4 + e];
+                c[r * c_stride + jb * ATT_BLOCK + l] = acc;
+            }
+        }
+}
+
+/* Largest element of a row (16 interleaved partial maxima: a form that vectorises
+ * without -ffast-math; the maximum itself does not depend on the order). */
+static inline float row_max(const float *x, int64_t k) {
+    float part[16];
+    for (int l = 0; l < 16; ++l) part[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + 16 <= k; j += 16)
+        for (int l = 0; l < 16; ++l) part[l] = x[j + l] > part[l] ? x[j + l] : part[l];
+    for (int l = 0; j < k; ++j, ++l) part[l] = x[j] > part[l] ? x[j] : part[l];
+    float m = part[0];
+    for (int l = 1; l < 16; ++l) m = part[l] > m ? part[l] : m;
+    return m;
+}
+
+/* Softmax weight codes of one query row from its integer scores: p = exp(s - max s),
+ * code = round(255 p); returns the sum of the codes (>= 255: the maximum's code). */
+static int32_t weight_codes(const attention_scratch *w, const int32_t *dots, float q_scale,
+                            float scale, uint8_t *p) {
+    const int64_t n = w->n;
+    float *s = w->s;
+    const float row = q_scale * scale;
+    for (int64_t j = 0; j < n; ++j) {
+        const int32_t dot = dots[j] - 128 * w->k_sum[j];   /* undo the +128 of the codes */
+        s[j] = (float)dot * row * w->k_scale[j];
+    }
+    const float smax = row_max(s, n);
+    int32_t psum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const int32_t code = (int32_t)rintf(exp_nonpositive(s[j] - smax) * 255.0f);
+        p[j] = (uint8_t)code;
+        psum += code;
+    }
+    return psum;
+}
+
+/* One image-head, ROWS query rows at a time: rows of `out` (stride out_stride). */
+static void attention_head(attention_scratch *w, float scale, float *out, int64_t out_stride,
+                           int generic) {
+    const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
+    const int64_t wide = np > dp ? np : dp;
+    int32_t *ints = w->ints;
+    memset(w->p, 0, (size_t)(ROWS * np));
+    for (int64_t i0 = 0; i0 < n; i0 += ROWS) {
+        const int64_t rows = n - i0 < ROWS ? n - i0 : ROWS;   /* padding rows: ignored */
+        u8s8_product(w->q + i0 * dp, dp, w->k, (dp / 4) * (ATT_BLOCK * 4), np / ATT_BLOCK,
+                     dp / 4, ints, wide, generic);
+        int32_t psum[ROWS];
+        for (int64_t r = 0; r < rows; ++r)
+            psum[r] = weight_codes(w, ints + r * wide, w->q_scale[i0 + r], scale, w->p + r * np);
+        u8s8_product(w->p, np, w->v, (np / 4) * (ATT_BLOCK * 4), dp / ATT_BLOCK, np / 4,
+                     ints, wide, generic);
+        for (int64_t r = 0; r < rows; ++r) {
+            const float inv = 1.0f / (float)psum[r];
+            const int32_t *sums = ints + r * wide;
+            float *o = out + (i0 + r) * out_stride;
+            for (int64_t c = 0; c < d; ++c) o[c] = (float)sums[c] * w->v_scale[c] * inv;
+        }
+    }
+}
+
+/* qkv: (b, n, 3, h, d) float32 rows as the qkv linear layer writes them; out: (b, n, h, d).
+ * generic != 0: the plain-C integer loops even where AVX512-VNNI exists (for tests).
+ * Returns 0, or -1 if scratch memory could not be allocated (out is then incomplete). */
+int vpr_attention_int8(const float *qkv, int64_t b, int64_t n, int64_t h, int64_t d,
+                       float scale, float *out, int generic, int num_threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        attention_scratch w = {0};
+        if (scratch_alloc(&w, n, d) != 0) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < b * h; ++item) {
+            if (!w.block) continue;
+            const int64_t img = item / h, head = item % h;
+            const int64_t stride = 3 * h * d;
+            const float *base = qkv + img * n * stride + head * d;
+            attention_quantize(&w, base, base + h * d, base + 2 * h * d, stride, generic);
+            attention_head(&w, scale, out + img * n * h * d + head * d, h * d, generic);
+        }
+        free(w.block);
+    }
+    return failed ? -1 : 0;
 }

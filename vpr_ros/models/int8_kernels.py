@@ -4,7 +4,10 @@ The int8 layers of :mod:`vpr_ros.models.int8_linear` spend as much time in eleme
 torch ops around each integer matmul (quantise a row, turn int32 back into float, add
 the bias, GELU, LayerNorm, residual add) as in half of the matmuls themselves: each op
 is one more pass over memory.  ``int8_kernels.c`` does each of those chains in one pass
-per row.  It is plain C (no torch headers), so it compiles in about a second:
+per row, and holds a multi-head attention on int8 Q, K, V (:meth:`NativeKernels.
+attention_int8`, used by :mod:`vpr_ros.models.int8_block`).  It is plain C (no torch
+headers; AVX512-VNNI intrinsics where the compiler targets them, the same integers from
+plain loops elsewhere), so it compiles in about a second:
 
 * on first use, with ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp`` and IEEE
   semantics kept (``-ffp-contract=off``, no ``-ffast-math``);
@@ -148,10 +151,12 @@ class NativeKernels:
             "vpr_dequantize_add": [vp, _I64, _I64, vp, vp, vp, vp, i32],
             "vpr_dequantize_gelu_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, i32],
             "vpr_layer_norm_quantize": [vp, _I64, _I64, vp, vp, ctypes.c_float, vp, vp, vp, i32],
+            "vpr_attention_int8": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, vp, i32, i32],
         }
+        returns = {"vpr_attention_int8": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
+            fn.argtypes, fn.restype = args, returns.get(name)
         self._lib = lib
 
     # -- checks ---------------------------------------------------------------------
@@ -235,6 +240,32 @@ class NativeKernels:
             self._check(bias, torch.float32, "bias", k), float(eps),
             q.data_ptr(), scale.data_ptr(), scratch.data_ptr(), threads)
         return q, scale
+
+    def attention_int8(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int,
+                       head_dim: int, scale: float, out: Optional[torch.Tensor] = None,
+                       generic: bool = False) -> torch.Tensor:
+        """Multi-head self-attention with int8 scores and int8 weighted sums.
+
+        ``qkv``: the qkv layer's output, ``(batch * tokens, 3 * heads * head_dim)`` float32
+        (timm's ``(b, n, 3, h, d)`` order).  Returns ``(batch * tokens, heads * head_dim)``
+        float32 in ``(b, n, h, d)`` order, the proj layer's input (``out`` if given).
+        Q and K are quantised per token, V per channel of each image, the softmax weights
+        to 8 bits; see ``vpr_attention_int8`` in ``int8_kernels.c``.  ``generic=True``
+        runs the plain-C integer loops instead of the AVX512-VNNI ones (same result).
+        """
+        m, width = batch * tokens, heads * head_dim
+        self._check(qkv, torch.float32, "qkv", m * 3 * width)
+        if out is None:
+            out = torch.empty((m, width), dtype=torch.float32)
+        self._check(out, torch.float32, "out", m * width)
+        if m == 0:
+            return out
+        status = self._lib.vpr_attention_int8(qkv.data_ptr(), batch, tokens, heads, head_dim,
+                                              float(scale), out.data_ptr(), int(generic),
+                                              torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("int8 attention: could not allocate its scratch memory")
+        return out
 
 
 def native_kernels() -> Optional[NativeKernels]:
