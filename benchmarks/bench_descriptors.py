@@ -315,9 +315,13 @@ def child_speed(quick: bool) -> dict:
 
 
 def selavpr_speed(quick: bool) -> dict:
-    """SelaVPR ViT-L (global + 61x61x128 local features): fp32 vs bf16 autocast, batch 1."""
+    """SelaVPR ViT-L (global + 61x61x128 local features), batch 1: fp32 vs bf16 weights vs
+    int8 (with int8 attention, and with float32 SDPA attention: VPR_ROS_INT8_ATTENTION=0)."""
+    import os
+
     import torch
     from vpr_ros.inference import LocalFeatureExtractor
+    from vpr_ros.models.int8_block import ENV_ATTENTION
     card = random_card("selavpr_vitl14")
     t0 = time.perf_counter()
     fp32 = LocalFeatureExtractor(card, device="cpu", precision="fp32", batch_size=1)
@@ -325,19 +329,29 @@ def selavpr_speed(quick: bool) -> dict:
     bf16 = LocalFeatureExtractor.__new__(LocalFeatureExtractor)
     bf16.__dict__.update(fp32.__dict__)          # same model object, other precision
     bf16.dtype, bf16.precision = torch.bfloat16, "bf16"
+    int8 = LocalFeatureExtractor(card, device="cpu", precision="int8", batch_size=1)
+
+    def int8_float_attention(x):
+        os.environ[ENV_ATTENTION] = "0"
+        try:
+            return int8.extract_tensor(x)
+        finally:
+            del os.environ[ENV_ATTENTION]
+
     x = torch.randn(1, 3, 224, 224)
     reps = 2 if quick else 4
-    times = interleaved_times({"fp32": lambda: fp32.extract_tensor(x),
-                               "bf16": lambda: bf16.extract_tensor(x)}, reps, warmup=1)
+    fns = {"fp32": fp32.extract_tensor, "bf16": bf16.extract_tensor, "int8": int8.extract_tensor,
+           "int8_float_attention": int8_float_attention}
+    times = interleaved_times({k: (lambda f=f: f(x)) for k, f in fns.items()}, reps, warmup=1)
     g32, l32 = fp32.extract_tensor(x)
-    g16, l16 = bf16.extract_tensor(x)
-    cos_g = torch.nn.functional.cosine_similarity(g32, g16).min().item()
-    cos_l = (l32 * l16).sum(-1).mean().item()
     res = {"build_s": build_s, "fp32_s_per_image": median(times["fp32"]),
-           "bf16_s_per_image": median(times["bf16"]),
-           "bf16_speedup": median(times["fp32"]) / median(times["bf16"]),
-           "bf16_global_cosine_min": cos_g, "bf16_local_cosine_mean": cos_l,
            "official_fp32_s_per_image_reference": 1.4}
+    for name in ("bf16", "int8", "int8_float_attention"):
+        g, loc = fns[name](x)
+        res[f"{name}_s_per_image"] = median(times[name])
+        res[f"{name}_speedup"] = median(times["fp32"]) / median(times[name])
+        res[f"{name}_global_cosine_min"] = torch.nn.functional.cosine_similarity(g32, g.float()).min().item()
+        res[f"{name}_local_cosine_mean"] = (l32 * loc.float()).sum(-1).mean().item()
     return res
 
 
@@ -410,10 +424,16 @@ def markdown(res: dict) -> str:
                         else f"max |difference| {r['max_abs_diff_alone_vs_batch']:.2e}"))
     if "selavpr_vitl14" in res:
         s = res["selavpr_vitl14"]
-        lines += ["", "SelaVPR ViT-L/14 (global + 61x61x128 local features), batch 1: "
-                  f"fp32 {s['fp32_s_per_image']:.2f} s/img, bf16 {s['bf16_s_per_image']:.2f} s/img "
-                  f"(x{s['bf16_speedup']:.2f}; global cosine min {s['bf16_global_cosine_min']:.5f}, "
-                  f"local cosine mean {s['bf16_local_cosine_mean']:.4f}); official fp32 on this CPU: 1.4 s."]
+        lines += ["", "SelaVPR ViT-L/14 (global + 61x61x128 local features), batch 1, interleaved; "
+                  "official fp32 on this CPU: 1.4 s/img:", "",
+                  "| variant | s/img | speed-up vs fp32 | global cosine min | local cosine mean |",
+                  "|---|---|---|---|---|",
+                  f"| fp32 | {s['fp32_s_per_image']:.2f} | 1.00 | reference | reference |"]
+        for name in ("bf16", "int8", "int8_float_attention"):
+            if f"{name}_s_per_image" in s:
+                lines.append(f"| {name} | {s[f'{name}_s_per_image']:.2f} | {s[f'{name}_speedup']:.2f} "
+                             f"| {s[f'{name}_global_cosine_min']:.5f} "
+                             f"| {s[f'{name}_local_cosine_mean']:.4f} |")
     return "\n".join(lines)
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from vpr_ros.models import int8_kernels
-from vpr_ros.models.int8_block import (ENV_ATTENTION, Int8TransformerBlock, fusable,
-                                       fuse_transformer_blocks)
+from vpr_ros.models.int8_block import (ENV_ATTENTION, Int8Attention, Int8TransformerBlock,
+                                       attention_fusable, fusable, fuse_transformer_blocks)
 from vpr_ros.models.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
                                         quantize_rows)
 
@@ -282,3 +282,34 @@ def test_int8_attention_switch_keeps_float_attention(kernels, monkeypatch):
     assert float(nn.functional.cosine_similarity(with_float, with_int8).min()) > 0.999
     monkeypatch.delenv(ENV_ATTENTION)
     assert torch.equal(d.describe_tensor(x), with_int8)
+
+
+def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
+    """Blocks that are not fusable as a whole (SelaVPR's adapters) still get the int8
+    attention: close to their own float32 SDPA, batch-invariant, switchable."""
+    from timm.models.vision_transformer import Attention
+
+    from vpr_ros.inference import LocalFeatureExtractor
+
+    torch.manual_seed(3)
+    holder = nn.Sequential(Attention(48, num_heads=4, qkv_bias=True).eval())
+    convert_to_int8(holder, fuse_blocks=False)
+    assert attention_fusable(holder[0]) and fuse_transformer_blocks(holder) == 1
+    wrapped = holder[0]
+    assert isinstance(wrapped, Int8Attention)
+    x = torch.randn(3, 40, 48)
+    with torch.inference_mode():
+        out = wrapped(x)
+        ref = wrapped.attn(x)                            # float32 SDPA between int8 layers
+        alone = wrapped(x[2:3])
+    assert float(nn.functional.cosine_similarity(out.view(-1, 48), ref.view(-1, 48)).min()) > 0.99
+    assert not torch.equal(out, ref)
+    assert torch.equal(alone[0], out[2])
+    monkeypatch.setenv(ENV_ATTENTION, "0")
+    with torch.inference_mode():
+        assert torch.equal(wrapped(x), ref)
+    monkeypatch.delenv(ENV_ATTENTION)
+
+    extractor = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8")
+    adapted = [m for m in extractor.model.modules() if isinstance(m, Int8Attention)]
+    assert len(adapted) == 4                             # one per adapted block of the tiny model

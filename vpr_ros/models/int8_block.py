@@ -62,33 +62,45 @@ def _is_plain_layer_norm(norm: nn.Module, dim: int) -> bool:
             and norm.weight is not None and norm.bias is not None)
 
 
+def attention_fusable(attn: nn.Module) -> bool:
+    """True for a timm ``Attention`` with int8 qkv/proj that the int8 attention reproduces:
+    no q/k norm, no norm after the heads, no gate, one qkv layer of width 3 x dim."""
+    from timm.models.vision_transformer import Attention
+
+    if type(attn) is not Attention:
+        return False
+    if not (isinstance(attn.qkv, Int8Linear) and isinstance(attn.proj, Int8Linear)):
+        return False
+    dim = attn.qkv.in_features
+    return (all(_is_identity(m) for m in (attn.q_norm, attn.k_norm, attn.norm))
+            and getattr(attn, "gate", None) is None
+            and attn.qkv.out_features == 3 * dim and attn.proj.in_features == dim
+            and attn.num_heads * attn.head_dim == dim)
+
+
 def fusable(block: nn.Module) -> bool:
     """True for an exact timm ``Block`` whose parts this module reproduces.
 
-    Requires: int8 qkv/proj/fc1/fc2, LayerNorm norms, exact GELU, no q/k norm, no gate,
-    no norm inside the attention or MLP, and the LayerScales already folded away
-    (:func:`~vpr_ros.models.int8_linear.fold_block_layer_scales`).
+    Requires: int8 qkv/proj/fc1/fc2, LayerNorm norms, exact GELU, a fusable attention
+    (:func:`attention_fusable`), no norm inside the MLP, and the LayerScales already folded
+    away (:func:`~vpr_ros.models.int8_linear.fold_block_layer_scales`).
     """
     from timm.layers import Mlp
-    from timm.models.vision_transformer import Attention, Block
+    from timm.models.vision_transformer import Block
 
     if type(block) is not Block:
         return False
     attn, mlp = block.attn, block.mlp
-    if type(attn) is not Attention or type(mlp) is not Mlp:
+    if not attention_fusable(attn) or type(mlp) is not Mlp:
         return False
-    if not all(isinstance(layer, Int8Linear) for layer in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)):
+    if not (isinstance(mlp.fc1, Int8Linear) and isinstance(mlp.fc2, Int8Linear)):
         return False
     dim = attn.qkv.in_features
     act = mlp.act
     exact_gelu = (type(act) in (nn.GELU, InplaceGELU) and act.approximate == "none")
     return (_is_plain_layer_norm(block.norm1, dim) and _is_plain_layer_norm(block.norm2, dim)
             and exact_gelu and all(_is_identity(m) for m in (
-                block.ls1, block.ls2, block.drop_path1, block.drop_path2,
-                attn.q_norm, attn.k_norm, attn.norm, mlp.norm))
-            and getattr(attn, "gate", None) is None
-            and attn.qkv.out_features == 3 * dim and attn.proj.in_features == dim
-            and attn.num_heads * attn.head_dim == dim)
+                block.ls1, block.ls2, block.drop_path1, block.drop_path2, mlp.norm)))
 
 
 class Workspace(threading.local):
@@ -171,20 +183,49 @@ class Int8TransformerBlock(nn.Module):
         return out.reshape(b, n, c)
 
 
-def fuse_transformer_blocks(model: nn.Module) -> int:
-    """Wrap every fusable block of ``model`` (in place) in :class:`Int8TransformerBlock`.
+class Int8Attention(nn.Module):
+    """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
+    whole (SelaVPR's adapted blocks): int8 qkv, the int8 attention kernel, int8 proj."""
 
-    Returns how many blocks were wrapped.
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        if not attention_fusable(attn):
+            raise ValueError("not a fusable int8 timm Attention (convert_to_int8 it first)")
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        kernels = native_kernels()
+        if (kernels is None or not int8_attention_enabled() or attn_mask is not None
+                or is_causal or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.ndim != 3):
+            return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
+        attn = self.attn
+        b, n, c = x.shape
+        qkv = attn.qkv(x).reshape(b * n, 3 * c)
+        mixed = kernels.attention_int8(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
+                                       out=WORKSPACE.get("mixed", (b * n, c), torch.float32))
+        return attn.proj(mixed.view(b, n, c))           # proj returns a fresh tensor
+
+
+def fuse_transformer_blocks(model: nn.Module) -> int:
+    """Wrap every fusable block of ``model`` (in place) in :class:`Int8TransformerBlock`,
+    and the fusable attention of every other block in :class:`Int8Attention`.
+
+    Returns how many modules were wrapped.
     """
     count = 0
 
     def visit(parent: nn.Module) -> None:
         nonlocal count
         for name, child in list(parent.named_children()):
-            if isinstance(child, Int8TransformerBlock):
+            if isinstance(child, (Int8TransformerBlock, Int8Attention)):
                 continue
             if fusable(child):
                 setattr(parent, name, Int8TransformerBlock(child))
+                count += 1
+            elif attention_fusable(child):
+                setattr(parent, name, Int8Attention(child))
                 count += 1
             else:
                 visit(child)
@@ -193,5 +234,5 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["Int8TransformerBlock", "Workspace", "WORKSPACE", "ENV_ATTENTION", "fusable",
-           "fuse_transformer_blocks", "int8_attention_enabled"]
+__all__ = ["Int8Attention", "Int8TransformerBlock", "Workspace", "WORKSPACE", "ENV_ATTENTION",
+           "attention_fusable", "fusable", "fuse_transformer_blocks", "int8_attention_enabled"]
