@@ -316,7 +316,7 @@ def child_speed(quick: bool) -> dict:
 
 def selavpr_speed(quick: bool) -> dict:
     """SelaVPR ViT-L (global + 61x61x128 local features), batch 1: fp32 vs bf16 weights vs
-    int8 (with int8 attention, and with float32 SDPA attention: VPR_ROS_INT8_ATTENTION=0)."""
+    int8 (with int8 attention, and with float32 SDPA attention: VPR_ROS_INTEGER_ATTENTION=0)."""
     import os
 
     import torch

@@ -3,8 +3,8 @@
 Checks: the kernels build with the machine's compiler into an atomic, reusable cache;
 quantisation and dequantisation are bit-identical to the torch path; the fused GELU and
 LayerNorm steps agree with torch's to float32 rounding; the int8 attention computes what
-it defines (int8 Q, K, V, 8-bit softmax weights), the same bits with AVX512-VNNI and with
-plain loops, image by image, and stays close to float32 SDPA; a fused ViT block matches
+it defines (int8 Q, K, int16 V and softmax weights), the same bits with AVX512-VNNI and
+with plain loops, image by image, and stays close to float32 SDPA; a fused ViT block matches
 the block it wraps, never writes its input, returns fresh memory and is batch-invariant;
 and without a compiler (or with the switch off) everything falls back to the torch path.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from vpr_ros.models import int8_kernels
-from vpr_ros.models.int8_block import (ENV_ATTENTION, Int8Attention, Int8TransformerBlock,
+from vpr_ros.models.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
                                        attention_fusable, fusable, fuse_transformer_blocks)
 from vpr_ros.models.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
                                         quantize_rows)
@@ -105,21 +105,24 @@ def test_kernels_reject_wrong_inputs(kernels):
 
 
 def _attention_by_definition(qkv: torch.Tensor, b: int, n: int, h: int, d: int, scale: float):
-    """What vpr_attention_int8 computes, written with torch ops (integer products in float64,
+    """What vpr_integer_attention computes, written with torch ops (integer products in float64,
     exact); and float32 SDPA of the same inputs."""
     q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    d_pad = -(-d // 16) * 16
+    levels = min(32767.0, float(np.floor(np.float32(np.sqrt(np.float32(2147483647.0 / d_pad))))))
 
-    def per_token(x):                            # the linear layers' row quantisation
-        codes, s = quantize_rows(x.reshape(-1, d))
-        return codes.double().view(b, h, n, d), s.view(b, h, n, 1)
+    def per_token(x):                            # int16 codes with `levels` steps, per token
+        amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        return torch.round(x * ((1 / amax) * levels)).double(), amax / levels
 
     q_codes, q_scale = per_token(q)
     k_codes, k_scale = per_token(k)
     k_scale = k_scale.transpose(-1, -2)
     scores = (q_codes @ k_codes.transpose(-1, -2)).float() * (q_scale * scale) * k_scale
-    weights = torch.round(torch.exp(scores - scores.amax(-1, keepdim=True)) * 255)
-    v_scale = v.abs().amax(-2, keepdim=True).clamp_min(1e-30) / 127      # per channel of an image
-    v_codes = torch.round(v * ((1 / (v_scale * 127)) * 127))
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = torch.round(e * (32767 / e.sum(-1, keepdim=True)))
+    v_max = v.abs().amax(-2, keepdim=True).clamp_min(1e-30)              # per channel of an image
+    v_codes, v_scale = torch.round(v * ((1 / v_max) * 32767)), v_max / 32767
     sums = (weights.double() @ v_codes.double()).float()
     out = sums * v_scale * (1 / weights.sum(-1, keepdim=True))
     exact = nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -128,36 +131,56 @@ def _attention_by_definition(qkv: torch.Tensor, b: int, n: int, h: int, d: int, 
 
 @pytest.mark.parametrize("b,n,h,d", [(1, 257, 12, 64), (2, 37, 3, 16), (3, 50, 4, 20),
                                      (1, 5, 2, 6), (2, 1, 2, 8)])
-def test_int8_attention_computes_its_definition_close_to_sdpa(kernels, b, n, h, d):
+def test_integer_attention_computes_its_definition_close_to_sdpa(kernels, b, n, h, d):
     g = torch.Generator().manual_seed(n * d)
     qkv = torch.randn(b * n, 3 * h * d, generator=g) * 2
     qkv[:, 2 * h * d:] += torch.randn(h * d, generator=g) * 3       # channels of different sizes
-    out = kernels.attention_int8(qkv, b, n, h, d, d ** -0.5)
+    out = kernels.integer_attention(qkv, b, n, h, d, d ** -0.5)
     defined, exact = _attention_by_definition(qkv, b, n, h, d, d ** -0.5)
-    # only exp differs (a polynomial vs torch's), which can move a weight code by one
-    assert float((out - defined).abs().max()) < 1e-3
+    # only exp and the order of the weights' sum differ, which can move a weight code by
+    # one step (1/32767 of a value)
+    assert float((out - defined).abs().max()) <= 2 * float(qkv.abs().max()) / 32767
     assert float((out - defined).abs().mean()) < 1e-6
     cos = nn.functional.cosine_similarity(out.view(-1, d), exact.view(-1, d))
-    assert float(cos.mean()) > 0.999 and float(cos.min()) > 0.99
-    # the plain-C integer loops (the path of CPUs without AVX512-VNNI) give the same bits
-    assert torch.equal(kernels.attention_int8(qkv, b, n, h, d, d ** -0.5, generic=True), out)
+    assert float(cos.min()) > 0.99999
+    # the plain-C loops (the path of CPUs without AVX512-VNNI) give the same bits
+    assert torch.equal(kernels.integer_attention(qkv, b, n, h, d, d ** -0.5, generic=True), out)
     # every image on its own scales: alone or in a batch, the same bits
     for i in range(b):
-        alone = kernels.attention_int8(qkv[i * n:(i + 1) * n].contiguous(), 1, n, h, d, d ** -0.5)
+        image = qkv[i * n:(i + 1) * n].contiguous()
+        alone = kernels.integer_attention(image, 1, n, h, d, d ** -0.5)
         assert torch.equal(alone, out[i * n:(i + 1) * n])
 
 
-def test_int8_attention_checks_its_buffers(kernels):
+def test_integer_attention_stays_accurate_with_an_attention_sink(kernels):
+    """One key that takes much of every query's attention (logits of tens, as the high-norm
+    tokens of real ViTs): the output stays within a fraction of a percent of SDPA's.
+    (8-bit scores and weights, tried first, were off by 1% on average and 7% at worst.)"""
+    b, n, h, d = 1, 257, 4, 64
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(b * n, 3 * h * d, generator=g)
+    parts = qkv.view(n, 3, h, d)
+    mean_query = parts[:, 0].mean(0)
+    parts[0, 1] = mean_query / mean_query.norm(dim=-1, keepdim=True) * 40
+    out = kernels.integer_attention(qkv, b, n, h, d, d ** -0.5)
+    _, exact = _attention_by_definition(qkv, b, n, h, d, d ** -0.5)
+    weights = torch.softmax(parts[:, 0].transpose(0, 1) @ parts[:, 1].permute(1, 2, 0) / 8, -1)
+    assert float(weights[..., 0].max()) > 0.9                    # the sink dominates some rows
+    err = (out - exact).view(n, h, d).norm(dim=-1) / exact.view(n, h, d).norm(dim=-1)
+    assert float(err.mean()) < 0.003 and float(err.max()) < 0.01
+
+
+def test_integer_attention_checks_its_buffers(kernels):
     qkv = torch.randn(10, 3 * 16)                          # 2 images x 5 tokens, 2 heads of 8
     with pytest.raises(ValueError, match="qkv: expected 960 elements"):
-        kernels.attention_int8(qkv, 2, 5, 4, 8, 0.3)
+        kernels.integer_attention(qkv, 2, 5, 4, 8, 0.3)
     with pytest.raises(ValueError, match="out: expected 160 elements"):
-        kernels.attention_int8(qkv, 2, 5, 2, 8, 0.3, out=torch.empty(5, 16))
+        kernels.integer_attention(qkv, 2, 5, 2, 8, 0.3, out=torch.empty(5, 16))
     with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
-        kernels.attention_int8(qkv, 2, 5, 2, 8, 0.3, out=torch.empty(16, 10).t())
+        kernels.integer_attention(qkv, 2, 5, 2, 8, 0.3, out=torch.empty(16, 10).t())
     with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
-        kernels.attention_int8(qkv.double(), 2, 5, 2, 8, 0.3)
-    assert kernels.attention_int8(qkv, 2, 5, 2, 8, 0.3).shape == (10, 16)
+        kernels.integer_attention(qkv.double(), 2, 5, 2, 8, 0.3)
+    assert kernels.integer_attention(qkv, 2, 5, 2, 8, 0.3).shape == (10, 16)
 
 
 def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):
@@ -268,8 +291,8 @@ def test_worker_thread_gives_the_same_bits(kernels):
     assert torch.equal(results["out"], main)
 
 
-def test_int8_attention_switch_keeps_float_attention(kernels, monkeypatch):
-    """VPR_ROS_INT8_ATTENTION=0: float32 SDPA inside the fused block, still batch-invariant."""
+def test_integer_attention_switch_keeps_float_attention(kernels, monkeypatch):
+    """VPR_ROS_INTEGER_ATTENTION=0: float32 SDPA inside the fused block, still batch-invariant."""
     from vpr_ros.inference import GlobalDescriber
 
     d = GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int8")
@@ -296,7 +319,7 @@ def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
     convert_to_int8(holder, fuse_blocks=False)
     assert attention_fusable(holder[0]) and fuse_transformer_blocks(holder) == 1
     wrapped = holder[0]
-    assert isinstance(wrapped, Int8Attention)
+    assert isinstance(wrapped, IntegerAttention)
     x = torch.randn(3, 40, 48)
     with torch.inference_mode():
         out = wrapped(x)
@@ -311,5 +334,5 @@ def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
     monkeypatch.delenv(ENV_ATTENTION)
 
     extractor = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8")
-    adapted = [m for m in extractor.model.modules() if isinstance(m, Int8Attention)]
+    adapted = [m for m in extractor.model.modules() if isinstance(m, IntegerAttention)]
     assert len(adapted) == 4                             # one per adapted block of the tiny model

@@ -27,8 +27,8 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   SciceVPR region encoder compute in float32.  The passes between two int8 matmuls
   (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in small C
   kernels compiled on first use (:mod:`vpr_ros.models.int8_kernels`), and with them the
-  ViT blocks' attention runs on int8 Q, K, V and 8-bit softmax weights
-  (:mod:`vpr_ros.models.int8_block`; ``VPR_ROS_INT8_ATTENTION=0`` keeps float32 SDPA).
+  ViT blocks' attention runs on int16 codes of Q, K, V and the softmax weights
+  (:mod:`vpr_ros.models.int8_block`; ``VPR_ROS_INTEGER_ATTENTION=0`` keeps float32 SDPA).
   Where no C compiler is found the torch ops run, with float32 SDPA attention.
 
 Images are preprocessed with

@@ -6,27 +6,26 @@ dequantise passes, and the LayerNorms, GELU and residual adds between them are s
 torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
 pass per row for everything between two integer matmuls:
 
-    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> int8 attention
+    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> integer attention
     -> quantise -> int8 proj -> dequantise + bias + residual
     -> LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
     -> int8 fc2 -> dequantise + bias + residual
 
-The attention (``NativeKernels.attention_int8``) computes the scores Q K^T from int8 Q
-and K (one scale per token and head, as the linear layers quantise their inputs), the
-softmax in float32, and the weighted sum of the values from 8-bit weights and int8 V
-(one scale per channel of each image and head): both products exact in int32, with
-AVX512-VNNI where the CPU has it.  At ViT-B's 257 tokens it takes 0.4x the time of
-float32 SDPA, the largest cost of the block after the matmuls.  With
-``VPR_ROS_INT8_ATTENTION=0`` the block runs float32 SDPA there instead (the int8 model
-of before, for comparison or if a checkpoint's attention turns out too peaky for 8-bit
-weights).
+The attention (``NativeKernels.integer_attention``) computes the scores Q K^T from int16
+codes of Q and K (one scale per token and head), the softmax in float32, and the
+weighted sum of the values from int16 weights (steps of 1/32767 of the row's total) and
+int16 V (one scale per channel of each image and head): both products exact in int32,
+with AVX512-VNNI where the CPU has it, within 1e-6 (cosine) of float32 SDPA on random
+inputs and a few 1e-3 with an attention sink.  At ViT-B's 257 tokens it takes about 0.6x
+the time of float32 SDPA.  With ``VPR_ROS_INTEGER_ATTENTION=0`` the block runs float32
+SDPA there instead.
 
 Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
 belong to one image, so descriptors stay batch-invariant.  The block's input is never
 written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
-output is a fresh tensor; everything in between lives in a per-thread workspace reused by every block and call (about 65 MB at
-batch 8 for ViT-B): fresh multi-megabyte buffers cost a page fault per 4 KB, as much as
-the pass that fills them.  Without the native kernels
+output is a fresh tensor; everything in between lives in a per-thread workspace reused
+by every block and call (about 65 MB at batch 8 for ViT-B): fresh multi-megabyte
+buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the native kernels
 (:func:`vpr_ros.models.int8_kernels.native_kernels` is None), or for inputs the kernels
 do not take (an attention mask, a non-float32 or non-CPU tensor), the wrapped block runs
 as it is, through the torch path of its int8 layers.
@@ -42,14 +41,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .int8_kernels import native_kernels
+from .int8_kernels import MAX_ATTENTION_TOKENS, native_kernels
 from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
 
 
-ENV_ATTENTION = "VPR_ROS_INT8_ATTENTION"    # "0" / "off" / "false": float32 SDPA in fused blocks
+ENV_ATTENTION = "VPR_ROS_INTEGER_ATTENTION"   # "0" / "off" / "false": float32 SDPA instead
 
 
-def int8_attention_enabled() -> bool:
+def integer_attention_enabled() -> bool:
     return os.environ.get(ENV_ATTENTION, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
@@ -162,9 +161,9 @@ class Int8TransformerBlock(nn.Module):
         acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
         qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
         mixed = ws.get("mixed", (m, c), torch.float32)
-        if int8_attention_enabled():
-            kernels.attention_int8(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
-                                   out=mixed)
+        if integer_attention_enabled() and n <= MAX_ATTENTION_TOKENS:
+            kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
+                                      out=mixed)
         else:
             qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
             heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
@@ -183,7 +182,7 @@ class Int8TransformerBlock(nn.Module):
         return out.reshape(b, n, c)
 
 
-class Int8Attention(nn.Module):
+class IntegerAttention(nn.Module):
     """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
     whole (SelaVPR's adapted blocks): int8 qkv, the int8 attention kernel, int8 proj."""
 
@@ -196,21 +195,21 @@ class Int8Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         kernels = native_kernels()
-        if (kernels is None or not int8_attention_enabled() or attn_mask is not None
+        if (kernels is None or not integer_attention_enabled() or attn_mask is not None
                 or is_causal or x.dtype != torch.float32 or x.device.type != "cpu"
-                or x.ndim != 3):
+                or x.ndim != 3 or x.shape[1] > MAX_ATTENTION_TOKENS):
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
         attn = self.attn
         b, n, c = x.shape
         qkv = attn.qkv(x).reshape(b * n, 3 * c)
-        mixed = kernels.attention_int8(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
-                                       out=WORKSPACE.get("mixed", (b * n, c), torch.float32))
+        mixed = kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
+                                          out=WORKSPACE.get("mixed", (b * n, c), torch.float32))
         return attn.proj(mixed.view(b, n, c))           # proj returns a fresh tensor
 
 
 def fuse_transformer_blocks(model: nn.Module) -> int:
     """Wrap every fusable block of ``model`` (in place) in :class:`Int8TransformerBlock`,
-    and the fusable attention of every other block in :class:`Int8Attention`.
+    and the fusable attention of every other block in :class:`IntegerAttention`.
 
     Returns how many modules were wrapped.
     """
@@ -219,13 +218,13 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
     def visit(parent: nn.Module) -> None:
         nonlocal count
         for name, child in list(parent.named_children()):
-            if isinstance(child, (Int8TransformerBlock, Int8Attention)):
+            if isinstance(child, (Int8TransformerBlock, IntegerAttention)):
                 continue
             if fusable(child):
                 setattr(parent, name, Int8TransformerBlock(child))
                 count += 1
             elif attention_fusable(child):
-                setattr(parent, name, Int8Attention(child))
+                setattr(parent, name, IntegerAttention(child))
                 count += 1
             else:
                 visit(child)
@@ -234,5 +233,5 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["Int8Attention", "Int8TransformerBlock", "Workspace", "WORKSPACE", "ENV_ATTENTION",
-           "attention_fusable", "fusable", "fuse_transformer_blocks", "int8_attention_enabled"]
+__all__ = ["IntegerAttention", "Int8TransformerBlock", "Workspace", "WORKSPACE", "ENV_ATTENTION",
+           "attention_fusable", "fusable", "fuse_transformer_blocks", "integer_attention_enabled"]

@@ -192,24 +192,29 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 }
 
 /* ---------------------------------------------------------------------------------------
- * Multi-head attention with int8 scores and int8 weighted sums (one image, one head at a
+ * Multi-head attention on integer Q, K, V and softmax weights (one image, one head at a
  * time; the heads of all images are shared out between the threads).
  *
- *   Q, K: int8, one scale per token (absmax of its head_dim values / 127), as the linear
- *         layers quantise their inputs;  S = (Q K^T) * q_scale * k_scale * scale, exact
- *         in int32 before the two float multiplies.
- *   P:    p = exp(S - rowmax) in float32, so the largest weight of a row is exactly 1,
- *         then uint8 codes round(255 p) (weights below 1/510 of the row's largest vanish);
- *   V:    int8, one scale per channel over the image's tokens;
- *   out = (P_codes V_codes) * v_scale / sum(P_codes), exact in int32 before the floats.
+ *   Q, K: int16 codes, one scale per token (absmax of its head_dim values / L), with
+ *         L = min(32767, sqrt(2^31 / head_dim)) so that a dot product of head_dim codes
+ *         stays exact in int32 (L = 5792 at head_dim 64);
+ *         S = (Q K^T) * q_scale * k_scale * scale, exact in int32 before the floats.
+ *   P:    e = exp(S - rowmax) in float32, then int16 codes round(32767 e / sum(e)): the
+ *         softmax weights in steps of 1/32767 of the row's total;
+ *   V:    int16 codes, one scale per channel over the image's tokens (absmax / 32767);
+ *   out = (P_codes V_codes) * v_scale / sum(P_codes), exact in int32 before the floats
+ *         (|sum| <= 32767 * sum(P_codes) <= 32767 * (32767 + n / 2): n < 32768 tokens).
  *
- * With AVX512-VNNI the two integer products are vpdpbusd (uint8 x int8 -> int32): Q is
- * offset by +128 into uint8 and 128 * sum(k) subtracted again, P codes are uint8 already.
- * Without it a plain C loop computes the same integers, so both give the same bits.
- * Everything is computed per (image, head), so the result does not depend on the batch.
+ * 8-bit codes were tried first (int8 Q, K as the linear layers use, weights in steps of
+ * 1/255 of the row maximum): 1.5x faster than these, but with one dominant key (an
+ * attention sink, logits of tens) the rounding of the scores and weights moved the
+ * output by several percent.  With AVX512-VNNI both products are vpdpwssd (int16 pairs
+ * -> int32).  Without it plain C loops compute the same integers, and the float steps
+ * are the same operations in the same order, so both give the same bits.  Everything is
+ * computed per (image, head), so the result does not depend on the batch.
  * ------------------------------------------------------------------------------------ */
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define VPR_HAVE_VNNI 1
 #else
@@ -218,23 +223,25 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 #include <stdlib.h>
 
 #define ATT_BLOCK 16            /* keys per score vector, channels per output vector */
+#define ROWS 4                  /* query rows computed together (each load of B serves 4) */
 #define EXP_FLOOR (-87.0f)      /* below: exp underflows float32; return 0 */
+#define INT16_MAX_F 32767.0f
 
-/* e^x for x <= 0 (float32; within 2 ulp): x = n ln2 + r with |r| <= ln2 / 2, a degree-6
- * Taylor polynomial in r, 2^n put into the exponent bits.  Plain arithmetic, so the loop
- * calling it vectorises and every element gets the same value wherever it sits. */
+/* e^x for x <= 0 (float32, within 3e-7 relative): x = n ln2 + r with |r| <= ln2 / 2, a
+ * degree-6 Taylor polynomial in r by explicit fused multiply-adds (fmaf: one rounding
+ * whatever -ffp-contract says, as the AVX-512 form below), 2^n put into the exponent. */
 static inline float exp_nonpositive(float x) {
     const float xc = x < EXP_FLOOR ? EXP_FLOOR : x;
     const float n = rintf(xc * 1.4426950408889634f);
-    float r = xc - n * 0.693145751953125f;
-    r = r - n * 1.4286068203094173e-06f;
+    float r = fmaf(-n, 0.693145751953125f, xc);
+    r = fmaf(-n, 1.4286068203094173e-06f, r);
     float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = fmaf(p, r, 1.0f / 120.0f);
+    p = fmaf(p, r, 1.0f / 24.0f);
+    p = fmaf(p, r, 1.0f / 6.0f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
     const int32_t bits = ((int32_t)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
@@ -244,22 +251,20 @@ static inline float exp_nonpositive(float x) {
 
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-#define ROWS 4                  /* query rows computed together (each key/value load serves 4) */
-
 /* Per-(image, head) scratch, sized for n tokens of head_dim d. */
 typedef struct {
     int64_t n, d, n_pad, d_pad;
-    uint8_t *q;        /* n_pad x d_pad: Q codes + 128 (padding rows/channels: 128 = code 0) */
+    float levels;      /* L: largest Q/K code */
+    int16_t *q;        /* n_pad x d_pad: Q codes (padding rows/channels: 0) */
     float *q_scale;    /* n */
-    int8_t *k;         /* VNNI layout [n_pad/16][d_pad/4][16][4] */
+    int16_t *k;        /* VNNI layout [n_pad/16][d_pad/2][16][2] */
     float *k_scale;    /* n_pad (padding: 0) */
-    int32_t *k_sum;    /* n_pad: sum of each key's codes */
-    int8_t *v;         /* VNNI layout [d_pad/16][n_pad/4][16][4] */
+    int16_t *v;        /* VNNI layout [d_pad/16][n_pad/2][16][2] */
     float *v_scale;    /* d_pad */
-    float *s;          /* n_pad: one row of scores */
-    uint8_t *p;        /* ROWS x n_pad: weight codes of ROWS query rows (padding: 0) */
+    float *s;          /* n_pad: one row of scores, then of exp(score - max) */
+    int16_t *p;        /* ROWS x n_pad: weight codes of ROWS query rows (padding: 0) */
     int32_t *ints;     /* ROWS x max(n_pad, d_pad): integer scores, then integer sums */
-    int8_t *codes;     /* n_pad x d_pad: K or V codes in token order, before the re-layout */
+    int16_t *codes;    /* n_pad x d_pad: K or V codes in token order, before the re-layout */
     void *block;
 } attention_scratch;
 
@@ -268,16 +273,18 @@ static int scratch_alloc(attention_scratch *w, int64_t n, int64_t d) {
     w->d = d;
     w->n_pad = round_up(n, ATT_BLOCK);
     w->d_pad = round_up(d, ATT_BLOCK);
+    const float levels = floorf(sqrtf(2147483647.0f / (float)w->d_pad));
+    w->levels = levels < INT16_MAX_F ? levels : INT16_MAX_F;
     const int64_t np = w->n_pad, dp = w->d_pad, wide = np > dp ? np : dp;
-    const int64_t sizes[11] = {np * dp, n * 4, np * dp, np * 4, np * 4, dp * np, dp * 4,
-                               np * 4, ROWS * np, ROWS * wide * 4, np * dp};
+    const int64_t sizes[10] = {np * dp * 2, n * 4, np * dp * 2, np * 4, dp * np * 2, dp * 4,
+                               np * 4, ROWS * np * 2, ROWS * wide * 4, np * dp * 2};
     int64_t total = 0;
-    for (int i = 0; i < 11; ++i) total += round_up(sizes[i], 64);
+    for (int i = 0; i < 10; ++i) total += round_up(sizes[i], 64);
     w->block = aligned_alloc(64, (size_t)total);   /* 64-byte aligned pieces of one block */
     if (!w->block) return -1;
     char *at = (char *)w->block;
-    void *piece[11];
-    for (int i = 0; i < 11; ++i) {
+    void *piece[10];
+    for (int i = 0; i < 10; ++i) {
         piece[i] = at;
         at += round_up(sizes[i], 64);
     }
@@ -285,59 +292,68 @@ static int scratch_alloc(attention_scratch *w, int64_t n, int64_t d) {
     w->q_scale = piece[1];
     w->k = piece[2];
     w->k_scale = piece[3];
-    w->k_sum = piece[4];
-    w->v = piece[5];
-    w->v_scale = piece[6];
-    w->s = piece[7];
-    w->p = piece[8];
-    w->ints = piece[9];
-    w->codes = piece[10];
+    w->v = piece[4];
+    w->v_scale = piece[5];
+    w->s = piece[6];
+    w->p = piece[7];
+    w->ints = piece[8];
+    w->codes = piece[9];
     return 0;
 }
 
-/* K codes (token order, rows of d_pad) -> VNNI layout [n_pad/16][d_pad/4][16][4]: each
- * key's 4-byte groups of channels spread over 16 keys, a transpose of 32-bit words. */
-static void keys_to_vnni(const int8_t *codes, int64_t np, int64_t dp, int8_t *out) {
-    const int64_t g = dp / 4;
+/* int16 codes of one row with `levels` steps per side: code = round(x * (levels / absmax));
+ * returns the row's scale absmax / levels. */
+static inline float quantize_row16(const float *x, int64_t k, float levels, int16_t *q) {
+    float amax = row_absmax(x, k);
+    if (amax < TINY_SCALE) amax = TINY_SCALE;
+    const float mult = (1.0f / amax) * levels;
+    for (int64_t j = 0; j < k; ++j) q[j] = (int16_t)(int32_t)rintf(x[j] * mult);
+    return amax / levels;
+}
+
+/* K codes (token order, rows of d_pad) -> VNNI layout [n_pad/16][d_pad/2][16][2]: each
+ * key's channel pairs spread over 16 keys, a transpose of 32-bit words. */
+static void keys_to_vnni(const int16_t *codes, int64_t np, int64_t dp, int16_t *out) {
+    const int64_t g = dp / 2;
     for (int64_t jb = 0; jb < np / ATT_BLOCK; ++jb)
         for (int64_t l = 0; l < ATT_BLOCK; ++l) {
-            const int8_t *src = codes + (jb * ATT_BLOCK + l) * dp;
-            int8_t *dst = out + jb * g * (ATT_BLOCK * 4) + l * 4;
-            for (int64_t c4 = 0; c4 < g; ++c4) memcpy(dst + c4 * (ATT_BLOCK * 4), src + 4 * c4, 4);
+            const int16_t *src = codes + (jb * ATT_BLOCK + l) * dp;
+            int16_t *dst = out + jb * g * (ATT_BLOCK * 2) + l * 2;
+            for (int64_t c2 = 0; c2 < g; ++c2) memcpy(dst + c2 * (ATT_BLOCK * 2), src + 2 * c2, 4);
         }
 }
 
-/* V codes (token order, rows of d_pad) -> VNNI layout [d_pad/16][n_pad/4][16][4]: for 16
- * channels, the codes of 4 consecutive tokens side by side, a transpose of bytes. */
-static void values_to_vnni(const int8_t *codes, int64_t np, int64_t dp, int8_t *out,
+/* V codes (token order, rows of d_pad) -> VNNI layout [d_pad/16][n_pad/2][16][2]: for 16
+ * channels, the codes of 2 consecutive tokens side by side, a transpose of int16. */
+static void values_to_vnni(const int16_t *codes, int64_t np, int64_t dp, int16_t *out,
                            int generic) {
-    const int64_t t4n = np / 4;
-#if defined(__AVX512VBMI__) && VPR_HAVE_VNNI
+    const int64_t t2n = np / 2;
+#if VPR_HAVE_VNNI
     if (!generic) {
-        /* 4 rows x 16 channels in one register, then one byte permutation:
-         * output byte 4 l + e <- input byte 16 e + l */
-        uint8_t order[64];
+        /* 2 rows x 16 channels in one register, then one word permutation:
+         * output word 2 l + e <- input word 16 e + l */
+        int16_t order[32];
         for (int l = 0; l < ATT_BLOCK; ++l)
-            for (int e = 0; e < 4; ++e) order[4 * l + e] = (uint8_t)(16 * e + l);
+            for (int e = 0; e < 2; ++e) order[2 * l + e] = (int16_t)(16 * e + l);
         const __m512i idx = _mm512_loadu_si512((const void *)order);
         for (int64_t cb = 0; cb < dp / ATT_BLOCK; ++cb)
-            for (int64_t t4 = 0; t4 < t4n; ++t4) {
-                const int8_t *src = codes + 4 * t4 * dp + cb * ATT_BLOCK;
-                __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)src));
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + dp)), 1);
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + 2 * dp)), 2);
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + 3 * dp)), 3);
-                _mm512_store_si512((void *)(out + (cb * t4n + t4) * 64), _mm512_permutexvar_epi8(idx, z));
+            for (int64_t t2 = 0; t2 < t2n; ++t2) {
+                const int16_t *src = codes + 2 * t2 * dp + cb * ATT_BLOCK;
+                __m512i z = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)src));
+                z = _mm512_inserti64x4(z, _mm256_loadu_si256((const __m256i *)(src + dp)), 1);
+                _mm512_store_si512((void *)(out + (cb * t2n + t2) * 32),
+                                   _mm512_permutexvar_epi16(idx, z));
             }
         return;
     }
 #endif
     (void)generic;
     for (int64_t cb = 0; cb < dp / ATT_BLOCK; ++cb)
-        for (int64_t t4 = 0; t4 < t4n; ++t4) {
-            int8_t *dst = out + (cb * t4n + t4) * 64;
+        for (int64_t t2 = 0; t2 < t2n; ++t2) {
+            int16_t *dst = out + (cb * t2n + t2) * 32;
             for (int l = 0; l < ATT_BLOCK; ++l)
-                for (int e = 0; e < 4; ++e) dst[4 * l + e] = codes[(4 * t4 + e) * dp + cb * ATT_BLOCK + l];
+                for (int e = 0; e < 2; ++e)
+                    dst[2 * l + e] = codes[(2 * t2 + e) * dp + cb * ATT_BLOCK + l];
         }
 }
 
@@ -346,92 +362,90 @@ static void values_to_vnni(const int8_t *codes, int64_t np, int64_t dp, int8_t *
 static void attention_quantize(attention_scratch *w, const float *q_src, const float *k_src,
                                const float *v_src, int64_t stride, int generic) {
     const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
-    int8_t *codes = w->codes;
-    memset(codes, 0, (size_t)(np * dp));       /* padding tokens and channels: code 0 */
-    memset(w->q + n * dp, 128, (size_t)((np - n) * dp));
+    int16_t *codes = w->codes;
+    memset(codes, 0, (size_t)(np * dp * 2));   /* padding tokens and channels: code 0 */
+    memset(w->q, 0, (size_t)(np * dp * 2));
     for (int64_t t = 0; t < n; ++t) {
-        uint8_t *qu = w->q + t * dp;
-        int8_t *qc = codes + t * dp;           /* Q codes pass through the K rows' slot */
-        w->q_scale[t] = quantize_row(q_src + t * stride, d, qc);
-        for (int64_t c = 0; c < d; ++c) qu[c] = (uint8_t)(qc[c] + 128);
-        for (int64_t c = d; c < dp; ++c) qu[c] = 128;
-        w->k_scale[t] = quantize_row(k_src + t * stride, d, qc);
-        int32_t sum = 0;
-        for (int64_t c = 0; c < d; ++c) sum += qc[c];
-        w->k_sum[t] = sum;
+        w->q_scale[t] = quantize_row16(q_src + t * stride, d, w->levels, w->q + t * dp);
+        w->k_scale[t] = quantize_row16(k_src + t * stride, d, w->levels, codes + t * dp);
     }
-    for (int64_t t = n; t < np; ++t) {
-        w->k_scale[t] = 0.0f;
-        w->k_sum[t] = 0;
-    }
+    for (int64_t t = n; t < np; ++t) w->k_scale[t] = 0.0f;
     keys_to_vnni(codes, np, dp, w->k);
     /* V: absmax of each channel over the tokens, then codes in token order */
     float mult[dp];
-    for (int64_t c = 0; c < dp; ++c) w->v_scale[c] = 0.0f;
+    uint32_t vmax[dp];          /* |v| bit patterns: an integer max, as row_absmax */
+    for (int64_t c = 0; c < dp; ++c) {
+        vmax[c] = 0;
+        w->v_scale[c] = 0.0f;
+    }
     for (int64_t t = 0; t < n; ++t) {
-        const float *x = v_src + t * stride;
+        const uint32_t *x = (const uint32_t *)(v_src + t * stride);
         for (int64_t c = 0; c < d; ++c) {
-            const float a = fabsf(x[c]);
-            w->v_scale[c] = a > w->v_scale[c] ? a : w->v_scale[c];
+            const uint32_t a = x[c] & 0x7fffffffu;
+            vmax[c] = a > vmax[c] ? a : vmax[c];
         }
     }
     for (int64_t c = 0; c < d; ++c) {
-        const float amax = w->v_scale[c] < TINY_SCALE ? TINY_SCALE : w->v_scale[c];
-        mult[c] = (1.0f / amax) * INT8_MAX_F;
-        w->v_scale[c] = amax / INT8_MAX_F;
+        float amax;
+        memcpy(&amax, vmax + c, sizeof amax);
+        amax = amax < TINY_SCALE ? TINY_SCALE : amax;
+        mult[c] = (1.0f / amax) * INT16_MAX_F;
+        w->v_scale[c] = amax / INT16_MAX_F;
     }
     for (int64_t t = 0; t < n; ++t) {
         const float *x = v_src + t * stride;
-        int8_t *vc = codes + t * dp;
-        for (int64_t c = 0; c < d; ++c) vc[c] = (int8_t)(int32_t)rintf(x[c] * mult[c]);
+        int16_t *vc = codes + t * dp;
+        for (int64_t c = 0; c < d; ++c) vc[c] = (int16_t)(int32_t)rintf(x[c] * mult[c]);
     }
     values_to_vnni(codes, np, dp, w->v, generic);
 }
 
-/* C[r][l] = sum_k A[r][k] B[l][k] for ROWS rows r of uint8 A (row stride a_stride bytes)
- * and n_blocks blocks of 16 columns l of int8 B in the VNNI layout (block stride
- * b_stride bytes, k4 = k / 4 groups of 4 bytes per column), into int32 C (row stride
- * c_stride).  The scores (A: query codes, B: keys) and the weighted sums (A: weight
- * codes, B: values) are both this product.  Integer sums are exact, so the AVX512-VNNI
- * path and the plain loops give the same result. */
-static void u8s8_product(const uint8_t *a, int64_t a_stride, const int8_t *b, int64_t b_stride,
-                         int64_t n_blocks, int64_t k4, int32_t *c, int64_t c_stride,
-                         int generic) {
+/* C[r][l] = sum_k A[r][k] B[l][k] for ROWS rows r of int16 A (row stride a_stride) and
+ * n_blocks blocks of 16 columns l of int16 B in the VNNI layout [n_blocks][k2][16][2]
+ * (block stride b_stride elements, k2 = k / 2 pairs per column), into int32 C (row stride
+ * c_stride).  The scores (A: query codes, B: keys) and the weighted sums (A: weight codes,
+ * B: values) are both this product.  Integer sums are exact, so the AVX512-VNNI path and
+ * the plain loops give the same result. */
+static void s16_product(const int16_t *a, int64_t a_stride, const int16_t *b, int64_t b_stride,
+                        int64_t n_blocks, int64_t k2, int32_t *c, int64_t c_stride,
+                        int generic) {
 #if VPR_HAVE_VNNI
     if (!generic) {
         int64_t jb = 0;
         /* 4 rows x 4 column blocks: 16 independent accumulator chains, and each load of B
-         * serves 4 rows (one row at a time waits on L2 for B) */
+         * serves 4 rows (one row at a time waits on the cache for B) */
         for (; jb + 4 <= n_blocks; jb += 4) {
-            const int8_t *bb = b + jb * b_stride;
+            const int16_t *bb = b + jb * b_stride;
             __m512i acc[ROWS][4];
             for (int r = 0; r < ROWS; ++r)
                 for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
-            for (int64_t g = 0; g < k4; ++g) {
+            for (int64_t g = 0; g < k2; ++g) {
                 __m512i col[4];
                 for (int l = 0; l < 4; ++l)
-                    col[l] = _mm512_load_si512((const void *)(bb + l * b_stride + g * 64));
+                    col[l] = _mm512_load_si512((const void *)(bb + l * b_stride + g * 32));
                 for (int r = 0; r < ROWS; ++r) {
-                    int32_t four;
-                    memcpy(&four, a + r * a_stride + 4 * g, 4);
-                    const __m512i row = _mm512_set1_epi32(four);
-                    for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_dpbusd_epi32(acc[r][l], row, col[l]);
+                    int32_t two;
+                    memcpy(&two, a + r * a_stride + 2 * g, 4);
+                    const __m512i row = _mm512_set1_epi32(two);
+                    for (int l = 0; l < 4; ++l)
+                        acc[r][l] = _mm512_dpwssd_epi32(acc[r][l], row, col[l]);
                 }
             }
             for (int r = 0; r < ROWS; ++r)
                 for (int l = 0; l < 4; ++l)
-                    _mm512_storeu_si512((void *)(c + r * c_stride + (jb + l) * ATT_BLOCK), acc[r][l]);
+                    _mm512_storeu_si512((void *)(c + r * c_stride + (jb + l) * ATT_BLOCK),
+                                        acc[r][l]);
         }
         for (; jb < n_blocks; ++jb) {
-            const int8_t *bb = b + jb * b_stride;
+            const int16_t *bb = b + jb * b_stride;
             __m512i acc[ROWS];
             for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_si512();
-            for (int64_t g = 0; g < k4; ++g) {
-                const __m512i col = _mm512_load_si512((const void *)(bb + g * 64));
+            for (int64_t g = 0; g < k2; ++g) {
+                const __m512i col = _mm512_load_si512((const void *)(bb + g * 32));
                 for (int r = 0; r < ROWS; ++r) {
-                    int32_t four;
-                    memcpy(&four, a + r * a_stride + 4 * g, 4);
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(four), col);
+                    int32_t two;
+                    memcpy(&two, a + r * a_stride + 2 * g, 4);
+                    acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_set1_epi32(two), col);
                 }
             }
             for (int r = 0; r < ROWS; ++r)
@@ -443,47 +457,110 @@ static void u8s8_product(const uint8_t *a, int64_t a_stride, const int8_t *b, in
     (void)generic;
     for (int r = 0; r < ROWS; ++r)
         for (int64_t jb = 0; jb < n_blocks; ++jb) {
-            const int8_t *bb = b + jb * b_stride;
+            const int16_t *bb = b + jb * b_stride;
             for (int64_t l = 0; l < ATT_BLOCK; ++l) {
                 int32_t acc = 0;
-                for (int64_t g = 0; g < k4; ++g)
-                    for (int64_t e = 0; e < 4; ++e)
-                        acc += (int32_t)a[r * a_stride + 4 * g + e] * (int32_t)bb[g * 64 + l * 4 + e];
+                for (int64_t g = 0; g < k2; ++g)
+                    for (int64_t e = 0; e < 2; ++e)
+                        acc += (int32_t)a[r * a_stride + 2 * g + e] * (int32_t)bb[g * 32 + l * 2 + e];
                 c[r * c_stride + jb * ATT_BLOCK + l] = acc;
             }
         }
 }
 
-/* Largest element of a row (16 interleaved partial maxima: a form that vectorises
- * without -ffast-math; the maximum itself does not depend on the order). */
-static inline float row_max(const float *x, int64_t k) {
-    float part[16];
-    for (int l = 0; l < 16; ++l) part[l] = -INFINITY;
-    int64_t j = 0;
-    for (; j + 16 <= k; j += 16)
-        for (int l = 0; l < 16; ++l) part[l] = x[j + l] > part[l] ? x[j + l] : part[l];
-    for (int l = 0; j < k; ++j, ++l) part[l] = x[j] > part[l] ? x[j] : part[l];
-    float m = part[0];
-    for (int l = 1; l < 16; ++l) m = part[l] > m ? part[l] : m;
-    return m;
+#if VPR_HAVE_VNNI
+/* exp_nonpositive on 16 lanes: the same operations, so the same bits. */
+static inline __m512 exp_nonpositive16(__m512 x) {
+    const __m512 floor_ = _mm512_set1_ps(EXP_FLOOR);
+    const __m512 xc = _mm512_max_ps(x, floor_);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.4286068203094173e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, floor_, _CMP_LT_OQ), _mm512_setzero_ps());
 }
 
-/* Softmax weight codes of one query row from its integer scores: p = exp(s - max s),
- * code = round(255 p); returns the sum of the codes (>= 255: the maximum's code). */
+static inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+#endif
+
+/* Softmax weight codes of one query row from its integer scores: e = exp(s - max s),
+ * code = round(32767 e / sum(e)), the sum in a fixed order (e[j] into partial sum j mod 16,
+ * then a fixed tree); returns the sum of the codes.  The AVX-512 form does the same
+ * operations in the same order (its 16 lanes are the 16 partial sums). */
 static int32_t weight_codes(const attention_scratch *w, const int32_t *dots, float q_scale,
-                            float scale, uint8_t *p) {
+                            float scale, int16_t *p, int generic) {
     const int64_t n = w->n;
     float *s = w->s;
     const float row = q_scale * scale;
-    for (int64_t j = 0; j < n; ++j) {
-        const int32_t dot = dots[j] - 128 * w->k_sum[j];   /* undo the +128 of the codes */
-        s[j] = (float)dot * row * w->k_scale[j];
+    float part[16];
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        /* full 16-lane loads and stores up to n_pad (the buffers hold n_pad; masked memory
+         * operations are slow on some CPUs), lanes past n masked in registers only */
+        const int64_t np = w->n_pad;
+        const __m512 vrow = _mm512_set1_ps(row);
+        __m512 vmax = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < np; j += 16) {
+            const __m512 v = _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(dots + j))), vrow),
+                _mm512_loadu_ps(w->k_scale + j));
+            _mm512_storeu_ps(s + j, v);
+            vmax = _mm512_mask_max_ps(vmax, tail_mask(n - j), vmax, v);
+        }
+        const __m512 smax = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < np; j += 16) {
+            const __m512 e = _mm512_maskz_mov_ps(
+                tail_mask(n - j), exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + j), smax)));
+            _mm512_storeu_ps(s + j, e);
+            sum = _mm512_add_ps(sum, e);               /* + 0 in padding lanes: exact */
+        }
+        _mm512_storeu_ps(part, sum);
+        for (int half = 8; half >= 1; half /= 2)
+            for (int l = 0; l < half; ++l) part[l] += part[l + half];
+        const __m512 mult = _mm512_set1_ps(INT16_MAX_F / part[0]);
+        __m512i psum = _mm512_setzero_si512();
+        for (int64_t j = 0; j < np; j += 16) {
+            const __m512i code = _mm512_cvtps_epi32(_mm512_roundscale_ps(
+                _mm512_mul_ps(_mm512_loadu_ps(s + j), mult),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            _mm256_storeu_si256((__m256i *)(p + j), _mm512_cvtepi32_epi16(code));
+            psum = _mm512_add_epi32(psum, code);
+        }
+        return _mm512_reduce_add_epi32(psum);
     }
-    const float smax = row_max(s, n);
+#endif
+    (void)generic;
+    float smax = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] = (float)dots[j] * row * w->k_scale[j];
+        smax = s[j] > smax ? s[j] : smax;
+    }
+    for (int l = 0; l < 16; ++l) part[l] = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float e = exp_nonpositive(s[j] - smax);
+        s[j] = e;
+        part[j % 16] += e;
+    }
+    for (int half = 8; half >= 1; half /= 2)
+        for (int l = 0; l < half; ++l) part[l] += part[l + half];
+    const float mult = INT16_MAX_F / part[0];                /* sum >= 1: the maximum's e */
     int32_t psum = 0;
     for (int64_t j = 0; j < n; ++j) {
-        const int32_t code = (int32_t)rintf(exp_nonpositive(s[j] - smax) * 255.0f);
-        p[j] = (uint8_t)code;
+        const int32_t code = (int32_t)rintf(s[j] * mult);
+        p[j] = (int16_t)code;
         psum += code;
     }
     return psum;
@@ -495,16 +572,17 @@ static void attention_head(attention_scratch *w, float scale, float *out, int64_
     const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
     const int64_t wide = np > dp ? np : dp;
     int32_t *ints = w->ints;
-    memset(w->p, 0, (size_t)(ROWS * np));
+    memset(w->p, 0, (size_t)(ROWS * np * 2));
     for (int64_t i0 = 0; i0 < n; i0 += ROWS) {
         const int64_t rows = n - i0 < ROWS ? n - i0 : ROWS;   /* padding rows: ignored */
-        u8s8_product(w->q + i0 * dp, dp, w->k, (dp / 4) * (ATT_BLOCK * 4), np / ATT_BLOCK,
-                     dp / 4, ints, wide, generic);
+        s16_product(w->q + i0 * dp, dp, w->k, (dp / 2) * (ATT_BLOCK * 2), np / ATT_BLOCK,
+                    dp / 2, ints, wide, generic);
         int32_t psum[ROWS];
         for (int64_t r = 0; r < rows; ++r)
-            psum[r] = weight_codes(w, ints + r * wide, w->q_scale[i0 + r], scale, w->p + r * np);
-        u8s8_product(w->p, np, w->v, (np / 4) * (ATT_BLOCK * 4), dp / ATT_BLOCK, np / 4,
-                     ints, wide, generic);
+            psum[r] = weight_codes(w, ints + r * wide, w->q_scale[i0 + r], scale,
+                                   w->p + r * np, generic);
+        s16_product(w->p, np, w->v, (np / 2) * (ATT_BLOCK * 2), dp / ATT_BLOCK, np / 2,
+                    ints, wide, generic);
         for (int64_t r = 0; r < rows; ++r) {
             const float inv = 1.0f / (float)psum[r];
             const int32_t *sums = ints + r * wide;
@@ -515,10 +593,12 @@ static void attention_head(attention_scratch *w, float scale, float *out, int64_
 }
 
 /* qkv: (b, n, 3, h, d) float32 rows as the qkv linear layer writes them; out: (b, n, h, d).
- * generic != 0: the plain-C integer loops even where AVX512-VNNI exists (for tests).
- * Returns 0, or -1 if scratch memory could not be allocated (out is then incomplete). */
-int vpr_attention_int8(const float *qkv, int64_t b, int64_t n, int64_t h, int64_t d,
+ * generic != 0: the plain-C loops even where AVX512-VNNI exists (for tests).
+ * Returns 0; -1 if scratch memory could not be allocated (out is then incomplete); -2 if
+ * n is too large for exact int32 sums (n >= 32768; out untouched). */
+int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int64_t d,
                        float scale, float *out, int generic, int num_threads) {
+    if (n >= 32768) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {

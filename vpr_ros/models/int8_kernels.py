@@ -4,10 +4,10 @@ The int8 layers of :mod:`vpr_ros.models.int8_linear` spend as much time in eleme
 torch ops around each integer matmul (quantise a row, turn int32 back into float, add
 the bias, GELU, LayerNorm, residual add) as in half of the matmuls themselves: each op
 is one more pass over memory.  ``int8_kernels.c`` does each of those chains in one pass
-per row, and holds a multi-head attention on int8 Q, K, V (:meth:`NativeKernels.
-attention_int8`, used by :mod:`vpr_ros.models.int8_block`).  It is plain C (no torch
-headers; AVX512-VNNI intrinsics where the compiler targets them, the same integers from
-plain loops elsewhere), so it compiles in about a second:
+per row, and holds a multi-head attention on integer (int16) Q, K, V and softmax
+weights (:meth:`NativeKernels.integer_attention`, used by :mod:`vpr_ros.models.int8_block`).
+It is plain C (no torch headers; AVX512-VNNI intrinsics where the compiler targets them,
+the same results from plain loops elsewhere), so it compiles in about a second:
 
 * on first use, with ``$CC`` (default ``cc``) ``-O3 -march=native -fopenmp`` and IEEE
   semantics kept (``-ffp-contract=off``, no ``-ffast-math``);
@@ -134,6 +134,7 @@ def build(cache: Optional[Path] = None) -> Path:
     raise KernelBuildError("could not compile int8_kernels.c: " + " | ".join(errors))
 
 
+MAX_ATTENTION_TOKENS = 32767      # int32 sums of int16 weights x int16 values stay exact
 _F32P = ctypes.POINTER(ctypes.c_float)
 _I64 = ctypes.c_int64
 
@@ -151,9 +152,9 @@ class NativeKernels:
             "vpr_dequantize_add": [vp, _I64, _I64, vp, vp, vp, vp, i32],
             "vpr_dequantize_gelu_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, i32],
             "vpr_layer_norm_quantize": [vp, _I64, _I64, vp, vp, ctypes.c_float, vp, vp, vp, i32],
-            "vpr_attention_int8": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, vp, i32, i32],
+            "vpr_integer_attention": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, vp, i32, i32],
         }
-        returns = {"vpr_attention_int8": ctypes.c_int}
+        returns = {"vpr_integer_attention": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -241,17 +242,19 @@ class NativeKernels:
             q.data_ptr(), scale.data_ptr(), scratch.data_ptr(), threads)
         return q, scale
 
-    def attention_int8(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int,
-                       head_dim: int, scale: float, out: Optional[torch.Tensor] = None,
-                       generic: bool = False) -> torch.Tensor:
-        """Multi-head self-attention with int8 scores and int8 weighted sums.
+    def integer_attention(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int,
+                          head_dim: int, scale: float, out: Optional[torch.Tensor] = None,
+                          generic: bool = False) -> torch.Tensor:
+        """Multi-head self-attention with int16 codes and exact int32 products.
 
         ``qkv``: the qkv layer's output, ``(batch * tokens, 3 * heads * head_dim)`` float32
         (timm's ``(b, n, 3, h, d)`` order).  Returns ``(batch * tokens, heads * head_dim)``
         float32 in ``(b, n, h, d)`` order, the proj layer's input (``out`` if given).
-        Q and K are quantised per token, V per channel of each image, the softmax weights
-        to 8 bits; see ``vpr_attention_int8`` in ``int8_kernels.c``.  ``generic=True``
-        runs the plain-C integer loops instead of the AVX512-VNNI ones (same result).
+        Q and K are quantised per token (5792 steps a side at head_dim 64), V per channel
+        of each image and the softmax weights in steps of 1/32767 of their sum; see
+        ``vpr_integer_attention`` in ``int8_kernels.c``.  ``generic=True`` runs the plain-C
+        loops instead of the AVX512-VNNI ones (same result).  At most
+        ``MAX_ATTENTION_TOKENS`` tokens.
         """
         m, width = batch * tokens, heads * head_dim
         self._check(qkv, torch.float32, "qkv", m * 3 * width)
@@ -260,9 +263,11 @@ class NativeKernels:
         self._check(out, torch.float32, "out", m * width)
         if m == 0:
             return out
-        status = self._lib.vpr_attention_int8(qkv.data_ptr(), batch, tokens, heads, head_dim,
+        status = self._lib.vpr_integer_attention(qkv.data_ptr(), batch, tokens, heads, head_dim,
                                               float(scale), out.data_ptr(), int(generic),
                                               torch.get_num_threads())
+        if status == -2:
+            raise ValueError(f"int8 attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
         if status != 0:
             raise MemoryError("int8 attention: could not allocate its scratch memory")
         return out
@@ -292,5 +297,5 @@ def native_kernels() -> Optional[NativeKernels]:
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "KernelBuildError", "native_kernels", "build", "cache_dir",
+__all__ = ["NativeKernels", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build", "cache_dir",
            "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]
