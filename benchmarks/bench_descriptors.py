@@ -434,6 +434,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {name} | {s[f'{name}_s_per_image']:.2f} | {s[f'{name}_speedup']:.2f} "
                              f"| {s[f'{name}_global_cosine_min']:.5f} "
                              f"| {s[f'{name}_local_cosine_mean']:.4f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
