@@ -109,7 +109,7 @@ def _attention_by_definition(qkv: torch.Tensor, b: int, n: int, h: int, d: int, 
     exact); and float32 SDPA of the same inputs."""
     q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
     d_pad = -(-d // 16) * 16
-    levels = min(32767.0, float(np.floor(np.float32(np.sqrt(np.float32(2147483647.0 / d_pad))))))
+    levels = min(32767.0, float(np.floor(np.sqrt(2147483647.0 / d_pad))))
 
     def per_token(x):                            # int16 codes with `levels` steps, per token
         amax = x.abs().amax(-1, keepdim=True).clamp_min(1e-30)
@@ -181,6 +181,24 @@ def test_integer_attention_checks_its_buffers(kernels):
     with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
         kernels.integer_attention(qkv.double(), 2, 5, 2, 8, 0.3)
     assert kernels.integer_attention(qkv, 2, 5, 2, 8, 0.3).shape == (10, 16)
+    many = int8_kernels.MAX_ATTENTION_TOKENS + 1
+    with pytest.raises(ValueError, match="at most 32767"):
+        kernels.integer_attention(torch.zeros(many, 3), 1, many, 1, 1, 1.0)
+
+
+@pytest.mark.parametrize("d", [8, 32, 64, 128])
+def test_integer_attention_largest_codes_do_not_overflow(kernels, d):
+    """Q and K at full scale in every channel make the largest possible integer scores
+    (d * L^2); keys with one smaller channel score less, so a wrapped sum would show."""
+    n, h = 20, 2
+    qkv = torch.full((n, 3 * h * d), 3.0)
+    parts = qkv.view(n, 3, h, d)
+    parts[1::2, 1, :, 0] = 1.5                                    # odd keys: one smaller channel
+    parts[::4, 0] = -3.0                                          # some queries of opposite sign
+    parts[:, 2] = torch.linspace(-1, 1, n)[:, None, None]        # values differ per token
+    out = kernels.integer_attention(qkv, 1, n, h, d, d ** -0.5)
+    _, exact = _attention_by_definition(qkv, 1, n, h, d, d ** -0.5)
+    assert torch.allclose(out, exact, atol=1e-3)
 
 
 def _int8_block(dim: int = 64, heads: int = 4, seed: int = 0):

@@ -25,10 +25,10 @@ belong to one image, so descriptors stay batch-invariant.  The block's input is 
 written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
 output is a fresh tensor; everything in between lives in a per-thread workspace reused
 by every block and call (about 65 MB at batch 8 for ViT-B): fresh multi-megabyte
-buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the native kernels
-(:func:`vpr_ros.models.int8_kernels.native_kernels` is None), or for inputs the kernels
-do not take (an attention mask, a non-float32 or non-CPU tensor), the wrapped block runs
-as it is, through the torch path of its int8 layers.
+buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the
+native kernels (:func:`vpr_ros.models.int8_kernels.native_kernels` is None), or for
+inputs the kernels do not take (an attention mask, a non-float32 or non-CPU tensor), the
+wrapped block runs as it is, through the torch path of its int8 layers.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _is_plain_layer_norm(norm: nn.Module, dim: int) -> bool:
 
 
 def attention_fusable(attn: nn.Module) -> bool:
-    """True for a timm ``Attention`` with int8 qkv/proj that the int8 attention reproduces:
+    """True for a timm ``Attention`` with int8 qkv/proj that the integer attention reproduces:
     no q/k norm, no norm after the heads, no gate, one qkv layer of width 3 x dim."""
     from timm.models.vision_transformer import Attention
 
@@ -184,7 +184,7 @@ class Int8TransformerBlock(nn.Module):
 
 class IntegerAttention(nn.Module):
     """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
-    whole (SelaVPR's adapted blocks): int8 qkv, the int8 attention kernel, int8 proj."""
+    whole (SelaVPR's adapted blocks): int8 qkv, the integer attention kernel, int8 proj."""
 
     def __init__(self, attn: nn.Module):
         super().__init__()

@@ -196,8 +196,9 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
  * time; the heads of all images are shared out between the threads).
  *
  *   Q, K: int16 codes, one scale per token (absmax of its head_dim values / L), with
- *         L = min(32767, sqrt(2^31 / head_dim)) so that a dot product of head_dim codes
- *         stays exact in int32 (L = 5792 at head_dim 64);
+ *         L = min(32767, floor(sqrt((2^31 - 1) / d_pad))) so that a dot product of
+ *         head_dim codes stays exact in int32 (d_pad: head_dim rounded up to 16;
+ *         L = 5792 at head_dim 64);
  *         S = (Q K^T) * q_scale * k_scale * scale, exact in int32 before the floats.
  *   P:    e = exp(S - rowmax) in float32, then int16 codes round(32767 e / sum(e)): the
  *         softmax weights in steps of 1/32767 of the row's total;
@@ -273,8 +274,9 @@ static int scratch_alloc(attention_scratch *w, int64_t n, int64_t d) {
     w->d = d;
     w->n_pad = round_up(n, ATT_BLOCK);
     w->d_pad = round_up(d, ATT_BLOCK);
-    const float levels = floorf(sqrtf(2147483647.0f / (float)w->d_pad));
-    w->levels = levels < INT16_MAX_F ? levels : INT16_MAX_F;
+    /* in double: 2^31 - 1 is not a float, and d_pad * L^2 must stay below it exactly */
+    const double levels = floor(sqrt(2147483647.0 / (double)w->d_pad));
+    w->levels = levels < 32767.0 ? (float)levels : INT16_MAX_F;
     const int64_t np = w->n_pad, dp = w->d_pad, wide = np > dp ? np : dp;
     const int64_t sizes[10] = {np * dp * 2, n * 4, np * dp * 2, np * 4, dp * np * 2, dp * 4,
                                np * 4, ROWS * np * 2, ROWS * wide * 4, np * dp * 2};

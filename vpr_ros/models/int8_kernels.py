@@ -263,13 +263,13 @@ class NativeKernels:
         self._check(out, torch.float32, "out", m * width)
         if m == 0:
             return out
+        if tokens > MAX_ATTENTION_TOKENS:
+            raise ValueError(f"integer attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
         status = self._lib.vpr_integer_attention(qkv.data_ptr(), batch, tokens, heads, head_dim,
-                                              float(scale), out.data_ptr(), int(generic),
-                                              torch.get_num_threads())
-        if status == -2:
-            raise ValueError(f"int8 attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
+                                                 float(scale), out.data_ptr(), int(generic),
+                                                 torch.get_num_threads())
         if status != 0:
-            raise MemoryError("int8 attention: could not allocate its scratch memory")
+            raise MemoryError("integer attention: could not allocate its scratch memory")
         return out
 
 
@@ -297,5 +297,5 @@ def native_kernels() -> Optional[NativeKernels]:
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build", "cache_dir",
-           "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]
+__all__ = ["NativeKernels", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
+           "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]
