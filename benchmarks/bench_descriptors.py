@@ -81,7 +81,7 @@ def eager_baseline(model):
 
 
 def variants(model, describer_fp32, describer_bf16, compile_: bool,
-             describer_int8=None) -> Dict[str, Callable]:
+             describer_int8=None, onnx: bool = True) -> Dict[str, Callable]:
     """name -> f(x: preprocessed float32 (B,3,H,W)) -> (B, D) float32 unit descriptors."""
     import torch
     import torch.nn.functional as F
@@ -152,6 +152,9 @@ def variants(model, describer_fp32, describer_bf16, compile_: bool,
         except Exception as exc:  # noqa: BLE001
             print(f"[descriptors] {name} unavailable: {type(exc).__name__}: {str(exc)[:200]}")
 
+    if onnx:
+        out.update(onnxruntime_variants(model))
+
     if compile_:
         try:
             import torch._inductor.config as inductor_config
@@ -171,6 +174,59 @@ def variants(model, describer_fp32, describer_bf16, compile_: bool,
         except Exception as exc:  # noqa: BLE001
             print(f"[descriptors] compile_bf16 unavailable: {type(exc).__name__}: {str(exc)[:200]}")
     return out
+
+
+def onnxruntime_variants(model) -> Dict[str, Callable]:
+    """ONNX Runtime prototypes, if ``onnxruntime`` and ``onnx`` are installed
+    (``benchmarks/requirements-optional.txt``; not needed by the package):
+
+    * ``ort_fp32``: the model exported with the TorchScript exporter (opset 17, dynamic
+      batch), CPU execution provider, all graph optimisations, torch's thread count;
+    * ``ort_int8_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` of that file
+      (int8 weights per channel, activations quantised per tensor at run time, so a
+      batch's images change each other's descriptors).
+    """
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        print("[descriptors] onnxruntime not installed: ORT variants skipped "
+              "(pip install -r benchmarks/requirements-optional.txt)")
+        return {}
+    import shutil
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+    folder = Path(tempfile.mkdtemp(prefix="vpr_ort_"))
+    try:
+        fp32_path, int8_path = folder / "scicevpr_b.onnx", folder / "scicevpr_b_int8.onnx"
+        with torch.inference_mode(False), torch.no_grad():
+            torch.onnx.export(copy.deepcopy(model).eval(), (torch.zeros(1, 3, 224, 224),),
+                              str(fp32_path), opset_version=17, dynamo=False,
+                              input_names=["image"], output_names=["descriptor"],
+                              dynamic_axes={"image": {0: "batch"}, "descriptor": {0: "batch"}})
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+                         per_channel=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        out: Dict[str, Callable] = {}
+        for name, path in (("ort_fp32", fp32_path), ("ort_int8_dynamic", int8_path)):
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+            def run(x, session=session):
+                y = session.run(None, {"image": x.contiguous().numpy()})[0]
+                return F.normalize(torch.from_numpy(y).float(), dim=-1)
+            out[name] = run
+        return out
+    except Exception as exc:  # noqa: BLE001 - a lever that does not work is a result
+        print(f"[descriptors] ONNX Runtime variants unavailable: {type(exc).__name__}: "
+              f"{str(exc)[:200]}")
+        return {}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)     # the sessions hold the models in memory
 
 
 def describe_all(fn: Callable, images: List[np.ndarray], batch: int = 8) -> np.ndarray:
@@ -206,7 +262,8 @@ def fidelity(fns: Dict[str, Callable], db_imgs, q_imgs) -> Dict[str, dict]:
     return out
 
 
-INVARIANCE_VARIANTS = ("package_fp32", "package_int8", "package_int8_torch_ops", "int8_dynamic")
+INVARIANCE_VARIANTS = ("package_fp32", "package_int8", "package_int8_torch_ops", "int8_dynamic",
+                       "ort_int8_dynamic")
 
 
 def batch_invariance(fns: Dict[str, Callable], images,
@@ -307,7 +364,7 @@ def child_speed(quick: bool) -> dict:
     import os
     set_threads(2)
     d32, d16, d8 = describers()
-    fns = variants(d32.model, d32, d16, False, describer_int8=d8)
+    fns = variants(d32.model, d32, d16, False, describer_int8=d8, onnx=False)
     fns = {name: fns[name] for name in CHILD_VARIANTS}
     _, _, x_by_batch, repeats = speed_setup(quick)
     return {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (runtime default)"),
