@@ -130,6 +130,16 @@ def _int_mm(q: torch.Tensor, layer: Int8Linear, out: Optional[torch.Tensor]) -> 
     return integer_matmul(q, layer.weight_int8, layer.use_int_mm, out=out)
 
 
+def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
+    """The native kernels if they take this input (a float32 CPU (B, N, C) tensor, no
+    mask), else None: the wrapped module then runs as it is."""
+    kernels = native_kernels()
+    if (kernels is None or attn_mask is not None or is_causal or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.ndim != 3):
+        return None
+    return kernels
+
+
 class Int8TransformerBlock(nn.Module):
     """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
 
@@ -141,9 +151,8 @@ class Int8TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        kernels = native_kernels()
-        if (kernels is None or attn_mask is not None or is_causal or x.dtype != torch.float32
-                or x.device.type != "cpu" or x.ndim != 3):
+        kernels = _kernels_for(x, attn_mask, is_causal)
+        if kernels is None:
             return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
         blk = self.block
         attn, mlp = blk.attn, blk.mlp
@@ -194,10 +203,9 @@ class IntegerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        kernels = native_kernels()
-        if (kernels is None or not integer_attention_enabled() or attn_mask is not None
-                or is_causal or x.dtype != torch.float32 or x.device.type != "cpu"
-                or x.ndim != 3 or x.shape[1] > MAX_ATTENTION_TOKENS):
+        kernels = _kernels_for(x, attn_mask, is_causal)
+        if (kernels is None or not integer_attention_enabled()
+                or x.shape[1] > MAX_ATTENTION_TOKENS):
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
         attn = self.attn
         b, n, c = x.shape
