@@ -2,11 +2,12 @@
 
 Checks: the kernels build with the machine's compiler into an atomic, reusable cache;
 quantisation and dequantisation are bit-identical to the torch path; the fused GELU and
-LayerNorm steps agree with torch's to float32 rounding; the int8 attention computes what
-it defines (int8 Q, K, int16 V and softmax weights), the same bits with AVX512-VNNI and
-with plain loops, image by image, and stays close to float32 SDPA; a fused ViT block matches
-the block it wraps, never writes its input, returns fresh memory and is batch-invariant;
-and without a compiler (or with the switch off) everything falls back to the torch path.
+LayerNorm steps agree with torch's to float32 rounding; the integer attention computes
+what it defines (int16 codes of Q, K, V and the softmax weights), the same bits with
+AVX512-VNNI and with plain loops, image by image, without overflow, and stays close to
+float32 SDPA, also with an attention sink; a fused ViT block matches the block it wraps,
+never writes its input, returns fresh memory and is batch-invariant; and without a
+compiler (or with the switch off) everything falls back to the torch path.
 """
 
 from __future__ import annotations
