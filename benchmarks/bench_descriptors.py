@@ -21,7 +21,9 @@ All variants run the *same* randomly initialised weights (seed 0; no download ne
   scale per whole input tensor, so a batch's images change each other's descriptors;
   the package's int8 before ``package_int8``, which then ran image by image),
   ``jit_freeze_bf16`` (TorchScript trace under bf16 autocast + ``torch.jit.freeze``:
-  constant folding, oneDNN weight prepacking; the fp32 variant gave no gain in trials), and with ``--compile``
+  constant folding, oneDNN weight prepacking; the fp32 variant gave no gain in trials),
+  ``ort_fp32`` / ``ort_int8_dynamic`` (ONNX Runtime, when installed: see
+  ``onnxruntime_variants``), and with ``--compile``
   ``compile_bf16`` (``torch.compile``, inductor with ``freezing=True``, under bf16
   autocast; the first call compiles for minutes on 2 cores).
 
