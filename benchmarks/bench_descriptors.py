@@ -38,10 +38,12 @@ Run: ``python benchmarks/bench_descriptors.py [--quick] [--compile]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 
@@ -65,6 +67,20 @@ def load_nordland(n_db: int, n_q: int) -> tuple:
 def random_card(name: str):
     from vpr_ros.models.cards import load_card
     return load_card(name).replace(random_init_seed=0)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in os.environ for the block, the previous state restored after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def eager_baseline(model):
@@ -98,17 +114,9 @@ def variants(model, describer_fp32, describer_bf16, compile_: bool,
 
         def int8_torch_ops(x, d=describer_int8):
             """The same int8 model with the native fused kernels switched off."""
-            import os
             from vpr_ros.models.int8_kernels import ENV_SWITCH
-            before = os.environ.get(ENV_SWITCH)
-            os.environ[ENV_SWITCH] = "0"
-            try:
+            with environment(ENV_SWITCH, "0"):
                 return d.describe_tensor(x)
-            finally:
-                if before is None:
-                    del os.environ[ENV_SWITCH]
-                else:
-                    os.environ[ENV_SWITCH] = before
         out["package_int8_torch_ops"] = int8_torch_ops
 
     m16 = copy.deepcopy(model).to(torch.bfloat16).eval()
@@ -324,7 +332,6 @@ def speed_with_omp_default(quick: bool) -> dict:
     users get; the child measures that, with the same weights, inputs and rounds.
     """
     import json
-    import os
     import subprocess
     import sys
 
@@ -363,7 +370,6 @@ def speed_setup(quick: bool):
 
 
 def child_speed(quick: bool) -> dict:
-    import os
     set_threads(2)
     d32, d16, d8 = describers()
     fns = variants(d32.model, d32, d16, False, describer_int8=d8, onnx=False)
@@ -375,9 +381,7 @@ def child_speed(quick: bool) -> dict:
 
 def selavpr_speed(quick: bool) -> dict:
     """SelaVPR ViT-L (global + 61x61x128 local features), batch 1: fp32 vs bf16 weights vs
-    int8 (with int8 attention, and with float32 SDPA attention: VPR_ROS_INTEGER_ATTENTION=0)."""
-    import os
-
+    int8 (with the integer attention, and with float32 SDPA: VPR_ROS_INTEGER_ATTENTION=0)."""
     import torch
     from vpr_ros.inference import LocalFeatureExtractor
     from vpr_ros.models.int8_block import ENV_ATTENTION
@@ -391,11 +395,8 @@ def selavpr_speed(quick: bool) -> dict:
     int8 = LocalFeatureExtractor(card, device="cpu", precision="int8", batch_size=1)
 
     def int8_float_attention(x):
-        os.environ[ENV_ATTENTION] = "0"
-        try:
+        with environment(ENV_ATTENTION, "0"):
             return int8.extract_tensor(x)
-        finally:
-            del os.environ[ENV_ATTENTION]
 
     x = torch.randn(1, 3, 224, 224)
     reps = 2 if quick else 4
@@ -415,7 +416,6 @@ def selavpr_speed(quick: bool) -> dict:
 
 
 def run(quick: bool, compile_: bool = False, selavpr: bool = True) -> dict:
-    import os
     set_threads(2)
     t0 = time.perf_counter()
     d32, d16, d8 = describers()
