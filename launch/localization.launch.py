@@ -75,8 +75,12 @@ def _bool(name: str, text: str) -> bool:
 
 
 def _on_exit(event, context):
-    """The node's process ended: a failure (non-zero status) fails the launch."""
-    if event.returncode != 0 and not context.is_shutdown:
+    """The node's process ended: a failure (non-zero status) fails the launch, a clean
+    exit ends it. Nothing to do when the launch is already shutting down (Ctrl-C): a second
+    Shutdown event would make launch_ros fail on its already stopped ROS adapter."""
+    if context.is_shutdown:
+        return None
+    if event.returncode != 0:
         raise LocalizerStartFailed(
             f"{NODE_NAME} exited with status {event.returncode} (its error line is above); "
             "failing the launch")

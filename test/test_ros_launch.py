@@ -100,18 +100,21 @@ def query_image(sample_dir):
 class Launch:
     """`ros2 launch <file> args...` as a process; its output goes to a file."""
 
-    def __init__(self, args, env, prefix: Path, log: Path):
+    def __init__(self, args, env, prefix: Path, log: Path, launch_file: Path = LAUNCH_FILE):
         env = dict(env)
         env["AMENT_PREFIX_PATH"] = os.pathsep.join(
             [str(prefix)] + [p for p in env.get("AMENT_PREFIX_PATH", "").split(os.pathsep) if p])
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
-        code = ("import sys\nfrom ros2launch.api import launch_a_launch_file\n"
+        # SIGINT as in a terminal even when pytest runs as a background job (which starts
+        # with SIGINT ignored, and an ignored signal never reaches launch's handler)
+        code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                "from ros2launch.api import launch_a_launch_file\n"
                 "sys.exit(launch_a_launch_file(launch_file_path=sys.argv[1], "
                 "launch_file_arguments=sys.argv[2:], noninteractive=True))\n")
         self.log = log
         self._out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(LAUNCH_FILE)] + list(args),
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(launch_file)] + list(args),
                                      env=env, stdout=self._out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -228,12 +231,30 @@ def _params_file(path: Path, **params) -> Path:
     return path
 
 
+PARENT_LAUNCH = """
+from launch import LaunchDescription
+from launch.actions import IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+
+def generate_launch_description():
+    # a robot's bringup passing its own (empty) values through
+    return LaunchDescription([IncludeLaunchDescription(
+        PythonLaunchDescriptionSource({launch!r}),
+        launch_arguments={{"map": "", "camera_topic": "", "device": "", "model": "",
+                           "weights": "", "use_sim_time": "", "namespace": "",
+                           "params_file": {params!r}}}.items())])
+"""
+
+
 def test_launch_arguments_win_and_node_answers(launch_system, ament_prefix, tiny_map,
                                                query_image, peer, tmp_path):
     """Two launches at once: (1) every argument given, over a params file that would fail
-    with its own values, in a namespace with a relative camera topic, sim time on; (2) the
-    map and camera from the params file alone, arguments left empty. Both reach active and
-    answer frames; Ctrl-C ends each with status 0."""
+    with its own values, in a namespace with a relative camera topic, sim time on; (2) a
+    parent launch file including this one with every argument empty: the map and camera
+    come from the params file alone. Both reach active and answer frames; Ctrl-C ends each
+    with status 0.  (`ros2 launch` itself refuses `name:=` with no value, so on the command
+    line "empty" means "not given".)"""
     from lifecycle_msgs.msg import Transition
 
     bad = _params_file(tmp_path / "bad.yaml", map_path=str(tmp_path / "no_map"),
@@ -244,10 +265,11 @@ def test_launch_arguments_win_and_node_answers(launch_system, ament_prefix, tiny
     peer.listen("/robot1/vpr_localizer/matches")
     peer.listen("/vpr_localizer/matches")
     args_win = Launch([f"map:={tiny_map}", "camera_topic:=front/image_raw", "namespace:=robot1",
-                       "device:=cpu", f"model:={CARD}", "weights:=", "use_sim_time:=true",
+                       "device:=cpu", f"model:={CARD}", "use_sim_time:=true",
                        f"params_file:={bad}"], os.environ, ament_prefix, tmp_path / "a.log")
-    from_file = Launch(["map:=", "camera_topic:=", f"params_file:={good}"], os.environ,
-                       ament_prefix, tmp_path / "b.log")
+    parent = tmp_path / "bringup.launch.py"
+    parent.write_text(PARENT_LAUNCH.format(launch=str(LAUNCH_FILE), params=str(good)))
+    from_file = Launch([], os.environ, ament_prefix, tmp_path / "b.log", launch_file=parent)
     try:
         m = peer.answer("/robot1/front/image_raw", "/robot1/vpr_localizer/matches", query_image,
                         args_win)
