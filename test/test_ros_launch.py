@@ -85,8 +85,8 @@ def tiny_map(tmp_path_factory, sample_dir):
     from vpr_ros.maps import benchmark_source, build_map
 
     out = tmp_path_factory.mktemp("launchmap") / "map"
-    build_map(benchmark_source(sample_dir, "database")[:12], out, GlobalDescriber(CARD, device="cpu"),
-              index="Flat", progress=False)
+    build_map(benchmark_source(sample_dir, "database")[:12], out,
+              GlobalDescriber(CARD, device="cpu"), index="Flat", progress=False)
     return out
 
 

@@ -37,20 +37,13 @@ from vpr_ros.ros.localizer_node import (LocalizerNode, camera_topics,  # noqa: E
                                         change_refused)
 from vpr_ros.ros.outputs import place_spacing, score_colour  # noqa: E402
 
+from test_ros_node import Harness, wait_for  # noqa: E402
+
 CARD = "scicevpr_tiny_random"
 SEC = 1_000_000_000
 NS = "/vpr_localizer"
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
-
-
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _build(sample_dir, out, start, stop, frame_id):
@@ -79,9 +72,9 @@ def images(sample_dir):
             sorted((sample_dir / "images" / "test" / "database").glob("*.jpg"))[:24]]
 
 
-class Rig:
+class Rig(Harness):
     """The node and a peer in one private context, spun by a background executor; the
-    peer talks to the node only through topics and services."""
+    peer talks to the node only through topics and services (Harness.close cleans up)."""
 
     def __init__(self, domain: int, params: dict):
         self.context = rclpy.Context()
@@ -144,15 +137,6 @@ class Rig:
                     return {kv.key: kv.value for kv in st.values}
         return {}
 
-    def close(self):
-        try:
-            self.executor.shutdown(timeout_sec=5.0)
-            self.node._stop_worker()
-            self.node.destroy_node()
-            self.peer.destroy_node()
-        finally:
-            rclpy.try_shutdown(context=self.context)
-
 
 @pytest.fixture()
 def rig_factory(ros_domain):
@@ -189,8 +173,9 @@ def test_switch_maps_without_restart(rig_factory, two_maps, images):
 
     assert rig.transition(Transition.TRANSITION_DEACTIVATE)
     assert rig.transition(Transition.TRANSITION_CLEANUP)
-    assert all(r.successful for r in rig.set_params(map_path=str(map_b), precision="fp32",
-                                                     device="cpu", model=CARD, weights=""))
+    results = rig.set_params(map_path=str(map_b), precision="fp32", device="cpu", model=CARD,
+                             weights="")
+    assert all(r.successful for r in results), [r.reason for r in results]
     assert rig.transition(Transition.TRANSITION_CONFIGURE)
     assert rig.transition(Transition.TRANSITION_ACTIVATE)
     wait_for(lambda: pub.get_subscription_count() > 0, 30, "resubscription")
@@ -324,8 +309,9 @@ def test_parameter_rules():
 
 def test_out_of_range_parameter_at_start_is_one_line(ros_domain):
     """`localizer_node --ros-args -p top_k:=0`: one clear line and status 1, no traceback."""
-    from test_ros_node import _collect, _start_node
     import os
+
+    from test_ros_node import _collect, _start_node
 
     for arg, word in (("top_k:=0", "top_k"), ("queue_depth:=abc", "queue_depth")):
         code, out = _collect(_start_node(["-p", arg], os.environ), timeout=120)

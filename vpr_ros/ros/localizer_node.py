@@ -831,7 +831,10 @@ def _json_float(x):
 
 
 def _jsonable(value):
-    """The stream localizer's dict as JSON-safe values (numpy scalars, non-finite floats)."""
+    """The stream localizer's answer (a dict, or an object with to_dict()) as JSON-safe
+    values (numpy scalars, non-finite floats)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
