@@ -861,8 +861,10 @@ def run(args: Optional[List[str]] = None, context=None) -> int:
     try:
         if node.p("autostart"):
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                return 1
+                return 0 if not node.context.ok() else 1     # Ctrl-C while starting: clean
             if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                if not node.context.ok():
+                    return 0
                 node.get_logger().error("activate failed")
                 return 1
         executor.spin()
