@@ -84,8 +84,9 @@ class Rig(Harness):
         self.peer = Node("vpr_lifecycle_peer", context=self.context)
         self.lock = threading.Lock()
         self.got = {"matches": [], "initialpose": [], "markers": [], "map_markers": [],
-                    "diag": []}
+                    "diag": [], "pose": []}
         self._sub(String, f"{NS}/matches", "matches", 100, lambda m: json.loads(m.data))
+        self._sub(PoseWithCovarianceStamped, f"{NS}/pose", "pose", 100)
         self._sub(PoseWithCovarianceStamped, "/initialpose", "initialpose", LATCHED)
         self._sub(MarkerArray, f"{NS}/markers", "markers", 100)
         self._sub(DiagnosticArray, "/diagnostics", "diag", 100)
@@ -157,7 +158,7 @@ def test_switch_maps_without_restart(rig_factory, two_maps, images):
     (frame map) to map B (frame utm); poses follow the map's frame unless frame_id says."""
     map_a, map_b = two_maps
     rig = rig_factory({"map_path": str(map_a), "device": "cpu", "autostart": False,
-                       "confidence_threshold": 0.0})
+                       "confidence_threshold": 0.0, "stream": False})
     assert rig.transition(Transition.TRANSITION_CONFIGURE)
     assert rig.transition(Transition.TRANSITION_ACTIVATE)
     pub = rig.publisher(Image, "/camera/image_raw")
@@ -195,7 +196,7 @@ def test_relocalize_initialpose_markers_and_lost_state(rig_factory, two_maps, im
     map_a, _ = two_maps
     rig = rig_factory({"map_path": str(map_a), "device": "cpu", "confidence_threshold": 0.0,
                        "publish_initialpose": True, "top_k": 4, "lost_after_frames": 1,
-                       "autostart": False})
+                       "autostart": False, "stream": False})
     assert rig.transition(Transition.TRANSITION_CONFIGURE)
     assert rig.transition(Transition.TRANSITION_ACTIVATE)
     pub = rig.publisher(Image, "/camera/image_raw")
@@ -245,7 +246,7 @@ def test_several_cameras_and_odometry(rig_factory, two_maps, images):
     with their camera; bad odometry is skipped and counted."""
     map_a, _ = two_maps
     rig = rig_factory({"map_path": str(map_a), "device": "cpu", "autostart": False,
-                       "confidence_threshold": 0.0,
+                       "confidence_threshold": 0.0, "stream": False,
                        "image_topics": ["front/image_raw", "rear/image_raw/compressed"],
                        "odometry_topic": "odom"})
     assert rig.transition(Transition.TRANSITION_CONFIGURE)
@@ -330,3 +331,75 @@ def test_rviz_config_shows_the_node_topics(repo_root):
         assert f"{NS}/{topic}" in displays, topic
     assert displays[f"{NS}/map_markers"]["Topic"]["Durability Policy"] == "Transient Local"
     assert displays[f"{NS}/map_markers"]["Class"] == "rviz_default_plugins/MarkerArray"
+
+
+@pytest.fixture(scope="module")
+def route_map(tmp_path_factory, sample_dir):
+    """30 consecutive places with a stream calibration in the manifest, as `vpr eval` stores
+    a fitted one (here: confidence = the stream's belief mass near the answer)."""
+    out = _build(sample_dir, tmp_path_factory.mktemp("route") / "map", 0, 30, "map")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stream_calibration"] = {"model": "logistic", "bias": 0.0, "w_mass": 1.0,
+                                      "w_fit": 0.0, "threshold": 0.5, "fitted": True}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def test_stream_localizer_in_the_node(rig_factory, route_map, images, sample_dir):
+    """stream on (the default): one stream per camera drives localized/lost, ~/pose and
+    /initialpose only when the stream is confident, ~/relocalize resets it, odometry feeds
+    it (bad and rejected odometry counted)."""
+    from vpr_ros.preprocess import load_image
+
+    frames = [load_image(p) for p in
+              sorted((sample_dir / "images" / "test" / "database").glob("*.jpg"))[:30]]
+    rig = rig_factory({"map_path": str(route_map), "device": "cpu", "autostart": False,
+                       "publish_initialpose": True, "odometry_topic": "odom"})
+    assert rig.transition(Transition.TRANSITION_CONFIGURE)
+    assert rig.transition(Transition.TRANSITION_ACTIVATE)
+    assert rig.node.cameras[0].stream is not None and rig.node.info["stream"] == "on"
+    pub = rig.publisher(Image, "/camera/image_raw")
+    odom = rig.publisher(Odometry, "/odom")
+
+    def odometry(stamp_ns, x):
+        msg = Odometry()
+        msg.header.stamp = ns_to_stamp(stamp_ns)
+        msg.pose.pose.position.x = float(x)
+        odom.publish(msg)
+
+    def drive(first, last, t0):
+        out = []
+        for i in range(first, last):
+            stamp = t0 + i * SEC // 4
+            odometry(stamp, 20.0 * i)                # one place spacing (20 m) per frame
+            out.append(rig.frame(pub, rgb_to_image_msg(frames[i], ns_to_stamp(stamp), "cam"),
+                                 len(rig.got["matches"])))
+        return out
+
+    ms = drive(0, 12, 100 * SEC)
+    assert all(m["stream"] and m["stream"]["method"] for m in ms)
+    assert ms[-1]["localized"] and ms[-1]["state"] == "localized", \
+        [(m["confidence"], m["place_id"]) for m in ms]
+    assert [m["place_id"] for m in ms[-4:]] == [8, 9, 10, 11]
+    wait_for(lambda: len(rig.got["pose"]) == sum(m["confident"] for m in ms), 30, "poses")
+    assert sum(m["initialpose"] for m in ms) == 1
+    wait_for(lambda: len(rig.got["initialpose"]) == 1, 30, "/initialpose")
+    assert rig.node.odometry["received"] == 12 and rig.node.odometry["rejected"] == 0
+
+    assert rig.call(Trigger, f"{NS}/relocalize", Trigger.Request()).success
+    assert rig.node.cameras[0].stream.localized is False
+    odometry(200 * SEC, 1e9)                           # a jump: rejected by the stream
+    bad = Odometry()
+    bad.pose.pose.position.y = float("inf")            # not finite: skipped by the node
+    odom.publish(bad)
+    wait_for(lambda: rig.node.odometry["received"] == 14, 30, "the bad odometry")
+    assert rig.node.odometry["rejected"] == 1 and rig.node.odometry["bad"] == 1
+    ms = drive(12, 30, 300 * SEC)
+    assert not ms[0]["localized"]                      # relocalizing from scratch
+    assert ms[-1]["localized"] and ms[-1]["place_id"] == 29
+    wait_for(lambda: len(rig.got["initialpose"]) == 2, 30, "/initialpose after relocalize")
+    # the stream restarts its odometry track at a jump, so the first message after it is a
+    # jump back: rejected too, then the track goes on
+    assert rig.node.odometry["rejected"] == 2
+    wait_for(lambda: rig.diag_values().get("odometry_rejected") == "2"
+             and rig.diag_values().get("stream") == "on", 10, "stream diagnostics")

@@ -100,7 +100,7 @@ PARAMETERS = {
     "temporal_filter": (False, "Bayes filter over places along each camera's image stream",
                         CONFIGURE, None),
     "stream": (True, "stream localizer per camera (vpr_ros.stream: route structure, odometry, "
-                     "calibrated confidence) when that module is available", CONFIGURE, None),
+                     "calibrated confidence); false = frame by frame", CONFIGURE, None),
     "frame_id": ("", "frame_id of published poses; empty = the map's own frame (manifest)",
                  LIVE, None),
     "image_topic": ("camera/image_raw", "camera topic (compressed: <image_topic>/compressed); "
@@ -239,13 +239,12 @@ class Camera:
     """One camera stream: its subscription, latest-frame slot, worker, localizer (with its
     own temporal filter / stream localizer) and localized/lost state."""
 
-    def __init__(self, index: int, topic: str, transport: str, localizer, stream):
+    def __init__(self, index: int, topic: str, transport: str, localizer):
         self.index = index
         self.topic = topic                 # as configured (relative or absolute)
         self.transport = transport
         self.slot = LatestSlot()
         self.localizer = localizer
-        self.stream = stream
         self.sub = None
         self.worker: Optional[threading.Thread] = None
         self.last_start = 0.0
@@ -253,6 +252,11 @@ class Camera:
         self.unconfident_run = 0
         self.processed = 0
         self.relocalizations = 0
+
+    @property
+    def stream(self):
+        """The camera's stream localizer (inside its Localizer), or None."""
+        return getattr(self.localizer, "stream", None)
 
     @property
     def resolved_topic(self) -> str:
@@ -403,34 +407,30 @@ class LocalizerNode(LifecycleNode):
         temporal = bool(self.p("temporal_filter"))
 
         def make_localizer():
-            """One per camera: they share the model and the map, not the filter state."""
+            """One per camera: they share the model and the map, not the belief (temporal
+            filter or stream localizer; the stream wins when both are on)."""
             return Localizer(place_map, describer, local, top_k=self.p("top_k"),
                              rerank_k=self.p("rerank_k") if local is not None else 0,
                              confidence_threshold=self.p("confidence_threshold"),
                              temporal_filter=(PlaceBeliefFilter(place_map.places.positions)
                                               if temporal else None),
-                             rerank_compute=self.p("rerank_compute"))
+                             rerank_compute=self.p("rerank_compute"),
+                             stream=self._make_stream(place_map))
         localizer = make_localizer()
         info = {"map": str(map_path), "map_size": len(place_map), "model": describer.card.name,
                 "fingerprint": describer.fingerprint, "device": str(describer.device),
                 "precision": describer.precision,
                 "rerank_model": local.card.name if local is not None else "",
-                "map_frame_id": place_map.places.frame_id}
+                "map_frame_id": place_map.places.frame_id,
+                "stream": "on" if localizer.stream is not None else "off"}
         return localizer, make_localizer, info
 
     def _make_stream(self, place_map):
-        """A stream localizer for one camera, or None (parameter off / module not there)."""
+        """A stream localizer for one camera (route and calibration from the map), or None."""
         if not self.p("stream"):
-            self.info["stream"] = "off"
             return None
-        try:
-            from ..stream import StreamConfig, StreamLocalizer
-        except ImportError:
-            self.info["stream"] = "unavailable"
-            self.get_logger().warning("stream: true but vpr_ros.stream is not in this version; "
-                                      "localizing frame by frame", once=True)
-            return None
-        self.info["stream"] = "on"
+        from ..stream import StreamConfig, StreamLocalizer
+
         return StreamLocalizer.for_map(place_map, StreamConfig())
 
     # ------------------------------------------------------------------ lifecycle
@@ -479,11 +479,10 @@ class LocalizerNode(LifecycleNode):
                          reliability=qos_profile_sensor_data.reliability,
                          history=qos_profile_sensor_data.history,
                          durability=qos_profile_sensor_data.durability)
-        place_map = self.localizer.place_map
         self.cameras = []
         for i, (topic, transport) in enumerate(topics):
             loc = self.localizer if i == 0 else self._make_localizer()
-            cam = Camera(i, topic, transport, loc, self._make_stream(place_map))
+            cam = Camera(i, topic, transport, loc)
             msg_type = CompressedImage if transport == "compressed" else Image
             cam.sub = self.create_subscription(
                 msg_type, topic, lambda msg, c=cam: self._on_image(c, msg), qos)
@@ -536,7 +535,7 @@ class LocalizerNode(LifecycleNode):
         self.localizer = None
         self._make_localizer = None
         for cam in self.cameras:
-            cam.localizer = cam.stream = None
+            cam.localizer = None
         self._debug_cache.clear()
         import gc
 
@@ -600,8 +599,9 @@ class LocalizerNode(LifecycleNode):
                 accepted = cam.stream.add_odometry(stamp_ns, xyz)
             if accepted is False:
                 self.odometry["rejected"] += 1
-                self.get_logger().warning("odometry rejected by the stream localizer "
-                                          f"(camera {cam.topic}): stamp {stamp_ns} ns, {xyz}",
+                why = getattr(cam.stream, "last_odometry_rejection", None) or "rejected"
+                self.get_logger().warning(f"odometry rejected by the stream localizer of "
+                                          f"{cam.resolved_topic}: {why}",
                                           throttle_duration_sec=5.0)
 
     # ------------------------------------------------------------------ hot path
@@ -648,12 +648,14 @@ class LocalizerNode(LifecycleNode):
             return
         stamp_ns = stamp_to_ns(msg.header.stamp)
         with self._work_lock:
-            result = localizer.localize(rgb, stamp_ns=stamp_ns)
-            if cam.stream is not None:
-                t = time.perf_counter()
-                result = cam.stream.update(result)
-                timings["stream"] = (time.perf_counter() - t) * 1e3
+            result = localizer.localize(rgb, stamp_ns=stamp_ns)    # stream applied inside
             cam.update_state(bool(result.confident), int(self.p("lost_after_frames")))
+        quality = getattr(result, "quality", None)
+        if quality is not None and quality.degenerate:
+            self.stats.degenerate(f"{cam.resolved_topic}: {quality.reason}")
+            self.get_logger().warning(f"degenerate frame on {cam.resolved_topic} "
+                                      f"({quality.reason}): never confident, no evidence",
+                                      throttle_duration_sec=5.0)
         timings.update(result.timings_ms)
         timings.pop("total", None)
         t_pub = time.monotonic()
@@ -702,6 +704,7 @@ class LocalizerNode(LifecycleNode):
         timings["total"] = (time.monotonic() - received) * 1e3
         stamp_ns = stamp_to_ns(in_header.stamp)
         stream = getattr(result, "stream", None)
+        quality = getattr(result, "quality", None)
         doc = {
             "stamp": {"sec": int(in_header.stamp.sec), "nanosec": int(in_header.stamp.nanosec)},
             "stamp_ns": stamp_ns,
@@ -729,6 +732,9 @@ class LocalizerNode(LifecycleNode):
             "reranked": bool(result.reranked),
             "temporal": bool(result.temporal),
             "stream": _jsonable(stream) if stream is not None else None,
+            "degenerate": bool(quality is not None and quality.degenerate),
+            "degenerate_reason": quality.reason if quality is not None and quality.degenerate
+            else None,
             "frames_dropped": int(cam.slot.dropped),
             "timings_ms": {k2: round(float(v), 3) for k2, v in timings.items()},
         }
