@@ -403,3 +403,20 @@ def test_stream_localizer_in_the_node(rig_factory, route_map, images, sample_dir
     assert rig.node.odometry["rejected"] == 2
     wait_for(lambda: rig.diag_values().get("odometry_rejected") == "2"
              and rig.diag_values().get("stream") == "on", 10, "stream diagnostics")
+
+
+def test_every_message_package_the_node_imports_is_declared(repo_root):
+    """package.xml (rosdep on a robot) and requirements-ros-wheels.txt (the venv) name every
+    interface package that vpr_ros/ros imports."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    used = set()
+    for path in (repo_root / "vpr_ros" / "ros").glob("*.py"):
+        used |= set(re.findall(r"^\s*from (\w+)\.(?:msg|srv) import", path.read_text(), re.M))
+    assert {"std_srvs", "visualization_msgs", "nav_msgs", "geometry_msgs"} <= used
+    deps = {e.text for e in ET.parse(repo_root / "package.xml").getroot().iter("exec_depend")}
+    wheels = set((repo_root / "requirements-ros-wheels.txt").read_text().split())
+    for pkg in sorted(used - {"builtin_interfaces", "rcl_interfaces"}):   # come with rclpy
+        assert pkg in deps, f"{pkg} missing from package.xml"
+        assert "ros-" + pkg.replace("_", "-") in wheels, f"{pkg} missing from the wheels list"

@@ -177,6 +177,8 @@ def realtime_predictions(bag, place_map, settings: BagEvalSettings, node_params:
     params.setdefault("top_k", min(max(settings.top_k, 1), 100))
     params.setdefault("confidence_threshold", float(settings.confidence_threshold))
     params.setdefault("temporal_filter", bool(settings.temporal))
+    # the node's stream localizer is on by default; the live run answers as the offline one
+    params.setdefault("stream", bool(getattr(settings, "stream", False)))
     callback = (lambda doc: on_frame(convert(doc))) if on_frame is not None else None
     result = run_node_and_replay(bag, settings.image_topic, params, rate=settings.rate,
                                  log_path=log_path, on_match=callback,
