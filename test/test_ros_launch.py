@@ -199,6 +199,29 @@ class Peer:
             time.sleep(0.05)
         return {n: parameter_value_to_python(v) for n, v in zip(names, future.result().values)}
 
+    def diagnostics_stamp_under_sim_clock(self, node: str, start_sec: int = 5000) -> int:
+        """Publish /clock from start_sec on, 1 s per 0.1 s; the stamp (s) of the first
+        /diagnostics status of ``node`` that follows it, or of the last one seen."""
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rosgraph_msgs.msg import Clock
+
+        stamps = []
+
+        def cb(arr):
+            if any(st.name.startswith(node + ":") for st in arr.status):
+                stamps.append(arr.header.stamp.sec)
+        sub = self.node.create_subscription(DiagnosticArray, "/diagnostics", cb, 50)
+        pub = self.node.create_publisher(Clock, "/clock", 10)
+        for k in range(60):
+            msg = Clock()
+            msg.clock.sec = start_sec + k
+            pub.publish(msg)
+            time.sleep(0.1)
+            if any(s >= start_sec for s in stamps):
+                break
+        self.node.destroy_subscription(sub)
+        return max(stamps) if stamps else -1
+
     def change_state(self, node: str, transition: int) -> bool:
         from lifecycle_msgs.msg import Transition
         from lifecycle_msgs.srv import ChangeState
@@ -280,6 +303,8 @@ def test_launch_arguments_win_and_node_answers(launch_system, ament_prefix, tiny
                                   "use_sim_time"])
         assert values == {"map_path": str(tiny_map), "image_topic": "front/image_raw",
                           "device": "cpu", "model": CARD, "weights": "", "use_sim_time": True}
+        # use_sim_time:=true is in effect: the node's clock follows /clock
+        assert 5000 <= peer.diagnostics_stamp_under_sim_clock("/robot1/vpr_localizer") < 6000
         # a lifecycle manager (or launch_ros's LifecycleNode(autostart=True)) driving the
         # already self-started node: its transitions are refused, the node keeps working
         assert not peer.change_state("/robot1/vpr_localizer", Transition.TRANSITION_CONFIGURE)

@@ -27,7 +27,7 @@ from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
+from std_msgs.msg import Bool, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 from visualization_msgs.msg import Marker, MarkerArray  # noqa: E402
 
@@ -84,9 +84,10 @@ class Rig(Harness):
         self.peer = Node("vpr_lifecycle_peer", context=self.context)
         self.lock = threading.Lock()
         self.got = {"matches": [], "initialpose": [], "markers": [], "map_markers": [],
-                    "diag": [], "pose": []}
+                    "diag": [], "pose": [], "localized": []}
         self._sub(String, f"{NS}/matches", "matches", 100, lambda m: json.loads(m.data))
         self._sub(PoseWithCovarianceStamped, f"{NS}/pose", "pose", 100)
+        self._sub(Bool, f"{NS}/localized", "localized", LATCHED, lambda m: m.data)
         self._sub(PoseWithCovarianceStamped, "/initialpose", "initialpose", LATCHED)
         self._sub(MarkerArray, f"{NS}/markers", "markers", 100)
         self._sub(DiagnosticArray, "/diagnostics", "diag", 100)
@@ -239,6 +240,13 @@ def test_relocalize_initialpose_markers_and_lost_state(rig_factory, two_maps, im
     wait_for(lambda: rig.diag_values().get("localized") == "false"
              and rig.diag_values().get("relocalizations") == "1", 10, "lost in diagnostics")
     assert len(rig.got["initialpose"]) == 2
+    # ~/localized (latched) changed exactly with the state
+    wait_for(lambda: rig.got["localized"] == [False, True, False, True, False], 10,
+             f"~/localized changes, got {rig.got['localized']}")
+    late = []
+    rig.peer.create_subscription(Bool, f"{NS}/localized", late.append, LATCHED)
+    wait_for(lambda: late, 30, "the latched state")
+    assert late[0].data is False
 
 
 def test_several_cameras_and_odometry(rig_factory, two_maps, images):

@@ -45,7 +45,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header, String
+from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
@@ -316,6 +316,7 @@ class LocalizerNode(LifecycleNode):
         self._make_localizer = None
         self._spacing_m: Optional[float] = None
         self._initialpose_due = True
+        self._localized_sent = None
         self.odometry = {"received": 0, "bad": 0, "rejected": 0}
         self.relocalizations = 0
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -460,7 +461,9 @@ class LocalizerNode(LifecycleNode):
             "markers": pub(MarkerArray, "~/markers", 10),
             "map_markers": pub(MarkerArray, "~/map_markers", latched),
             "initialpose": pub(PoseWithCovarianceStamped, self.p("initialpose_topic"), latched),
+            "localized": pub(Bool, "~/localized", latched),
         }
+        self._localized_sent = None
         self.state_label = "inactive"
         self.get_logger().info(
             f"configured in {time.monotonic() - t:.1f} s: map {self.info['map']} "
@@ -499,6 +502,8 @@ class LocalizerNode(LifecycleNode):
         self.state_label = "active"
         ret = super().on_activate(state)      # enables the lifecycle publishers
         self._publish_map_markers()
+        with self._work_lock:
+            self._publish_localized()
         self.get_logger().info(
             "active: listening on " + ", ".join(f"{c.resolved_topic} ({c.transport})"
                                                 for c in self.cameras)
@@ -524,6 +529,10 @@ class LocalizerNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_worker()
+        with self._work_lock:
+            for cam in self.cameras:
+                cam.localized = False
+            self._publish_localized()       # a late subscriber must not read a stale true
         self.state_label = "inactive"
         return super().on_deactivate(state)
 
@@ -573,6 +582,7 @@ class LocalizerNode(LifecycleNode):
         with self._work_lock:
             for cam in self.cameras:
                 cam.reset()
+            self._publish_localized()
             self._initialpose_due = True
             self.relocalizations += 1
         response.success = True
@@ -650,6 +660,7 @@ class LocalizerNode(LifecycleNode):
         with self._work_lock:
             result = localizer.localize(rgb, stamp_ns=stamp_ns)    # stream applied inside
             cam.update_state(bool(result.confident), int(self.p("lost_after_frames")))
+            self._publish_localized()
         quality = getattr(result, "quality", None)
         if quality is not None and quality.degenerate:
             self.stats.degenerate(f"{cam.resolved_topic}: {quality.reason}")
@@ -755,6 +766,15 @@ class LocalizerNode(LifecycleNode):
                 pubs["debug_image"].publish(rgb_to_image_msg(img, in_header.stamp, frame_id))
             except Exception as exc:  # never let a debug view break localization
                 self.get_logger().warning(f"debug image failed: {exc}", throttle_duration_sec=10.0)
+
+    def _publish_localized(self) -> None:
+        """~/localized (latched std_msgs/Bool): any camera localized; sent on change only.
+        Called with _work_lock held."""
+        pub = self._pubs.get("localized")
+        now = any(c.localized for c in self.cameras)
+        if pub is not None and now != self._localized_sent:
+            pub.publish(Bool(data=now))
+            self._localized_sent = now
 
     def _publish_map_markers(self) -> None:
         pub = self._pubs.get("map_markers")
