@@ -401,7 +401,7 @@ def test_stream_localizer_in_the_node(rig_factory, route_map, images, sample_dir
     bad.pose.pose.position.y = float("inf")            # not finite: skipped by the node
     odom.publish(bad)
     wait_for(lambda: rig.node.odometry["received"] == 14, 30, "the bad odometry")
-    assert rig.node.odometry["rejected"] == 1 and rig.node.odometry["bad"] == 1
+    assert rig.node.odometry["bad"] == 1        # the jump is judged by the stream, later
     ms = drive(12, 30, 300 * SEC)
     assert not ms[0]["localized"]                      # relocalizing from scratch
     assert ms[-1]["localized"] and ms[-1]["place_id"] == 29

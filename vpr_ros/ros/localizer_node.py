@@ -25,6 +25,7 @@ documented in docs/ros.md.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import sys
@@ -62,6 +63,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 RERANK_COMPUTES = ("fp32", "bf16")   # = vpr_ros.models.rerank.COMPUTES
 VERIFY_MODES = ("full", "size", "none")
 DEFAULT_FRAME = "map"
+ODOMETRY_QUEUE = 2000      # odometry messages held per camera between two processed frames
 
 # When a parameter may change (the 3rd field of PARAMETERS):
 START = "start"              # read-only: applies when the process starts
@@ -252,6 +254,8 @@ class Camera:
         self.unconfident_run = 0
         self.processed = 0
         self.relocalizations = 0
+        # odometry waiting for the worker: (stamp_ns, xyz); bounded, the oldest go first
+        self.odometry = collections.deque(maxlen=ODOMETRY_QUEUE)
 
     @property
     def stream(self):
@@ -592,22 +596,29 @@ class LocalizerNode(LifecycleNode):
         return response
 
     def _on_odometry(self, msg) -> None:
+        """Odometry callback: O(1). A good message is queued for every camera's stream; the
+        camera's worker hands it to the stream before its next frame (the stream is not
+        thread-safe, and waiting here for an inference would stall every callback)."""
         self.odometry["received"] += 1
         p = msg.pose.pose.position
         xyz = (p.x, p.y, p.z)
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if not all(math.isfinite(v) for v in xyz) or stamp_ns <= 0:
             self.odometry["bad"] += 1
-            self.get_logger().warning(f"skipping bad odometry on {self._odom_sub.topic_name}: "
+            topic = self._odom_sub.topic_name if self._odom_sub is not None else "odometry"
+            self.get_logger().warning(f"skipping bad odometry on {topic}: "
                                       f"position {xyz}, stamp {stamp_ns} ns",
                                       throttle_duration_sec=5.0)
             return
         for cam in self.cameras:
-            if cam.stream is None:
-                continue
-            with self._work_lock:
-                accepted = cam.stream.add_odometry(stamp_ns, xyz)
-            if accepted is False:
+            if cam.stream is not None:
+                cam.odometry.append((stamp_ns, xyz))
+
+    def _feed_odometry(self, cam: Camera) -> None:
+        """Queued odometry into the camera's stream (worker thread, _work_lock held)."""
+        while cam.odometry:
+            stamp_ns, xyz = cam.odometry.popleft()
+            if cam.stream.add_odometry(stamp_ns, xyz) is False:
                 self.odometry["rejected"] += 1
                 why = getattr(cam.stream, "last_odometry_rejection", None) or "rejected"
                 self.get_logger().warning(f"odometry rejected by the stream localizer of "
@@ -658,6 +669,8 @@ class LocalizerNode(LifecycleNode):
             return
         stamp_ns = stamp_to_ns(msg.header.stamp)
         with self._work_lock:
+            if cam.stream is not None:
+                self._feed_odometry(cam)
             result = localizer.localize(rgb, stamp_ns=stamp_ns)    # stream applied inside
             cam.update_state(bool(result.confident), int(self.p("lost_after_frames")))
             self._publish_localized()
