@@ -316,16 +316,21 @@ def test_parameter_rules():
     assert colours[0, 1] == 1.0 and colours[-1, 0] == 1.0
 
 
-def test_out_of_range_parameter_at_start_is_one_line(ros_domain):
-    """`localizer_node --ros-args -p top_k:=0`: one clear line and status 1, no traceback."""
+def test_out_of_range_parameter_at_start_is_one_line(ros_domain, two_maps):
+    """`localizer_node --ros-args -p top_k:=0`: one clear line and status 1, no traceback;
+    the same for a camera topic that is not a valid ROS name (found at activate)."""
     import os
 
     from test_ros_node import _collect, _start_node
 
-    for arg, word in (("top_k:=0", "top_k"), ("queue_depth:=abc", "queue_depth")):
-        code, out = _collect(_start_node(["-p", arg], os.environ), timeout=120)
+    for args, word in ((["-p", "top_k:=0"], "top_k"), (["-p", "queue_depth:=abc"], "queue_depth"),
+                       (["-p", f"map_path:={two_maps[0]}", "-p", "device:=cpu", "-p",
+                         "image_topic:=bad topic"], "activate failed: InvalidTopicName")):
+        code, out = _collect(_start_node(args, os.environ), timeout=180)
+        out = "\n".join(line for line in out.splitlines() if ": configured in" not in line)
         assert code == 1, out
-        assert "bad parameter" in out and word in out and "Traceback" not in out, out
+        assert ("bad parameter" in out or "activate failed" in out) and word in out, out
+        assert "Traceback" not in out, out
         assert len([line for line in out.splitlines() if line.strip()]) == 1, out
 
 

@@ -253,7 +253,6 @@ class Camera:
         self.localized = False
         self.unconfident_run = 0
         self.processed = 0
-        self.relocalizations = 0
         # odometry waiting for the worker: (stamp_ns, xyz); bounded, the oldest go first
         self.odometry = collections.deque(maxlen=ODOMETRY_QUEUE)
 
@@ -267,15 +266,16 @@ class Camera:
         return self.sub.topic_name if self.sub is not None else self.topic
 
     def reset(self) -> None:
-        """Forget the belief: localize globally again."""
+        """Forget the belief (temporal filter, stream localizer, queued odometry): localize
+        globally again."""
         loc = self.localizer
         if loc is not None and loc.temporal_filter is not None:
             loc.temporal_filter.reset()
         if self.stream is not None:
             self.stream.reset()
+        self.odometry.clear()
         self.localized = False
         self.unconfident_run = 0
-        self.relocalizations += 1
 
     def update_state(self, confident: bool, lost_after: int) -> bool:
         """Track localized/lost after one result; True when it just became localized."""
@@ -487,16 +487,24 @@ class LocalizerNode(LifecycleNode):
                          history=qos_profile_sensor_data.history,
                          durability=qos_profile_sensor_data.durability)
         self.cameras = []
-        for i, (topic, transport) in enumerate(topics):
-            loc = self.localizer if i == 0 else self._make_localizer()
-            cam = Camera(i, topic, transport, loc)
-            msg_type = CompressedImage if transport == "compressed" else Image
-            cam.sub = self.create_subscription(
-                msg_type, topic, lambda msg, c=cam: self._on_image(c, msg), qos)
-            self.cameras.append(cam)
-        odom_topic = self.p("odometry_topic")
-        if odom_topic:
-            self._odom_sub = self.create_subscription(Odometry, odom_topic, self._on_odometry, 50)
+        try:
+            for i, (topic, transport) in enumerate(topics):
+                loc = self.localizer if i == 0 else self._make_localizer()
+                cam = Camera(i, topic, transport, loc)
+                cam.reset()         # camera 0 reuses its localizer: no belief from before
+                self.cameras.append(cam)
+                msg_type = CompressedImage if transport == "compressed" else Image
+                cam.sub = self.create_subscription(
+                    msg_type, topic, lambda msg, c=cam: self._on_image(c, msg), qos)
+            odom_topic = self.p("odometry_topic")
+            if odom_topic:
+                self._odom_sub = self.create_subscription(Odometry, odom_topic,
+                                                          self._on_odometry, 50)
+        except Exception as exc:     # e.g. an invalid topic name: one line, stay inactive
+            self._stop_worker()
+            reason = " ".join(str(exc).split())       # rclpy's messages span lines
+            self.get_logger().error(f"activate failed: {type(exc).__name__}: {reason}")
+            return TransitionCallbackReturn.FAILURE
         self._stop.clear()
         self._initialpose_due = True
         for cam in self.cameras:
@@ -902,10 +910,7 @@ def run(args: Optional[List[str]] = None, context=None) -> int:
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 return 0 if not node.context.ok() else 1     # Ctrl-C while starting: clean
             if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                if not node.context.ok():
-                    return 0
-                node.get_logger().error("activate failed")
-                return 1
+                return 0 if not node.context.ok() else 1     # on_activate logged why
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
