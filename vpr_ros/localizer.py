@@ -79,6 +79,7 @@ class LocalizationResult:
     raw_place_index: Optional[int] = None   # single-frame answer when the stream changed it
     confidence_threshold: float = DEFAULT_THRESHOLD
     stream: Optional[object] = None         # vpr_ros.stream.StreamEstimate when a stream ran
+    single_frame: Optional[dict] = None     # the single-frame answer when a stream ran
     quality: Optional[object] = None        # vpr_ros.image_quality.FrameQuality of the frame
     # the query's global descriptor (for the stream localizer; not serialised)
     descriptor: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
@@ -97,6 +98,7 @@ class LocalizationResult:
                 "candidates": [c.to_dict() for c in self.candidates],
                 "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
                 "stream": self.stream.to_dict() if self.stream is not None else None,
+                "single_frame": self.single_frame,
                 "localized": bool(self.stream.localized) if self.stream is not None else None,
                 "degenerate": bool(self.quality.degenerate) if self.quality is not None else False,
                 "degenerate_reason": self.quality.reason if self.quality is not None else None}

@@ -63,7 +63,7 @@ class StreamConfig:
     """Settings of the stream localizer (node parameters ``stream_*``, CLI ``--stream-*``)."""
 
     candidates: int = 50              # retrieval candidates used as evidence per frame
-    max_hypotheses: int = 1000        # tracked (place, direction) states kept after each frame
+    max_hypotheses: int = 500         # tracked (place, direction, speed) states kept per frame
     speeds: Tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # place spacings per frame
     speed_change_prob: float = 0.1    # chance per frame of moving to a neighbouring speed class
     step_sigma: float = 0.3           # spread of one step, in place spacings (plus 15 % of the step)
@@ -147,7 +147,7 @@ def calibrated_confidence(raw, prior_fit, params: Optional[dict] = None):
 
 def fit_calibration(raw: np.ndarray, prior_fit: np.ndarray, correct: np.ndarray,
                     target_precision: float = 0.99, l2: float = 1e-2,
-                    min_each: int = 5) -> dict:
+                    min_each: int = 5, quiet: bool = False) -> dict:
     """Logistic regression of ``correct`` on (logit raw mass, prior fit) plus the threshold.
 
     The threshold is the lowest calibrated confidence whose accepted set reaches
@@ -162,8 +162,9 @@ def fit_calibration(raw: np.ndarray, prior_fit: np.ndarray, correct: np.ndarray,
     y = np.asarray(correct, dtype=np.float64)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     if min(n_pos, n_neg) < min_each:
-        log.warning("stream calibration not fitted: %d right and %d wrong frames (need %d of each)",
-                    n_pos, n_neg, min_each)
+        (log.debug if quiet else log.warning)(
+            "stream calibration not fitted: %d right and %d wrong frames (need %d of each); "
+            "default parameters, threshold set on these frames", n_pos, n_neg, min_each)
         params = dict(DEFAULT_CALIBRATION, target_precision=float(target_precision))
     else:
         mu, sd = x.mean(0), x.std(0)
@@ -359,7 +360,11 @@ class StreamLocalizer:
                                np.asarray(query, np.float32).ravel()))
         changes = dict(place_index=b, similarity=sim, confidence=est.confidence,
                        confident=est.confident, raw_place_index=result.place_index,
-                       temporal=True, stream=est)
+                       temporal=True, stream=est,
+                       single_frame={"place_index": int(result.place_index),
+                                     "place_id": int(result.place_id),
+                                     "confidence": float(result.confidence),
+                                     "confident": bool(result.confident)})
         if places is not None:
             changes.update(place_id=int(places.ids[b]), image_name=places.names[b],
                            position=places.positions[b].copy(),
@@ -520,7 +525,25 @@ class StreamLocalizer:
             rr_rest = cfg.rerank_weight * beta * (float(rz[fin].min()) - rz_top)
             ll_cand = ll_cand + np.where(fin, cfg.rerank_weight * beta * (rz - rz_top), rr_rest)
             log_rest += rr_rest
-        ll_of = dict(zip(cand_idx.tolist(), ll_cand.tolist()))
+        # log-likelihood per place: candidates, then tracked places that were not retrieved
+        ll_places = [cand_idx]
+        ll_values = [ll_cand]
+        need = np.setdiff1d(self._places, cand_idx)
+        if len(need):
+            if self.descriptors is not None and descriptor is not None:
+                q = np.asarray(descriptor, dtype=np.float32).ravel()
+                d = np.asarray(self.descriptors[need], dtype=np.float32)
+                z = (d @ q - mu) / sd
+                # a tracked place scores at most like the weakest candidate (it was not retrieved)
+                ll_t = beta * np.minimum(z, z_floor) + rr_rest
+            else:
+                ll_t = np.full(len(need), beta * z_floor + rr_rest)
+            ll_places.append(need)
+            ll_values.append(ll_t)
+        ll_places = np.concatenate(ll_places)
+        ll_values = np.concatenate(ll_values)
+        order = np.argsort(ll_places, kind="stable")
+        ll_places, ll_values = ll_places[order], ll_values[order]
 
         # Independent-frames model: uniform prior over the map.
         n = self._n
@@ -532,20 +555,6 @@ class StreamLocalizer:
 
         # Stream model: tracked states + candidates seeded from the uniform rest mass.
         ndir = self._ndir
-        tracked = self._places
-        need = np.setdiff1d(tracked, cand_idx, assume_unique=False)
-        ll_tracked = {}
-        if len(need):
-            if self.descriptors is not None and descriptor is not None:
-                q = np.asarray(descriptor, dtype=np.float32).ravel()
-                d = np.asarray(self.descriptors[need], dtype=np.float32)
-                z = (d @ q - mu) / sd
-                # a tracked place can score at most like the weakest candidate (it was not retrieved)
-                ll_t = beta * np.minimum(z, z_floor) + rr_rest
-            else:
-                ll_t = np.full(len(need), beta * z_floor + rr_rest)
-            ll_tracked = dict(zip(need.tolist(), ll_t.tolist()))
-        ll_of.update(ll_tracked)
         # new states for candidates not tracked in some direction
         dirs_new = np.array([1, -1], np.int8) if ndir == 2 else np.array([0], np.int8)
         nsp = self._nsp
@@ -560,7 +569,7 @@ class StreamLocalizer:
         per_state_rest = self._rest / (n * ndir * nsp)
         prior = mass + per_state_rest
         rest_left = max(self._rest - per_state_rest * len(places), 0.0)
-        ll = np.array([ll_of[p] for p in places.tolist()], dtype=np.float64)
+        ll = ll_values[np.searchsorted(ll_places, places)]
         lmax2 = max(float(ll.max()) if len(ll) else log_rest, log_rest)
         post = prior * np.exp(ll - lmax2)
         post_rest = rest_left * math.exp(log_rest - lmax2)
