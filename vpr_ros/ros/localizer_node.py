@@ -763,6 +763,11 @@ class LocalizerNode(LifecycleNode):
                               if result.reranked else None),
             "reranked": bool(result.reranked),
             "temporal": bool(result.temporal),
+            "candidates": [_jsonable(c.to_dict()) for c in cands],
+            "single_frame": _jsonable(getattr(result, "single_frame", None)),
+            "raw_place_index": (int(result.raw_place_index)
+                                if getattr(result, "raw_place_index", None) is not None
+                                else None),
             "stream": _jsonable(stream) if stream is not None else None,
             "degenerate": bool(quality is not None and quality.degenerate),
             "degenerate_reason": quality.reason if quality is not None and quality.degenerate
