@@ -21,7 +21,7 @@ STAMP := $(VENV)/.vpr_ros_installed
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test lint bench bench-quick demo-model clean distclean
+.PHONY: all install demo test test-fast lint bench bench-quick demo-model clean distclean
 
 all: test
 
@@ -45,6 +45,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) test
+
+# Development loop: the tests without the slow tier (ROS/DDS, launch, colcon, DDP, training
+# runs); under a minute on an idle 2-core machine. CI and `make test` run everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) test
 
 lint: $(STAMP)
 	$(PY) -m pytest -q test/test_lint.py

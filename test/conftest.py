@@ -1,8 +1,21 @@
-"""Shared fixtures: where the fixture data lives, and DDS isolation for ROS tests.
+"""Shared fixtures, test tiers and where the fixture data lives.
 
-``VPR_SHARED_DIR`` (default ``<repo>/../shared``) holds ``data/`` and ``reference/``;
-``VPR_REFERENCE_DIR`` overrides the reference fixture folder alone, so the parity
-tests run on any fixture set of the same format.
+Fixture data: ``VPR_SHARED_DIR`` (default ``<repo>/../shared``) holds ``data/`` and
+``reference/``; ``VPR_REFERENCE_DIR`` overrides the reference fixture folder alone, so
+the parity tests run on any fixture set of the same format.  When the folder is
+missing, the session stops at once with one message naming ``VPR_SHARED_DIR``.
+
+Tiers (markers registered in setup.cfg, applied here by file and fixture so the test
+files stay free of tier bookkeeping):
+
+    ros      talks to rclpy nodes over DDS        (files in ROS_FILES, fixture ros_domain)
+    launch   goes through the ROS 2 launch system (file or test name contains "launch")
+    colcon   builds the package with colcon       (files in COLCON_FILES)
+    ddp      starts torchrun / several processes  (files in DDP_FILES)
+    slow     takes more than a few seconds here   (SLOW_FILES, SLOW_TESTS, and every test
+             of the tiers above)
+
+``make test-fast`` runs ``-m "not slow"``; ``make test`` and CI run everything.
 """
 
 from __future__ import annotations
@@ -15,6 +28,59 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# ------------------------------------------------------------------ tiers
+
+ROS_FILES = {"test_ros_node.py", "test_demo.py"}
+ROS_FIXTURES = {"ros_domain", "harness_factory"}
+COLCON_FILES = {"test_colcon_build.py"}
+DDP_FILES = {"test_training_ddp.py"}
+# Whole files whose every test trains, builds maps of many places or runs subprocesses.
+SLOW_FILES = {"test_parity_scicevpr.py", "test_parity_selavpr.py", "test_int8_kernels.py"}
+# Single tests over a few seconds on the 2-core development machine (pytest --durations).
+SLOW_TESTS = {
+    "test_training.py::test_training_run_resume_continues_from_saved_step",
+    "test_training.py::test_student_and_selavpr_run_through_the_trainer",
+    "test_training.py::test_grad_accumulation_and_bf16_autocast_run",
+    "test_training.py::test_selavpr_step_trains_adapters_and_local_head_only",
+    "test_training.py::test_student_step_distils_towards_frozen_teacher",
+    "test_training.py::test_student_copy_head_option",
+    "test_training.py::test_benchmark_source_pairs_seasons_and_respects_seq_range",
+    "test_maps.py::test_build_is_interrupted_cleanly_by_sigterm",
+    "test_cli_describe.py::test_models_json_subprocess",
+    "test_ros_free.py::test_importing_every_core_module_loads_no_ros",
+    "test_lint.py::test_flake8_finds_no_errors",
+    "test_eval_recall.py::test_eval_recall_cli_end_to_end_on_the_sample",
+    "test_eval_recall.py::test_eval_recall_with_reranking_and_with_a_given_map",
+}
+
+
+def _tiers(item) -> set:
+    path = Path(str(item.fspath))
+    name = path.name
+    test_id = f"{name}::{item.originalname if hasattr(item, 'originalname') else item.name}"
+    fixtures = set(getattr(item, "fixturenames", ()))
+    tiers = set()
+    if name in ROS_FILES or fixtures & ROS_FIXTURES:
+        tiers.add("ros")
+    if "launch" in name or "launch" in item.name:
+        tiers.add("launch")
+    if name in COLCON_FILES:
+        tiers.add("colcon")
+    if name in DDP_FILES:
+        tiers.add("ddp")
+    if tiers or name in SLOW_FILES or test_id in SLOW_TESTS:
+        tiers.add("slow")
+    return tiers
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for tier in sorted(_tiers(item)):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+# ------------------------------------------------------------------ fixture data
+
 
 def shared_dir() -> Path:
     return Path(os.environ.get("VPR_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
@@ -23,6 +89,14 @@ def shared_dir() -> Path:
 def reference_dir() -> Path:
     env = os.environ.get("VPR_REFERENCE_DIR")
     return Path(env).resolve() if env else shared_dir() / "reference"
+
+
+def pytest_sessionstart(session):
+    """Stop at once, with one message, when the shared fixture folder is missing."""
+    if not shared_dir().is_dir():
+        pytest.exit(f"test fixture folder not found: {shared_dir()}. Put the shared data "
+                    f"beside the repository as ../shared or set VPR_SHARED_DIR=/path/to/shared "
+                    f"(VPR_REFERENCE_DIR overrides its reference/ part).", returncode=4)
 
 
 def _require(path: Path) -> Path:
@@ -55,6 +129,36 @@ def grief_dir() -> Path:
 def sample_dir() -> Path:
     """The sample dataset the package itself ships (a copy with attribution)."""
     return _require(REPO_ROOT / "samples" / "nordland_mini")
+
+
+# ------------------------------------------------------------------ shared models and data
+
+TINY_CARD = "scicevpr_tiny_random"
+
+
+@pytest.fixture(scope="session")
+def describer():
+    """The seeded random tiny SciceVPR describer on the CPU (batch invariant, so one is
+    shared by every test file that does not need another batch size)."""
+    from vpr_ros.inference import GlobalDescriber
+
+    return GlobalDescriber(TINY_CARD, device="cpu", batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def sample_database(sample_dir):
+    """The shipped sample's database places (benchmark layout), in order."""
+    from vpr_ros.maps import benchmark_source
+
+    return benchmark_source(sample_dir, "database")
+
+
+@pytest.fixture(scope="session")
+def sample_queries(sample_dir):
+    """The shipped sample's query images (benchmark layout), in order."""
+    from vpr_ros.maps import benchmark_source
+
+    return benchmark_source(sample_dir, "queries")
 
 
 @pytest.fixture()

@@ -117,9 +117,9 @@ def test_config_file_overrides_and_bad_values(tmp_path):
                     "optim: {lr: 1e-4}\n")
     cfg = load_config(path, ["optim.lr=5e-5", "data.places_per_batch=8",
                              "freeze.backbone_blocks=3"])
-    assert cfg["optim"]["lr"] == pytest.approx(5e-5)
-    assert cfg["data"]["places_per_batch"] == 8 and cfg["freeze"]["backbone_blocks"] == 3
-    assert cfg["loss"]["ms_beta"] == 50.0 and cfg["loss"]["miner_epsilon"] == 0.1
+    assert cfg.optim.lr == pytest.approx(5e-5)
+    assert cfg.data.places_per_batch == 8 and cfg.freeze.backbone_blocks == 3
+    assert cfg.loss.ms_beta == 50.0 and cfg.loss.miner_epsilon == 0.1
     with pytest.raises(ConfigError, match="optim.epochs"):
         load_config(path, ["optim.epochs=ten"])
     with pytest.raises(ConfigError, match="data.nope"):
@@ -133,7 +133,7 @@ def test_config_file_overrides_and_bad_values(tmp_path):
 def test_shipped_recipes_parse(repo_root):
     for path in sorted((repo_root / "config" / "train").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg["stage"] in ("teacher", "student", "selavpr"), path
+        assert cfg.stage in ("teacher", "student", "selavpr"), path
 
 
 # --------------------------------------------------------------------------- data
@@ -418,19 +418,17 @@ def test_selavpr_step_trains_adapters_and_local_head_only(tmp_path, sample_dir):
 
 def trainer_cfg(tmp_path, sample_dir, **extra):
     card = write_card(tmp_path, "t", "super_cricavpr")
-    cfg = base_cfg(tmp_path, sample_dir, "teacher", card, **extra)
-    cfg["data"]["val"] = {"type": "benchmark", "path": str(sample_dir), "seq_range": [1293, 1301]}
-    cfg["optim"]["epochs"] = 2
-    cfg["export_name"] = "tiny_teacher"
-    return cfg
+    val = {"type": "benchmark", "path": str(sample_dir), "seq_range": [1293, 1301]}
+    extra = {"data__val": val, "optim__epochs": 2, "export_name": "tiny_teacher", **extra}
+    return base_cfg(tmp_path, sample_dir, "teacher", card, **extra)
 
 
 def test_training_run_resume_continues_from_saved_step(tmp_path, sample_dir):
     from safetensors.torch import load_file
     from vpr_ros.training.trainer import train
 
-    cfg = trainer_cfg(tmp_path, sample_dir)             # 6 places / 4 per batch -> 1 batch
-    cfg["data"]["batches_per_epoch"] = 2
+    cfg = trainer_cfg(tmp_path, sample_dir,             # 6 places / 4 per batch -> 1 batch
+                      data__batches_per_epoch=2)
     full = train(cfg, tmp_path / "full", progress=False)
     assert full["finished"] and full["steps"] == 4 and full["epochs_done"] == 2
     for name in ("steps.csv", "epochs.csv", "curves.png", "config.yaml", "summary.json",
@@ -464,12 +462,9 @@ def test_training_run_resume_continues_from_saved_step(tmp_path, sample_dir):
 
 def test_grad_accumulation_and_bf16_autocast_run(tmp_path, sample_dir):
     from vpr_ros.training.trainer import train
-    cfg = trainer_cfg(tmp_path, sample_dir)
-    cfg["optim"]["epochs"] = 1
-    cfg["optim"]["grad_accum"] = 2
-    cfg["data"]["batches_per_epoch"] = 2
-    cfg["precision"] = "bf16"
-    cfg["data"]["val"] = None
+    cfg = trainer_cfg(tmp_path, sample_dir).with_overrides(
+        "optim.epochs=1", "optim.grad_accum=2", "data.batches_per_epoch=2", "precision=bf16",
+        "data.val=null")
     out = train(cfg, tmp_path / "acc", progress=False)
     assert out["finished"] and out["steps"] == 1
 
@@ -527,8 +522,7 @@ def test_corrupt_training_image_and_bad_precision_are_clear_errors(tmp_path, sam
     ds = PlaceImagesDataset(places, 2, (112, 112))
     with pytest.raises(DatasetError, match=r"place broken_place: .*broken\.jpg"):
         ds[(2, 0)]
-    cfg = trainer_cfg(tmp_path, sample_dir)
-    cfg["precision"] = "fp16"
+    cfg = trainer_cfg(tmp_path, sample_dir, precision="fp16")
     with pytest.raises(DeviceError, match="fp16"):
         train(cfg, tmp_path / "fp16", progress=False)
 
