@@ -75,9 +75,8 @@ def run(quick: bool, out: Path, cache: Path = DEFAULT_CACHE, max_n: int = None) 
 
 
 def plot(rows: List[dict], topk: Dict[str, List[dict]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vpr_ros.plotting import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     for fam in sorted({r["family"] for r in rows}):
         rr = [r for r in rows if r["family"] == fam]

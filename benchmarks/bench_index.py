@@ -851,9 +851,8 @@ def markdown_map_open(o: dict) -> str:
 
 
 def plot_tradeoff(results: List[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vpr_ros.plotting import pyplot
+    plt = pyplot()
     sizes = sorted({r["n"] for r in results})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False)
     for ax, n in zip(axes[0], sizes):

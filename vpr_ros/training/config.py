@@ -28,10 +28,10 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import yaml
 
+from ..constants import RADIUS_M, TRAIN_PRECISIONS
 from ..errors import ConfigError
 
 STAGES = ("teacher", "student", "selavpr")
-PRECISIONS = ("fp32", "bf16", "fp16")          # training autocast (int8 is inference only)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -118,7 +118,7 @@ class LossConfig:
 class EvalConfig:
     recall_ns: Tuple[int, ...] = (1, 5, 10, 20)
     batch_size: int = 32
-    radius_m: float = 25.0
+    radius_m: float = RADIUS_M
 
 
 @dataclass(frozen=True)
@@ -336,7 +336,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     if not cfg.model:
         raise ConfigError("config key 'model' (model card name or path) is required")
-    if cfg.precision not in PRECISIONS:
+    if cfg.precision not in TRAIN_PRECISIONS:
         raise ConfigError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
     d = cfg.data
     for key in ("places_per_batch", "images_per_place", "num_workers"):
@@ -382,7 +382,11 @@ def expand_shared(cfg: TrainConfig, value: str) -> str:
     """Replace a leading ``${VPR_SHARED_DIR}`` by the shared data folder."""
     text = str(value)
     if text.startswith(SHARED_DIR_TOKEN):
-        return str(shared_dir(cfg)) + text[len(SHARED_DIR_TOKEN):]
+        folder = shared_dir(cfg)
+        if not folder.is_dir():
+            raise ConfigError(f"{text}: the shared data folder {folder} does not exist; pass "
+                              f"vpr train --shared-dir DIR or set {SHARED_DIR_ENV}")
+        return str(folder) + text[len(SHARED_DIR_TOKEN):]
     return text
 
 

@@ -250,10 +250,9 @@ def _fmt(v):
 
 def plot_curves(out_dir: Path) -> Optional[Path]:
     """curves.png: training loss per step and validation recall per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import pyplot, save_png
 
+    plt = pyplot()
     steps = _read_csv(out_dir / "steps.csv")
     epochs = _read_csv(out_dir / "epochs.csv")
     if not steps and not epochs:
@@ -287,11 +286,7 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
             axes[1].legend()
         axes[1].grid(alpha=0.3)
     fig.tight_layout()
-    target = out_dir / "curves.png"
-    from ..atomic import atomic_path
-    with atomic_path(target, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    target = save_png(fig, out_dir / "curves.png", dpi=100)
     share_permissions(target)
     return target
 
