@@ -2,6 +2,7 @@
 #   make demo   build a map from the shipped sample, replay its query sequence through the live
 #               ROS 2 node, print what it published and the scores, write the report
 #   make test   install and run the whole test suite
+#   make test-fast   the suite without the slow tier (ROS, launch, colcon, DDP; < 1 min)
 # Both create the virtual environment (.venv) they need.
 #
 # Variables:
