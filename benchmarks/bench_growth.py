@@ -20,7 +20,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_index import build, nlist_for, single_query_latencies
-from benchmarks.common import DEFAULT_CACHE, DEFAULT_OUT, fmt, md_table, median, save_figure, set_threads, write_json
+from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, fmt, md_table, median, save_figure,
+                               set_threads, write_json)
 from benchmarks.synthetic_map import ReducedMap, build_cache
 
 N_LATENCY_QUERIES = 100

@@ -38,8 +38,9 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, REPO_ROOT, fmt, md_table, median, peak_rss_mb,
-                    rss_mb, save_figure, set_threads, time_calls, write_json)
+from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, REPO_ROOT, fmt, md_table, median,
+                               peak_rss_mb, rss_mb, save_figure, set_threads, time_calls,
+                               write_json)
 from benchmarks.synthetic_map import ReducedMap, agreement_recall, build_cache, place_recall
 
 QUERIES_LATENCY = 100     # single-query latency measured over this many queries

@@ -42,8 +42,8 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (fmt, interleaved_times, md_table, median, peak_rss_mb, reset_peak_rss,
-                    rss_mb, set_threads, topic_main)
+from benchmarks.common import (fmt, interleaved_times, md_table, median, peak_rss_mb,
+                               reset_peak_rss, rss_mb, set_threads, topic_main)
 
 H = W = 61
 C = 128

@@ -19,7 +19,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import DEFAULT_CACHE, DEFAULT_OUT, machine_info, md_table, set_threads, write_json, write_text
+from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, machine_info, md_table, set_threads,
+                               write_json, write_text)
 
 TOPICS = ("descriptors", "rerank", "index", "growth", "node")
 

@@ -114,7 +114,8 @@ def test_add_to_int8_map_keeps_int8_and_copies_old_codes(tmp_path, maps, describ
     old_codes = np.array(before.codes)
     add_to_map(target, db[N:N + 3], describer, local_extractor=local, progress=False)
     after = PlaceMap.open_for(target, describer, local_extractor=local)
-    assert isinstance(after.local_features, Int8LocalFeatures) and len(after.local_features) == N + 3
+    assert isinstance(after.local_features, Int8LocalFeatures)
+    assert len(after.local_features) == N + 3
     np.testing.assert_array_equal(np.asarray(after.local_features.codes[:N]), old_codes)
     assert after.manifest["local_features"]["storage"] == "int8"
 

@@ -55,7 +55,7 @@ USED_WITHOUT_IMPORT = {
     "launch": "ros2 launch runs launch/*.launch.py",
     "ament_index_python": "imported lazily (models.cards, demo) inside try blocks",
 }
-NOT_ROS = ("python3-", "ament_flake8", "ament_pep257", "ament_copyright")
+NOT_ROS = ("python3-",)
 ROSDEP_KEYS = {"PIL": "python3-pil", "numpy": "python3-numpy", "yaml": "python3-yaml"}
 NO_ROSDEP_KEY = {"__future__", "torch", "vpr_ros"}   # torch: pip (package.xml comment)
 

@@ -73,7 +73,8 @@ def test_closed_form_reduced_places_match_the_full_dimensional_path():
     pca.train(gen.places(1000, 4000))            # learnt on other places, as build_cache does
     red = synthetic_map.ReducedGenerator(gen, pca)
     targets = np.arange(0, 1000, 7)
-    long_way = synthetic_map._neighbour_stats(pca.apply_py(full), pca.apply_py(gen.queries(targets, 1)), targets)
+    long_way = synthetic_map._neighbour_stats(pca.apply_py(full),
+                                              pca.apply_py(gen.queries(targets, 1)), targets)
     closed = synthetic_map._neighbour_stats(red.places(0, 1000), red.queries(targets, 2), targets)
     for key in ("cos_query_truth_mean", "cos_next_place_mean", "cos_random_pair_mean"):
         assert abs(long_way[key] - closed[key]) < 0.03, (key, long_way, closed)

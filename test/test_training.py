@@ -136,8 +136,8 @@ def test_shipped_recipes_parse(repo_root):
         assert cfg.stage in ("teacher", "student", "selavpr"), path
 
 
-def test_shipped_configs_carry_no_machine_paths_and_find_the_shared_data(repo_root, tmp_path,
-                                                                        monkeypatch):
+def test_shipped_configs_carry_no_machine_paths_and_find_the_shared_data(
+        repo_root, tmp_path, monkeypatch):
     from conftest import shared_dir
     from vpr_ros.training.config import resolve_sources
 
@@ -330,7 +330,7 @@ def test_multi_similarity_matches_definition():
 
 
 @pytest.mark.parametrize("p, k, dim, noise", [(32, 2, 256, 1.5), (72, 4, 512, 2.0),
-                                               (16, 4, 64, 3.0), (8, 2, 32, 1.0)])
+                                              (16, 4, 64, 3.0), (8, 2, 32, 1.0)])
 def test_multi_similarity_equals_pytorch_metric_learning(p, k, dim, noise):
     """The official SciceVPR trains with pytorch-metric-learning's MultiSimilarityMiner +
     MultiSimilarityLoss; ours gives the same mined pairs, loss and gradient (w.r.t. the
