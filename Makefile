@@ -61,7 +61,7 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# Retrain the shipped demo model (teacher, then distilled student; ~45 min on 2 busy cores).
+# Retrain the shipped demo model (teacher, then distilled student; wall times: docs/training.md).
 # The cards' hand-written notes (held-out recall, wall times) must be updated after a rerun.
 demo-model: $(STAMP)
 	$(VENV)/bin/vpr train teacher --config config/train/demo_teacher.yaml --out runs/demo_teacher --no-progress
