@@ -1,8 +1,9 @@
 """Linters as tests (as ROS 2 packages do with ament_flake8): the style setup.cfg declares.
 
 flake8 reads its settings from setup.cfg ([flake8]: 100 columns, the default pycodestyle
-and pyflakes checks, and a temporary, commented per-file list for files other branches
-were editing); nothing here narrows the checks.
+and pyflakes checks, McCabe complexity at most 20 per function, and a temporary,
+commented per-file list for files other branches were editing); nothing here narrows
+the checks.
 """
 
 import subprocess
