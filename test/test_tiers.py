@@ -44,3 +44,18 @@ def test_markers_are_applied(request):
             assert {"ros", "slow"} <= marks, nodeid
         if nodeid in conftest.SLOW_TESTS:
             assert "slow" in marks, nodeid
+
+
+def test_missing_shared_folder_stops_the_session_with_one_message(repo_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VPR_SHARED_DIR": str(tmp_path / "no_such_folder")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "test/test_atomic.py"], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out
+    assert "test fixture folder not found" in out and "VPR_SHARED_DIR" in out
+    assert " passed" not in out and " failed" not in out     # no test ran, none failed
