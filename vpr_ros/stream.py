@@ -218,8 +218,8 @@ class _OdometryTrack:
         self.stamps.clear()
         self.positions.clear()
 
-    def distance(self, t0: int, t1: int, max_gap_ns: int) -> Optional[float]:
-        """Path length travelled from t0 to t1, or None when the odometry does not cover it."""
+    def displacement(self, t0: int, t1: int, max_gap_ns: int):
+        """(path length, displacement vector) from t0 to t1, or None when not covered."""
         if len(self.stamps) < 1 or t1 < t0:
             return None
         st = np.fromiter(self.stamps, dtype=np.int64, count=len(self.stamps))
@@ -235,7 +235,7 @@ class _OdometryTrack:
                 return None
         elif t1 - t0 > max_gap_ns and not ((st <= t0).any() and (st >= t1).any()):
             return None
-        return float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum())
+        return float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum()), p1 - p0
 
     @staticmethod
     def _at(st, pos, t) -> np.ndarray:
@@ -267,6 +267,7 @@ class StreamLocalizer:
             k = min(n, self.config.normaliser_samples)
             pick = np.sort(rng.choice(n, size=k, replace=False))
             self._sample = np.ascontiguousarray(np.asarray(descriptors[pick], dtype=np.float32))
+
         self._places_table = None          # PlaceTable when made with for_map (poses of answers)
         self._odometry = _OdometryTrack()
         self.odometry_rejected = 0
@@ -288,6 +289,7 @@ class StreamLocalizer:
         self._dirs = np.zeros(0, np.int8)
         self._speeds = np.zeros(0, np.int8)
         self._dt: Optional[float] = None
+        self._heading: Optional[np.ndarray] = None
         self._mass = np.zeros(0, np.float64)
         self._rest = 1.0
         self._fit = 0.0
@@ -413,18 +415,30 @@ class StreamLocalizer:
 
     # ------------------------------------------------------------------ internals
     def _step_bounds(self, stamp_ns) -> Tuple[Optional[float], bool]:
-        """Expected travelled distance from odometry (metres), or None without odometry."""
+        """Signed distance travelled since the last frame from odometry (metres), or None.
+
+        Odometry gives positions in its own frame, so the sign comes from comparing this
+        displacement with the last clear one: moving back along it means reversing.
+        """
         cfg = self.config
         if self._last_stamp is None or stamp_ns is None or stamp_ns < 0 or not self._odometry.stamps:
             return None, False
         if stamp_ns < self._last_stamp:
             return None, False
-        d = self._odometry.distance(self._last_stamp, int(stamp_ns),
-                                    int(cfg.odometry_max_gap_s * 1e9))
-        if d is None:
+        moved = self._odometry.displacement(self._last_stamp, int(stamp_ns),
+                                            int(cfg.odometry_max_gap_s * 1e9))
+        if moved is None:
             self.last_odometry_rejection = "odometry does not cover the frame interval (stale)"
             return None, False
-        return d, True
+        length, vector = moved
+        norm = float(np.linalg.norm(vector))
+        sign = 1.0
+        if self._heading is not None and norm > 1e-9:
+            sign = -1.0 if float(np.dot(vector, self._heading)) < 0 else 1.0
+        if norm > 0.25 * self.route.spacing_m:
+            # the direction of travel, in the sense the stream's direction states follow
+            self._heading = sign * vector / norm
+        return sign * length, True
 
     def _predict(self, travelled: Optional[float]) -> None:
         cfg, route = self.config, self.route
@@ -452,13 +466,14 @@ class StreamLocalizer:
                 sigma = cfg.step_sigma * s + 0.15 * step
             else:
                 step = np.full(len(places), travelled)
-                sigma = np.full(len(places), max(cfg.odometry_sigma * travelled,
+                sigma = np.full(len(places), max(cfg.odometry_sigma * abs(travelled),
                                                  cfg.step_sigma * s))
             if route.directed:
+                # signed: with odometry a negative step is the robot backing up
                 src, dst, a = route.along_route(places, dirs, step - 3 * sigma, step + 3 * sigma)
                 w = np.exp(-0.5 * ((a - step[src]) / sigma[src]) ** 2)
             else:
-                radius = float((step + 3 * sigma).max()) + 1e-6
+                radius = float((np.abs(step) + 3 * sigma).max()) + 1e-6
                 src, dst = route.within(route.positions[places], radius)
                 _, dist = route.offsets(places[src], dst)
                 w = np.exp(-0.5 * ((dist - step[src]) / sigma[src]) ** 2)
@@ -552,6 +567,7 @@ class StreamLocalizer:
         iid_rest = max(n - len(cand_idx), 0) * math.exp(log_rest - lmax)
         iid_norm = iid_terms.sum() + iid_rest
         log_e_iid = lmax + math.log(iid_norm / n)
+        post_iid = iid_terms / iid_norm
 
         # Stream model: tracked states + candidates seeded from the uniform rest mass.
         ndir = self._ndir
@@ -590,7 +606,7 @@ class StreamLocalizer:
         self._places, self._dirs, self._speeds = places[keep], dirs[keep], speeds[keep]
         self._mass = post[keep]
         self._rest = post_rest
-        return {"places": cand_idx, "mass": iid_terms / iid_norm}
+        return {"places": cand_idx, "mass": post_iid}
 
     def _best_place(self) -> int:
         per_place = np.bincount(self._places, weights=self._mass, minlength=0)

@@ -223,11 +223,18 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     if stream_cfg is not None:
         from .stream_eval import run_stream, stream_report
 
-        run = run_stream(place_map.places.positions, final_preds, final_sims,
-                         map_descriptors=place_map.descriptors, query_descriptors=q_desc,
-                         stamps_ns=stamps_ns, odometry=odometry,
-                         rerank_scores=scores_rr, degenerate=degenerate, config=stream_cfg,
-                         progress=progress)
+        if from_csv:
+            run = run_stream(place_map.places.positions, final_preds, final_sims,
+                             map_descriptors=place_map.descriptors, query_descriptors=q_desc,
+                             stamps_ns=stamps_ns, odometry=odometry,
+                             rerank_scores=scores_rr, degenerate=degenerate, config=stream_cfg,
+                             progress=progress)
+        else:
+            # Without a poses CSV the queries have no driving order (name order): there is no
+            # stream to follow, so the stream's answers are the single-frame ones.
+            run = {"answer": final_preds[:, 0].copy(), "raw": np.clip(conf_cv, 0, 1),
+                   "fit": np.zeros(nq), "ms": np.zeros(nq), "config": stream_cfg,
+                   "method": "single-frame (queries have no driving order)"}
         stream_rep = stream_report(run, final_preds[:, :k_single], positives, s.target_precision,
                                    motion_prior_fits=prior_fits,
                                    odometry_given=odometry is not None)
