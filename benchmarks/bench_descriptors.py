@@ -41,14 +41,17 @@ import argparse
 import contextlib
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 
-from common import (DEFAULT_OUT, REPO_ROOT, fmt, interleaved_times, md_table, median,
-                    peak_rss_mb, set_threads, write_json)
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (DEFAULT_OUT, REPO_ROOT, fmt, interleaved_times, md_table, median,
+                               peak_rss_mb, set_threads, write_json)
 
 NORDLAND = REPO_ROOT.parent / "shared" / "data" / "nordland64_summer_winter_part1" / "images" / "test"
 

@@ -34,13 +34,16 @@ Run: ``python benchmarks/bench_rerank.py [--quick]``
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-from common import (fmt, interleaved_times, md_table, median, peak_rss_mb, reset_peak_rss,
-                    rss_mb, set_threads, topic_main)
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (fmt, interleaved_times, md_table, median, peak_rss_mb,
+                               reset_peak_rss, rss_mb, set_threads, topic_main)
 
 H = W = 61
 C = 128
@@ -194,7 +197,7 @@ def peak_in_subprocess(query, candidates, names) -> Dict[str, float]:
         here = str(Path(__file__).resolve().parent)
         for name in names:
             code = (f"import sys; sys.path[:0] = [{here!r}, {str(Path(here).parent)!r}]; "
-                    f"import bench_rerank as b; b._child_peak({path!r}, {name!r})")
+                    f"import benchmarks.bench_rerank as b; b._child_peak({path!r}, {name!r})")
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
             try:
                 out[name] = _json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mb"]

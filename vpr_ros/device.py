@@ -21,9 +21,9 @@ from typing import Union
 
 import torch
 
+from .constants import PRECISIONS
 from .errors import DeviceError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                      "int8": torch.qint8}

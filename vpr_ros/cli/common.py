@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional
 
-# = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-RERANK_COMPUTES = ("fp32", "bf16")  # = vpr_ros.models.rerank.COMPUTES
+from ..constants import PRECISIONS, RERANK_COMPUTES  # torch-free, so --help stays light
 
 
 def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..atomic import atomic_directory
 from ..bags import POSE_TYPES, PoseTrack, bag_topics, read_images, read_poses
+from ..constants import MAX_POSE_GAP_S
 from ..errors import BagError, DatasetError
 from .metrics import positives_within, precision_recall, recall_at_n
 
@@ -51,7 +52,7 @@ class BagEvalSettings:
     pose_topic: Optional[str] = None
     poses_csv: Optional[str] = None
     radius_m: float = 25.0
-    max_gap_s: float = 2.0
+    max_gap_s: float = MAX_POSE_GAP_S
     top_k: int = 20
     rerank_k: int = 0
     confidence_threshold: float = 0.5
@@ -331,12 +332,9 @@ def _score_stream(usable, preds, positives, gt, target_precision, stream_config,
 # --------------------------------------------------------------------------- plots
 
 def _plt():
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_trajectory(arrays: dict, db_xy: np.ndarray, path: Path, title: str) -> None:

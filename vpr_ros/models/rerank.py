@@ -44,11 +44,13 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..constants import RERANK_COMPUTES
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 
-COMPUTES = ("fp32", "bf16")
+COMPUTES = RERANK_COMPUTES
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
