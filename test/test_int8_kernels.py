@@ -1,4 +1,4 @@
-"""Native fused int8 kernels (vpr_ros.models.int8_kernels, int8_block).
+"""Native fused int8 kernels (vpr_ros.accel.int8_kernels, int8_block).
 
 Checks: the kernels build with the machine's compiler into an atomic, reusable cache;
 quantisation and dequantisation are bit-identical to the torch path; the fused GELU and
@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vpr_ros.models import int8_kernels
-from vpr_ros.models.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
+from vpr_ros.accel import int8_kernels
+from vpr_ros.accel.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
                                        attention_fusable, fusable, fuse_transformer_blocks)
-from vpr_ros.models.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
+from vpr_ros.accel.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
                                         quantize_rows)
 
 
@@ -264,7 +264,7 @@ def test_without_compiler_or_switched_off_the_torch_path_runs(tmp_path, monkeypa
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(int8_kernels.KernelBuildError, match="no C compiler"):
         int8_kernels.build()
-    with caplog.at_level(logging.WARNING, logger="vpr_ros.models.int8_kernels"):
+    with caplog.at_level(logging.WARNING, logger="vpr_ros.accel.int8_kernels"):
         assert int8_kernels.native_kernels() is None
     assert "torch path" in caplog.text
 

@@ -17,7 +17,7 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   region encoder, the final L2 normalisations).  LayerNorm statistics are accumulated in
   float32 by PyTorch's bf16 kernels.
 * ``fp16``: CUDA autocast.
-* ``int8`` (CPU): :mod:`vpr_ros.models.int8_linear`: every Linear layer and the 1x1
+* ``int8`` (CPU): :mod:`vpr_ros.accel.int8_linear`: every Linear layer and the 1x1
   ``fusion`` convolution run with int8 weights (one scale per output channel) and int8
   activations quantised per call with one scale per row, i.e. per token of one image,
   multiplied exactly in int32 (``torch._int_mm``).  No scale is shared between images,
@@ -26,9 +26,9 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   test/test_int8_linear.py).  LayerNorm, GELU, the patch embedding, GeM and the
   SciceVPR region encoder compute in float32.  The passes between two int8 matmuls
   (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in small C
-  kernels compiled on first use (:mod:`vpr_ros.models.int8_kernels`), and with them the
+  kernels compiled on first use (:mod:`vpr_ros.accel.int8_kernels`), and with them the
   ViT blocks' attention runs on int16 codes of Q, K, V and the softmax weights
-  (:mod:`vpr_ros.models.int8_block`; ``VPR_ROS_INTEGER_ATTENTION=0`` keeps float32 SDPA).
+  (:mod:`vpr_ros.accel.int8_block`; ``VPR_ROS_INTEGER_ATTENTION=0`` keeps float32 SDPA).
   Where no C compiler is found the torch ops run, with float32 SDPA attention.
 
 Images are preprocessed with
@@ -75,17 +75,17 @@ def cast_weights_bf16(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Batch-invariant int8 (CPU), in place: see :mod:`vpr_ros.models.int8_linear`.
+    """Batch-invariant int8 (CPU), in place: see :mod:`vpr_ros.accel.int8_linear`.
 
     Every ``nn.Linear`` and the pointwise (1x1) convolutions become int8 layers with
     per-output-channel weight scales and per-row (per-token) activation scales computed
     on each call, multiplied exactly in int32 (``torch._int_mm``).  The SciceVPR region
     encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.  The
-    native fused kernels (:mod:`vpr_ros.models.int8_kernels`) are built here, at model
+    native fused kernels (:mod:`vpr_ros.accel.int8_kernels`) are built here, at model
     construction, so that the first image does not wait for the compiler.
     """
-    from .models.int8_kernels import native_kernels
-    from .models.int8_linear import convert_to_int8
+    from .accel.int8_kernels import native_kernels
+    from .accel.int8_linear import convert_to_int8
 
     native_kernels()
     return convert_to_int8(model)

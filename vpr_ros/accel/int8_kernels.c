@@ -1,7 +1,7 @@
 /* Fused element-wise passes around the int8 matmuls of vpr_ros (precision "int8"), and
  * an int8 multi-head attention (at the end of this file).
  *
- * Built on first use by vpr_ros/models/int8_kernels.py with the machine's C compiler
+ * Built on first use by vpr_ros/accel/int8_kernels.py with the machine's C compiler
  * (-O3 -march=native, OpenMP) and called through ctypes on contiguous tensors.  Each
  * function replaces several torch element-wise ops, and so several passes over memory,
  * by one pass per row.  Every row is computed on its own, the same way whatever the number
@@ -19,6 +19,7 @@
 #include <omp.h>
 #else
 static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
 #endif
 #include <stdint.h>
 #include <string.h>
@@ -618,4 +619,231 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
         free(w.block);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------
+ * Exact mutual-nearest-neighbour re-ranking: similarity codes with a fused top-2.
+ *
+ * x: candidate points, n_x rows of c_pad int16 codes (row-major, followed by zero rows up
+ * to a multiple of ROWS, which the tiles read but never count); q: query points in the
+ * VNNI layout [n_q_pad / 16][c_pad / 2][16][2] (n_q_pad a multiple of MNN_GROUP, padding
+ * 0).  The code similarity I[j][i] = sum_c x[j][c] q[i][c] is accumulated in int32 with
+ * wrap-around; the caller picks codes whose norms keep every true sum inside int32, so
+ * each I[j][i] is exact.  No similarity matrix is stored: tiles of 4 candidate points x
+ * 64 query points go straight into
+ *   row_best[j], row_idx[j], row_second[j]  over the query points i < n_q, and
+ *   col_best[i], col_idx[i], col_second[i]  over the candidate points j < n_x,
+ * where *_idx is the first index of the maximum and *_second the largest value of the
+ * others, so an exact tie gives second == best (zero margin; the caller re-computes such
+ * rows and columns in float32).  Threads take contiguous ranges of candidate points with
+ * their own column state, merged in thread order (lower rows first, so first index).
+ * Returns 0, or -1 when scratch memory could not be allocated.
+ * ------------------------------------------------------------------------------------ */
+#define MNN_GROUP 64                     /* query points per tile: 4 blocks of 16 */
+
+static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int rows,
+                     int32_t tile[ROWS][MNN_GROUP], int generic) {
+    const int64_t k2 = c_pad / 2;
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        __m512i acc[ROWS][4];
+        for (int r = 0; r < ROWS; ++r)
+            for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
+        for (int64_t g = 0; g < k2; ++g) {
+            __m512i col[4];
+            for (int l = 0; l < 4; ++l)
+                col[l] = _mm512_load_si512((const void *)(qg + (l * k2 + g) * 32));
+            for (int r = 0; r < ROWS; ++r) {
+                int32_t two;
+                memcpy(&two, x + r * c_pad + 2 * g, 4);
+                const __m512i row = _mm512_set1_epi32(two);
+                for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_dpwssd_epi32(acc[r][l], row, col[l]);
+            }
+        }
+        for (int r = 0; r < ROWS; ++r)
+            for (int l = 0; l < 4; ++l) _mm512_store_si512((void *)&tile[r][l * 16], acc[r][l]);
+        (void)rows;
+        return;
+    }
+#endif
+    (void)generic;
+    for (int r = 0; r < rows; ++r)
+        for (int l = 0; l < 4; ++l)
+            for (int e = 0; e < 16; ++e) {
+                int64_t acc = 0;      /* exact, and inside int32 by the caller's choice of codes */
+                for (int64_t g = 0; g < k2; ++g)
+                    for (int h = 0; h < 2; ++h)
+                        acc += (int64_t)x[r * c_pad + 2 * g + h] * qg[(l * k2 + g) * 32 + e * 2 + h];
+                tile[r][l * 16 + e] = (int32_t)acc;
+            }
+}
+
+static inline void top2_insert(int32_t v, int32_t index, int32_t *best, int32_t *idx,
+                               int32_t *second) {
+    if (v > *best) {
+        *second = *best;
+        *best = v;
+        *idx = index;
+    } else if (v > *second) {
+        *second = v;
+    }
+}
+
+int vpr_mnn_top2(const int16_t *x, int64_t n_x, const int16_t *q, int64_t n_q, int64_t c_pad,
+                 int32_t *row_best, int32_t *row_idx, int32_t *row_second,
+                 int32_t *col_best, int32_t *col_idx, int32_t *col_second,
+                 int generic, int num_threads) {
+    const int64_t n_q_pad = round_up(n_q, MNN_GROUP), groups = n_q_pad / MNN_GROUP;
+    const int64_t group_stride = MNN_GROUP * c_pad;            /* int16 per group of q */
+    if (num_threads < 1) num_threads = 1;
+    int32_t *state = malloc((size_t)num_threads * 3 * n_q_pad * sizeof(int32_t));
+    if (!state) return -1;
+    for (int64_t i = 0; i < (int64_t)num_threads * n_q_pad; ++i) {   /* unused threads: neutral */
+        int32_t *cb = state + (i / n_q_pad) * 3 * n_q_pad + i % n_q_pad;
+        cb[0] = cb[2 * n_q_pad] = INT32_MIN;
+        cb[n_q_pad] = 0;
+    }
+    for (int64_t j = 0; j < n_x; ++j) {
+        row_best[j] = row_second[j] = INT32_MIN;
+        row_idx[j] = 0;
+    }
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t per = round_up((n_x + nt - 1) / nt, ROWS);
+        const int64_t j_start = t * per < n_x ? t * per : n_x;
+        const int64_t j_end = j_start + per < n_x ? j_start + per : n_x;
+        int32_t *cb = state + (int64_t)t * 3 * n_q_pad, *ci = cb + n_q_pad, *cs = ci + n_q_pad;
+        int32_t tile[ROWS][MNN_GROUP] __attribute__((aligned(64)));
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const int16_t *qg = q + gi * group_stride;
+            const int64_t i0 = gi * MNN_GROUP;
+            const int valid = (int)(n_q - i0 < MNN_GROUP ? n_q - i0 : MNN_GROUP);
+            for (int64_t j0 = j_start; j0 < j_end; j0 += ROWS) {
+                const int rows = (int)(j_end - j0 < ROWS ? j_end - j0 : ROWS);
+                mnn_tile(x + j0 * c_pad, c_pad, qg, rows, tile, generic);
+                /* rows (candidate points): only values above the current second best */
+                for (int r = 0; r < rows; ++r) {
+                    const int64_t j = j0 + r;
+#if VPR_HAVE_VNNI
+                    if (!generic) {     /* most tiles hold nothing above the second best */
+                        const __m512i thr = _mm512_set1_epi32(row_second[j]);
+                        __mmask16 any = 0;
+                        for (int l = 0; l < 4; ++l)
+                            any |= _mm512_cmpgt_epi32_mask(
+                                _mm512_load_si512((const void *)&tile[r][l * 16]), thr);
+                        if (!any) continue;
+                    }
+#endif
+                    int32_t best = row_best[j], idx = row_idx[j], second = row_second[j];
+                    for (int e = 0; e < valid; ++e)
+                        if (tile[r][e] > second) top2_insert(tile[r][e], (int32_t)(i0 + e), &best, &idx, &second);
+                    row_best[j] = best;
+                    row_idx[j] = idx;
+                    row_second[j] = second;
+                }
+                /* columns (query points): every lane, in row order */
+#if VPR_HAVE_VNNI
+                if (!generic) {
+                    for (int l = 0; l < 4; ++l) {
+                        __m512i b = _mm512_loadu_si512((const void *)(cb + i0 + l * 16));
+                        __m512i s = _mm512_loadu_si512((const void *)(cs + i0 + l * 16));
+                        __m512i ix = _mm512_loadu_si512((const void *)(ci + i0 + l * 16));
+                        for (int r = 0; r < rows; ++r) {
+                            const __m512i v = _mm512_load_si512((const void *)&tile[r][l * 16]);
+                            s = _mm512_max_epi32(s, _mm512_min_epi32(v, b));
+                            const __mmask16 gt = _mm512_cmpgt_epi32_mask(v, b);
+                            b = _mm512_max_epi32(b, v);
+                            ix = _mm512_mask_mov_epi32(ix, gt, _mm512_set1_epi32((int32_t)(j0 + r)));
+                        }
+                        _mm512_storeu_si512((void *)(cb + i0 + l * 16), b);
+                        _mm512_storeu_si512((void *)(cs + i0 + l * 16), s);
+                        _mm512_storeu_si512((void *)(ci + i0 + l * 16), ix);
+                    }
+                    continue;
+                }
+#endif
+                for (int r = 0; r < rows; ++r)
+                    for (int e = 0; e < MNN_GROUP; ++e) {
+                        const int32_t v = tile[r][e];
+                        const int64_t i = i0 + e;
+                        cs[i] = cs[i] > (v < cb[i] ? v : cb[i]) ? cs[i] : (v < cb[i] ? v : cb[i]);
+                        if (v > cb[i]) {
+                            cb[i] = v;
+                            ci[i] = (int32_t)(j0 + r);
+                        }
+                    }
+            }
+        }
+    }
+    /* merge the threads' column state in thread order (lower candidate rows first) */
+    for (int64_t i = 0; i < n_q; ++i) {
+        int32_t best = INT32_MIN, idx = 0, second = INT32_MIN;
+        for (int t = 0; t < num_threads; ++t) {
+            const int32_t *cb = state + (int64_t)t * 3 * n_q_pad;
+            const int32_t b = cb[i], ix = cb[n_q_pad + i], s = cb[2 * n_q_pad + i];
+            const int32_t lo = b < best ? b : best;
+            second = second > s ? second : s;
+            second = second > lo ? second : lo;
+            if (b > best) {
+                best = b;
+                idx = ix;
+            }
+        }
+        col_best[i] = best;
+        col_idx[i] = idx;
+        col_second[i] = second;
+    }
+    free(state);
+    return 0;
+}
+
+/* Exact float32 re-computation for vpr_mnn_top2's ambiguous rows and columns.
+ * For each selected s = sel[t]: out[t] = the first index i < n_b of the largest
+ * dot(a[s], b[i]), where b is given transposed (b_t: c x n_b, row-major).  Each dot
+ * product is one chain of fused multiply-adds in channel order from 0 - the values the
+ * BLAS sgemm kernels give for these shapes (checked once per process against numpy's
+ * matmul by the caller, and by the tests) - so the argmax is the plain path's, ties
+ * included.  Vector lanes hold different dot products, never parts of one. */
+void vpr_exact_argmax(const float *a, const float *b_t, int64_t n_b, int64_t c,
+                      const int64_t *sel, int64_t n_sel, int64_t *out, float *out_value,
+                      int generic, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 4)
+    for (int64_t t = 0; t < n_sel; ++t) {
+        const float *x = a + sel[t] * c;
+        float best = -INFINITY;
+        int64_t best_i = 0;
+        int64_t i0 = 0;
+#if VPR_HAVE_VNNI
+        if (!generic) {
+            for (; i0 + 64 <= n_b; i0 += 64) {
+                __m512 acc[4];
+                for (int l = 0; l < 4; ++l) acc[l] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < c; ++k) {
+                    const __m512 xk = _mm512_set1_ps(x[k]);
+                    for (int l = 0; l < 4; ++l)
+                        acc[l] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b_t + k * n_b + i0 + 16 * l), acc[l]);
+                }
+                float v[64] __attribute__((aligned(64)));
+                for (int l = 0; l < 4; ++l) _mm512_store_ps(v + 16 * l, acc[l]);
+                for (int e = 0; e < 64; ++e)
+                    if (v[e] > best || (i0 + e == 0)) {
+                        best = v[e];
+                        best_i = i0 + e;
+                    }
+            }
+        }
+#endif
+        (void)generic;
+        for (int64_t i = i0; i < n_b; ++i) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < c; ++k) acc = fmaf(x[k], b_t[k * n_b + i], acc);
+            if (acc > best || i == 0) {
+                best = acc;
+                best_i = i;
+            }
+        }
+        out[t] = best_i;
+        out_value[t] = best;
+    }
 }

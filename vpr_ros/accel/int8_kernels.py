@@ -1,11 +1,11 @@
 """Native fused kernels for the int8 path, built once with the machine's C compiler.
 
-The int8 layers of :mod:`vpr_ros.models.int8_linear` spend as much time in element-wise
+The int8 layers of :mod:`vpr_ros.accel.int8_linear` spend as much time in element-wise
 torch ops around each integer matmul (quantise a row, turn int32 back into float, add
 the bias, GELU, LayerNorm, residual add) as in half of the matmuls themselves: each op
 is one more pass over memory.  ``int8_kernels.c`` does each of those chains in one pass
 per row, and holds a multi-head attention on integer (int16) Q, K, V and softmax
-weights (:meth:`NativeKernels.integer_attention`, used by :mod:`vpr_ros.models.int8_block`).
+weights (:meth:`NativeKernels.integer_attention`, used by :mod:`vpr_ros.accel.int8_block`).
 It is plain C (no torch headers; AVX512-VNNI intrinsics where the compiler targets them,
 the same results from plain loops elsewhere), so it compiles in about a second:
 
@@ -36,8 +36,9 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,10 @@ class NativeKernels:
             "vpr_dequantize_gelu_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, i32],
             "vpr_layer_norm_quantize": [vp, _I64, _I64, vp, vp, ctypes.c_float, vp, vp, vp, i32],
             "vpr_integer_attention": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, vp, i32, i32],
+            "vpr_mnn_top2": [vp, _I64, vp, _I64, _I64, vp, vp, vp, vp, vp, vp, i32, i32],
+            "vpr_exact_argmax": [vp, vp, _I64, _I64, vp, _I64, vp, vp, i32, i32],
         }
-        returns = {"vpr_integer_attention": ctypes.c_int}
+        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -272,30 +275,103 @@ class NativeKernels:
             raise MemoryError("integer attention: could not allocate its scratch memory")
         return out
 
+    def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
+                 generic: bool = False) -> Tuple[np.ndarray, ...]:
+        """Fused top-2 of the int16 code similarities ``x_codes @ q_codes.T``, never stored.
 
-def native_kernels() -> Optional[NativeKernels]:
+        ``x_codes``: (n_x rounded up to a multiple of 4, c_pad) int16, zero rows at the end;
+        ``q_vnni``: the query codes in the layout of :func:`mnn_query_layout`.  Returns
+        ``(row_best, row_idx, row_second, col_best, col_idx, col_second)`` int32 arrays: per
+        candidate point (row) the largest code similarity over the query points, the first
+        index where it occurs and the largest of the rest, and the same per query point
+        (column) over the candidate points.  An exact tie shows as ``second == best``.
+        ``vpr_mnn_top2`` in ``int8_kernels.c``.
+        """
+        c_pad = x_codes.shape[1]
+        if (x_codes.dtype != np.int16 or not x_codes.flags.c_contiguous
+                or x_codes.shape[0] != -(-n_x // MNN_ROWS) * MNN_ROWS):
+            raise ValueError(f"x_codes: expected C-contiguous int16 rows padded to a multiple of "
+                             f"{MNN_ROWS}, got {x_codes.shape} {x_codes.dtype}")
+        if (q_vnni.dtype != np.int16 or not q_vnni.flags.c_contiguous
+                or q_vnni.size != -(-n_q // MNN_GROUP) * MNN_GROUP * c_pad or c_pad % 2):
+            raise ValueError(f"q_vnni: expected the int16 VNNI layout of {n_q} query points of "
+                             f"{c_pad} channels, got {q_vnni.shape} {q_vnni.dtype}")
+        rows = [np.empty(n_x, dtype=np.int32) for _ in range(3)]
+        cols = [np.empty(n_q, dtype=np.int32) for _ in range(3)]
+        status = self._lib.vpr_mnn_top2(x_codes.ctypes.data, n_x, q_vnni.ctypes.data, n_q, c_pad,
+                                        *(a.ctypes.data for a in rows + cols), int(generic),
+                                        torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("mnn_top2: could not allocate its scratch memory")
+        return tuple(rows + cols)
+
+    def exact_argmax(self, a: np.ndarray, b_t: np.ndarray, selected: np.ndarray,
+                     generic: bool = False, values: bool = False):
+        """For each selected row s of ``a`` (n_a, c): the first index of the largest
+        float32 ``a[s] @ b_t`` (b_t: (c, n_b)), every dot product one chain of fused
+        multiply-adds in channel order (``vpr_exact_argmax`` in ``int8_kernels.c``).
+        ``values=True``: also the largest values, ``(index, value)``."""
+        for name, arr in (("a", a), ("b_t", b_t)):
+            if arr.dtype != np.float32 or not arr.flags.c_contiguous or arr.ndim != 2:
+                raise ValueError(f"{name}: expected a C-contiguous 2-D float32 array")
+        if a.shape[1] != b_t.shape[0] or b_t.shape[1] == 0:
+            raise ValueError(f"a {a.shape} and b_t {b_t.shape} do not fit")
+        sel = np.ascontiguousarray(selected, dtype=np.int64)
+        if sel.size and (sel.min() < 0 or sel.max() >= a.shape[0]):
+            raise ValueError("selected rows out of range")
+        out = np.zeros(sel.size, dtype=np.int64)
+        best = np.zeros(sel.size, dtype=np.float32)
+        if sel.size:
+            self._lib.vpr_exact_argmax(a.ctypes.data, b_t.ctypes.data, b_t.shape[1], a.shape[1],
+                                       sel.ctypes.data, sel.size, out.ctypes.data,
+                                       best.ctypes.data, int(generic), torch.get_num_threads())
+        return (out, best) if values else out
+
+
+MNN_ROWS = 4        # candidate points per tile (ROWS in int8_kernels.c)
+MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
+
+
+def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
+    """(n_q, c_pad) int16 query codes -> the VNNI layout [n_q_pad/16][c_pad/2][16][2] of
+    ``vpr_mnn_top2`` (n_q_pad: n_q rounded up to 64, padding points 0)."""
+    n_q, c_pad = codes.shape
+    n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
+    padded = np.zeros((n_pad, c_pad), dtype=np.int16)
+    padded[:n_q] = codes
+    # [block][point 16][pair][2] -> [block][pair][point 16][2]
+    return np.ascontiguousarray(padded.reshape(n_pad // 16, 16, c_pad // 2, 2).transpose(0, 2, 1, 3))
+
+
+def native_kernels(enabled: Optional[bool] = None,
+                   cache: Union[str, os.PathLike, None] = None) -> Optional[NativeKernels]:
     """The loaded kernels, building them on first call; None if disabled or unavailable.
 
-    A failure is logged once (with the reason) and remembered for the process.  Called by
-    every int8 layer on every forward, so the common case is two environment lookups
-    and a dict hit (the key is the raw settings that decide the cache folder).
+    ``enabled`` / ``cache``: the options (:class:`vpr_ros.accel.options.AccelOptions`
+    ``native_kernels`` / ``kernel_cache``); None takes the documented environment override
+    (``VPR_ROS_NATIVE_KERNELS``, ``VPR_ROS_KERNEL_CACHE``) or the default (on,
+    ``~/.cache/vpr_ros/kernels``).  A failure is logged once (with the reason) and
+    remembered for the process.  Called by every int8 layer on every forward, so the
+    common case is a few lookups and a dict hit.
     """
-    if not enabled():
+    if enabled is False or (enabled is None and not globals()["enabled"]()):
         return None
-    key = (os.environ.get(ENV_CACHE), os.environ.get("XDG_CACHE_HOME"))
+    key = (None if cache is None else str(cache), os.environ.get(ENV_CACHE),
+           os.environ.get("XDG_CACHE_HOME"))
     loaded = _loaded.get(key, _NOT_LOADED)
     if loaded is not _NOT_LOADED:
         return loaded
     with _lock:
         if key not in _loaded:
             try:
-                _loaded[key] = NativeKernels(build())
+                _loaded[key] = NativeKernels(build(None if cache is None else Path(cache)))
             except (KernelBuildError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("int8 native kernels unavailable, using the slower torch path: %s",
+                log.warning("native kernels unavailable, using the slower torch path (and the plain "
+                            "float32 re-ranking): %s",
                             exc)
                 _loaded[key] = None
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
+__all__ = ["NativeKernels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
            "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]

@@ -1,7 +1,7 @@
 """A whole int8 ViT block run through the fused native kernels (precision ``"int8"``).
 
-After :func:`vpr_ros.models.int8_linear.convert_to_int8`, a timm ``Block`` holds four
-:class:`~vpr_ros.models.int8_linear.Int8Linear` layers, each with its own quantise and
+After :func:`vpr_ros.accel.int8_linear.convert_to_int8`, a timm ``Block`` holds four
+:class:`~vpr_ros.accel.int8_linear.Int8Linear` layers, each with its own quantise and
 dequantise passes, and the LayerNorms, GELU and residual adds between them are separate
 torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
 pass per row for everything between two integer matmuls:
@@ -26,7 +26,7 @@ written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and i
 output is a fresh tensor; everything in between lives in a per-thread workspace reused
 by every block and call (about 65 MB at batch 8 for ViT-B): fresh multi-megabyte
 buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the
-native kernels (:func:`vpr_ros.models.int8_kernels.native_kernels` is None), or for
+native kernels (:func:`vpr_ros.accel.int8_kernels.native_kernels` is None), or for
 inputs the kernels do not take (an attention mask, a non-float32 or non-CPU tensor), the
 wrapped block runs as it is, through the torch path of its int8 layers.
 """
@@ -82,7 +82,7 @@ def fusable(block: nn.Module) -> bool:
 
     Requires: int8 qkv/proj/fc1/fc2, LayerNorm norms, exact GELU, a fusable attention
     (:func:`attention_fusable`), no norm inside the MLP, and the LayerScales already folded
-    away (:func:`~vpr_ros.models.int8_linear.fold_block_layer_scales`).
+    away (:func:`~vpr_ros.accel.int8_linear.fold_block_layer_scales`).
     """
     from timm.layers import Mlp
     from timm.models.vision_transformer import Block

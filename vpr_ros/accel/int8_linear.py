@@ -193,7 +193,7 @@ def convert_to_int8(model: nn.Module,
     ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
     int8 layer before it (see :func:`fold_block_layer_scales`); with ``fuse_blocks``, such
     blocks then run through the fused native kernels
-    (:class:`vpr_ros.models.int8_block.Int8TransformerBlock`).  Meant for inference: the
+    (:class:`vpr_ros.accel.int8_block.Int8TransformerBlock`).  Meant for inference: the
     converted layers hold buffers, not trainable parameters.
     """
     keep = tuple(keep_float)
