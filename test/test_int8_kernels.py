@@ -23,8 +23,8 @@ import torch.nn as nn
 from vpr_ros.accel import int8_kernels
 from vpr_ros.accel.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
                                        attention_fusable, fusable, fuse_transformer_blocks)
-from vpr_ros.accel.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
-                                        quantize_rows)
+from vpr_ros.accel.convert import convert_to_int8
+from vpr_ros.accel.int8_linear import Int8Linear, integer_matmul, quantize_rows
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from vpr_ros.errors import DeviceError
+from vpr_ros.accel.convert import convert_to_int8
 from vpr_ros.accel.int8_linear import (InplaceGELU, Int8Linear, Int8PointwiseConv2d,
-                                        convert_to_int8, count_int8_layers,
-                                        fold_block_layer_scales, integer_matmul, quantize_rows)
+                                       count_int8_layers, fold_block_layer_scales,
+                                       integer_matmul, quantize_rows)
 
 
 def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Linear:

@@ -33,7 +33,6 @@ wrapped block runs as it is, through the torch path of its int8 layers.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional, Tuple
 
@@ -43,13 +42,14 @@ import torch.nn.functional as F
 
 from .int8_kernels import MAX_ATTENTION_TOKENS, native_kernels
 from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
+from .options import DEFAULT, ENV_INTEGER_ATTENTION, AccelOptions
 
 
-ENV_ATTENTION = "VPR_ROS_INTEGER_ATTENTION"   # "0" / "off" / "false": float32 SDPA instead
+ENV_ATTENTION = ENV_INTEGER_ATTENTION   # the override of AccelOptions.integer_attention
 
 
-def integer_attention_enabled() -> bool:
-    return os.environ.get(ENV_ATTENTION, "1").strip().lower() not in ("0", "off", "false", "no")
+def integer_attention_enabled(options: AccelOptions = DEFAULT) -> bool:
+    return options.use_integer_attention()
 
 
 def _is_identity(module: Optional[nn.Module]) -> bool:
@@ -130,10 +130,11 @@ def _int_mm(q: torch.Tensor, layer: Int8Linear, out: Optional[torch.Tensor]) -> 
     return integer_matmul(q, layer.weight_int8, layer.use_int_mm, out=out)
 
 
-def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool):
+def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                 options: AccelOptions):
     """The native kernels if they take this input (a float32 CPU (B, N, C) tensor, no
     mask), else None: the wrapped module then runs as it is."""
-    kernels = native_kernels()
+    kernels = native_kernels(options.native_kernels, options.kernel_cache)
     if (kernels is None or attn_mask is not None or is_causal or x.dtype != torch.float32
             or x.device.type != "cpu" or x.ndim != 3):
         return None
@@ -143,6 +144,8 @@ def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: 
 class Int8TransformerBlock(nn.Module):
     """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
 
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
+
     def __init__(self, block: nn.Module):
         super().__init__()
         if not fusable(block):
@@ -151,7 +154,7 @@ class Int8TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        kernels = _kernels_for(x, attn_mask, is_causal)
+        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
         if kernels is None:
             return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
         blk = self.block
@@ -170,7 +173,7 @@ class Int8TransformerBlock(nn.Module):
         acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
         qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
         mixed = ws.get("mixed", (m, c), torch.float32)
-        if integer_attention_enabled() and n <= MAX_ATTENTION_TOKENS:
+        if integer_attention_enabled(self.accel) and n <= MAX_ATTENTION_TOKENS:
             kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
                                       out=mixed)
         else:
@@ -195,6 +198,8 @@ class IntegerAttention(nn.Module):
     """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
     whole (SelaVPR's adapted blocks): int8 qkv, the integer attention kernel, int8 proj."""
 
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
+
     def __init__(self, attn: nn.Module):
         super().__init__()
         if not attention_fusable(attn):
@@ -203,8 +208,8 @@ class IntegerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        kernels = _kernels_for(x, attn_mask, is_causal)
-        if (kernels is None or not integer_attention_enabled()
+        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
+        if (kernels is None or not integer_attention_enabled(self.accel)
                 or x.shape[1] > MAX_ATTENTION_TOKENS):
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
         attn = self.attn

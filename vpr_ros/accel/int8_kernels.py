@@ -41,11 +41,13 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .options import ENV_KERNEL_CACHE, ENV_NATIVE_KERNELS, env_flag
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_kernels.c")
-ENV_SWITCH = "VPR_ROS_NATIVE_KERNELS"     # "0" / "off" / "false": never build or load
-ENV_CACHE = "VPR_ROS_KERNEL_CACHE"
+ENV_SWITCH = ENV_NATIVE_KERNELS     # "0" / "off" / "false": never build or load
+ENV_CACHE = ENV_KERNEL_CACHE
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
               "-ffp-contract=off", "-fno-strict-aliasing")
 # tried in order: the first set the compiler accepts is used
@@ -61,7 +63,8 @@ class KernelBuildError(RuntimeError):
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+    """The environment override of the ``native_kernels`` option (see :mod:`.options`)."""
+    return env_flag(ENV_SWITCH)
 
 
 def cache_dir() -> Path:
