@@ -117,7 +117,7 @@ def test_kernel_generic_and_vector_code_agree(kernels):
     q = rng.standard_normal((150, 24)).astype(np.float32)
     x = rng.standard_normal((93, 24)).astype(np.float32)
     x[10:20] = x[10]
-    qc, xc = R._Codes(q, 1), R._Codes(x, 4)
+    qc, xc = R._Codes(kernels, q, 1), R._Codes(kernels, x, 4)
     layout = mnn_query_layout(qc.codes)
     vec = kernels.mnn_top2(xc.codes, 93, layout, 150)
     gen = kernels.mnn_top2(xc.codes, 93, layout, 150, generic=True)
@@ -141,7 +141,7 @@ def test_codes_never_overflow_int32(kernels):
     q[1, 0] = 1.0                                           # largest single component
     q[2] = -q[0]
     x = q[:4].copy()
-    qc, xc = R._Codes(q, 1), R._Codes(x, 4)
+    qc, xc = R._Codes(kernels, q, 1), R._Codes(kernels, x, 4)
     norms = np.sqrt((qc.codes.astype(np.float64) ** 2).sum(1)).max() * \
         np.sqrt((xc.codes.astype(np.float64) ** 2).sum(1)).max()
     assert norms < 2 ** 31
@@ -158,9 +158,12 @@ def test_exact_recomputation_equals_blas_bit_for_bit(kernels):
     b = rng.standard_normal((3721, 128)).astype(np.float32)
     full = a @ b.T
     assert np.array_equal(full, (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy())
-    idx, val = kernels.exact_argmax(a, np.ascontiguousarray(b.T), np.arange(400), values=True)
+    idx, val = kernels.exact_argmax(a, kernels.pack_panels(b), np.arange(400), values=True)
     np.testing.assert_array_equal(idx, full.argmax(1))
     np.testing.assert_array_equal(val, full.max(1))
+    gen = kernels.exact_argmax(a, kernels.pack_panels(b), np.arange(0, 400, 9), generic=True,
+                               values=True)
+    np.testing.assert_array_equal(gen[1], full.max(1)[::9])
     assert R._blas_is_fma_chain(kernels)
 
 

@@ -799,51 +799,126 @@ int vpr_mnn_top2(const int16_t *x, int64_t n_x, const int16_t *q, int64_t n_q, i
 }
 
 /* Exact float32 re-computation for vpr_mnn_top2's ambiguous rows and columns.
- * For each selected s = sel[t]: out[t] = the first index i < n_b of the largest
- * dot(a[s], b[i]), where b is given transposed (b_t: c x n_b, row-major).  Each dot
+ * b (n_b x c float32, row-major) packed as panels of 32 points, [ceil(n_b/32)][c][32]
+ * (padding 0), so that the re-computation reads it contiguously. */
+#define EXACT_PANEL 32
+void vpr_pack_panels(const float *b, int64_t n_b, int64_t c, float *out) {
+    const int64_t panels = (n_b + EXACT_PANEL - 1) / EXACT_PANEL;
+    for (int64_t p = 0; p < panels; ++p)
+        for (int64_t k = 0; k < c; ++k) {
+            float *o = out + (p * c + k) * EXACT_PANEL;
+            for (int e = 0; e < EXACT_PANEL; ++e) {
+                const int64_t i = p * EXACT_PANEL + e;
+                o[e] = i < n_b ? b[i * c + k] : 0.0f;
+            }
+        }
+}
+
+/* For each selected s = sel[t]: out[t] = the first index i < n_b of the largest
+ * dot(a[s], b[i]) (b packed by vpr_pack_panels), out_value[t] that value.  Each dot
  * product is one chain of fused multiply-adds in channel order from 0 - the values the
  * BLAS sgemm kernels give for these shapes (checked once per process against numpy's
  * matmul by the caller, and by the tests) - so the argmax is the plain path's, ties
- * included.  Vector lanes hold different dot products, never parts of one. */
-void vpr_exact_argmax(const float *a, const float *b_t, int64_t n_b, int64_t c,
+ * included.  Vector lanes hold different dot products, never parts of one; groups of 4
+ * selected rows share every load of b. */
+void vpr_exact_argmax(const float *a, const float *b_panels, int64_t n_b, int64_t c,
                       const int64_t *sel, int64_t n_sel, int64_t *out, float *out_value,
                       int generic, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 4)
-    for (int64_t t = 0; t < n_sel; ++t) {
-        const float *x = a + sel[t] * c;
-        float best = -INFINITY;
-        int64_t best_i = 0;
-        int64_t i0 = 0;
+    const int64_t groups = (n_sel + 3) / 4, panels = (n_b + EXACT_PANEL - 1) / EXACT_PANEL;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t t0 = gi * 4;
+        const int nr = (int)(n_sel - t0 < 4 ? n_sel - t0 : 4);
+        const float *x[4];
+        for (int r = 0; r < 4; ++r) x[r] = a + sel[t0 + (r < nr ? r : 0)] * c;
+        float best[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        int64_t best_i[4] = {0, 0, 0, 0};
+        float v[4][EXACT_PANEL] __attribute__((aligned(64)));
+        for (int64_t p = 0; p < panels; ++p) {
+            const float *bp = b_panels + p * c * EXACT_PANEL;
 #if VPR_HAVE_VNNI
-        if (!generic) {
-            for (; i0 + 64 <= n_b; i0 += 64) {
-                __m512 acc[4];
-                for (int l = 0; l < 4; ++l) acc[l] = _mm512_setzero_ps();
+            if (!generic) {
+                __m512 acc[4][2];
+                for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
                 for (int64_t k = 0; k < c; ++k) {
-                    const __m512 xk = _mm512_set1_ps(x[k]);
-                    for (int l = 0; l < 4; ++l)
-                        acc[l] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(b_t + k * n_b + i0 + 16 * l), acc[l]);
+                    const __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
+                    const __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    for (int r = 0; r < 4; ++r) {
+                        const __m512 xk = _mm512_set1_ps(x[r][k]);
+                        acc[r][0] = _mm512_fmadd_ps(xk, b0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(xk, b1, acc[r][1]);
+                    }
                 }
-                float v[64] __attribute__((aligned(64)));
-                for (int l = 0; l < 4; ++l) _mm512_store_ps(v + 16 * l, acc[l]);
-                for (int e = 0; e < 64; ++e)
-                    if (v[e] > best || (i0 + e == 0)) {
-                        best = v[e];
-                        best_i = i0 + e;
+                for (int r = 0; r < 4; ++r) {
+                    _mm512_store_ps(v[r], acc[r][0]);
+                    _mm512_store_ps(v[r] + 16, acc[r][1]);
+                }
+            } else
+#endif
+            {
+                for (int r = 0; r < 4; ++r)
+                    for (int e = 0; e < EXACT_PANEL; ++e) {
+                        float acc = 0.0f;
+                        for (int64_t k = 0; k < c; ++k)
+                            acc = fmaf(x[r][k], bp[k * EXACT_PANEL + e], acc);
+                        v[r][e] = acc;
                     }
             }
+            const int valid = (int)(n_b - p * EXACT_PANEL < EXACT_PANEL ? n_b - p * EXACT_PANEL
+                                                                        : EXACT_PANEL);
+            for (int r = 0; r < nr; ++r)
+                for (int e = 0; e < valid; ++e)
+                    if (v[r][e] > best[r] || (p == 0 && e == 0)) {
+                        best[r] = v[r][e];
+                        best_i[r] = p * EXACT_PANEL + e;
+                    }
         }
-#endif
-        (void)generic;
-        for (int64_t i = i0; i < n_b; ++i) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < c; ++k) acc = fmaf(x[k], b_t[k * n_b + i], acc);
-            if (acc > best || i == 0) {
-                best = acc;
-                best_i = i;
-            }
+        for (int r = 0; r < nr; ++r) {
+            out[t0 + r] = best_i[r];
+            out_value[t0 + r] = best[r];
         }
-        out[t] = best_i;
-        out_value[t] = best;
+    }
+}
+
+/* Per point of x (n x c float32): norm[j] = |x_j| and the largest |x_jk| over all points
+ * (*absmax), in double. */
+void vpr_point_norms(const float *x, int64_t n, int64_t c, double *norm, double *absmax,
+                     int num_threads) {
+    double amax = 0.0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(max : amax)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        double s = 0.0;
+        for (int64_t k = 0; k < c; ++k) {
+            const double v = p[k];
+            s += v * v;
+            const double a = fabs(v);
+            amax = a > amax ? a : amax;
+        }
+        norm[j] = sqrt(s);
+    }
+    *absmax = amax;
+}
+
+/* int16 codes of x with one scale: code = rint(x * inv_scale) (rows of c_pad, padding 0),
+ * err[j] = |x_j - scale * code_j| and hat[j] = |scale * code_j|, in double. */
+void vpr_codes16(const float *x, int64_t n, int64_t c, int64_t c_pad, double scale,
+                 int16_t *codes, double *err, double *hat, int num_threads) {
+    const double inv = 1.0 / scale;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        int16_t *q = codes + j * c_pad;
+        double e = 0.0, h = 0.0;
+        for (int64_t k = 0; k < c; ++k) {
+            const double code = rint((double)p[k] * inv);
+            q[k] = (int16_t)code;
+            const double r = scale * code, d = (double)p[k] - r;
+            e += d * d;
+            h += r * r;
+        }
+        for (int64_t k = c; k < c_pad; ++k) q[k] = 0;
+        err[j] = sqrt(e);
+        hat[j] = sqrt(h);
     }
 }

@@ -159,6 +159,9 @@ class NativeKernels:
             "vpr_integer_attention": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, vp, i32, i32],
             "vpr_mnn_top2": [vp, _I64, vp, _I64, _I64, vp, vp, vp, vp, vp, vp, i32, i32],
             "vpr_exact_argmax": [vp, vp, _I64, _I64, vp, _I64, vp, vp, i32, i32],
+            "vpr_point_norms": [vp, _I64, _I64, vp, vp, i32],
+            "vpr_pack_panels": [vp, _I64, _I64, vp],
+            "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int}
         for name, args in signatures.items():
@@ -308,29 +311,74 @@ class NativeKernels:
             raise MemoryError("mnn_top2: could not allocate its scratch memory")
         return tuple(rows + cols)
 
-    def exact_argmax(self, a: np.ndarray, b_t: np.ndarray, selected: np.ndarray,
+    def point_norms(self, x: np.ndarray) -> Tuple[np.ndarray, float]:
+        """(n, c) float32 -> (the points' norms (n,) float64, the largest |component|)."""
+        self._check_np(x, np.float32, "x")
+        norm = np.empty(x.shape[0], dtype=np.float64)
+        amax = np.zeros(1, dtype=np.float64)
+        self._lib.vpr_point_norms(x.ctypes.data, x.shape[0], x.shape[1], norm.ctypes.data,
+                                  amax.ctypes.data, torch.get_num_threads())
+        return norm, float(amax[0])
+
+    def codes16(self, x: np.ndarray, scale: float, rows: int, c_pad: int):
+        """int16 codes ``rint(x / scale)`` in ``rows`` (>= n) rows of ``c_pad`` (zero padding),
+        and per point ``|x - scale * code|`` and ``|scale * code|`` in float64."""
+        self._check_np(x, np.float32, "x")
+        n, c = x.shape
+        if rows < n or c_pad < c:
+            raise ValueError("codes16: the padded shape is smaller than x")
+        codes = np.zeros((rows, c_pad), dtype=np.int16)
+        err, hat = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
+        self._lib.vpr_codes16(x.ctypes.data, n, c, c_pad, float(scale), codes.ctypes.data,
+                              err.ctypes.data, hat.ctypes.data, torch.get_num_threads())
+        return codes, err, hat
+
+    @staticmethod
+    def _check_np(arr: np.ndarray, dtype, name: str) -> None:
+        if arr.dtype != dtype or not arr.flags.c_contiguous or arr.ndim != 2:
+            raise ValueError(f"{name}: expected a C-contiguous 2-D {np.dtype(dtype)} array, got "
+                             f"{arr.shape} {arr.dtype}")
+
+    def pack_panels(self, b: np.ndarray) -> "Panels":
+        """(n_b, c) float32 points -> the panel layout :meth:`exact_argmax` reads."""
+        self._check_np(b, np.float32, "b")
+        n_b, c = b.shape
+        out = np.empty((-(-n_b // EXACT_PANEL), c, EXACT_PANEL), dtype=np.float32)
+        self._lib.vpr_pack_panels(b.ctypes.data, n_b, c, out.ctypes.data)
+        return Panels(out, n_b)
+
+    def exact_argmax(self, a: np.ndarray, b: "Panels", selected: np.ndarray,
                      generic: bool = False, values: bool = False):
-        """For each selected row s of ``a`` (n_a, c): the first index of the largest
-        float32 ``a[s] @ b_t`` (b_t: (c, n_b)), every dot product one chain of fused
-        multiply-adds in channel order (``vpr_exact_argmax`` in ``int8_kernels.c``).
+        """For each selected row s of ``a`` (n_a, c): the first index of the largest float32
+        dot product of ``a[s]`` with the points of ``b`` (:meth:`pack_panels`), each one chain
+        of fused multiply-adds in channel order (``vpr_exact_argmax`` in ``int8_kernels.c``).
         ``values=True``: also the largest values, ``(index, value)``."""
-        for name, arr in (("a", a), ("b_t", b_t)):
-            if arr.dtype != np.float32 or not arr.flags.c_contiguous or arr.ndim != 2:
-                raise ValueError(f"{name}: expected a C-contiguous 2-D float32 array")
-        if a.shape[1] != b_t.shape[0] or b_t.shape[1] == 0:
-            raise ValueError(f"a {a.shape} and b_t {b_t.shape} do not fit")
+        self._check_np(a, np.float32, "a")
+        if a.shape[1] != b.data.shape[1] or b.n == 0:
+            raise ValueError(f"a {a.shape} and the packed points ({b.n}, {b.data.shape[1]}) "
+                             f"do not fit")
         sel = np.ascontiguousarray(selected, dtype=np.int64)
         if sel.size and (sel.min() < 0 or sel.max() >= a.shape[0]):
             raise ValueError("selected rows out of range")
         out = np.zeros(sel.size, dtype=np.int64)
         best = np.zeros(sel.size, dtype=np.float32)
         if sel.size:
-            self._lib.vpr_exact_argmax(a.ctypes.data, b_t.ctypes.data, b_t.shape[1], a.shape[1],
+            self._lib.vpr_exact_argmax(a.ctypes.data, b.data.ctypes.data, b.n, a.shape[1],
                                        sel.ctypes.data, sel.size, out.ctypes.data,
                                        best.ctypes.data, int(generic), torch.get_num_threads())
         return (out, best) if values else out
 
 
+class Panels:
+    """Points packed for :meth:`NativeKernels.exact_argmax` (``data``: [panels][c][32])."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, data: np.ndarray, n: int):
+        self.data, self.n = data, int(n)
+
+
+EXACT_PANEL = 32    # points per panel (EXACT_PANEL in int8_kernels.c)
 MNN_ROWS = 4        # candidate points per tile (ROWS in int8_kernels.c)
 MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
 
@@ -376,5 +424,5 @@ def native_kernels(enabled: Optional[bool] = None,
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
+__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
            "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]

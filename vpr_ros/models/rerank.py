@@ -204,8 +204,9 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         from ..accel.int8_kernels import mnn_query_layout
 
         try:
-            qc = _Codes(q, 1)
-            verified = (qc, mnn_query_layout(qc.codes), _gamma(q.shape[1]))
+            qc = _Codes(kernels, q, 1)
+            verified = (qc, mnn_query_layout(qc.codes), kernels.pack_panels(q),
+                        _gamma(q.shape[1]))
         except _Unverifiable:
             verified = None
     q_t_bf16 = torch.from_numpy(q_t).to(torch.bfloat16) if compute == "bf16" else None
@@ -216,7 +217,7 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
         if verified is not None and cand.shape[0] and np.isfinite(cand).all():
             try:
-                counts[i] = _verified_count(kernels, cand, q, q_t, *verified, stats)
+                counts[i] = _verified_count(kernels, cand, q, *verified, stats)
                 continue
             except _Unverifiable:
                 pass
@@ -253,6 +254,7 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
 
 _CODE_NORM = 46340.0        # two code vectors of at most this norm have |dot| < 2^31
 _UNIT_ROUNDOFF = 2.0 ** -24
+_MARGIN = 1.0 + 1e-9        # covers the float64 rounding of the norms and bounds
 
 
 class _Unverifiable(ValueError):
@@ -260,33 +262,29 @@ class _Unverifiable(ValueError):
 
 
 class _Codes:
-    """int16 codes of one map with one scale, and per-point bounds for the error analysis."""
+    """int16 codes of one map with one scale, and per-point bounds for the error analysis:
+    ``err`` = |x - scale code|, ``hat`` = |scale code|, ``norm`` = |x| (float64, with a
+    relative margin for their own rounding)."""
 
     __slots__ = ("codes", "scale", "err", "hat", "norm", "n")
 
-    def __init__(self, points: np.ndarray, pad_rows: int):
+    def __init__(self, kernels, points: np.ndarray, pad_rows: int):
         n, c = points.shape
         c_pad = c + (c % 2)
-        absmax = float(np.abs(points).max()) if points.size else 0.0
-        norm = np.sqrt(np.einsum("ij,ij->i", points, points, dtype=np.float64))
-        # largest norm and largest component both fit: |round(x / s)| <= _CODE_NORM - 1
+        norm, absmax = kernels.point_norms(points)
+        # the largest norm and the largest component both fit:
+        # |round(x / s)| <= |x / s| + sqrt(c_pad) / 2 <= _CODE_NORM - 1, components <= 32766
         scale = max(float(norm.max(initial=0.0)) / (_CODE_NORM - 1.0 - 0.5 * np.sqrt(c_pad)),
                     absmax / 32766.0)
         scale = scale if scale > 0 else 1.0
-        if not (np.isfinite(scale) and np.isfinite(1.0 / scale) and 1.0 / scale < 1e30):
+        if not (np.isfinite(scale) and 1e-30 < scale < 1e30):
             raise _Unverifiable("features too large or too small for int16 codes")
-        q = np.rint(points * np.float32(1.0 / scale))
         rows = -(-n // pad_rows) * pad_rows
-        codes = np.zeros((rows, c_pad), dtype=np.int16)
-        codes[:n, :c] = q
-        hat = q * np.float32(scale)
-        d = points - hat
-        # float32 rounding of hat and d: at most 2u |x|_max per component, bounded generously
-        slack = np.sqrt(c) * 4.0 * _UNIT_ROUNDOFF * absmax
-        self.err = np.sqrt(np.einsum("ij,ij->i", d, d, dtype=np.float64)) * (1 + 1e-6) + slack
-        self.hat = np.sqrt(np.einsum("ij,ij->i", hat, hat, dtype=np.float64)) * (1 + 1e-6) + slack
-        self.norm = norm * (1 + 1e-6)
-        self.codes, self.scale, self.n = codes, scale, n
+        self.codes, err, hat = kernels.codes16(points, scale, rows, c_pad)
+        # err is a difference: its float64 rounding is relative to |x|, not to err itself
+        self.err = err * _MARGIN + 1e-12 * norm
+        self.hat, self.norm = hat * _MARGIN, norm * _MARGIN
+        self.scale, self.n = scale, n
 
 
 def _gamma(channels: int) -> float:
@@ -299,13 +297,13 @@ def _ambiguous(best: np.ndarray, second: np.ndarray, scale: float, bound: np.nda
     return np.flatnonzero(~(margin > bound))
 
 
-def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, q_t: np.ndarray, qc: "_Codes",
-                    q_layout: np.ndarray, gamma: float, stats: Optional[dict]) -> int:
+def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
+                    q_layout: np.ndarray, q_panels, gamma: float, stats: Optional[dict]) -> int:
     """Mutual nearest-neighbour count of one candidate map, identical to :func:`mutual_count`
     of its float32 similarities (see the comment above)."""
     from ..accel.int8_kernels import MNN_ROWS
 
-    xc = _Codes(cand, MNN_ROWS)
+    xc = _Codes(kernels, cand, MNN_ROWS)
     n_x, n_q = cand.shape[0], q.shape[0]
     row_best, row_idx, row_second, col_best, col_idx, col_second = kernels.mnn_top2(
         xc.codes, n_x, q_layout, n_q)
@@ -321,9 +319,9 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, q_t: np.ndarray, q
     best_query = row_idx.astype(np.int64)
     best_cand = col_idx.astype(np.int64)
     if len(rows):                                  # candidate points, exactly
-        best_query[rows] = kernels.exact_argmax(cand, q_t, rows)
+        best_query[rows] = kernels.exact_argmax(cand, q_panels, rows)
     if len(cols):                                  # query points, exactly
-        best_cand[cols] = kernels.exact_argmax(q, np.ascontiguousarray(cand.T), cols)
+        best_cand[cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), cols)
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + n_x
         stats["cols"] = stats.get("cols", 0) + n_q
@@ -343,14 +341,14 @@ def _blas_is_fma_chain(kernels) -> bool:
     if key not in _FMA_CHECK:
         rng = np.random.default_rng(12345)
         a = rng.standard_normal((256, 128)).astype(np.float32)
-        b_t = np.ascontiguousarray(rng.standard_normal((128, 320)).astype(np.float32))
-        full = np.matmul(a, b_t)
+        b = rng.standard_normal((320, 128)).astype(np.float32)
+        full = np.matmul(a, np.ascontiguousarray(b.T))
         rows = np.arange(a.shape[0])
-        index, value = kernels.exact_argmax(a, b_t, rows, values=True)
+        index, value = kernels.exact_argmax(a, kernels.pack_panels(b), rows, values=True)
         ok = (np.array_equal(index, full.argmax(axis=1))
               and np.array_equal(value, full.max(axis=1)))
-        for i in range(0, b_t.shape[1], 16):        # every value of some columns
-            _, value = kernels.exact_argmax(a, np.ascontiguousarray(b_t[:, i:i + 1]), rows,
+        for i in range(0, b.shape[0], 16):          # every value of some columns
+            _, value = kernels.exact_argmax(a, kernels.pack_panels(b[i:i + 1]), rows,
                                             values=True)
             ok = ok and np.array_equal(value, full[:, i])
         _FMA_CHECK[key] = bool(ok)
