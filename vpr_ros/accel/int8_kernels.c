@@ -625,9 +625,10 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
  * Exact mutual-nearest-neighbour re-ranking: similarity codes with a fused top-2.
  *
  * x: candidate points, n_x rows of c_pad int16 codes (row-major, followed by zero rows up
- * to a multiple of ROWS, which the tiles read but never count); q: query points in the
- * VNNI layout [n_q_pad / 16][c_pad / 2][16][2] (n_q_pad a multiple of MNN_GROUP, padding
- * 0).  The code similarity I[j][i] = sum_c x[j][c] q[i][c] is accumulated in int32 with
+ * to a multiple of ROWS, which the tiles read but never count); q: query points in groups
+ * of 64, each in the VNNI layout [c_pad / 2][4][16][2] (channel pair, block of 16 points,
+ * point, pair; n_q_pad a multiple of MNN_GROUP, padding 0), so a tile reads 256 contiguous
+ * bytes per channel pair.  The code similarity I[j][i] = sum_c x[j][c] q[i][c] is accumulated in int32 with
  * wrap-around; the caller picks codes whose norms keep every true sum inside int32, so
  * each I[j][i] is exact.  No similarity matrix is stored: tiles of 4 candidate points x
  * 64 query points go straight into
@@ -652,7 +653,7 @@ static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int row
         for (int64_t g = 0; g < k2; ++g) {
             __m512i col[4];
             for (int l = 0; l < 4; ++l)
-                col[l] = _mm512_load_si512((const void *)(qg + (l * k2 + g) * 32));
+                col[l] = _mm512_load_si512((const void *)(qg + (g * 4 + l) * 32));
             for (int r = 0; r < ROWS; ++r) {
                 int32_t two;
                 memcpy(&two, x + r * c_pad + 2 * g, 4);
@@ -673,7 +674,7 @@ static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int row
                 int64_t acc = 0;      /* exact, and inside int32 by the caller's choice of codes */
                 for (int64_t g = 0; g < k2; ++g)
                     for (int h = 0; h < 2; ++h)
-                        acc += (int64_t)x[r * c_pad + 2 * g + h] * qg[(l * k2 + g) * 32 + e * 2 + h];
+                        acc += (int64_t)x[r * c_pad + 2 * g + h] * qg[(g * 4 + l) * 32 + e * 2 + h];
                 tile[r][l * 16 + e] = (int32_t)acc;
             }
 }

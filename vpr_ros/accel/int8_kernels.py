@@ -384,14 +384,16 @@ MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
 
 
 def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
-    """(n_q, c_pad) int16 query codes -> the VNNI layout [n_q_pad/16][c_pad/2][16][2] of
-    ``vpr_mnn_top2`` (n_q_pad: n_q rounded up to 64, padding points 0)."""
+    """(n_q, c_pad) int16 query codes -> the layout of ``vpr_mnn_top2``: groups of 64
+    points, each [c_pad/2][4][16][2] (channel pair, block of 16 points, point, pair);
+    n_q rounded up to 64 with zero points."""
     n_q, c_pad = codes.shape
     n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
     padded = np.zeros((n_pad, c_pad), dtype=np.int16)
     padded[:n_q] = codes
-    # [block][point 16][pair][2] -> [block][pair][point 16][2]
-    return np.ascontiguousarray(padded.reshape(n_pad // 16, 16, c_pad // 2, 2).transpose(0, 2, 1, 3))
+    # [group][block 4][point 16][pair][2] -> [group][pair][block 4][point 16][2]
+    grouped = padded.reshape(n_pad // MNN_GROUP, 4, 16, c_pad // 2, 2)
+    return np.ascontiguousarray(grouped.transpose(0, 3, 1, 2, 4))
 
 
 def native_kernels(enabled: Optional[bool] = None,
