@@ -1,4 +1,4 @@
-"""One two-stage localization frame, end to end, the package against the official code in the same run.
+"""One two-stage frame, end to end: the package against the official code in the same run.
 
 A frame is what a robot without a GPU computes per camera image: the SciceVPR-B global
 descriptor of the image (224x224), the SelaVPR ViT-L/14 local features of the same image
@@ -41,7 +41,6 @@ import sys
 import tempfile
 import types
 from pathlib import Path
-from typing import Dict
 
 from common import (DEFAULT_OUT, interleaved_times, machine_info, md_table, median, set_threads,
                     write_json, write_text)
@@ -161,8 +160,9 @@ def run(official: Path, repeats: int) -> dict:
     times = interleaved_times(stages, repeats, warmup=1)
     med = {n: median(t) for n, t in times.items()}
     # a frame = the three stages of one round, summed per round (then the median)
-    frames = {side: median([sum(times[f"{side}_{s}"][r] for s in ("descriptor", "local", "rerank"))
-                            for r in range(repeats)]) for side in ("official", "package")}
+    parts = ("descriptor", "local", "rerank")
+    frames = {side: median([sum(times[f"{side}_{s}"][r] for s in parts) for r in range(repeats)])
+              for side in ("official", "package")}
     rows = {}
     for stage in ("descriptor", "local", "rerank"):
         o, p = med[f"official_{stage}"], med[f"package_{stage}"]
@@ -183,7 +183,8 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["## One two-stage frame: package vs official code (same run)", "",
              f"{res['date_utc']} UTC; {m.get('cpu_model', '?')}, {m.get('logical_cpus', '?')} "
-             f"logical CPUs, load average at start {m.get('loadavg_at_start', '?')}; batch 1, 2 threads, "
+             f"logical CPUs, load average at start {m.get('loadavg_at_start', '?')}; "
+             "batch 1, 2 threads, "
              f"medians of {res['repeats']} interleaved rounds; re-ranking counts identical.", ""]
     rows = [[STAGE_NAMES[k], f"{v['official_s']:.3f}", f"{v['package_s']:.3f}",
              f"{v['speedup']:.2f}x"] for k, v in res["stages"].items()]

@@ -120,7 +120,8 @@ def rerank(repeats: int) -> dict:
                 best_cand, best_query = sims.argmax(dim=1), sims.argmax(dim=2)
                 back = best_query[torch.arange(sims.shape[0], device="cuda").reshape(-1, 1),
                                   best_cand]
-                mutual = torch.arange(sims.shape[-1], device="cuda").repeat(sims.shape[0], 1) == back
+                arange = torch.arange(sims.shape[-1], device="cuda")
+                mutual = arange.repeat(sims.shape[0], 1) == back
                 return [torch.nonzero(mutual[i]).squeeze().numel() for i in range(k)]
 
         want = official_batched_counts(queries[0].float(), cands[0])
@@ -163,7 +164,8 @@ def markdown(res: dict) -> str:
              f"{res['machine'].get('cpu_model', '?')}", ""]
     rows = [[name, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in vals.items())]
-            for section in ("descriptors", "rerank", "faiss") for name, vals in res[section].items()]
+            for section in ("descriptors", "rerank", "faiss")
+            for name, vals in res[section].items()]
     lines.append(md_table(["measurement", "values"], rows))
     lines += ["", f"Official SelaVPR paper: top-20 re-ranking {OFFICIAL_SELAVPR_TOP20_RTX3090_S} s "
               "on an RTX 3090 (another GPU: for reference, not a ratio)."]

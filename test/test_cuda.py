@@ -49,7 +49,8 @@ def test_gpu_rerank_counts_equal_cpu_exact_on_reference(reference):
 def test_gpu_bf16_rerank_exact_for_its_similarities(reference):
     from vpr_ros.models.rerank import mutual_nn_counts
 
-    feats = torch.from_numpy(np.load(sorted(reference.glob("selavpr*_outputs.npz"))[0])["local_feats"])
+    path = sorted(reference.glob("selavpr*_outputs.npz"))[0]
+    feats = torch.from_numpy(np.load(path)["local_feats"])
     q = feats[0].reshape(-1, feats.shape[-1]).cuda()
     got = mutual_nn_counts(q, feats, device="cuda", compute="bf16").cpu().tolist()
     want = []

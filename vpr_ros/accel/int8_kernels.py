@@ -419,12 +419,12 @@ def native_kernels(enabled: Optional[bool] = None,
             try:
                 _loaded[key] = NativeKernels(build(None if cache is None else Path(cache)))
             except (KernelBuildError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("native kernels unavailable, using the slower torch path (and the plain "
-                            "float32 re-ranking): %s",
-                            exc)
+                log.warning("native kernels unavailable, using the slower torch path (and the "
+                            "plain float32 re-ranking): %s", exc)
                 _loaded[key] = None
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
+__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP",
+           "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
            "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]

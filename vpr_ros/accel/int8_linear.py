@@ -19,12 +19,13 @@ of the int8 values: every product and partial sum is an integer, exact in float3
 ``127 * 127 * K < 2**24`` and in float64 beyond that, so the fallback gives the same
 int32 result (and keeps batch invariance) whatever order the BLAS sums in.
 
-:func:`vpr_ros.accel.convert.convert_to_int8` swaps, in place, every ``nn.Linear`` of a model and every 1x1
-``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over channels, like
-the SciceVPR ``fusion`` layer) for these modules.  ``nn.TransformerEncoder`` subtrees are
-left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of
-calling the module, and the SciceVPR region encoder sees only 14 tokens per image.  The
-GELU after an int8 ``fc1`` of a timm ``Mlp`` runs in place on that layer's fresh output.
+:func:`vpr_ros.accel.convert.convert_to_int8` swaps, in place, every ``nn.Linear`` of a
+model and every 1x1 ``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over
+channels, like the SciceVPR ``fusion`` layer) for these modules. ``nn.TransformerEncoder``
+subtrees are left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly
+instead of calling the module, and the SciceVPR region encoder sees only 14 tokens per
+image. The GELU after an int8 ``fc1`` of a timm ``Mlp`` runs in place on that layer's fresh
+output.
 """
 
 from __future__ import annotations
