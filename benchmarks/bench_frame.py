@@ -43,7 +43,7 @@ import types
 from pathlib import Path
 
 from common import (DEFAULT_OUT, interleaved_times, machine_info, md_table, median, set_threads,
-                    write_json, write_text)
+                    write_outputs)
 
 TOP_K = 20
 
@@ -208,11 +208,7 @@ def main() -> None:
               f"github.com/Lu-Feng/SelaVPR into DIR)", file=sys.stderr)
         sys.exit(2)
     res = run(args.official.resolve(), max(1, args.repeats))
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "frame.json", res)
-    text = markdown(res)
-    write_text(args.out / "frame.md", text + "\n")
-    print(text)
+    print(write_outputs(args.out, "frame", res, markdown))
 
 
 if __name__ == "__main__":

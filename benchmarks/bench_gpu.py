@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from common import DEFAULT_OUT, machine_info, md_table, write_json, write_text
+from common import DEFAULT_OUT, machine_info, md_table, write_outputs
 
 OFFICIAL_SELAVPR_TOP20_RTX3090_S = 0.018
 
@@ -185,11 +185,7 @@ def main() -> None:
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "machine": machine_info(), "descriptors": descriptors(args.repeats),
            "rerank": rerank(args.repeats), "faiss": faiss_search(args.repeats)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "gpu.json", res)
-    text = markdown(res)
-    write_text(args.out / "gpu.md", text + "\n")
-    print(text)
+    print(write_outputs(args.out, "gpu", res, markdown))
 
 
 if __name__ == "__main__":

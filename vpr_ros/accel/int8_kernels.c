@@ -625,10 +625,9 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
  * Exact mutual-nearest-neighbour re-ranking: similarity codes with a fused top-2.
  *
  * x: candidate points, n_x rows of c_pad int16 codes (row-major, followed by zero rows up
- * to a multiple of ROWS, which the tiles read but never count); q: query points in groups
- * of 64, each in the VNNI layout [c_pad / 2][4][16][2] (channel pair, block of 16 points,
- * point, pair; n_q_pad a multiple of MNN_GROUP, padding 0), so a tile reads 256 contiguous
- * bytes per channel pair.  The code similarity I[j][i] = sum_c x[j][c] q[i][c] is accumulated in int32 with
+ * to a multiple of ROWS, which the tiles read but never count); q: query points in the
+ * VNNI layout of the attention's keys, [n_q_pad / 16][c_pad / 2][16][2] (n_q_pad a
+ * multiple of MNN_GROUP, padding 0).  The code similarity I[j][i] = sum_c x[j][c] q[i][c] is accumulated in int32 with
  * wrap-around; the caller picks codes whose norms keep every true sum inside int32, so
  * each I[j][i] is exact.  No similarity matrix is stored: tiles of 4 candidate points x
  * 64 query points go straight into
@@ -644,39 +643,11 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
 
 static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int rows,
                      int32_t tile[ROWS][MNN_GROUP], int generic) {
-    const int64_t k2 = c_pad / 2;
-#if VPR_HAVE_VNNI
-    if (!generic) {
-        __m512i acc[ROWS][4];
-        for (int r = 0; r < ROWS; ++r)
-            for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_setzero_si512();
-        for (int64_t g = 0; g < k2; ++g) {
-            __m512i col[4];
-            for (int l = 0; l < 4; ++l)
-                col[l] = _mm512_load_si512((const void *)(qg + (g * 4 + l) * 32));
-            for (int r = 0; r < ROWS; ++r) {
-                int32_t two;
-                memcpy(&two, x + r * c_pad + 2 * g, 4);
-                const __m512i row = _mm512_set1_epi32(two);
-                for (int l = 0; l < 4; ++l) acc[r][l] = _mm512_dpwssd_epi32(acc[r][l], row, col[l]);
-            }
-        }
-        for (int r = 0; r < ROWS; ++r)
-            for (int l = 0; l < 4; ++l) _mm512_store_si512((void *)&tile[r][l * 16], acc[r][l]);
-        (void)rows;
-        return;
-    }
-#endif
-    (void)generic;
-    for (int r = 0; r < rows; ++r)
-        for (int l = 0; l < 4; ++l)
-            for (int e = 0; e < 16; ++e) {
-                int64_t acc = 0;      /* exact, and inside int32 by the caller's choice of codes */
-                for (int64_t g = 0; g < k2; ++g)
-                    for (int h = 0; h < 2; ++h)
-                        acc += (int64_t)x[r * c_pad + 2 * g + h] * qg[(g * 4 + l) * 32 + e * 2 + h];
-                tile[r][l * 16 + e] = (int32_t)acc;
-            }
+    /* the attention's product: 4 rows x 4 blocks of 16 query points; exact (every partial
+     * sum of a code dot product is bounded like the whole one, by Cauchy-Schwarz) */
+    (void)rows;
+    s16_product(x, c_pad, qg, (c_pad / 2) * 32, MNN_GROUP / ATT_BLOCK, c_pad / 2, &tile[0][0],
+                MNN_GROUP, generic);
 }
 
 static inline void top2_insert(int32_t v, int32_t index, int32_t *best, int32_t *idx,

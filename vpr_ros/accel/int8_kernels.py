@@ -298,7 +298,7 @@ class NativeKernels:
                 or x_codes.shape[0] != -(-n_x // MNN_ROWS) * MNN_ROWS):
             raise ValueError(f"x_codes: expected C-contiguous int16 rows padded to a multiple of "
                              f"{MNN_ROWS}, got {x_codes.shape} {x_codes.dtype}")
-        if (q_vnni.dtype != np.int16 or not q_vnni.flags.c_contiguous
+        if (q_vnni.dtype != np.int16 or not q_vnni.flags.c_contiguous or q_vnni.ctypes.data % 64
                 or q_vnni.size != -(-n_q // MNN_GROUP) * MNN_GROUP * c_pad or c_pad % 2):
             raise ValueError(f"q_vnni: expected the int16 VNNI layout of {n_q} query points of "
                              f"{c_pad} channels, got {q_vnni.shape} {q_vnni.dtype}")
@@ -343,7 +343,7 @@ class NativeKernels:
         """(n_b, c) float32 points -> the panel layout :meth:`exact_argmax` reads."""
         self._check_np(b, np.float32, "b")
         n_b, c = b.shape
-        out = np.empty((-(-n_b // EXACT_PANEL), c, EXACT_PANEL), dtype=np.float32)
+        out = aligned_empty((-(-n_b // EXACT_PANEL), c, EXACT_PANEL), np.float32)
         self._lib.vpr_pack_panels(b.ctypes.data, n_b, c, out.ctypes.data)
         return Panels(out, n_b)
 
@@ -384,16 +384,26 @@ MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
 
 
 def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
-    """(n_q, c_pad) int16 query codes -> the layout of ``vpr_mnn_top2``: groups of 64
-    points, each [c_pad/2][4][16][2] (channel pair, block of 16 points, point, pair);
-    n_q rounded up to 64 with zero points."""
+    """(n_q, c_pad) int16 query codes -> the VNNI layout of ``vpr_mnn_top2``,
+    [n_q_pad/16][c_pad/2][16][2] (n_q rounded up to 64 with zero points)."""
     n_q, c_pad = codes.shape
     n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
     padded = np.zeros((n_pad, c_pad), dtype=np.int16)
     padded[:n_q] = codes
-    # [group][block 4][point 16][pair][2] -> [group][pair][block 4][point 16][2]
-    grouped = padded.reshape(n_pad // MNN_GROUP, 4, 16, c_pad // 2, 2)
-    return np.ascontiguousarray(grouped.transpose(0, 3, 1, 2, 4))
+    # [block][point 16][pair][2] -> [block][pair][point 16][2]
+    out = aligned_empty((n_pad // 16, c_pad // 2, 16, 2), np.int16)
+    out[...] = padded.reshape(n_pad // 16, 16, c_pad // 2, 2).transpose(0, 2, 1, 3)
+    return out
+
+
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
+    (the kernels load it with aligned 512-bit loads)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + n].view(dtype).reshape(shape)
 
 
 def native_kernels(enabled: Optional[bool] = None,
