@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vpr_ros.accel import int8_kernels
 from vpr_ros.accel.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
@@ -355,3 +356,48 @@ def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
     extractor = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8")
     adapted = [m for m in extractor.model.modules() if isinstance(m, IntegerAttention)]
     assert len(adapted) == 4                             # one per adapted block of the tiny model
+
+
+def _adapted_block(seed: int = 0, dim: int = 64, heads: int = 4):
+    from vpr_ros.models.selavpr import AdaptedBlock
+
+    torch.manual_seed(seed)
+    block = AdaptedBlock(dim, heads, 4.0, adapter_dim=32).eval()
+    with torch.no_grad():
+        for adapter in (block.adapter1, block.adapter2):      # trained adapters are not zero
+            adapter.fc2.weight.normal_(0, 0.05)
+            adapter.fc2.bias.normal_(0, 0.05)
+        block.ls1.gamma.uniform_(0.5, 1.5)
+        block.ls2.gamma.uniform_(0.5, 1.5)
+    return block
+
+
+def test_adapted_block_fused_close_and_batch_invariant(kernels):
+    """SelaVPR's adapted blocks run fused (Int8AdaptedBlock): close to the unfused int8 block
+    and to float32, and bit-identical alone or in a batch."""
+    import copy
+
+    from vpr_ros.accel.int8_block import Int8AdaptedBlock
+
+    fp32 = _adapted_block()
+    fused = nn.Sequential(copy.deepcopy(fp32))
+    convert_to_int8(fused)
+    assert isinstance(fused[0], Int8AdaptedBlock)
+    unfused = nn.Sequential(copy.deepcopy(fp32))
+    convert_to_int8(unfused, fuse_blocks=False)
+    x = torch.randn(3, 37, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got, plain = fp32(x), fused(x), unfused(x)
+        cos = F.cosine_similarity(got.reshape(-1, 64), ref.reshape(-1, 64)).min()
+        assert cos >= 0.999, cos
+        assert F.cosine_similarity(got.reshape(-1, 64), plain.reshape(-1, 64)).min() >= 0.9999
+        alone = fused(x[1:2])
+    assert torch.equal(alone[0], got[1])
+
+
+def test_selavpr_int8_uses_the_fused_adapted_blocks():
+    from vpr_ros.accel.int8_block import Int8AdaptedBlock
+    from vpr_ros.inference import LocalFeatureExtractor
+
+    ex = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8")
+    assert any(isinstance(m, Int8AdaptedBlock) for m in ex.model.modules())

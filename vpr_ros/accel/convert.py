@@ -10,7 +10,8 @@ from typing import Iterable, Optional, Type
 
 import torch.nn as nn
 
-from .int8_block import IntegerAttention, Int8TransformerBlock, fuse_transformer_blocks
+from .int8_block import (IntegerAttention, Int8AdaptedBlock, Int8TransformerBlock,
+                         fuse_transformer_blocks)
 from .int8_linear import (Int8Linear, Int8PointwiseConv2d, fold_block_layer_scales,
                           is_pointwise_conv, use_inplace_activation)
 from .options import AccelOptions
@@ -57,7 +58,8 @@ def convert_to_int8(model: nn.Module,
         fuse_transformer_blocks(model)
     if options is not None:
         for module in model.modules():
-            if isinstance(module, (Int8Linear, Int8TransformerBlock, IntegerAttention)):
+            if isinstance(module, (Int8Linear, Int8TransformerBlock, Int8AdaptedBlock,
+                                   IntegerAttention)):
                 module.accel = options
     return model
 

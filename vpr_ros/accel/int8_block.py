@@ -102,6 +102,42 @@ def fusable(block: nn.Module) -> bool:
                 block.ls1, block.ls2, block.drop_path1, block.drop_path2, mlp.norm)))
 
 
+def _mlp_fusable(mlp: nn.Module, dim: int) -> bool:
+    from timm.layers import Mlp
+
+    if type(mlp) is not Mlp or not (isinstance(mlp.fc1, Int8Linear)
+                                    and isinstance(mlp.fc2, Int8Linear)):
+        return False
+    act = mlp.act
+    return (type(act) in (nn.GELU, InplaceGELU) and act.approximate == "none"
+            and _is_identity(mlp.norm) and mlp.fc1.in_features == dim
+            and mlp.fc2.out_features == dim)
+
+
+def _adapter_fusable(adapter: nn.Module, dim: int, skip: bool) -> bool:
+    """A bottleneck adapter ``fc2(relu(fc1(x))) (+ x)`` with int8 layers (SelaVPR's)."""
+    fc1, fc2 = getattr(adapter, "fc1", None), getattr(adapter, "fc2", None)
+    return (isinstance(fc1, Int8Linear) and isinstance(fc2, Int8Linear)
+            and getattr(adapter, "skip", None) is skip and fc1.in_features == dim
+            and fc2.in_features == fc1.out_features and fc2.out_features == dim)
+
+
+def adapted_fusable(block: nn.Module) -> bool:
+    """True for a SelaVPR adapted block (``vpr_ros.models.selavpr.AdaptedBlock``, recognised
+    by its parts) this module reproduces: a fusable attention, LayerNorms, an int8 timm
+    ``Mlp`` with exact GELU, a serial adapter (with skip) after the attention and a parallel
+    one (no skip, scaled by ``adapter_scale``) beside the MLP, identity drop-paths."""
+    attn = getattr(block, "attn", None)
+    if attn is None or not attention_fusable(attn) or not hasattr(block, "adapter_scale"):
+        return False
+    dim = attn.qkv.in_features
+    return (_is_plain_layer_norm(block.norm1, dim) and _is_plain_layer_norm(block.norm2, dim)
+            and _mlp_fusable(block.mlp, dim)
+            and _adapter_fusable(block.adapter1, dim, True)
+            and _adapter_fusable(block.adapter2, dim, False)
+            and all(_is_identity(getattr(block, n, None)) for n in ("drop_path1", "drop_path2")))
+
+
 class Workspace(threading.local):
     """Scratch buffers by role, one set per thread, grown to the largest request seen."""
 
@@ -194,6 +230,78 @@ class Int8TransformerBlock(nn.Module):
         return out.reshape(b, n, c)
 
 
+class Int8AdaptedBlock(nn.Module):
+    """Inference-only stand-in for a SelaVPR adapted block (see :func:`adapted_fusable`):
+
+    ``x = x + ls1(a + adapter1(a))`` with ``a = attn(norm1(x))``, then
+    ``x = x + ls2(mlp(h) + s * adapter2(h))`` with ``h = norm2(x)``, where LayerNorm +
+    quantise, the integer attention, dequantise + GELU + quantise and dequantise + residual
+    are the fused kernels, and ``h`` is quantised once for both the MLP and the parallel
+    adapter.  The adapters' ReLU and the LayerScales run as torch ops.
+    """
+
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not adapted_fusable(block):
+            raise ValueError("not a fusable int8 adapted block (convert_to_int8 it first)")
+        self.block = block
+
+    @staticmethod
+    def _adapter(kernels, q: torch.Tensor, scale: torch.Tensor, adapter: nn.Module,
+                 residual: Optional[torch.Tensor]) -> torch.Tensor:
+        fc1, fc2 = adapter.fc1, adapter.fc2
+        hidden = kernels.dequantize_(_int_mm(q, fc1, None), scale, fc1.weight_scale, fc1.bias)
+        torch.relu_(hidden)
+        q_h, s_h = kernels.quantize_rows(hidden)
+        acc = _int_mm(q_h, fc2, None)
+        if residual is None:
+            return kernels.dequantize_(acc, s_h, fc2.weight_scale, fc2.bias)
+        return kernels.dequantize_add_(acc, s_h, fc2.weight_scale, fc2.bias, residual)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
+        if (kernels is None or not integer_attention_enabled(self.accel)
+                or x.shape[1] > MAX_ATTENTION_TOKENS):
+            return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
+        blk = self.block
+        attn, mlp = blk.attn, blk.mlp
+        b, n, c = x.shape
+        m, hidden = b * n, mlp.fc1.out_features
+        ws = WORKSPACE
+        rows = x.reshape(m, c)
+        if not rows.is_contiguous():
+            rows = rows.contiguous()
+        q_c = ws.get("q_c", (m, c), torch.int8)
+        s_a, s_b = ws.get("s_a", (m, 1), torch.float32), ws.get("s_b", (m, 1), torch.float32)
+
+        # attention, then the serial adapter with its skip: t = a + adapter1(a)
+        kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
+        acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
+        qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
+        mixed = ws.get("mixed", (m, c), torch.float32)
+        kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+        kernels.quantize_rows(mixed, q_c, s_a)
+        a = kernels.dequantize_(_int_mm(q_c, attn.proj, None), s_a, attn.proj.weight_scale,
+                                attn.proj.bias)                     # fresh (m, c)
+        q_a, s_q = kernels.quantize_rows(a)
+        t = self._adapter(kernels, q_a, s_q, blk.adapter1, residual=a)
+        x1 = blk.ls1(t).add_(rows)
+
+        # MLP and parallel adapter on one quantised norm2(x1)
+        kernels.layer_norm_quantize(x1, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
+        q_h = ws.get("q_h", (m, hidden), torch.int8)
+        acc = _int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32))
+        kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
+        out = kernels.dequantize_(_int_mm(q_h, mlp.fc2, None), s_b, mlp.fc2.weight_scale,
+                                  mlp.fc2.bias)                     # fresh (m, c)
+        side = self._adapter(kernels, q_c, s_a, blk.adapter2, residual=None)
+        out.add_(side, alpha=blk.adapter_scale)
+        return blk.ls2(out).add_(x1).reshape(b, n, c)
+
+
 class IntegerAttention(nn.Module):
     """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
     whole (SelaVPR's adapted blocks): int8 qkv, the integer attention kernel, int8 proj."""
@@ -222,7 +330,8 @@ class IntegerAttention(nn.Module):
 
 def fuse_transformer_blocks(model: nn.Module) -> int:
     """Wrap every fusable block of ``model`` (in place) in :class:`Int8TransformerBlock`,
-    and the fusable attention of every other block in :class:`IntegerAttention`.
+    every fusable SelaVPR adapted block in :class:`Int8AdaptedBlock`, and the fusable
+    attention of every other block in :class:`IntegerAttention`.
 
     Returns how many modules were wrapped.
     """
@@ -231,10 +340,13 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
     def visit(parent: nn.Module) -> None:
         nonlocal count
         for name, child in list(parent.named_children()):
-            if isinstance(child, (Int8TransformerBlock, IntegerAttention)):
+            if isinstance(child, (Int8TransformerBlock, Int8AdaptedBlock, IntegerAttention)):
                 continue
             if fusable(child):
                 setattr(parent, name, Int8TransformerBlock(child))
+                count += 1
+            elif adapted_fusable(child):
+                setattr(parent, name, Int8AdaptedBlock(child))
                 count += 1
             elif attention_fusable(child):
                 setattr(parent, name, IntegerAttention(child))
@@ -246,5 +358,6 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
     return count
 
 
-__all__ = ["IntegerAttention", "Int8TransformerBlock", "Workspace", "WORKSPACE", "ENV_ATTENTION",
+__all__ = ["IntegerAttention", "Int8TransformerBlock", "Int8AdaptedBlock", "adapted_fusable",
+           "Workspace", "WORKSPACE", "ENV_ATTENTION",
            "attention_fusable", "fusable", "fuse_transformer_blocks", "integer_attention_enabled"]
