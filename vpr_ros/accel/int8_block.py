@@ -17,8 +17,8 @@ weighted sum of the values from int16 weights (steps of 1/32767 of the row's tot
 int16 V (one scale per channel of each image and head): both products exact in int32,
 with AVX512-VNNI where the CPU has it, within 1e-6 (cosine) of float32 SDPA on random
 inputs and a few 1e-3 with an attention sink.  At ViT-B's 257 tokens it takes about 0.6x
-the time of float32 SDPA.  With ``VPR_ROS_INTEGER_ATTENTION=0`` the block runs float32
-SDPA there instead.
+the time of float32 SDPA.  With ``AccelOptions(integer_attention=False)`` the block runs
+float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped block as it is).
 
 Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
 belong to one image, so descriptors stay batch-invariant.  The block's input is never

@@ -17,7 +17,8 @@ the same results from plain loops elsewhere), so it compiles in about a second:
 * linked against ``libgomp.so.1``, the OpenMP runtime torch's Linux wheels already load,
   so the kernels share torch's threads; the thread count is torch's, passed on each call.
 
-Without a compiler, or with ``VPR_ROS_NATIVE_KERNELS=0``, :func:`native_kernels` returns
+Without a compiler, or switched off (``AccelOptions(native_kernels=False)``, override
+``VPR_ROS_NATIVE_KERNELS=0``), :func:`native_kernels` returns
 None and the int8 layers use their torch implementation: the same quantisation and
 dequantisation bit for bit (the tests check it), slower.  Only the GELU (a rational
 ``erf`` within 5e-7 of the exact one) and the LayerNorm (a fixed 16-way summation order)
