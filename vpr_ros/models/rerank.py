@@ -6,7 +6,12 @@ best query point (argmax_i S[j, i] == i): mutual nearest neighbours.  ``argmax``
 the first index on exact ties, as ``torch.argmax`` does in the official code.
 
 * :func:`mutual_nn_counts` - number of matches per candidate.  On the CPU the candidates
-  go one at a time through one reused similarity buffer (55 MB for 61x61 maps): the
+  go one at a time.  Where the native kernels of :mod:`vpr_ros.accel` build (and
+  ``native`` is not False), ``compute="fp32"`` takes the *verified* path: int16 code
+  similarities with a fused top-2 that never stores the matrix, and an exact float32
+  re-computation of every row and column whose margin is within the proven error bound
+  (see the comment above :class:`_Codes`): the same counts as the plain path.  The plain
+  path runs one reused similarity buffer (55 MB for 61x61 maps): the
   matmul through numpy's BLAS, the best query point of every candidate point with
   numpy's contiguous argmax, the best candidate point of every query point with
   :func:`first_argmax_over_rows` (tiled, first index on ties); ``candidates`` may be any
@@ -14,15 +19,13 @@ the first index on exact ties, as ``torch.argmax`` does in the official code.
   place at a time).  On a GPU they are batched in chunks of at most ``max_chunk_bytes``
   of similarity work space.  Float16 inputs are upcast per candidate/chunk.
   ``compute="fp32"`` (the default) is exact: identical counts to the official algorithm.
-  ``compute="bf16"`` is an
-  opt-in fast path: the similarity matmul runs in bfloat16 (AMX/AVX512-BF16 on recent
-  CPUs, tensor cores on GPUs), each chunk's bf16 product is widened to float32 (exactly:
-  every bf16 value is a float32 value) and both argmaxes run on that, so they are still
-  first-index-on-ties exact *for the bf16 similarities*; only the similarities themselves
-  are rounded (resolution ~0.004 near 1), which moves near-tie matches: counts of maps of
-  different places change by ~0.5-3%, but a near-duplicate map (the same place seen
-  again, many neighbouring points within one bf16 step of the best) can lose a third of
-  its matches to first-index ties (docs/fast_paths.md).
+  ``compute="bf16"`` is opt-in: the similarity matmul runs in bfloat16 (AMX/AVX512-BF16
+  on recent CPUs, tensor cores on GPUs), the product is widened exactly to float32 and
+  both argmaxes run on that.  What it guarantees: the exact counts (first index on ties)
+  *of the bf16 similarities*.  Nothing about the float32 counts or order: rounding
+  (~0.004 near 1) moves near-tie matches, a near-duplicate map can lose a third of its
+  matches, and on one fixture set it changed which candidate ranked first
+  (docs/fast_paths.md).
 * :func:`official_scores` - the official score: the count as float, except that a
   count of exactly 1 scores 0 (a quirk of the official ``local_sim``: it squeezes the
   match indices and a 0-d result is treated as "no matches").
