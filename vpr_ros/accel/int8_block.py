@@ -177,6 +177,48 @@ def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: 
     return kernels
 
 
+def _block_buffers(x: torch.Tensor):
+    """(b, n, c) input -> its (m, c) rows and the shared int8 / scale work buffers."""
+    b, n, c = x.shape
+    m = b * n
+    rows = x.reshape(m, c)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    ws = WORKSPACE
+    return (rows, ws.get("q_c", (m, c), torch.int8), ws.get("s_a", (m, 1), torch.float32),
+            ws.get("s_b", (m, 1), torch.float32))
+
+
+def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c: torch.Tensor,
+               s_a: torch.Tensor, integer: bool) -> torch.Tensor:
+    """LayerNorm + quantise, int8 qkv, then the integer attention (or float32 SDPA); returns
+    the heads' output (m, c), the proj layer's input, in the workspace."""
+    attn = blk.attn
+    m, c = rows.shape
+    kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
+    acc = _int_mm(q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
+    qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
+    mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
+    if integer and n <= MAX_ATTENTION_TOKENS:
+        kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+    else:
+        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
+        mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))
+    return mixed
+
+
+def _mlp_acc(kernels, mlp: nn.Module, q_c: torch.Tensor, s_a: torch.Tensor,
+             s_b: torch.Tensor) -> torch.Tensor:
+    """int8 fc1 + dequantise + GELU + quantise, int8 fc2 -> its int32 sums (a fresh tensor;
+    dequantise with ``s_b``)."""
+    m, hidden = q_c.shape[0], mlp.fc1.out_features
+    q_h = WORKSPACE.get("q_h", (m, hidden), torch.int8)
+    acc = _int_mm(q_c, mlp.fc1, WORKSPACE.get("acc_h", (m, hidden), torch.int32))
+    kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
+    return _int_mm(q_h, mlp.fc2, None)
+
+
 class Int8TransformerBlock(nn.Module):
     """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
 
@@ -196,36 +238,18 @@ class Int8TransformerBlock(nn.Module):
         blk = self.block
         attn, mlp = blk.attn, blk.mlp
         b, n, c = x.shape
-        m, hidden = b * n, mlp.fc1.out_features
-        ws = WORKSPACE
-        rows = x.reshape(m, c)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        q_c = ws.get("q_c", (m, c), torch.int8)
-        s_a, s_b = ws.get("s_a", (m, 1), torch.float32), ws.get("s_b", (m, 1), torch.float32)
+        rows, q_c, s_a, s_b = _block_buffers(x)
 
-        # attention: LayerNorm + quantise, qkv, float32 SDPA, proj + residual
-        kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
-        acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
-        qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
-        mixed = ws.get("mixed", (m, c), torch.float32)
-        if integer_attention_enabled(self.accel) and n <= MAX_ATTENTION_TOKENS:
-            kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
-                                      out=mixed)
-        else:
-            qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
-            mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))
+        # attention: LayerNorm + quantise, qkv, integer attention, proj + residual
+        mixed = _attention(kernels, blk, rows, b, n, q_c, s_a,
+                           integer_attention_enabled(self.accel))
         kernels.quantize_rows(mixed, q_c, s_a)
-        acc = _int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
+        acc = _int_mm(q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
         rows = kernels.dequantize_add_(acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows)
 
         # MLP: LayerNorm + quantise, fc1 + GELU + quantise, fc2 + residual (a fresh output)
         kernels.layer_norm_quantize(rows, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
-        q_h = ws.get("q_h", (m, hidden), torch.int8)
-        acc = _int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32))
-        kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
-        acc = _int_mm(q_h, mlp.fc2, None)            # a fresh tensor: the output
+        acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
         out = kernels.dequantize_add_(acc, s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
         return out.reshape(b, n, c)
 
@@ -269,20 +293,10 @@ class Int8AdaptedBlock(nn.Module):
         blk = self.block
         attn, mlp = blk.attn, blk.mlp
         b, n, c = x.shape
-        m, hidden = b * n, mlp.fc1.out_features
-        ws = WORKSPACE
-        rows = x.reshape(m, c)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        q_c = ws.get("q_c", (m, c), torch.int8)
-        s_a, s_b = ws.get("s_a", (m, 1), torch.float32), ws.get("s_b", (m, 1), torch.float32)
+        rows, q_c, s_a, s_b = _block_buffers(x)
 
         # attention, then the serial adapter with its skip: t = a + adapter1(a)
-        kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
-        acc = _int_mm(q_c, attn.qkv, ws.get("acc_qkv", (m, 3 * c), torch.int32))
-        qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
-        mixed = ws.get("mixed", (m, c), torch.float32)
-        kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+        mixed = _attention(kernels, blk, rows, b, n, q_c, s_a, True)
         kernels.quantize_rows(mixed, q_c, s_a)
         a = kernels.dequantize_(_int_mm(q_c, attn.proj, None), s_a, attn.proj.weight_scale,
                                 attn.proj.bias)                     # fresh (m, c)
@@ -292,11 +306,8 @@ class Int8AdaptedBlock(nn.Module):
 
         # MLP and parallel adapter on one quantised norm2(x1)
         kernels.layer_norm_quantize(x1, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
-        q_h = ws.get("q_h", (m, hidden), torch.int8)
-        acc = _int_mm(q_c, mlp.fc1, ws.get("acc_h", (m, hidden), torch.int32))
-        kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
-        out = kernels.dequantize_(_int_mm(q_h, mlp.fc2, None), s_b, mlp.fc2.weight_scale,
-                                  mlp.fc2.bias)                     # fresh (m, c)
+        out = kernels.dequantize_(_mlp_acc(kernels, mlp, q_c, s_a, s_b), s_b,
+                                  mlp.fc2.weight_scale, mlp.fc2.bias)   # fresh (m, c)
         side = self._adapter(kernels, q_c, s_a, blk.adapter2, residual=None)
         out.add_(side, alpha=blk.adapter_scale)
         return blk.ls2(out).add_(x1).reshape(b, n, c)
