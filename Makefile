@@ -22,7 +22,8 @@ STAMP := $(VENV)/.vpr_ros_installed
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-fast lint bench bench-quick demo-model clean distclean
+.PHONY: all install demo test test-fast lint bench bench-quick bench-frame gpu-check wheelhouse \
+	demo-model clean distclean
 
 all: test
 
@@ -60,6 +61,22 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# One two-stage frame (SciceVPR-B + SelaVPR ViT-L query features + exact MNN top-20), the
+# package against the official code in the same run.  OFFICIAL_DIR holds git clones of
+# github.com/shuimushan/SciceVPR and github.com/Lu-Feng/SelaVPR (as SciceVPR/, SelaVPR/).
+OFFICIAL_DIR ?= ../official
+bench-frame: $(STAMP)
+	$(PY) -m pip install --quiet -r benchmarks/requirements-official.txt
+	$(PY) benchmarks/bench_frame.py --official $(abspath $(OFFICIAL_DIR))
+
+# CUDA tests + GPU benchmark on a machine with an NVIDIA GPU and PyTorch, no network
+# (docs/performance.md, "GPU check"); `make wheelhouse` first, where the network is.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+wheelhouse:
+	$(PYTHON) -m pip download --quiet --dest wheelhouse --only-binary=:all: -r requirements-gpu-check.txt
 
 # Retrain the shipped demo model (teacher, then distilled student; wall times: docs/training.md).
 # The cards' hand-written notes (held-out recall, wall times) must be updated after a rerun.
