@@ -193,7 +193,7 @@ def test_eval_bag_stream_with_an_odometry_topic(sample_dir, tmp_path, capsys):
     the stream object is reported, uses the odometry, beats single frames; ground truth
     comes from a CSV and can never be the odometry."""
     from vpr_ros.cli.main import main
-    from vpr_ros.evaluation.datasets import read_split
+    from vpr_ros.datasets import read_split
     from vpr_ros.evaluation.drives import make_drive, simulated_odometry
     from vpr_ros.maps import read_manifest
 
