@@ -50,6 +50,7 @@ from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
+from ..constants import PRECISIONS, RERANK_COMPUTES
 from ..errors import ConfigError, ImageError, VprError
 from .conversions import msg_to_rgb, pose_from_arrays, rgb_to_image_msg, stamp_to_ns
 from .latest_slot import LatestSlot
@@ -59,8 +60,6 @@ from .outputs import (covariance_from_confidence, initialpose_msg, map_markers, 
 
 NODE_NAME = "vpr_localizer"
 TRANSPORTS = ("raw", "compressed")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-RERANK_COMPUTES = ("fp32", "bf16")   # = vpr_ros.models.rerank.COMPUTES
 VERIFY_MODES = ("full", "size", "none")
 DEFAULT_FRAME = "map"
 ODOMETRY_QUEUE = 2000      # odometry messages held per camera between two processed frames
