@@ -102,6 +102,28 @@ PARAMETERS = {
                         CONFIGURE, None),
     "stream": (True, "stream localizer per camera (vpr_ros.stream: route structure, odometry, "
                      "calibrated confidence); false = frame by frame", CONFIGURE, None),
+    "stream_candidates": (50, "stream: retrieval candidates per frame used as evidence",
+                          CONFIGURE, (1, 500, 1)),
+    "stream_max_hypotheses": (500, "stream: (place, direction, speed) states kept per frame",
+                              CONFIGURE, (10, 100000, 1)),
+    "stream_kidnap_prob": (0.02, "stream: chance per frame of a jump anywhere (kidnap)",
+                           CONFIGURE, (0.0001, 0.5, 0.0)),
+    "stream_reverse_prob": (0.02, "stream: chance per frame that the camera turns around",
+                            CONFIGURE, (0.0, 0.5, 0.0)),
+    "stream_speed_change_prob": (0.1, "stream: chance per frame of a new speed class "
+                                      "(without odometry)", CONFIGURE, (0.0, 0.9, 0.0)),
+    "stream_max_speed_mps": (0.0, "stream: > 0 bounds the step per frame by speed x time "
+                                  "between frames (without odometry)", CONFIGURE,
+                             (0.0, 1000.0, 0.0)),
+    "stream_still_cosine": (0.995, "stream: a frame at least this alike the last one is a "
+                                   "stop, not new evidence (1 = off)", CONFIGURE,
+                            (0.5, 1.0, 0.0)),
+    "stream_radius_m": (25.0, "stream: an answer is right within this distance (confidence "
+                              "mass)", CONFIGURE, (0.01, 10000.0, 0.0)),
+    "stream_odometry_sigma": (0.25, "stream: relative error of the odometry's travelled "
+                                    "distance", CONFIGURE, (0.001, 10.0, 0.0)),
+    "stream_odometry_max_gap_s": (2.0, "stream: odometry older than this around a frame is "
+                                       "stale", CONFIGURE, (0.01, 3600.0, 0.0)),
     "frame_id": ("", "frame_id of published poses; empty = the map's own frame (manifest)",
                  LIVE, None),
     "image_topic": ("camera/image_raw", "camera topic (compressed: <image_topic>/compressed); "
@@ -435,7 +457,18 @@ class LocalizerNode(LifecycleNode):
             return None
         from ..stream import StreamConfig, StreamLocalizer
 
-        return StreamLocalizer.for_map(place_map, StreamConfig())
+        config = StreamConfig(
+            candidates=int(self.p("stream_candidates")),
+            max_hypotheses=int(self.p("stream_max_hypotheses")),
+            kidnap_prob=float(self.p("stream_kidnap_prob")),
+            reverse_prob=float(self.p("stream_reverse_prob")),
+            speed_change_prob=float(self.p("stream_speed_change_prob")),
+            max_speed_mps=float(self.p("stream_max_speed_mps")),
+            still_cosine=float(self.p("stream_still_cosine")),
+            radius_m=float(self.p("stream_radius_m")),
+            odometry_sigma=float(self.p("stream_odometry_sigma")),
+            odometry_max_gap_s=float(self.p("stream_odometry_max_gap_s")))
+        return StreamLocalizer.for_map(place_map, config.validate())
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
