@@ -240,3 +240,15 @@ def test_leaving_the_mapped_route_and_coming_back(sample, nordland_dir):
     assert ok[:60].mean() >= 0.95
     assert ok[100 + 8:].mean() >= 0.95          # back on the route within a few frames
     assert sum(e.raw_confidence > 0.99 for e in ests[60:100]) <= 2   # never sure while away
+
+
+def test_reranking_scores_are_evidence():
+    """Equal global similarities, re-ranking prefers one place: the stream follows it."""
+    pos = np.zeros((40, 3))
+    pos[:, 0] = np.arange(40) * 20.0
+    cands = np.array([5, 30, 12, 20])
+    sims = np.array([0.8, 0.8, 0.5, 0.5])
+    plain = StreamLocalizer(pos).observe(cands, sims)
+    reranked = StreamLocalizer(pos).observe(cands, sims,
+                                            rerank_scores=np.array([0.1, 0.9, 0.1, 0.1]))
+    assert plain.place_index == 5 and reranked.place_index == 30
