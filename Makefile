@@ -19,9 +19,11 @@ SYSTEM_ROS := $(shell [ -n "$$ROS_DISTRO" ] && $(PYTHON) -c "import rclpy" >/dev
 ROS_WHEELS ?= $(if $(filter 1,$(SYSTEM_ROS)),0,1)
 STAMP := $(VENV)/.vpr_ros_installed
 DEMO_OUT ?= demo_output
+SHARED_DIR ?= ../shared
+NORDLAND_PART1 = $(SHARED_DIR)/data/nordland64_summer_winter_part1
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test lint bench bench-quick demo-model clean distclean
+.PHONY: all install demo test lint bench bench-quick demo-model demo-reranker clean distclean
 
 all: test
 
@@ -62,6 +64,16 @@ demo-model: $(STAMP)
 	$(VENV)/bin/vpr train student --config config/train/demo_student.yaml --out runs/demo_student --no-progress
 	cp runs/demo_teacher/model/demo_tiny_teacher.yaml runs/demo_teacher/model/demo_tiny_teacher.safetensors models/
 	cp runs/demo_student/model/demo_tiny.yaml runs/demo_student/model/demo_tiny.safetensors models/
+
+# Retrain the shipped demo re-ranker (SelaVPR adapters + LocalAdapt on the demo model's frozen
+# backbone; ~25 min on 2 busy cores).  Needs models/demo_tiny.safetensors (make demo-model or
+# the shipped file).  SHARED_DIR is the shared data folder (default ../shared beside the clone).
+# The card's hand-written notes (held-out recall, wall time) must be updated after a rerun.
+demo-reranker: $(STAMP)
+	$(PY) scripts/export_backbone.py models/demo_tiny.safetensors runs/demo_tiny_backbone.safetensors
+	$(VENV)/bin/vpr train selavpr --config config/train/demo_selavpr.yaml --out runs/demo_selavpr \
+	  --set data.train.path=$(NORDLAND_PART1) --set data.val.path=$(NORDLAND_PART1) --no-progress
+	cp runs/demo_selavpr/model/demo_tiny_selavpr.yaml runs/demo_selavpr/model/demo_tiny_selavpr.safetensors models/
 
 clean:
 	rm -rf build install log $(DEMO_OUT) .pytest_cache *.egg-info
