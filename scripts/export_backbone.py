@@ -6,7 +6,8 @@ backbone is loaded, everything else (SelaVPR adapters, GeM, LocalAdapt) keeps it
 start.  Used by ``make demo-reranker`` to start the demo re-ranker from the shipped demo
 model's backbone:
 
-    python scripts/export_backbone.py models/demo_tiny.safetensors runs/demo_tiny_backbone.safetensors
+    python scripts/export_backbone.py models/demo_tiny.safetensors \
+        runs/demo_tiny_backbone.safetensors
 """
 
 from __future__ import annotations

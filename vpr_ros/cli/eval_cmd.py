@@ -40,8 +40,9 @@ def register(subparsers) -> None:
     add_model_args(r, local=True)
     add_rerank_model_args(r)
     r.add_argument("--rerank", action="store_true",
-                   help="re-rank with SelaVPR local features (model from --rerank-model, "
-                        "default selavpr_tiny_random); implied by --rerank-model")
+                   help="re-rank with SelaVPR local features (model from --rerank-model; "
+                        "default: the card of --map's local features, else the shipped demo "
+                        "re-ranker, else selavpr_tiny_random); implied by --rerank-model")
     r.add_argument("--rerank-k", type=int, default=20, metavar="K",
                    help="candidates re-ranked per query (default 20)")
     add_rerank_compute_arg(r)
@@ -75,6 +76,7 @@ def run_recall(args) -> int:
     from ..evaluation.recall_eval import RecallSettings, evaluate_recall, public_report
     from ..maps import PlaceMap
     from .common import describer_from_args, local_extractor_from_args
+    from .map_cmd import default_rerank_model
 
     if args.map and args.save_map:
         raise ConfigError("--save-map keeps the map this command builds; with --map no map is "
@@ -87,13 +89,9 @@ def run_recall(args) -> int:
     local = None
     if args.rerank or args.local_model is not None:
         if args.local_model is None:
-            from ..inference import LocalFeatureExtractor
-
-            log.info("--rerank without --rerank-model: using selavpr_tiny_random")
-            local = LocalFeatureExtractor(card=None, device=args.device,
-                                          precision=args.precision, batch_size=args.batch_size)
-        else:
-            local = local_extractor_from_args(args)
+            args.local_model = default_rerank_model(args.map)
+            log.info("--rerank without --rerank-model: using %s", args.local_model)
+        local = local_extractor_from_args(args)
     place_map = None
     if args.map:
         place_map = PlaceMap.open_for(args.map, describer,
