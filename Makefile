@@ -57,7 +57,7 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# Retrain the shipped demo model (teacher, then distilled student; ~45 min on 2 busy cores).
+# Retrain the shipped demo model (teacher, then distilled student; ~50 min on 2 busy cores).
 # The cards' hand-written notes (held-out recall, wall times) must be updated after a rerun.
 demo-model: $(STAMP)
 	$(VENV)/bin/vpr train teacher --config config/train/demo_teacher.yaml --out runs/demo_teacher --no-progress
@@ -66,12 +66,13 @@ demo-model: $(STAMP)
 	cp runs/demo_student/model/demo_tiny.yaml runs/demo_student/model/demo_tiny.safetensors models/
 
 # Retrain the shipped demo re-ranker (SelaVPR adapters + LocalAdapt on the demo model's frozen
-# backbone; ~25 min on 2 busy cores).  Needs models/demo_tiny.safetensors (make demo-model or
+# backbone; ~35 min on 2 busy cores).  Needs models/demo_tiny.safetensors (make demo-model or
 # the shipped file).  SHARED_DIR is the shared data folder (default ../shared beside the clone).
+# One intra-op thread: on 2 cores shared with other jobs it ran 2.5x faster than two threads.
 # The card's hand-written notes (held-out recall, wall time) must be updated after a rerun.
 demo-reranker: $(STAMP)
 	$(PY) scripts/export_backbone.py models/demo_tiny.safetensors runs/demo_tiny_backbone.safetensors
-	$(VENV)/bin/vpr train selavpr --config config/train/demo_selavpr.yaml --out runs/demo_selavpr \
+	OMP_NUM_THREADS=1 $(VENV)/bin/vpr train selavpr --config config/train/demo_selavpr.yaml --out runs/demo_selavpr \
 	  --set data.train.path=$(NORDLAND_PART1) --set data.val.path=$(NORDLAND_PART1) --no-progress
 	cp runs/demo_selavpr/model/demo_tiny_selavpr.yaml runs/demo_selavpr/model/demo_tiny_selavpr.safetensors models/
 
