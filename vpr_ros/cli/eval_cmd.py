@@ -59,7 +59,8 @@ def register(subparsers) -> None:
     r.add_argument("--latency-queries", type=int, default=20, metavar="N",
                    help="queries timed one by one through the Localizer (default 20)")
     r.add_argument("--out", metavar="REPORT_DIR", default=None,
-                   help="write report.json, recall_at_n.png, pr_curve.png, examples.png here")
+                   help="write report.json, recall_at_n.png, pr_curve.png, examples.png (and "
+                        "route_over_time.png, error_over_time.png for a drive) here")
     r.add_argument("--json", action="store_true",
                    help="print one JSON object on the last line of stdout")
     r.set_defaults(func=run_recall)
@@ -125,7 +126,8 @@ def run_recall(args) -> int:
         print(f"latency per image: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95 "
               f"({rep['device']})")
     if args.out:
-        print(f"report: {args.out}/report.json (+ recall_at_n.png, pr_curve.png, examples.png)")
+        print(f"report: {args.out}/report.json (+ recall_at_n.png, pr_curve.png, examples.png, "
+              "route_over_time.png, error_over_time.png)")
     if args.json:
         summary = {k: rep[k] for k in ("recall", "recall_reranked", "recall_temporal",
                                        "num_queries", "num_database", "radius_m",

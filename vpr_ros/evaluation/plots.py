@@ -141,7 +141,7 @@ def plot_route_over_time(t: np.ndarray, gt_xy: np.ndarray, tracks: Sequence[dict
     gt_s = along_route(gt_xy, route_xy, route_s)
     n = max(len(tracks), 1)
     fig, axes = plt.subplots(n, 1, figsize=(8, 1.2 + 2.0 * n), dpi=110, sharex=True,
-                             squeeze=False)
+                             sharey=True, squeeze=False)
     for ax, tr in zip(axes[:, 0], tracks):
         s = along_route(tr["xy"], route_xy, route_s)
         ok = np.asarray(tr["correct"], dtype=bool)
@@ -176,7 +176,7 @@ def plot_error_over_time(t: np.ndarray, tracks: Sequence[dict], radius_m: float,
     counted in the legend) so that one 5 km mistake does not flatten everything else.
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
     finite = [np.asarray(tr["err"], dtype=np.float64) for tr in tracks]
     largest = max([float(np.nanmax(e)) for e in finite if np.isfinite(e).any()] + [0.0])
     cap = cap_radii * radius_m
@@ -203,7 +203,7 @@ def plot_error_over_time(t: np.ndarray, tracks: Sequence[dict], radius_m: float,
     ax.set_xlabel(xlabel)
     ax.set_ylabel("error of the top-1 place (m)")
     ax.set_title(title or "localization error over time (hollow: not confident)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png")
