@@ -66,7 +66,7 @@ demo-model: $(STAMP)
 	cp runs/demo_student/model/demo_tiny.yaml runs/demo_student/model/demo_tiny.safetensors models/
 
 # Retrain the shipped demo re-ranker (SelaVPR adapters + LocalAdapt on the demo model's frozen
-# backbone; ~35 min on 2 busy cores).  Needs models/demo_tiny.safetensors (make demo-model or
+# backbone; ~15 min on 2 busy cores).  Needs models/demo_tiny.safetensors (make demo-model or
 # the shipped file).  SHARED_DIR is the shared data folder (default ../shared beside the clone).
 # One intra-op thread: on 2 cores shared with other jobs it ran 2.5x faster than two threads.
 # The card's hand-written notes (held-out recall, wall time) must be updated after a rerun.

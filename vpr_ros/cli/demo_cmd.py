@@ -45,8 +45,10 @@ def register(subparsers) -> None:
                         "demo_tiny_selavpr when its weights are installed)")
     p.add_argument("--rerank-weights", default=None, metavar="FILE",
                    help="weights for --rerank-model")
-    p.add_argument("--rerank-k", type=int, default=20, metavar="K",
-                   help="candidates the node re-ranks per frame (default 20)")
+    p.add_argument("--rerank-k", type=int, default=10, metavar="K",
+                   help="candidates the node re-ranks per frame (default 10: the demo re-ranker "
+                        "costs ~2 ms per candidate and does least harm at 10, see "
+                        "docs/evaluation.md)")
     p.add_argument("--no-rerank", dest="rerank", action="store_false",
                    help="single stage only: no local features in the map, no re-ranking")
     p.add_argument("--fps", type=float, default=4.0,
