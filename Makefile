@@ -10,6 +10,8 @@
 #               vendor's wheel, e.g. TORCH_PIP="torch==2.5.0 torchvision==0.20.0")
 #   ROS_WHEELS  1: install ROS 2 Python wheels from PyPI, 0: use the sourced system ROS 2
 #               (default: 0 when ROS_DISTRO is set and rclpy imports, else 1)
+#   DEMO_THREADS  CPU threads per process for `make demo` (OMP_NUM_THREADS; default 1: on a
+#               small shared CPU two threads made the node's describe + re-rank 10-30x slower)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,6 +21,7 @@ SYSTEM_ROS := $(shell [ -n "$$ROS_DISTRO" ] && $(PYTHON) -c "import rclpy" >/dev
 ROS_WHEELS ?= $(if $(filter 1,$(SYSTEM_ROS)),0,1)
 STAMP := $(VENV)/.vpr_ros_installed
 DEMO_OUT ?= demo_output
+DEMO_THREADS ?= 1
 SHARED_DIR ?= ../shared
 NORDLAND_PART1 = $(SHARED_DIR)/data/nordland64_summer_winter_part1
 PYTEST_ARGS ?=
@@ -43,7 +46,7 @@ $(STAMP): requirements.txt requirements-ros-wheels.txt requirements-dev.txt setu
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vpr demo --out $(DEMO_OUT)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(VENV)/bin/vpr demo --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) test

@@ -22,8 +22,8 @@ import numpy as np
 
 from .metrics import positives_within, recall_at_n
 
-# Stages of the node's timings_ms that the first stage alone needs (the rest is re-ranking).
-FIRST_STAGE_TIMINGS = ("decode", "preprocess", "describe", "search")
+# Stages of the node's timings_ms that only the second stage needs.
+SECOND_STAGE_TIMINGS = ("rerank_extract", "rerank")
 
 
 @dataclass
@@ -46,7 +46,8 @@ def _first_stage(rec: dict) -> Optional[dict]:
     sims = np.asarray([np.nan if s is None else s for s in rec["scores"]], dtype=np.float64)
     order = np.argsort(-np.nan_to_num(sims, nan=-np.inf), kind="stable")
     timings = rec.get("timings_ms") or {}
-    latency = sum(float(timings[k]) for k in FIRST_STAGE_TIMINGS if k in timings)
+    total = float(timings.get("total", rec.get("latency_ms", np.nan)))
+    latency = total - sum(float(timings[k]) for k in SECOND_STAGE_TIMINGS if k in timings)
     return {"ranked": [int(rec["place_indices"][i]) for i in order], "latency_ms": latency}
 
 

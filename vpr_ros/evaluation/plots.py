@@ -140,7 +140,7 @@ def plot_route_over_time(t: np.ndarray, gt_xy: np.ndarray, tracks: Sequence[dict
     route_s = route_coordinates(route_xy)
     gt_s = along_route(gt_xy, route_xy, route_s)
     n = max(len(tracks), 1)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 1.2 + 2.0 * n), dpi=110, sharex=True,
+    fig, axes = plt.subplots(n, 1, figsize=(9.5, 1.2 + 2.0 * n), dpi=110, sharex=True,
                              sharey=True, squeeze=False)
     for ax, tr in zip(axes[:, 0], tracks):
         s = along_route(tr["xy"], route_xy, route_s)
@@ -158,7 +158,7 @@ def plot_route_over_time(t: np.ndarray, gt_xy: np.ndarray, tracks: Sequence[dict
         ax.set_title(f"{tr['label']}: R@1 {100 * ok.mean():.1f}%", fontsize=9, loc="left")
         ax.set_ylabel("along route (m)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", ncol=3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle(title or "matched place along the route", fontsize=10)
     fig.tight_layout()
@@ -184,8 +184,6 @@ def plot_error_over_time(t: np.ndarray, tracks: Sequence[dict], radius_m: float,
     for j, (tr, err) in enumerate(zip(tracks, finite)):
         colour = METHOD_COLOURS[j % len(METHOD_COLOURS)]
         over = err > top
-        shown = np.where(over, top, err)
-        ax.plot(t, shown, "-", c=colour, lw=0.7, alpha=0.6)
         conf = tr.get("confident")
         conf = np.ones(len(err), bool) if conf is None else np.asarray(conf, dtype=bool)
         ok = ~over
