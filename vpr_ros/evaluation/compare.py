@@ -22,8 +22,16 @@ import numpy as np
 
 from .metrics import positives_within, recall_at_n
 
-# Stages of the node's timings_ms that only the second stage needs.
+# Stages of the node's timings_ms that only the second stage / the stream localizer need.
 SECOND_STAGE_TIMINGS = ("rerank_extract", "rerank")
+STREAM_TIMINGS = ("stream",)
+
+
+def _latency(rec: dict, without=()) -> float:
+    """The node's total time for the frame without the given stages."""
+    timings = rec.get("timings_ms") or {}
+    total = float(timings.get("total", rec.get("latency_ms", np.nan)))
+    return total - sum(float(timings[k]) for k in without if k in timings)
 
 
 @dataclass
@@ -45,28 +53,38 @@ def _first_stage(rec: dict) -> Optional[dict]:
     """
     sims = np.asarray([np.nan if s is None else s for s in rec["scores"]], dtype=np.float64)
     order = np.argsort(-np.nan_to_num(sims, nan=-np.inf), kind="stable")
-    timings = rec.get("timings_ms") or {}
-    total = float(timings.get("total", rec.get("latency_ms", np.nan)))
-    latency = total - sum(float(timings[k]) for k in SECOND_STAGE_TIMINGS if k in timings)
-    return {"ranked": [int(rec["place_indices"][i]) for i in order], "latency_ms": latency}
+    return {"ranked": [int(rec["place_indices"][i]) for i in order],
+            "latency_ms": _latency(rec, SECOND_STAGE_TIMINGS + STREAM_TIMINGS)}
 
 
 def _two_stage(rec: dict) -> Optional[dict]:
     if not rec.get("reranked"):
         return None
     return {"ranked": [int(i) for i in rec["place_indices"]],
-            "latency_ms": float(rec.get("latency_ms", np.nan)),
-            "confident": bool(rec.get("confident"))}
+            "latency_ms": _latency(rec, STREAM_TIMINGS), "confident": bool(rec.get("confident"))}
 
 
 SINGLE_FRAME = "single-frame (global)"
 TWO_STAGE = "two-stage (re-ranked)"
+STREAM = "stream localizer"
+
+
+def _stream(rec: dict) -> Optional[dict]:
+    """The stream localizer's answer (over the frame answers above it: re-ranked when the
+    node re-ranks); confident = what the node published as confident."""
+    st = rec.get("stream")
+    if not st:
+        return None
+    return {"ranked": [int(st["place_index"])], "latency_ms": _latency(rec),
+            "confident": bool(st["confident"])}
+
 
 # name -> function(per-frame record) -> {"ranked": [...], "latency_ms": x, "confident": b}
 # or None when the record has no answer of that method.
 FRAME_METHODS: Dict[str, Callable[[dict], Optional[dict]]] = {
     SINGLE_FRAME: _first_stage,
     TWO_STAGE: _two_stage,
+    STREAM: _stream,
 }
 
 

@@ -256,3 +256,11 @@ def set_confidence_params(map_dir, params: dict) -> None:
     manifest["confidence"] = params
     atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
     fmt.usual_permissions(Path(map_dir))
+
+
+def set_stream_calibration(map_dir, params: dict) -> None:
+    """Store the stream localizer's fitted calibration (``stream_calibration``), as above."""
+    manifest = fmt.read_manifest(map_dir)
+    manifest["stream_calibration"] = params
+    atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
+    fmt.usual_permissions(Path(map_dir))
