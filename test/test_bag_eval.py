@@ -18,19 +18,12 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def describer():
-    from vpr_ros.inference import GlobalDescriber
-
-    return GlobalDescriber(CARD, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, sample_dir, describer):
+def setup(tmp_path_factory, sample_database, describer):
     """A map of the first N database places and a bag driving past exactly those places."""
-    from vpr_ros.maps import PlaceMap, benchmark_source, build_map
+    from vpr_ros.maps import PlaceMap, build_map
 
     root = tmp_path_factory.mktemp("bageval")
-    entries = benchmark_source(sample_dir, "database")[:N]
+    entries = sample_database[:N]
     build_map(entries, root / "map", describer, index="Flat", progress=False)
     place_map = PlaceMap.open_for(root / "map", describer, device="cpu")
     frames = [BagFrame((10 + i) * SEC // 2, load_image(e.path), position=e.position)

@@ -76,6 +76,7 @@ class StreamConfig:
     fit_margin: float = 1.0           # log Bayes factor above which the stream answers
     normaliser_samples: int = 256     # map places sampled to z-score each frame
     radius_m: float = 25.0            # an answer is right within this distance (confidence mass)
+    still_cosine: float = 0.995       # a frame this alike the last one is a stop, not evidence
     odometry_sigma: float = 0.25      # relative error of the odometry's travelled distance
     odometry_max_gap_s: float = 2.0   # odometry older than this around a frame is stale
     odometry_max_speed_mps: float = 100.0  # faster odometry jumps are rejected
@@ -103,6 +104,7 @@ class StreamConfig:
         need(self.normaliser_samples >= 8,
              f"normaliser_samples must be >= 8, got {self.normaliser_samples}")
         need(self.radius_m > 0, f"radius_m must be > 0, got {self.radius_m}")
+        need(0 < self.still_cosine <= 1, f"still_cosine must be in (0, 1], got {self.still_cosine}")
         need(self.odometry_sigma > 0, f"odometry_sigma must be > 0, got {self.odometry_sigma}")
         need(self.odometry_max_gap_s > 0,
              f"odometry_max_gap_s must be > 0, got {self.odometry_max_gap_s}")
@@ -290,6 +292,8 @@ class StreamLocalizer:
         self._speeds = np.zeros(0, np.int8)
         self._dt: Optional[float] = None
         self._heading: Optional[np.ndarray] = None
+        self._last_descriptor: Optional[np.ndarray] = None
+        self._last_iid: Optional[dict] = None
         self._mass = np.zeros(0, np.float64)
         self._rest = 1.0
         self._fit = 0.0
@@ -400,6 +404,24 @@ class StreamLocalizer:
                 and stamp_ns > self._last_stamp):
             self._dt = (stamp_ns - self._last_stamp) * 1e-9
         step, used_odom = self._step_bounds(stamp_ns)
+        still = False
+        if descriptor is not None and not degenerate and cfg.still_cosine < 1.0:
+            q = np.asarray(descriptor, dtype=np.float32).ravel()
+            q = q / max(float(np.linalg.norm(q)), 1e-12)
+            if (self._last_descriptor is not None and len(q) == len(self._last_descriptor)
+                    and float(q @ self._last_descriptor) >= cfg.still_cosine
+                    and (step is None or abs(step) < 0.25 * self.route.spacing_m)):
+                # the camera sees what it saw: standing still, and no new evidence (counting
+                # the same view again would make a stop look like proof)
+                still = True
+            else:
+                self._last_descriptor = q
+        if still and self._frames > 0:
+            if stamp_ns is not None and stamp_ns >= 0:
+                self._last_stamp = int(stamp_ns)
+            est = self._estimate(top1, self._last_iid, used_odom, False)
+            est.timings_ms["stream"] = (time.perf_counter() - t0) * 1e3
+            return est
         if self._frames > 0:
             self._predict(step)
         if stamp_ns is not None and stamp_ns >= 0:
@@ -408,6 +430,7 @@ class StreamLocalizer:
             iid_mass = None
         else:
             iid_mass = self._correct(cand_idx, cand_sims, descriptor, rerank_scores)
+            self._last_iid = iid_mass
         self._frames += 1
         est = self._estimate(top1, iid_mass, used_odom, degenerate)
         est.timings_ms["stream"] = (time.perf_counter() - t0) * 1e3

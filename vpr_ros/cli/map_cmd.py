@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 
+from ..constants import MAX_POSE_GAP_S
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-topic", metavar="TOPIC", help="image topic in --bag")
     g.add_argument("--pose-topic", metavar="TOPIC",
                    help="pose topic in --bag (Odometry, PoseStamped, PoseWithCovarianceStamped)")
-    g.add_argument("--max-pose-gap", type=float, default=0.5, metavar="S",
-                   help="bag frames farther than this from a pose are dropped (default 0.5 s)")
+    g.add_argument("--max-pose-gap", type=float, default=MAX_POSE_GAP_S, metavar="S",
+                   help="bag frames in a pose gap longer than S are dropped "
+                        "(default %(default)s s)")
     k = p.add_argument_group("keyframes")
     k.add_argument("--min-distance", type=float, default=0.0, metavar="M",
                    help="keep an image only this far (m) from the last kept one (default 0)")
