@@ -93,3 +93,12 @@ def test_held_out_queries_are_reranked_as_in_the_eval(demo_map, sample_dir, quer
     counts = [c.rerank_score for c in r.candidates]
     assert counts == sorted(counts, reverse=True)
     assert counts[0] - counts[1] >= 10           # a clear winner, not a tie broken by order
+
+
+def test_default_reranker_falls_back_without_its_weights(tmp_path, monkeypatch, repo_root):
+    import shutil
+
+    for f in (repo_root / "models").glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)                  # cards only, no weights files
+    monkeypatch.setenv("VPR_MODELS_DIR", str(tmp_path))
+    assert default_rerank_card_name() == "selavpr_tiny_random"
