@@ -338,7 +338,7 @@ def speed_with_omp_default(quick: bool) -> dict:
     import subprocess
     import sys
 
-    from common import OMP_DEFAULT_ENV
+    from benchmarks.common import OMP_DEFAULT_ENV
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env[OMP_DEFAULT_ENV] = "1"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-speed"] + (["--quick"] if quick else [])

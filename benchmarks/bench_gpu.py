@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from common import DEFAULT_OUT, machine_info, md_table, write_outputs
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import DEFAULT_OUT, machine_info, md_table, write_outputs
 
 OFFICIAL_SELAVPR_TOP20_RTX3090_S = 0.018
 

@@ -1012,7 +1012,7 @@ def main() -> None:
     ap.add_argument("--keep-map", action="store_true", help="do not delete the map afterwards")
     a = ap.parse_args()
     if a.only_open:
-        from common import machine_info
+        from benchmarks.common import machine_info
         set_threads(2)
         res = {"machine": machine_info(),
                "map_open": map_open_times(a.open_places, work=a.open_work or a.cache / "map_open",

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the packa
 from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, machine_info, md_table, set_threads,
                                write_json, write_text)
 
-TOPICS = ("descriptors", "rerank", "index", "growth", "node")
+TOPICS = ("descriptors", "rerank", "index", "growth", "node", "stream")
 
 
 def _run_topic(name: str, quick: bool, out: Path, cache: Path, compile_: bool):
@@ -40,6 +40,9 @@ def _run_topic(name: str, quick: bool, out: Path, cache: Path, compile_: bool):
         return m.run(quick, out, cache), m.markdown
     if name == "node":
         from benchmarks import bench_node as m
+        return m.run(quick), m.markdown
+    if name == "stream":
+        from benchmarks import bench_stream as m
         return m.run(quick), m.markdown
     raise ValueError(name)
 

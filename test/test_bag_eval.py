@@ -156,8 +156,10 @@ def test_realtime_bag_eval_through_the_live_node(setup, ros_domain):
     the node published is scored like the offline run."""
     pytest.importorskip("rclpy")
     root, place_map, *_ = setup
+    # frame by frame (confidence_threshold 0: a pose for every answer); the node's stream
+    # localizer is tested in test_ros_lifecycle.py::test_stream_localizer_in_the_node
     settings = BagEvalSettings(image_topic="/camera/image_raw", realtime=True, rate=2.0,
-                               confidence_threshold=0.0, top_k=5, max_frames=8)
+                               confidence_threshold=0.0, top_k=5, max_frames=8, stream=False)
     report = evaluate_bag(root / "drive", place_map, settings,
                           node_params={"map_path": str(root / "map"), "device": "cpu"},
                           progress=False)
@@ -193,7 +195,7 @@ def test_eval_bag_stream_with_an_odometry_topic(sample_dir, tmp_path, capsys):
     the stream object is reported, uses the odometry, beats single frames; ground truth
     comes from a CSV and can never be the odometry."""
     from vpr_ros.cli.main import main
-    from vpr_ros.evaluation.datasets import read_split
+    from vpr_ros.datasets import read_split
     from vpr_ros.evaluation.drives import make_drive, simulated_odometry
     from vpr_ros.maps import read_manifest
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vpr_ros.errors import ConfigError
-from vpr_ros.evaluation.datasets import read_split
+from vpr_ros.datasets import read_split
 from vpr_ros.evaluation.drives import make_drive, simulated_odometry
 from vpr_ros.evaluation.metrics import positives_within
 from vpr_ros.image_quality import assess_frame

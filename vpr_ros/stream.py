@@ -66,7 +66,7 @@ class StreamConfig:
     max_hypotheses: int = 500         # tracked (place, direction, speed) states kept per frame
     speeds: Tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # place spacings per frame
     speed_change_prob: float = 0.1    # chance per frame of moving to a neighbouring speed class
-    step_sigma: float = 0.3           # spread of one step, in place spacings (plus 15 % of the step)
+    step_sigma: float = 0.3           # spread of one step in place spacings (+ 15 % of the step)
     max_speed_mps: float = 0.0        # > 0 with stamps: bound the step by speed * dt as well
     reverse_prob: float = 0.02        # chance per frame that the camera turns around
     kidnap_prob: float = 0.02         # chance per frame of a jump anywhere (robot carried away)
@@ -129,7 +129,8 @@ class StreamEstimate:
     timings_ms: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"place_index": int(self.place_index), "confidence": round(float(self.confidence), 6),
+        return {"place_index": int(self.place_index),
+                "confidence": round(float(self.confidence), 6),
                 "raw_confidence": round(float(self.raw_confidence), 6),
                 "confident": bool(self.confident), "localized": bool(self.localized),
                 "prior_fit": round(float(self.prior_fit), 4),
@@ -278,7 +279,8 @@ class StreamLocalizer:
 
     @classmethod
     def for_map(cls, place_map, config: Optional[StreamConfig] = None) -> "StreamLocalizer":
-        """A stream localizer over a PlaceMap: route from its places, calibration from its manifest."""
+        """A stream localizer over a PlaceMap: route from its places, calibration from the
+        manifest's ``stream_calibration``."""
         stream = cls(place_map.places.positions, descriptors=place_map.descriptors, config=config,
                      calibration=place_map.manifest.get("stream_calibration"))
         stream._places_table = place_map.places
@@ -398,8 +400,10 @@ class StreamLocalizer:
             rerank_scores = np.asarray(rerank_scores, dtype=np.float64).ravel()[ok][:cfg.candidates]
         if len(cand_idx) == 0:
             degenerate = True
-        top1 = int(cand_idx[0]) if len(cand_idx) else (int(self._best_place()) if len(self._places)
-                                                        else 0)
+        if len(cand_idx):
+            top1 = int(cand_idx[0])
+        else:
+            top1 = int(self._best_place()) if len(self._places) else 0
         if (stamp_ns is not None and stamp_ns >= 0 and self._last_stamp is not None
                 and stamp_ns > self._last_stamp):
             self._dt = (stamp_ns - self._last_stamp) * 1e-9
@@ -444,7 +448,8 @@ class StreamLocalizer:
         displacement with the last clear one: moving back along it means reversing.
         """
         cfg = self.config
-        if self._last_stamp is None or stamp_ns is None or stamp_ns < 0 or not self._odometry.stamps:
+        if (self._last_stamp is None or stamp_ns is None or stamp_ns < 0
+                or not self._odometry.stamps):
             return None, False
         if stamp_ns < self._last_stamp:
             return None, False
@@ -555,7 +560,8 @@ class StreamLocalizer:
             log_rest = beta * z_floor
         ll_cand = beta * zc
         rr_rest = 0.0
-        if rerank_scores is not None and np.isfinite(rerank_scores).sum() >= 2 and cfg.rerank_weight:
+        if (rerank_scores is not None and np.isfinite(rerank_scores).sum() >= 2
+                and cfg.rerank_weight):
             r = rerank_scores
             fin = np.isfinite(r)
             rz = (r - r[fin].mean()) / max(r[fin].std(), 1e-6)
@@ -644,7 +650,9 @@ class StreamLocalizer:
     def _estimate(self, top1: int, iid: Optional[dict], used_odom: bool,
                   degenerate: bool) -> StreamEstimate:
         # the stream model is used once it predicts the frames better than independent frames
-        w = 1.0 / (1.0 + math.exp(-4.0 * (self._fit - self.config.fit_margin))) if self._frames > 1 else 0.0
+        w = 0.0
+        if self._frames > 1:
+            w = 1.0 / (1.0 + math.exp(-4.0 * (self._fit - self.config.fit_margin)))
         options = []
         if len(self._places):
             options.append(self._best_place())

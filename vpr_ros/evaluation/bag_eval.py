@@ -426,8 +426,9 @@ def evaluate_bag(bag, place_map, settings: BagEvalSettings, describer=None,
         report["latency_ms"][stage] = _stats([f["timings_ms"].get(stage) for f in frames])
     if extra:
         report["node"] = {k: v for k, v in extra.items() if not k.startswith("frames_")}
-    report["per_frame"] = [{k: f[k] for k in ("index", "stamp_ns", "place_ids", "confidence",
-                                               "confident", "position", "latency_ms")}
+    keys = ("index", "stamp_ns", "place_ids", "confidence", "confident", "position",
+            "latency_ms")
+    report["per_frame"] = [{k: f[k] for k in keys}
                            | {"place_ids": f["place_ids"][:5]} for f in frames]
     report["seconds"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:

@@ -26,7 +26,7 @@ from ..errors import DatasetError
 from ..localizer import (DEFAULT_CONFIDENCE, Localizer, confidence_features,
                          confidence_from_features, fit_confidence)
 from ..preprocess import load_image
-from .datasets import read_split
+from ..datasets import read_split
 from .metrics import DEFAULT_NS, correct_at_n, positives_within, precision_recall, recall_at_n
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,9 @@ def evaluate_recall(dataset_dir, describer, local_extractor=None, place_map=None
             map_dir = Path(tmp_ctx.name) / "map"
         else:
             map_dir = Path(map_out)
-        build_map(entries, map_dir, describer, local_extractor=local_extractor if rerank_k else None,
-                  index=s.index, overwrite=True, batch_size=getattr(describer, "batch_size", 16),
+        build_map(entries, map_dir, describer,
+                  local_extractor=local_extractor if rerank_k else None, index=s.index,
+                  overwrite=True, batch_size=getattr(describer, "batch_size", 16),
                   progress=progress, command=command)
         place_map = PlaceMap.open_for(map_dir, describer,
                                       local_extractor=local_extractor if rerank_k else None,
@@ -310,7 +311,8 @@ def write_report(report: dict, out_dir, place_map, q_paths) -> None:
         if arrays.get("from_csv"):      # queries in driving order: answers along the route
             _plot_answers_along_route(report, arrays, place_map, tmp, title)
         nq = len(q_paths)
-        picks = np.unique(np.linspace(0, nq - 1, num=min(arrays.get("examples", 6), nq)).astype(int))
+        count = min(arrays.get("examples", 6), nq)
+        picks = np.unique(np.linspace(0, nq - 1, num=count).astype(int))
         names = place_map.places.names
         root = Path(report["dataset"]) / "images" / "test" / "database"
         match_paths, match_ok = [], []

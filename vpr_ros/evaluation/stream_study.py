@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..preprocess import load_image
-from .datasets import read_split
+from ..datasets import read_split
 from .drives import KINDS, make_drive, simulated_odometry
 from .metrics import positives_within, precision_recall
 
