@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end_through_the_live_node(ros_domain, repo_root, tmp_p
     # two stages (the shipped demo re-ranker): both scored on the same frames, side by side
     assert summary["rerank_model"] == "demo_tiny_selavpr"
     rows = {r["method"]: r for r in summary["comparison"]}
-    assert set(rows) == {"single-frame (global)", "two-stage (re-ranked)"}
+    assert {"single-frame (global)", "two-stage (re-ranked)"} <= set(rows)   # (+ stream)
     assert {r["frames"] for r in rows.values()} == {frames["localized"]}
     # the node's published answer is the two-stage one
     assert rows["two-stage (re-ranked)"]["recall"]["1"] == report["recall"]["1"]

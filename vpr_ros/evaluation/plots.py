@@ -167,42 +167,46 @@ def plot_route_over_time(t: np.ndarray, gt_xy: np.ndarray, tracks: Sequence[dict
 def plot_error_over_time(t: np.ndarray, tracks: Sequence[dict], radius_m: float, path: Path,
                          title: str = "", xlabel: str = "time since first frame (s)",
                          cap_radii: float = 10.0) -> dict:
-    """Top-1 error (m) over time on a linear axis from 0, one series per method.
+    """Top-1 error (m) over time on a linear axis from 0, one panel per method.
 
     Errors above ``cap_radii`` x the radius are drawn as triangles on the top edge (and
-    counted in the legend) so that one 5 km mistake does not flatten everything else.
+    counted in the panel title) so that one 5 km mistake does not flatten everything else.
+    Hollow markers: the method was not confident.
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
     finite = [np.asarray(tr["err"], dtype=np.float64) for tr in tracks]
     largest = max([float(np.nanmax(e)) for e in finite if np.isfinite(e).any()] + [0.0])
     cap = cap_radii * radius_m
     top = cap if largest > cap else max(2.0 * radius_m, 1.1 * largest)
-    for j, (tr, err) in enumerate(zip(tracks, finite)):
+    n = max(len(tracks), 1)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 1.0 + 1.7 * n), dpi=110, sharex=True,
+                             sharey=True, squeeze=False)
+    for j, (ax, tr, err) in enumerate(zip(axes[:, 0], tracks, finite)):
         colour = METHOD_COLOURS[j % len(METHOD_COLOURS)]
         over = err > top
         conf = tr.get("confident")
         conf = np.ones(len(err), bool) if conf is None else np.asarray(conf, dtype=bool)
         ok = ~over
-        ax.scatter(t[ok & conf], err[ok & conf], s=9, c=colour, zorder=3,
-                   label=f"{tr['label']} (median {np.nanmedian(err):.0f} m)")
-        if (ok & ~conf).any():
-            ax.scatter(t[ok & ~conf], err[ok & ~conf], s=9, facecolors="none",
-                       edgecolors=colour, zorder=3)
+        ax.scatter(t[ok & conf], err[ok & conf], s=9, c=colour, zorder=3)
+        ax.scatter(t[ok & ~conf], err[ok & ~conf], s=9, facecolors="none", edgecolors=colour,
+                   zorder=3)
         if over.any():
-            ax.scatter(t[over], np.full(over.sum(), top), marker="^", s=18, c=colour,
-                       zorder=4, clip_on=False,
-                       label=f"{tr['label']}: {over.sum()} frames > {top:.0f} m")
-    ax.axhline(radius_m, ls="--", c="tab:red", lw=1, label=f"{radius_m:g} m radius")
-    ax.set_ylim(0, top * 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("error of the top-1 place (m)")
-    ax.set_title(title or "localization error over time (hollow: not confident)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    ax.grid(alpha=0.3)
+            ax.scatter(t[over], np.full(over.sum(), top), marker="^", s=16, c=colour,
+                       zorder=4, clip_on=False)
+        ax.axhline(radius_m, ls="--", c="tab:red", lw=1)
+        within = float(np.mean(err <= radius_m)) if len(err) else 0.0
+        ax.set_title(f"{tr['label']}: median {np.nanmedian(err):.0f} m, {100 * within:.1f}% "
+                     f"within {radius_m:g} m, {over.sum()} frames > {top:.0f} m (triangles)",
+                     fontsize=8, loc="left")
+        ax.set_ylim(0, top * 1.02)
+        ax.set_ylabel("error (m)")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.suptitle(title or "error of the top-1 place over time (hollow: not confident; "
+                 "dashed: radius)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, format="png")
-    ylim = tuple(float(v) for v in ax.get_ylim())
+    ylim = tuple(float(v) for v in axes[0, 0].get_ylim())
     plt.close(fig)
     return {"ylim": ylim, "off_scale": {tr["label"]: int(np.sum(e > top))
                                         for tr, e in zip(tracks, finite)}}
