@@ -36,8 +36,19 @@ def test_demo_runs_end_to_end_through_the_live_node(ros_domain, repo_root, tmp_p
     assert any(ln.startswith("recall:") for ln in lines)
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["mode"] == "realtime" and set(report["recall"]) >= {"1", "5"}
-    for name in ("trajectory.png", "error_over_time.png", "pr_curve.png"):
+    for name in ("trajectory.png", "route_over_time.png", "error_over_time.png", "pr_curve.png"):
         assert (out / "report" / name).stat().st_size > 0
+    # two stages (the shipped demo re-ranker): both scored on the same frames, side by side
+    assert summary["rerank_model"] == "demo_tiny_selavpr"
+    rows = {r["method"]: r for r in summary["comparison"]}
+    assert {"single-frame (global)", "two-stage (re-ranked)"} <= set(rows)   # (+ stream)
+    assert {r["frames"] for r in rows.values()} == {frames["localized"]}
+    # the node's published answer is the two-stage one
+    assert rows["two-stage (re-ranked)"]["recall"]["1"] == report["recall"]["1"]
+    assert any(ln.startswith("single-frame (global)") for ln in lines)
+    assert any(ln.startswith("two-stage (re-ranked)") for ln in lines)
+    manifest = json.loads((out / "map" / "manifest.json").read_text())
+    assert manifest["local_features"]["model"]["card"] == "demo_tiny_selavpr"
     assert (out / "map" / "manifest.json").is_file()
     assert (out / "queries_bag" / "metadata.yaml").is_file()
     assert "active: listening" in (out / "node.log").read_text()
@@ -52,3 +63,20 @@ def test_samples_are_found_in_source_tree_and_install_prefix(repo_root, tmp_path
         in sample_candidates()
     with pytest.raises(DatasetError, match="benchmark-layout"):
         find_samples(tmp_path)
+
+
+def test_demo_second_stage_choice():
+    import argparse
+
+    from vpr_ros.cli.demo_cmd import rerank_card
+    from vpr_ros.errors import ConfigError
+
+    def args(**kw):
+        base = {"rerank": True, "rerank_model": None, "rerank_k": 10}
+        return argparse.Namespace(**(base | kw))
+
+    assert rerank_card(args()) == "demo_tiny_selavpr"           # shipped, trained weights
+    assert rerank_card(args(rerank=False)) is None               # --no-rerank
+    assert rerank_card(args(rerank_model="selavpr_tiny_random")) == "selavpr_tiny_random"
+    with pytest.raises(ConfigError, match="--rerank-k"):
+        rerank_card(args(rerank_k=0))

@@ -58,7 +58,8 @@ def register(eval_subparsers) -> None:
     p.add_argument("--rate", type=float, default=1.0,
                    help="replay speed factor for --realtime (2.0 = twice as fast)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="write report.json, trajectory.png, error_over_time.png, pr_curve.png")
+                   help="write report.json, trajectory.png, route_over_time.png, "
+                        "error_over_time.png, pr_curve.png")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on the last line of stdout")
     p.set_defaults(func=run)
@@ -153,8 +154,8 @@ def run(args) -> int:
               f"{rep['stream']['calibration']['threshold']:.4f} for precision "
               f"{rep['stream']['calibration']['target_precision']:g})")
     if args.out:
-        print(f"report: {args.out}/report.json (+ trajectory.png, error_over_time.png, "
-              "pr_curve.png)")
+        print(f"report: {args.out}/report.json (+ trajectory.png, route_over_time.png, "
+              "error_over_time.png, pr_curve.png)")
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "per_frame"}))
     return 0

@@ -96,8 +96,9 @@ def register(subparsers) -> None:
     add_model_args(r, local=True)
     add_rerank_model_args(r)
     r.add_argument("--rerank", action="store_true",
-                   help="re-rank with SelaVPR local features (model from --rerank-model, "
-                        "default selavpr_tiny_random); implied by --rerank-model")
+                   help="re-rank with SelaVPR local features (model from --rerank-model; "
+                        "default: the card of --map's local features, else the shipped demo "
+                        "re-ranker, else selavpr_tiny_random); implied by --rerank-model")
     r.add_argument("--rerank-k", type=int, default=20, metavar="K",
                    help="candidates re-ranked per query (default 20)")
     add_rerank_compute_arg(r)
@@ -111,7 +112,8 @@ def register(subparsers) -> None:
     r.add_argument("--latency-queries", type=int, default=20, metavar="N",
                    help="queries timed one by one through the Localizer (default 20)")
     r.add_argument("--out", metavar="REPORT_DIR", default=None,
-                   help="write report.json, recall_at_n.png, pr_curve.png, examples.png here")
+                   help="write report.json, recall_at_n.png, pr_curve.png, examples.png (and "
+                        "route_over_time.png, error_over_time.png for a drive) here")
     r.add_argument("--json", action="store_true",
                    help="print one JSON object on the last line of stdout")
     r.set_defaults(func=run_recall)
@@ -128,6 +130,7 @@ def run_recall(args) -> int:
     from ..evaluation.recall_eval import RecallSettings, evaluate_recall, public_report
     from ..maps import PlaceMap
     from .common import describer_from_args, local_extractor_from_args
+    from .map_cmd import default_rerank_model
 
     if args.map and args.save_map:
         raise ConfigError("--save-map keeps the map this command builds; with --map no map is "
@@ -140,13 +143,9 @@ def run_recall(args) -> int:
     local = None
     if args.rerank or args.local_model is not None:
         if args.local_model is None:
-            from ..inference import LocalFeatureExtractor
-
-            log.info("--rerank without --rerank-model: using selavpr_tiny_random")
-            local = LocalFeatureExtractor(card=None, device=args.device,
-                                          precision=args.precision, batch_size=args.batch_size)
-        else:
-            local = local_extractor_from_args(args)
+            args.local_model = default_rerank_model(args.map)
+            log.info("--rerank without --rerank-model: using %s", args.local_model)
+        local = local_extractor_from_args(args)
     place_map = None
     if args.map:
         place_map = PlaceMap.open_for(args.map, describer,
@@ -180,7 +179,8 @@ def run_recall(args) -> int:
         print(f"latency per image: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95 "
               f"({rep['device']})")
     if args.out:
-        print(f"report: {args.out}/report.json (+ recall_at_n.png, pr_curve.png, examples.png)")
+        print(f"report: {args.out}/report.json (+ recall_at_n.png, pr_curve.png, examples.png, "
+              "route_over_time.png, error_over_time.png)")
     if args.json:
         summary = {k: rep[k] for k in ("recall", "recall_reranked",
                                        "num_queries", "num_database", "radius_m",

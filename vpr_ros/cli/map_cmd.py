@@ -103,7 +103,8 @@ def register(subparsers) -> None:
     add_rerank_model_args(b)
     b.add_argument("--local-features", action="store_true",
                    help="also store SelaVPR dense local features for re-ranking (model from "
-                        "--rerank-model/--local-model, default selavpr_tiny_random)")
+                        "--rerank-model/--local-model, default the shipped demo re-ranker, else "
+                        "selavpr_tiny_random)")
     b.add_argument("--local-storage", default="float16", choices=("float16", "int8"),
                    help="how local features are stored: float16 (0.95 MB/place for SelaVPR "
                         "ViT-L, exact re-ranking counts; default) or int8 with a scale per "
@@ -142,15 +143,26 @@ def _command_line() -> str:
     return "vpr " + " ".join(shlex.quote(x) for x in sys.argv[1:])
 
 
+def default_rerank_model(map_path=None) -> str:
+    """The re-ranking card when none is given: the card that made ``map_path``'s local
+    features, else the shipped demo re-ranker, else selavpr_tiny_random."""
+    from ..maps import read_manifest
+    from ..models.cards import default_rerank_card_name
+
+    if map_path:
+        local = read_manifest(map_path).get("local_features") or {}
+        card = (local.get("model") or {}).get("card") if local.get("present") else None
+        if card:
+            return card
+    return default_rerank_card_name()
+
+
 def _local_extractor(args, force: bool):
     from .common import local_extractor_from_args
 
     if getattr(args, "local_model", None) is None and force:
-        from ..inference import LocalFeatureExtractor
-
-        log.info("--local-features without --rerank-model: using selavpr_tiny_random")
-        return LocalFeatureExtractor(card=None, weights=None, device=args.device,
-                                     precision=args.precision, batch_size=args.batch_size)
+        args.local_model = default_rerank_model()
+        log.info("--local-features without --rerank-model: using %s", args.local_model)
     return local_extractor_from_args(args)
 
 

@@ -16,10 +16,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.cards import default_card_name, list_cards, models_dir
+    from ..models.cards import default_card_name, default_rerank_card_name, list_cards, models_dir
 
     cards = list_cards()
     default = default_card_name()
+    default_rerank = default_rerank_card_name()
     rows = []
     for c in cards:
         rows.append({
@@ -30,19 +31,23 @@ def run(args: argparse.Namespace) -> int:
             "input_size": list(c.input_size),
             "weights": c.weights_status(),
             "default": c.name == default,
+            "default_rerank": c.name == default_rerank,
             "inferred": c.inferred,
             "description": c.description,
         })
     if args.json:
-        print(json.dumps({"models_dir": str(models_dir()), "default": default, "models": rows}))
+        print(json.dumps({"models_dir": str(models_dir()), "default": default,
+                          "default_rerank": default_rerank, "models": rows}))
         return 0
     header = ("NAME", "ARCHITECTURE", "DIM", "INPUT", "WEIGHTS")
-    table = [header] + [(r["name"] + (" *" if r["default"] else ""), r["architecture"],
+    table = [header] + [(r["name"] + (" *" if r["default"] else "")
+                         + (" +" if r["default_rerank"] else ""), r["architecture"],
                          str(r["descriptor_dim"]), "x".join(map(str, r["input_size"])),
                          r["weights"] + (" [settings inferred]" if r["inferred"] else ""))
                         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print(f"\n* default model.  Cards folder: {models_dir()}")
+    print(f"\n* default model, + default re-ranker (--rerank without --rerank-model).  "
+          f"Cards folder: {models_dir()}")
     return 0

@@ -16,8 +16,9 @@ at N when one of its first N places lies within ``radius_m`` of the ground truth
 Reported: Recall@N, precision/recall of the confidence gate, the error (m) of the
 published pose of confident matches, latency, frame counts, and the ``stream`` object of
 the stream localizer (:mod:`vpr_ros.evaluation.stream_eval`; on by default, the node's
-default too); plots: trajectory (ground truth vs matched places, coloured by
-correctness), error over time, PR curve.
+default too); plots (:mod:`vpr_ros.evaluation.plots`): trajectory (ground truth vs matched
+places, coloured by correctness), matched place along the route over time, error over
+time, PR curve.
 
 Odometry for the stream comes from an odometry topic of the bag (``--odometry-topic``:
 nav_msgs/Odometry or a pose topic of the robot's own estimate), never from the ground-truth
@@ -170,7 +171,8 @@ def frame_record(doc: dict, index: int, id_to_index: Optional[dict] = None) -> d
            "confidence": float(single["confidence"]), "confident": bool(single["confident"]),
            "position": [float(v) for v in cands[0]["position"]] if cands else doc["position"],
            "latency_ms": float(doc["timings_ms"].get("total", np.nan)),
-           "timings_ms": {k: float(v) for k, v in doc["timings_ms"].items()}}
+           "timings_ms": {k: float(v) for k, v in doc["timings_ms"].items()},
+           "reranked": bool(doc.get("reranked"))}
     st = doc.get("stream")
     if st:
         pid = int(doc["place_id"])
@@ -331,69 +333,39 @@ def _score_stream(usable, preds, positives, gt, target_precision, stream_config,
 
 # --------------------------------------------------------------------------- plots
 
-def _plt():
-    from ..plotting import pyplot
-
-    return pyplot()
-
-
-def plot_trajectory(arrays: dict, db_xy: np.ndarray, path: Path, title: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
-    ax.scatter(db_xy[:, 0], db_xy[:, 1], s=4, c="0.8", label="map places")
-    gt = arrays["gt_all"]
-    ax.plot(gt[:, 0], gt[:, 1], "-", c="0.3", lw=1, label="ground truth")
-    p, ok, cf = arrays["pred_xy"], arrays["correct"], arrays["confident"]
-    for mask, colour, label in ((ok & cf, "tab:green", "confident, correct"),
-                                (~ok & cf, "tab:red", "confident, wrong")):
-        ax.scatter(p[mask, 0], p[mask, 1], s=14, c=colour, label=label, zorder=3)
-    for mask, colour, label in ((ok & ~cf, "tab:green", "unsure, correct"),
-                                (~ok & ~cf, "tab:red", "unsure, wrong")):
-        ax.scatter(p[mask, 0], p[mask, 1], s=14, facecolors="none", edgecolors=colour,
-                   label=label, zorder=3)
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.set_xlabel("x / east (m)")
-    ax.set_ylabel("y / north (m)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+def report_tracks(report: dict) -> list:
+    """Plot tracks (vpr_ros.evaluation.plots): the frame answers, and the stream's."""
+    a = report["_arrays"]
+    tracks = [{"label": "single-frame answer", "xy": a["pred_xy"], "correct": a["correct"],
+               "confident": a["confident"], "err": a["err"]}]
+    st = a.get("stream")
+    if st is not None:
+        tracks.append({"label": "stream localizer", "xy": st["pred_xy"],
+                       "correct": st["correct"], "confident": st["published"],
+                       "err": st["err"]})
+    return tracks
 
 
-def plot_error_over_time(arrays: dict, radius_m: float, path: Path, title: str) -> None:
-    plt = _plt()
-    t = (arrays["stamps"] - arrays["stamps"][0]) / 1e9
-    err, cf = arrays["err"], arrays["confident"]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
-    ax.plot(t, err, "-", c="0.6", lw=0.8)
-    ax.scatter(t[cf], err[cf], s=12, c="tab:blue", label="confident (pose published)", zorder=3)
-    ax.scatter(t[~cf], err[~cf], s=12, facecolors="none", edgecolors="tab:orange",
-               label="unsure", zorder=3)
-    ax.axhline(radius_m, ls="--", c="tab:red", lw=1, label=f"{radius_m:g} m radius")
-    ax.set_yscale("symlog", linthresh=max(radius_m, 1.0))
-    ax.set_xlabel("time since first frame (s)")
-    ax.set_ylabel("error of best match (m)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
-def write_bag_report(report: dict, out_dir, place_map) -> None:
-    """report.json + trajectory.png + error_over_time.png + pr_curve.png (atomic folder)."""
-    from .plots import plot_pr_curves
+def write_bag_report(report: dict, out_dir, place_map, tracks=None) -> None:
+    """report.json + trajectory.png + route_over_time.png + error_over_time.png +
+    pr_curve.png (atomic folder).  ``tracks`` (one per method, see
+    :mod:`vpr_ros.evaluation.compare`) replaces the single published-answer track."""
+    from .plots import (plot_error_over_time, plot_pr_curves, plot_route_over_time,
+                        plot_trajectory)
 
     arrays = report.get("_arrays")
     with atomic_directory(out_dir, overwrite=True) as tmp:
         if arrays is not None:
             title = f"{Path(report['bag']).name} ({report['mode']})"
-            plot_trajectory(arrays, place_map.places.positions[:, :2], tmp / "trajectory.png",
-                            title)
-            plot_error_over_time(arrays, report["radius_m"], tmp / "error_over_time.png", title)
+            tracks = tracks or report_tracks(report)
+            db_xy = place_map.places.positions[:, :2]
+            t = (arrays["stamps"] - arrays["stamps"][0]) / 1e9
+            plot_trajectory(arrays["gt_all"], tracks, db_xy, tmp / "trajectory.png", title,
+                            radius_m=report["radius_m"])
+            plot_route_over_time(t, arrays["gt"], tracks, db_xy, tmp / "route_over_time.png",
+                                 title)
+            plot_error_over_time(t, tracks, report["radius_m"], tmp / "error_over_time.png",
+                                 title)
             plot_pr_curves({"confidence": arrays["pr"]}, tmp / "pr_curve.png",
                            title=f"confidence gate, {title}")
         (tmp / "report.json").write_text(json.dumps(public_report(report), indent=2) + "\n")

@@ -255,10 +255,11 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
             timings.setdefault(key, []).append(v)
     report["latency_ms"] = {key: _stats(v) for key, v in timings.items()}
     report["device"] = str(getattr(describer, "device", "cpu"))
-    report["_arrays"] = {"preds": final_preds, "hits": hits, "pr": pr, "pr_default": pr_default,
-                         "pr_sim": pr_sim, "examples": s.examples,
+    report["_arrays"] = {"preds": final_preds, "preds_global": preds, "hits": hits, "pr": pr,
+                         "pr_default": pr_default, "pr_sim": pr_sim, "examples": s.examples,
                          "stream": stream_rep["_arrays"] if stream_rep else None,
-                         "positions": np.asarray(q_pos)}
+                         "positions": np.asarray(q_pos), "reranked": bool(rerank_k),
+                         "from_csv": bool(from_csv)}
     return report
 
 
@@ -285,7 +286,8 @@ def public_report(report: dict) -> dict:
 
 
 def write_report(report: dict, out_dir, place_map, q_paths) -> None:
-    """report.json + recall_at_n.png + pr_curve.png + examples.png, written atomically."""
+    """report.json + recall_at_n.png + pr_curve.png + examples.png (+ route_over_time.png and
+    error_over_time.png when the queries are a drive), written atomically."""
     import json
 
     from .plots import plot_examples, plot_pr_curves, plot_recall_curves
@@ -306,6 +308,8 @@ def write_report(report: dict, out_dir, place_map, q_paths) -> None:
         if arrays.get("stream") is not None:
             pr_curves["stream (calibrated, cross-fitted)"] = arrays["stream"]["pr"]
         plot_pr_curves(pr_curves, tmp / "pr_curve.png")
+        if arrays.get("from_csv"):      # queries in driving order: answers along the route
+            _plot_answers_along_route(report, arrays, place_map, tmp, title)
         nq = len(q_paths)
         count = min(arrays.get("examples", 6), nq)
         picks = np.unique(np.linspace(0, nq - 1, num=count).astype(int))
@@ -321,6 +325,31 @@ def write_report(report: dict, out_dir, place_map, q_paths) -> None:
                           captions=[f"query {q}" for q in picks])
         (tmp / "report.json").write_text(json.dumps(public_report(report), indent=2) + "\n")
         usual_permissions(tmp)
+
+
+def _plot_answers_along_route(report, arrays, place_map, tmp: Path, title: str) -> None:
+    """route_over_time.png + error_over_time.png: each query's top-1 place, in query order
+    (single-frame, re-ranked, stream)."""
+    from .compare import (STREAM, MethodAnswers, SINGLE_FRAME, TWO_STAGE, compare_methods,
+                          method_tracks)
+    from .plots import plot_error_over_time, plot_route_over_time
+
+    methods = [MethodAnswers(SINGLE_FRAME, arrays["preds_global"].tolist())]
+    if arrays["reranked"]:
+        methods.append(MethodAnswers(TWO_STAGE, arrays["preds"].tolist()))
+    stream = arrays.get("stream")
+    if stream is not None:
+        methods.append(MethodAnswers(STREAM, [[int(a)] for a in stream["answer"]],
+                                     confident=[bool(v) for v in stream["accepted"]]))
+    db_xy = place_map.places.positions[:, :2]
+    q_pos = arrays["positions"]
+    rows = compare_methods(methods, q_pos, db_xy, report["radius_m"])
+    tracks = method_tracks(rows, db_xy)
+    t = np.arange(len(q_pos), dtype=np.float64)
+    plot_route_over_time(t, q_pos, tracks, db_xy, tmp / "route_over_time.png", title,
+                         xlabel="query (driving order)")
+    plot_error_over_time(t, tracks, report["radius_m"], tmp / "error_over_time.png", title,
+                         xlabel="query (driving order)")
 
 
 def _db_image(place_map, root: Path, name: str):

@@ -8,7 +8,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "ModelCard": "cards", "load_card": "cards", "list_cards": "cards",
-    "default_card_name": "cards", "build_model": "factory", "load_model": "factory",
+    "default_card_name": "cards", "default_rerank_card_name": "cards",
+    "build_model": "factory", "load_model": "factory",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,8 @@ from ..errors import ModelCardError
 ARCHITECTURES = ("scicevpr", "super_cricavpr", "selavpr")
 DEMO_CARD_NAME = "demo_tiny"
 FALLBACK_CARD_NAME = "scicevpr_tiny_random"
+DEMO_RERANK_CARD_NAME = "demo_tiny_selavpr"
+FALLBACK_RERANK_CARD_NAME = "selavpr_tiny_random"
 
 _SCICE_HEAD_KEYS = {"out_indices", "mix_in_dim", "token_num", "token_ratio",
                     "encoder_layers", "encoder_heads", "encoder_ffn"}
@@ -258,20 +260,30 @@ def list_cards() -> List[ModelCard]:
     return cards
 
 
-def default_card_name() -> str:
-    """The shipped demo model if its weights are present, else the tiny random card."""
+def _shipped_or(name: str, fallback: str) -> str:
     try:
         folder = models_dir()
     except ModelCardError:
-        return FALLBACK_CARD_NAME
-    demo = folder / f"{DEMO_CARD_NAME}.yaml"
-    if demo.is_file():
+        return fallback
+    card = folder / f"{name}.yaml"
+    if card.is_file():
         try:
-            if load_card(demo).has_weights:
-                return DEMO_CARD_NAME
+            if load_card(card).has_weights:
+                return name
         except ModelCardError:
             pass
-    return FALLBACK_CARD_NAME
+    return fallback
+
+
+def default_card_name() -> str:
+    """The shipped demo model if its weights are present, else the tiny random card."""
+    return _shipped_or(DEMO_CARD_NAME, FALLBACK_CARD_NAME)
+
+
+def default_rerank_card_name() -> str:
+    """The shipped demo re-ranker (SelaVPR) if its weights are present, else the tiny
+    random SelaVPR card."""
+    return _shipped_or(DEMO_RERANK_CARD_NAME, FALLBACK_RERANK_CARD_NAME)
 
 
 def write_card(card: ModelCard, path: Union[str, os.PathLike]) -> None:
