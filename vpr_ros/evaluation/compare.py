@@ -75,7 +75,10 @@ def _stream(rec: dict) -> Optional[dict]:
     st = rec.get("stream")
     if not st:
         return None
-    return {"ranked": [int(st["place_index"])], "latency_ms": _latency(rec),
+    # the stream's answer first, then the frame's own candidates (as vpr eval recall ranks)
+    answer = int(st["place_index"])
+    rest = [int(i) for i in rec["place_indices"] if int(i) != answer]
+    return {"ranked": [answer] + rest, "latency_ms": _latency(rec),
             "confident": bool(st["confident"])}
 
 
@@ -135,8 +138,11 @@ def compare_methods(methods: Sequence[MethodAnswers], gt_xy: np.ndarray, db_xy: 
                "_top1": top1, "_err": err,
                "_correct": np.array([t in set(p.tolist()) for t, p in zip(top1, positives)])}
         if m.confident is not None:
-            row["confident_frames"] = int(np.sum(m.confident))
-            row["_confident"] = np.asarray(m.confident, dtype=bool)
+            confident = np.asarray(m.confident, dtype=bool)
+            row["confident_frames"] = int(confident.sum())
+            row["precision_of_confident"] = (float(row["_correct"][confident].mean())
+                                             if confident.any() else None)
+            row["_confident"] = confident
         rows.append(row)
     return rows
 
@@ -153,12 +159,18 @@ def format_table(rows: Sequence[dict], ns=(1, 5, 10)) -> str:
     def num(d, key):
         return "-" if not d else f"{d[key]:.1f}"
 
+    def published(r):
+        if "confident_frames" not in r:
+            return "-"
+        return f"{r['confident_frames']} ({pct(r['precision_of_confident'])} %)"
+
     header = (["method"] + [f"R@{n}" for n in ns]
-              + ["median err m", "p90 err m", "latency ms (mean)", "p95"])
+              + ["median err m", "p90 err m", "poses published (precision)",
+                 "latency ms (mean)", "p95"])
     table = [header]
     for r in rows:
         table.append([r["method"]] + [pct(r["recall"].get(str(n))) for n in ns]
-                     + [num(r["error_m"], "p50"), num(r["error_m"], "p90"),
+                     + [num(r["error_m"], "p50"), num(r["error_m"], "p90"), published(r),
                         num(r["latency_ms"], "mean"), num(r["latency_ms"], "p95")])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = []

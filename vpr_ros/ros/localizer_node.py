@@ -118,6 +118,9 @@ PARAMETERS = {
     "stream_still_cosine": (0.995, "stream: a frame at least this alike the last one is a "
                                    "stop, not new evidence (1 = off)", CONFIGURE,
                             (0.5, 1.0, 0.0)),
+    "stream_rerank_weight": (1.0, "stream: weight of the re-ranking scores as evidence next to "
+                                  "the global similarity (0 = global only)", CONFIGURE,
+                             (0.0, 10.0, 0.0)),
     "stream_radius_m": (25.0, "stream: an answer is right within this distance (confidence "
                               "mass)", CONFIGURE, (0.01, 10000.0, 0.0)),
     "stream_odometry_sigma": (0.25, "stream: relative error of the odometry's travelled "
@@ -465,6 +468,7 @@ class LocalizerNode(LifecycleNode):
             speed_change_prob=float(self.p("stream_speed_change_prob")),
             max_speed_mps=float(self.p("stream_max_speed_mps")),
             still_cosine=float(self.p("stream_still_cosine")),
+            rerank_weight=float(self.p("stream_rerank_weight")),
             radius_m=float(self.p("stream_radius_m")),
             odometry_sigma=float(self.p("stream_odometry_sigma")),
             odometry_max_gap_s=float(self.p("stream_odometry_max_gap_s")))
