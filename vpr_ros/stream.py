@@ -636,8 +636,10 @@ class StreamLocalizer:
         return {"places": cand_idx, "mass": post_iid}
 
     def _best_place(self) -> int:
-        per_place = np.bincount(self._places, weights=self._mass, minlength=0)
-        return int(np.argmax(per_place))
+        # summed over directions and speeds; over the tracked places only (a bincount over
+        # place indices would allocate an array as long as the map every frame)
+        uniq, inv = np.unique(self._places, return_inverse=True)
+        return int(uniq[np.argmax(np.bincount(inv, weights=self._mass))])
 
     def _mass_near(self, place: int, places: np.ndarray, mass: np.ndarray) -> float:
         if len(places) == 0:
