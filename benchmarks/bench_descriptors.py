@@ -53,7 +53,8 @@ if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the packa
 from benchmarks.common import (DEFAULT_OUT, REPO_ROOT, fmt, interleaved_times, md_table, median,
                                peak_rss_mb, set_threads, write_json)
 
-NORDLAND = REPO_ROOT.parent / "shared" / "data" / "nordland64_summer_winter_part1" / "images" / "test"
+NORDLAND = (REPO_ROOT.parent / "shared" / "data" / "nordland64_summer_winter_part1"
+            / "images" / "test")
 
 
 def load_nordland(n_db: int, n_q: int) -> tuple:
@@ -96,7 +97,8 @@ def eager_baseline(model):
     bb = m.backbone
 
     def uncached(grid, bb=bb):
-        return resample_position_embedding(bb.pos_embed, bb.pos_embed_grid, grid, bb.interpolate_offset)
+        return resample_position_embedding(bb.pos_embed, bb.pos_embed_grid, grid,
+                                           bb.interpolate_offset)
     bb.position_embedding = uncached
     return m
 
@@ -266,7 +268,8 @@ def fidelity(fns: Dict[str, Callable], db_imgs, q_imgs) -> Dict[str, dict]:
         cos = np.concatenate([np.sum(vdb * ref_db, 1), np.sum(vq * ref_q, 1)])
         top1 = np.argmax(vq @ vdb.T, axis=1)
         out[name] = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-                     "max_abs_diff": float(max(np.abs(vdb - ref_db).max(), np.abs(vq - ref_q).max())),
+                     "max_abs_diff": float(max(np.abs(vdb - ref_db).max(),
+                                               np.abs(vq - ref_q).max())),
                      "top1_identical": float((top1 == ref_top1).mean()),
                      "n_db": len(db_imgs), "n_queries": len(q_imgs),
                      "seconds": time.perf_counter() - t0}
@@ -297,7 +300,8 @@ def batch_invariance(fns: Dict[str, Callable], images,
     return out
 
 
-def speed(fns: Dict[str, Callable], x_by_batch: Dict[int, object], repeats: Dict[int, int]) -> Dict[str, dict]:
+def speed(fns: Dict[str, Callable], x_by_batch: Dict[int, object],
+          repeats: Dict[int, int]) -> Dict[str, dict]:
     out: Dict[str, dict] = {name: {} for name in fns}
     for b, x in x_by_batch.items():
         calls = {name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}
@@ -341,7 +345,8 @@ def speed_with_omp_default(quick: bool) -> dict:
     from benchmarks.common import OMP_DEFAULT_ENV
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env[OMP_DEFAULT_ENV] = "1"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-speed"] + (["--quick"] if quick else [])
+    cmd = ([sys.executable, str(Path(__file__).resolve()), "--child-speed"]
+           + (["--quick"] if quick else []))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip()[-2000:]}
@@ -413,7 +418,8 @@ def selavpr_speed(quick: bool) -> dict:
         g, loc = fns[name](x)
         res[f"{name}_s_per_image"] = median(times[name])
         res[f"{name}_speedup"] = median(times["fp32"]) / median(times[name])
-        res[f"{name}_global_cosine_min"] = torch.nn.functional.cosine_similarity(g32, g.float()).min().item()
+        res[f"{name}_global_cosine_min"] = torch.nn.functional.cosine_similarity(
+            g32, g.float()).min().item()
         res[f"{name}_local_cosine_mean"] = (l32 * loc.float()).sum(-1).mean().item()
     return res
 
@@ -471,11 +477,14 @@ def markdown(res: dict) -> str:
     child = res.get("speed_omp_default", {})
     if "speed" in child:
         lines += ["", "The package's variants again, in a child process under the OpenMP runtime's "
-                  f"default wait policy (this process: OMP_WAIT_POLICY={res.get('omp_wait_policy')}; "
+                  "default wait policy (this process: "
+                  f"OMP_WAIT_POLICY={res.get('omp_wait_policy')}; "
                   "the node and the CLI do not set it):", ""]
-        crow = [[name, fmt(r["b1"]["ms_per_image"], 0), _speedup(r["b1"]), fmt(r["b8"]["ms_per_image"], 0),
-                 _speedup(r["b8"])] for name, r in child["speed"].items()]
-        lines.append(md_table(["variant", "b1 ms/img", "b1 speed-up", "b8 ms/img", "b8 speed-up"], crow))
+        crow = [[name, fmt(r["b1"]["ms_per_image"], 0), _speedup(r["b1"]),
+                 fmt(r["b8"]["ms_per_image"], 0), _speedup(r["b8"])]
+                for name, r in child["speed"].items()]
+        lines.append(md_table(["variant", "b1 ms/img", "b1 speed-up", "b8 ms/img", "b8 speed-up"],
+                              crow))
     elif "error" in child:
         lines += ["", f"(child run under the OpenMP default failed: {child['error'][-300:]})"]
     if res.get("batch_invariance"):
@@ -493,7 +502,8 @@ def markdown(res: dict) -> str:
                   f"| fp32 | {s['fp32_s_per_image']:.2f} | 1.00 | reference | reference |"]
         for name in ("bf16", "int8", "int8_float_attention"):
             if f"{name}_s_per_image" in s:
-                lines.append(f"| {name} | {s[f'{name}_s_per_image']:.2f} | {s[f'{name}_speedup']:.2f} "
+                lines.append(f"| {name} | {s[f'{name}_s_per_image']:.2f} "
+                             f"| {s[f'{name}_speedup']:.2f} "
                              f"| {s[f'{name}_global_cosine_min']:.5f} "
                              f"| {s[f'{name}_local_cosine_mean']:.4f} |")
         lines.append("")
@@ -503,7 +513,8 @@ def markdown(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow warm-up)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure torch.compile (slow warm-up)")
     ap.add_argument("--no-selavpr", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--child-speed", action="store_true", help=argparse.SUPPRESS)

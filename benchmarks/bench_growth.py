@@ -69,7 +69,8 @@ def run(quick: bool, out: Path, cache: Path = DEFAULT_CACHE, max_n: int = None) 
             if n == max(sizes):
                 topk[cfg["family"]] = []
                 for k in (1, 10, 100, 1000):
-                    topk[cfg["family"]].append({"k": k, "ms_per_query": single_query_ms(index, q, k)})
+                    topk[cfg["family"]].append({"k": k,
+                                                "ms_per_query": single_query_ms(index, q, k)})
             del index
     plot(rows, topk, out / "growth.png")
     return {"sizes": sizes, "rows": rows, "topk_at_max": topk}
@@ -85,15 +86,18 @@ def plot(rows: List[dict], topk: Dict[str, List[dict]], path: Path) -> None:
         ax[1].plot([r["n"] for r in rr], [r["index_mb"] for r in rr], "o-", label=fam)
     for fam, pts in topk.items():
         ax[2].plot([p["k"] for p in pts], [p["ms_per_query"] for p in pts], "o-", label=fam)
-    ax[0].set(xscale="log", yscale="log", xlabel="places", ylabel="ms / query (k=10, batch 1, 1 thread)",
-              title="Search time vs map size")
-    ax[1].set(xscale="log", yscale="log", xlabel="places", ylabel="index MB", title="Index memory vs map size")
+    ax[0].set(xscale="log", yscale="log", xlabel="places",
+              ylabel="ms / query (k=10, batch 1, 1 thread)", title="Search time vs map size")
+    ax[1].set(xscale="log", yscale="log", xlabel="places", ylabel="index MB",
+              title="Index memory vs map size")
     n_max = max(r["n"] for r in rows)
-    ax[2].set(xscale="log", xlabel="top-K", ylabel="ms / query", title=f"Search time vs K ({n_max:,} places)")
+    ax[2].set(xscale="log", xlabel="top-K", ylabel="ms / query",
+              title=f"Search time vs K ({n_max:,} places)")
     for a in ax:
         a.grid(alpha=0.3, which="both")
         a.legend(fontsize=8)
-    fig.suptitle("Growth, synthetic SciceVPR-B descriptors, PCA-256, single-query search, 1 FAISS thread")
+    fig.suptitle("Growth, synthetic SciceVPR-B descriptors, PCA-256, single-query search, "
+                 "1 FAISS thread")
     save_figure(fig, path)
     plt.close(fig)
 
@@ -101,11 +105,13 @@ def plot(rows: List[dict], topk: Dict[str, List[dict]], path: Path) -> None:
 def markdown(res: dict) -> str:
     lines = ["## Growth with map size and top-K", ""]
     lines.append(md_table(["places", "index", "ms/query (k=10)", "index MB"],
-                          [[f"{r['n']:,}", r["name"], fmt(r["ms_per_query"], 3), fmt(r["index_mb"], 0)]
+                          [[f"{r['n']:,}", r["name"], fmt(r["ms_per_query"], 3),
+                            fmt(r["index_mb"], 0)]
                            for r in res["rows"]]))
     lines += ["", f"Latency vs top-K at {max(res['sizes']):,} places:", ""]
     lines.append(md_table(["index", "k", "ms/query"],
-                          [[fam, p["k"], fmt(p["ms_per_query"], 3)] for fam, pts in res["topk_at_max"].items()
+                          [[fam, p["k"], fmt(p["ms_per_query"], 3)]
+                           for fam, pts in res["topk_at_max"].items()
                            for p in pts]))
     lines.append("\n![growth](growth.png)\n")
     return "\n".join(lines)

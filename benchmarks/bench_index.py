@@ -175,15 +175,16 @@ def search_eval(index, params: str, q: np.ndarray, targets: np.ndarray,
         else:
             rest.append(tok)
     if rest:
-        ps.set_index_parameters(index.base if isinstance(index, MmapRescored) else index, ",".join(rest))
-    _, I = index.search(q, k)
+        ps.set_index_parameters(index.base if isinstance(index, MmapRescored) else index,
+                                ",".join(rest))
+    _, ids = index.search(q, k)
     lat = single_query_latencies(index, q, k)
     out = {"params": params, "ms_per_query": 1000 * median(lat),
            "ms_per_query_p90": 1000 * float(np.percentile(lat, 90))}
-    out.update({f"place_{k_}": v for k_, v in place_recall(I, targets).items()})
+    out.update({f"place_{k_}": v for k_, v in place_recall(ids, targets).items()})
     if exact_I is not None:
-        out.update(agreement_recall(I, exact_I))
-    return out, I
+        out.update(agreement_recall(ids, exact_I))
+    return out, ids
 
 
 def pca_fidelity(rmap: ReducedMap) -> List[dict]:
@@ -193,11 +194,11 @@ def pca_fidelity(rmap: ReducedMap) -> List[dict]:
         db, q, t, gt = rmap.fidelity_set(d)
         ix = faiss.IndexFlatIP(d)
         ix.add(db)
-        _, I = ix.search(q, 10)
+        _, ids = ix.search(q, 10)
         r = {"d": d, "places": len(db), "queries": len(q)}
-        r.update({f"place_{k}": v for k, v in place_recall(I, t).items()})
+        r.update({f"place_{k}": v for k, v in place_recall(ids, t).items()})
         r.update({f"fullD_place_{k}": v for k, v in place_recall(gt, t).items()})
-        r.update({f"vs_fullD_{k}": v for k, v in agreement_recall(I, gt).items()})
+        r.update({f"vs_fullD_{k}": v for k, v in agreement_recall(ids, gt).items()})
         rows.append(r)
     return rows
 
@@ -581,7 +582,8 @@ def _summarize_process_runs(runs: List[dict]) -> dict:
     ready = [r["process_ready_s"] for r in ok]
     res.update({"process_ready_s": median(ready), "process_ready_s_min": min(ready),
                 "process_ready_s_max": max(ready),
-                "log_configured_in_s": median([r.get("log_configured_in_s", float("nan")) for r in ok]),
+                "log_configured_in_s": median([r.get("log_configured_in_s", float("nan"))
+                                               for r in ok]),
                 "VmRSS_mb": ok[-1].get("VmRSS_mb"), "RssAnon_mb": ok[-1].get("RssAnon_mb")})
     return res
 
@@ -634,7 +636,8 @@ def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = T
         out["model_load_first_s"] = time.perf_counter() - t0
         out["build"] = write_synthetic_map(folder, n, describer)
         print(f"[open] wrote {n}-place map in {out['build']['total_s']:.0f} s: "
-              + ", ".join(f"{k} {v:.0f} MB" for k, v in out["build"]["files_mb"].items()), flush=True)
+              + ", ".join(f"{k} {v:.0f} MB" for k, v in out["build"]["files_mb"].items()),
+              flush=True)
         gen = SyntheticPlaces(SyntheticSpec(dim=describer.dim))
         targets = np.random.default_rng(3).choice(n, 50, replace=False)
         queries = gen.queries(targets, tag=7).astype(np.float32)
@@ -701,8 +704,8 @@ def map_open_times(n: int = 100_000, work: Optional[Path] = None, node: bool = T
             place_map.search(queries[i:i + 1], 10)
             lat.append(time.perf_counter() - t0)
         out["steady_search_ms"] = 1000 * median(lat)
-        _, I = place_map.search(queries, 10)
-        out["query_place_recall"] = place_recall(I, targets)
+        _, ids = place_map.search(queries, 10)
+        out["query_place_recall"] = place_recall(ids, targets)
         out["rss_after_search_mb"] = rss_mb()
         out["rss_anon_mb"], out["rss_file_mb"] = _status_mb("RssAnon"), _status_mb("RssFile")
 
@@ -772,8 +775,9 @@ def markdown_map_open(o: dict) -> str:
              f"A real map folder written with the package's own writers: {o['places']:,} synthetic "
              f"{b['dim']}-D descriptors stored as float16 "
              f"({b['files_mb'].get('descriptors.npy', 0) / 1024:.2f} GB), index "
-             f"`{b['index_factory']}` ({b['files_mb'].get('index.faiss', 0):.0f} MB, PCA trained on "
-             f"{b['pca_training_places']} places, IVF on {b['ivf_training_places']}), model card "
+             f"`{b['index_factory']}` ({b['files_mb'].get('index.faiss', 0):.0f} MB, "
+             f"PCA trained on {b['pca_training_places']} places, "
+             f"IVF on {b['ivf_training_places']}), model card "
              f"{o['card']} with random weights (seed 0).  Cold = the map's files dropped from the "
              "page cache first (posix_fadvise DONTNEED, checked with fincore); device cpu.", ""]
     rows = []
@@ -798,15 +802,19 @@ def markdown_map_open(o: dict) -> str:
     lines += ["", "Where a cold `verify=\"size\"` open spends its time: manifest + size check "
               f"{p['manifest_and_size_check_s'] * 1000:.1f} ms, places table (CSV + npy) "
               f"{p['places_table_s'] * 1000:.0f} ms, descriptors np.load(mmap) "
-              f"{p['descriptors_mmap_s'] * 1000:.1f} ms, index read {p['index_read_s'] * 1000:.0f} ms."]
+              f"{p['descriptors_mmap_s'] * 1000:.1f} ms, "
+              f"index read {p['index_read_s'] * 1000:.0f} ms."]
     f = o.get("fresh_process", {})
     if "open_s" in f:
-        lines += ["", f"A fresh Python process (cold map): `import faiss, vpr_ros.maps` {f['import_s']:.2f} s "
+        lines += ["", "A fresh Python process (cold map): `import faiss, vpr_ros.maps` "
+                  f"{f['import_s']:.2f} s "
                   "(vpr_ros.maps imports torch through maps.sources -> preprocess), "
-                  f"open {f['open_s']:.2f} s, first search {f['first_search_s'] * 1000:.0f} ms; RSS "
-                  f"{f['rss_before_open_mb']:.0f} MB after the imports, {f['rss_mb']:.0f} MB after the open ({f['rss_anon_mb']:.0f} MB anonymous, "
+                  f"open {f['open_s']:.2f} s, first search {f['first_search_s'] * 1000:.0f} ms; "
+                  f"RSS {f['rss_before_open_mb']:.0f} MB after the imports, "
+                  f"{f['rss_mb']:.0f} MB after the open ({f['rss_anon_mb']:.0f} MB anonymous, "
                   f"{f['rss_file_mb']:.0f} MB file-backed), i.e. the "
-                  f"{b['files_mb'].get('descriptors.npy', 0) / 1024:.1f} GB descriptor file is not read."]
+                  f"{b['files_mb'].get('descriptors.npy', 0) / 1024:.1f} GB descriptor file "
+                  "is not read."]
     lines += ["", f"After a cold `open_for`: first search of a 10752-D query "
               f"{o['first_search_s'] * 1000:.1f} ms, steady {o['steady_search_ms']:.2f} ms "
               f"(place R@1 of 50 synthetic queries {fmt(o['query_place_recall'].get('R@1'), 2)}); "
@@ -816,25 +824,29 @@ def markdown_map_open(o: dict) -> str:
     nd = o.get("node")
     if nd:
         if "ready_s" in nd:
-            lines += ["", f"LocalizerNode (map_verify size, device cpu, autostart false): configure "
-                      f"{nd['configure_s']:.2f} s + activate {nd['activate_s'] * 1000:.0f} ms = active after "
-                      f"{nd['ready_s']:.2f} s.  Building the model alone (measured just before, same process) "
+            lines += ["", "LocalizerNode (map_verify size, device cpu, autostart false): "
+                      f"configure {nd['configure_s']:.2f} s "
+                      f"+ activate {nd['activate_s'] * 1000:.0f} ms = active after "
+                      f"{nd['ready_s']:.2f} s.  Building the model alone "
+                      "(measured just before, same process) "
                       f"takes {nd['model_load_s']:.2f} s, so configure minus model is "
-                      f"{nd['configure_minus_model_load_s']:.2f} s (the map open plus noise: the two are "
-                      "timed separately on a shared machine)."]
+                      f"{nd['configure_minus_model_load_s']:.2f} s (the map open plus noise: "
+                      "the two are timed separately on a shared machine)."]
         else:
             lines += ["", f"LocalizerNode: failed ({nd.get('error')})."]
     for key in ("node_process", "node_process_baseline"):
         npr = o.get(key)
         if not npr:
             continue
-        what = (f"A fresh `python -m vpr_ros.ros.localizer_node` process on the {npr['places']:,}-place "
-                "map (autostart, cold map")
+        what = ("A fresh `python -m vpr_ros.ros.localizer_node` process on the "
+                f"{npr['places']:,}-place map (autostart, cold map")
         if "process_ready_s" in npr:
-            lines += ["", what + f", {len(npr['runs'])} runs interleaved with the other map): \"active\" "
-                      f"{npr['process_ready_s']:.2f} s (median; {npr['process_ready_s_min']:.2f}-"
+            lines += ["", what + f", {len(npr['runs'])} runs interleaved with the other map): "
+                      f"\"active\" {npr['process_ready_s']:.2f} s "
+                      f"(median; {npr['process_ready_s_min']:.2f}-"
                       f"{npr['process_ready_s_max']:.2f}) after the process started; its log says "
-                      f"configured in {fmt(npr.get('log_configured_in_s'), 1)} s (the lazy torch/timm "
+                      f"configured in {fmt(npr.get('log_configured_in_s'), 1)} s "
+                      "(the lazy torch/timm "
                       "imports, the model and the map; before that: Python start-up, rclpy and the "
                       f"node module); RSS then {fmt(npr.get('VmRSS_mb'), 0)} MB "
                       f"({fmt(npr.get('RssAnon_mb'), 0)} MB anonymous)."]
@@ -844,7 +856,8 @@ def markdown_map_open(o: dict) -> str:
     if "process_ready_s" in big and "process_ready_s" in small:
         lines += ["", f"So in a fresh node the {big['places']:,}-place map costs "
                   f"{big['process_ready_s'] - small['process_ready_s']:+.2f} s over a "
-                  f"{small['places']:,}-place map of the same kind (medians; the rest is start-up)."]
+                  f"{small['places']:,}-place map of the same kind "
+                  "(medians; the rest is start-up)."]
     lines += ["", f"Writing the map: descriptors {b['descriptors_write_s']:.0f} s, index training "
               f"{b['index_train_s']:.0f} s, adding {b['index_add_s']:.0f} s, sha256 of all files "
               f"{b['checksums_s']:.0f} s."]
@@ -899,14 +912,15 @@ def run(quick: bool, out: Path, cache: Path = DEFAULT_CACHE) -> dict:
                 index = MmapRescored(base, rmap, d)
             else:
                 index, build_s, path, mb = build(cfg, rmap, n, index_dir)
-            prev = ((cfg["factory"], d), index, build_s, path, mb) if "PQ" in cfg["factory"] else None
+            prev = (((cfg["factory"], d), index, build_s, path, mb)
+                    if "PQ" in cfg["factory"] else None)
             rss1 = rss_mb()
             entry = {"n": n, "name": cfg["name"], "factory": cfg["factory"], "d": d,
                      "build_s": build_s, "index_mb": mb, "rss_delta_mb": rss1 - rss0, "points": []}
             for params in cfg["sweep"]:
-                res, I = search_eval(index, params, q, targets, exact.get(d))
+                res, ids = search_eval(index, params, q, targets, exact.get(d))
                 if cfg["factory"] == "Flat":
-                    exact[d] = I
+                    exact[d] = ids
                     res.update({"recall@1": 1.0, "recall@10": 1.0})
                 entry["points"].append(res)
             exact_place = None
@@ -914,10 +928,12 @@ def run(quick: bool, out: Path, cache: Path = DEFAULT_CACHE) -> dict:
                 if r["n"] == n and r["factory"] == "Flat" and r["d"] == d:
                     exact_place = r["points"][0]["place_R@1"]
             for p in entry["points"]:
-                p["place_R@1_ratio_to_exact"] = (p["place_R@1"] / exact_place) if exact_place else None
+                p["place_R@1_ratio_to_exact"] = ((p["place_R@1"] / exact_place)
+                                                 if exact_place else None)
             results.append(entry)
             print(f"[index] n={n} {cfg['name']}: build {build_s:.1f}s, {mb:.0f} MB, "
-                  + "; ".join(f"{p['params'] or '-'}: {p['ms_per_query']:.2f} ms R1 {p.get('recall@1', 0):.3f}"
+                  + "; ".join(f"{p['params'] or '-'}: {p['ms_per_query']:.2f} ms "
+                              f"R1 {p.get('recall@1', 0):.3f}"
                               for p in entry["points"]), flush=True)
             if n == open_n and cfg["name"] in ("Flat@512", f"IVF{nlist_for(n)},SQ8@256"):
                 open_files[cfg["name"]] = path
@@ -941,14 +957,16 @@ def run(quick: bool, out: Path, cache: Path = DEFAULT_CACHE) -> dict:
                 continue
             for p in r["points"]:
                 ok = (r["index_mb"] <= 2048 and p["ms_per_query"] <= 10
-                      and p.get("recall@1", 0) >= 0.98 and (p["place_R@1_ratio_to_exact"] or 0) >= 0.98)
+                      and p.get("recall@1", 0) >= 0.98
+                      and (p["place_R@1_ratio_to_exact"] or 0) >= 0.98)
                 if ok:
                     cands.append((p["ms_per_query"], r["name"], p["params"], r["index_mb"],
                                   p.get("recall@1"), p["place_R@1_ratio_to_exact"]))
         best[n] = sorted(cands)[0] if cands else None
     return {"sizes": sizes, "cache": str(folder), "generation_s": gen_s,
             "synthetic": rmap.meta, "results": results, "pca_fidelity": fidelity,
-            "open_100k": opened, "map_open_100k": map_open, "pca_projection_ms_per_query": proj_ms, "best_under_goals": best, "peak_rss_mb": peak_rss_mb(),
+            "open_100k": opened, "map_open_100k": map_open, "pca_projection_ms_per_query": proj_ms,
+            "best_under_goals": best, "peak_rss_mb": peak_rss_mb(),
             "faiss_threads": faiss.omp_get_max_threads()}
 
 
@@ -957,7 +975,8 @@ def markdown(res: dict) -> str:
              "Synthetic 10752-D descriptors (route-structured; see benchmarks/synthetic_map.py), "
              "PCA to d, L2-normalised. recall@k = agreement with exact Flat search on the same "
              "d-dim vectors; place R@1 = true place within +-2 places; ms = median single-query "
-             "latency with 1 FAISS thread (PCA projection of the query not included, see below).", ""]
+             "latency with 1 FAISS thread (PCA projection of the query not included, "
+             "see below).", ""]
     rows = []
     for r in res["results"]:
         for p in r["points"]:
@@ -969,26 +988,33 @@ def markdown(res: dict) -> str:
                            "place R@1", "ratio to exact", "index MB", "build s"], rows))
     lines += ["", f"Projecting a 10752-D query to PCA-512 (faiss.PCAMatrix, 1 thread) adds "
               f"{res['pca_projection_ms_per_query']:.2f} ms per query.", ""]
-    lines += ["", "Best configuration per size under the goals (<= 2 GB, <= 10 ms, recall >= 0.98 of exact):", ""]
+    lines += ["", "Best configuration per size under the goals "
+              "(<= 2 GB, <= 10 ms, recall >= 0.98 of exact):", ""]
     for n, b in res["best_under_goals"].items():
-        lines.append(f"- {int(n):,} places: " + (f"{b[1]} {b[2]}: {b[0]:.2f} ms, {b[3]:.0f} MB, "
-                                                  f"recall@1 {fmt(b[4], 3)}, place ratio {fmt(b[5], 3)}"
-                                                  if b else "none met all goals"))
-    lines += ["", "PCA fidelity (exact search in PCA space vs exact search on the full 10752-D vectors):", ""]
-    lines.append(md_table(["d", "places", "place R@1 (PCA)", "place R@1 (10752-D)", "top-1 same as 10752-D", "top-10 overlap"],
-                          [[f["d"], f["places"], fmt(f["place_R@1"], 3), fmt(f["fullD_place_R@1"], 3),
+        lines.append(f"- {int(n):,} places: "
+                     + (f"{b[1]} {b[2]}: {b[0]:.2f} ms, {b[3]:.0f} MB, "
+                        f"recall@1 {fmt(b[4], 3)}, place ratio {fmt(b[5], 3)}"
+                        if b else "none met all goals"))
+    lines += ["", "PCA fidelity (exact search in PCA space vs exact search on the full "
+              "10752-D vectors):", ""]
+    lines.append(md_table(["d", "places", "place R@1 (PCA)", "place R@1 (10752-D)",
+                           "top-1 same as 10752-D", "top-10 overlap"],
+                          [[f["d"], f["places"], fmt(f["place_R@1"], 3),
+                            fmt(f["fullD_place_R@1"], 3),
                             fmt(f["vs_fullD_recall@1"], 3), fmt(f["vs_fullD_recall@10"], 3)]
                            for f in res["pca_fidelity"]]))
     o = res["open_100k"]
-    lines += ["", f"Opening a {o['places']:,}-place map (page cache dropped first, best effort):", ""]
+    lines += ["", f"Opening a {o['places']:,}-place map "
+              "(page cache dropped first, best effort):", ""]
     rows = [[name, fmt(v["file_mb"], 0), fmt(v.get("read_open_s"), 3), fmt(v.get("mmap_open_s"), 3),
              fmt(v.get("mmap_ifc_open_s"), 3), fmt(v.get("mmap_ifc_first_query_s"), 3),
              "; ".join(v[k] for k in ("mmap_error", "mmap_ifc_error") if k in v)]
             for name, v in o["indexes"].items()]
-    lines.append(md_table(["index", "file MB", "read_index s", "IO_FLAG_MMAP s", "IO_FLAG_MMAP_IFC s",
-                           "first query after MMAP_IFC s", "note"], rows))
-    lines.append(f"\nnp.load(mmap_mode='r') of the {o['descriptors_file_gb']:.1f} GB {o['places']:,}x10752 "
-                 f"float32 descriptor matrix: {o['descriptors_mmap_open_s'] * 1000:.1f} ms; reading 20 random "
+    lines.append(md_table(["index", "file MB", "read_index s", "IO_FLAG_MMAP s",
+                           "IO_FLAG_MMAP_IFC s", "first query after MMAP_IFC s", "note"], rows))
+    lines.append(f"\nnp.load(mmap_mode='r') of the {o['descriptors_file_gb']:.1f} GB "
+                 f"{o['places']:,}x10752 float32 descriptor matrix: "
+                 f"{o['descriptors_mmap_open_s'] * 1000:.1f} ms; reading 20 random "
                  f"rows: {o['descriptors_read_20_random_rows_s'] * 1000:.1f} ms.")
     if res.get("map_open_100k"):
         lines += ["", markdown_map_open(res["map_open_100k"])]

@@ -5,8 +5,8 @@ DDS transport, message conversion, the worker hand-off, JSON/pose publishing - i
 visible rather than buried under model time), on a map of the whole shipped Nordland
 sample (200 places); and SciceVPR-B (random weights, the deployment size; issue 6
 target 4 is stated against it: within 20% of the bare Localizer) on a 24-place map of
-the sample (map size does not change the per-frame cost at this scale).  Frames are sent one at a time over
-Fast DDS on localhost (raw ``sensor_msgs/Image`` bgr8 640x... from the sample, and
+the sample (map size does not change the per-frame cost at this scale).  Frames are sent one
+at a time over Fast DDS on localhost (raw ``sensor_msgs/Image`` bgr8 640x... from the sample, and
 ``CompressedImage`` JPEG); the time from ``publish`` to the arrival of the node's
 ``~/matches`` message is compared with ``Localizer.localize`` on the same images in the
 same process, interleaved frame by frame (bare, node, bare, node, ...) so that machine
@@ -95,7 +95,8 @@ def run_card(card: str, n_frames: int, n_places, flood_s: float) -> dict:
 
     # bare Localizer, same settings as the node (batch 1, top-10)
     d1 = GlobalDescriber(str(card_path), device="cpu", batch_size=1)
-    loc = Localizer(PlaceMap.open_for(map_dir, d1, device="cpu"), d1, top_k=10, confidence_threshold=0.0)
+    loc = Localizer(PlaceMap.open_for(map_dir, d1, device="cpu"), d1, top_k=10,
+                    confidence_threshold=0.0)
     loc.localize(images[0])
     bare = []
 
@@ -113,7 +114,8 @@ def run_card(card: str, n_frames: int, n_places, flood_s: float) -> dict:
         for transport in ("raw", "compressed"):
             params["image_transport"] = transport
             node = LocalizerNode(context=context,
-                                 parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+                                 parameter_overrides=[Parameter(k, value=v)
+                                                      for k, v in params.items()])
             peer = Node("vpr_bench_peer", context=context)
             got = []
             lock = threading.Lock()
@@ -126,16 +128,19 @@ def run_card(card: str, n_frames: int, n_places, flood_s: float) -> dict:
             peer.create_subscription(String, "/vpr_localizer/matches", on_match, 10)
             qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
             pub = peer.create_publisher(Image if transport == "raw" else CompressedImage,
-                                        "/camera/image_raw" + ("" if transport == "raw" else "/compressed"), qos)
+                                        "/camera/image_raw"
+                                        + ("" if transport == "raw" else "/compressed"), qos)
             ex = MultiThreadedExecutor(num_threads=2, context=context)
             ex.add_node(node)
             ex.add_node(peer)
             th = threading.Thread(target=ex.spin, daemon=True)
             th.start()
-            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+            assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, \
+                node.configure_error
             assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
             deadline = time.monotonic() + 30
-            while pub.get_subscription_count() == 0 or peer.count_publishers("/vpr_localizer/matches") == 0:
+            while (pub.get_subscription_count() == 0
+                   or peer.count_publishers("/vpr_localizer/matches") == 0):
                 if time.monotonic() > deadline:
                     raise RuntimeError("node did not connect within 30 s")
                 time.sleep(0.05)
@@ -158,14 +163,16 @@ def run_card(card: str, n_frames: int, n_places, flood_s: float) -> dict:
                     time.sleep(0.001)
                 if i > 0:
                     e2e.append(got[-1][0] - t0)
-                    node_total.append(got[-1][1].get("timings_ms", {}).get("total", float("nan")) / 1000)
+                    node_total.append(
+                        got[-1][1].get("timings_ms", {}).get("total", float("nan")) / 1000)
             if flood_s > 0 and transport == "raw":
                 flood = _flood(pub, got, lock, images, flood_s, rgb_to_image_msg, ns_to_stamp)
             ex.shutdown(timeout_sec=5)
             node._stop_worker()
             node.destroy_node()
             peer.destroy_node()
-            results[transport] = {"e2e_ms": 1000 * median(e2e), "node_reported_total_ms": 1000 * median(node_total),
+            results[transport] = {"e2e_ms": 1000 * median(e2e),
+                                  "node_reported_total_ms": 1000 * median(node_total),
                                   "frames": len(e2e)}
             if flood is not None:
                 results[transport]["flood"] = flood
@@ -218,8 +225,8 @@ def markdown(res: dict) -> str:
     models = res.get("models") or {res.get("card", TINY): res}
     rows, flood_rows = [], []
     for card, r in models.items():
-        rows.append([card, r["map_places"], "bare Localizer.localize", fmt(r["bare_localizer_ms"], 2),
-                     "-", "1.00"])
+        rows.append([card, r["map_places"], "bare Localizer.localize",
+                     fmt(r["bare_localizer_ms"], 2), "-", "1.00"])
         for t, n in r["node"].items():
             rows.append([card, r["map_places"], f"node, {t} image", fmt(n["e2e_ms"], 2),
                          fmt(n["overhead_ms_vs_bare"], 2), fmt(n["ratio_to_bare"], 2)])

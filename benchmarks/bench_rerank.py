@@ -1,4 +1,5 @@
-"""Re-ranking: the official algorithm vs the package's exact, int8-storage and bf16 paths, and storage.
+"""Re-ranking: the official algorithm vs the package's exact, int8-storage and bf16 paths, \
+and storage.
 
 Local features are SelaVPR-shaped maps (61 x 61 x 128, unit vectors per point, stored
 as float16 as a map stores them).  They are synthetic but have the spatial structure of
@@ -207,7 +208,8 @@ def peak_in_subprocess(query, candidates, names) -> Dict[str, float]:
         for name in names:
             code = (f"import sys; sys.path[:0] = [{here!r}, {str(Path(here).parent)!r}]; "
                     f"import benchmarks.bench_rerank as b; b._child_peak({path!r}, {name!r})")
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 timeout=1800)
             try:
                 out[name] = _json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mb"]
             except (IndexError, ValueError, KeyError):
@@ -252,16 +254,19 @@ def run(quick: bool) -> dict:
         entry = {"k": k, "n_queries": n_queries, "counts_identical": True,
                  "recomputed_fraction": {"rows": stats["rows_recomputed"] / stats["rows"],
                                          "cols": stats["cols_recomputed"] / stats["cols"]},
-                 "count_range": [int(min(c.min() for c in base_counts)), int(max(c.max() for c in base_counts))],
+                 "count_range": [int(min(c.min() for c in base_counts)),
+                                 int(max(c.max() for c in base_counts))],
                  "latency_s": {n: median(t) for n, t in times.items()},
                  "peak_extra_mb": mem}
         lat = entry["latency_s"]
         entry["speedup_vs_baseline"] = {n: lat["official_batched"] / v for n, v in lat.items()}
-        entry["speedup_vs_per_candidate_loop"] = {n: lat["per_candidate_loop"] / v for n, v in lat.items()}
+        entry["speedup_vs_per_candidate_loop"] = {n: lat["per_candidate_loop"] / v
+                                                  for n, v in lat.items()}
 
         # storage variants: effect on counts and on the re-ranked order
         basis = pca_basis(cands[:, :4], 64)
-        variants: Dict[str, List] = {"bf16_compute": [], "int8_storage": [], "pca64_fp16_storage": []}
+        variants: Dict[str, List] = {"bf16_compute": [], "int8_storage": [],
+                                     "pca64_fp16_storage": []}
         for i in range(n_queries):
             variants["bf16_compute"].append(bf16_counts(qf[i], cands[i]))
             variants["int8_storage"].append(int8_storage_counts(qf[i], stores[i]))
@@ -271,22 +276,28 @@ def run(quick: bool) -> dict:
         effects = {}
         for name, counts in variants.items():
             diffs = torch.cat([(c - b).abs().float() for c, b in zip(counts, base_counts)])
-            rel = torch.cat([((c - b).abs().float() / b.clamp(min=1).float()) for c, b in zip(counts, base_counts)])
-            same_top1 = np.mean([order_of(c)[0] == order_of(b)[0] for c, b in zip(counts, base_counts)])
-            same_order = np.mean([np.array_equal(order_of(c), order_of(b)) for c, b in zip(counts, base_counts)])
+            rel = torch.cat([((c - b).abs().float() / b.clamp(min=1).float())
+                             for c, b in zip(counts, base_counts)])
+            same_top1 = np.mean([order_of(c)[0] == order_of(b)[0]
+                                 for c, b in zip(counts, base_counts)])
+            same_order = np.mean([np.array_equal(order_of(c), order_of(b))
+                                  for c, b in zip(counts, base_counts)])
             # rank correlation of the scores
             rhos = []
             for c, b in zip(counts, base_counts):
-                rc = np.argsort(np.argsort(c.numpy())); rb = np.argsort(np.argsort(b.numpy()))
+                rc = np.argsort(np.argsort(c.numpy()))
+                rb = np.argsort(np.argsort(b.numpy()))
                 rhos.append(np.corrcoef(rc, rb)[0, 1])
-            effects[name] = {"mean_abs_count_diff": float(diffs.mean()), "max_abs_count_diff": float(diffs.max()),
+            effects[name] = {"mean_abs_count_diff": float(diffs.mean()),
+                             "max_abs_count_diff": float(diffs.max()),
                              "mean_rel_count_diff": float(rel.mean()),
                              "reranked_top1_identical": float(same_top1),
                              "reranked_order_identical": float(same_order),
                              "spearman_rho_mean": float(np.mean(rhos))}
         entry["storage_effects"] = effects
         results[f"top{k}"] = entry
-        print(f"[rerank] top-{k}: " + ", ".join(f"{n} {v:.2f}s" for n, v in entry["latency_s"].items())
+        print(f"[rerank] top-{k}: "
+              + ", ".join(f"{n} {v:.2f}s" for n, v in entry["latency_s"].items())
               + f"; effects {effects}", flush=True)
     bytes_per_place = {"float32": H * W * C * 4, "float16": H * W * C * 2,
                        "int8 + fp16 scale per point": H * W * C + H * W * 2,
@@ -299,13 +310,14 @@ def markdown(res: dict) -> str:
     lines = ["## Re-ranking (mutual nearest neighbours, 61x61x128 local features)", "",
              "Latency per query, one query against K candidates, 2 threads; speed-up over the "
              "official batched algorithm (the issue's baseline) and over the leaner per-candidate "
-             "loop; peak = extra RSS while running (each variant in a fresh process). The package's "
-             "counts are asserted identical to both baselines'.", ""]
+             "loop; peak = extra RSS while running (each variant in a fresh process). "
+             "The package's counts are asserted identical to both baselines'.", ""]
     rows = []
     for key, e in res["results"].items():
         for n in e["latency_s"]:
             rows.append([key, n, fmt(e["latency_s"][n], 3), fmt(e["speedup_vs_baseline"][n], 2),
-                         fmt(e["speedup_vs_per_candidate_loop"][n], 2), fmt(e["peak_extra_mb"][n], 0)])
+                         fmt(e["speedup_vs_per_candidate_loop"][n], 2),
+                         fmt(e["peak_extra_mb"][n], 0)])
     lines.append(md_table(["candidates", "variant", "s/query", "vs official batched",
                            "vs per-candidate loop", "peak extra MB"], rows))
     lines += ["", "Storage / compute precision vs float16 storage + float32 compute "
@@ -316,10 +328,12 @@ def markdown(res: dict) -> str:
         for n, f in e["storage_effects"].items():
             rows.append([key, n, fmt(f["mean_abs_count_diff"], 2), fmt(f["max_abs_count_diff"], 0),
                          fmt(f["mean_rel_count_diff"], 4), fmt(f["spearman_rho_mean"], 4),
-                         fmt(f["reranked_top1_identical"], 2), fmt(f["reranked_order_identical"], 2)])
-    lines.append(md_table(["candidates", "variant", "mean |dcount|", "max |dcount|", "mean rel. diff",
-                           "Spearman rho", "top-1 same", "order same"], rows))
-    lines += ["", "Storage per place: " + ", ".join(f"{k} {v:.2f} MB" for k, v in res["mb_per_place"].items())]
+                         fmt(f["reranked_top1_identical"], 2),
+                         fmt(f["reranked_order_identical"], 2)])
+    lines.append(md_table(["candidates", "variant", "mean |dcount|", "max |dcount|",
+                           "mean rel. diff", "Spearman rho", "top-1 same", "order same"], rows))
+    lines += ["", "Storage per place: "
+              + ", ".join(f"{k} {v:.2f} MB" for k, v in res["mb_per_place"].items())]
     return "\n".join(lines)
 
 

@@ -59,7 +59,8 @@ def query_stream(desc: np.ndarray, frames: int, seed: int = 1):
             speed = float(rng.choice([0.0, 0.5, 1.0, 2.0]))
         i = min(i + speed, n - 1)
         idx.append(int(i))
-    q = desc[idx] + 1.6 * rng.standard_normal((frames, desc.shape[1])).astype(np.float32) / np.sqrt(desc.shape[1])
+    q = desc[idx] + (1.6 * rng.standard_normal((frames, desc.shape[1])).astype(np.float32)
+                     / np.sqrt(desc.shape[1]))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return np.array(idx), q
 

@@ -59,11 +59,15 @@ def summary(results: dict) -> str:
     if "speed" in d:
         rows = []
         for name, r in d["speed"].items():
-            rows.append([name, f"{r['b1']['speedup_vs_eager_fp32']:.2f}x", f"{r['b8']['speedup_vs_eager_fp32']:.2f}x",
-                         f"{d['fidelity'][name]['cosine_min']:.5f}" if name in d["fidelity"] else "1",
-                         f"{d['fidelity'][name]['top1_identical']:.3f}" if name in d["fidelity"] else "1"])
+            rows.append([name, f"{r['b1']['speedup_vs_eager_fp32']:.2f}x",
+                         f"{r['b8']['speedup_vs_eager_fp32']:.2f}x",
+                         (f"{d['fidelity'][name]['cosine_min']:.5f}"
+                          if name in d["fidelity"] else "1"),
+                         (f"{d['fidelity'][name]['top1_identical']:.3f}"
+                          if name in d["fidelity"] else "1")])
         lines += ["Descriptor speed-ups over plain eager fp32 (SciceVPR-B):", "",
-                  md_table(["variant", "batch 1", "batch 8", "min cosine", "top-1 identical"], rows), ""]
+                  md_table(["variant", "batch 1", "batch 8", "min cosine", "top-1 identical"],
+                           rows), ""]
         child = d.get("speed_omp_default", {}).get("speed", {})
         if child:
             lines += ["Under the OpenMP runtime's default wait policy (as the node and CLI run): "
@@ -76,16 +80,18 @@ def summary(results: dict) -> str:
         for key, e in r["results"].items():
             lat, sp = e["latency_s"], e["speedup_vs_baseline"]
             loop = e.get("speedup_vs_per_candidate_loop", {})
-            lines.append(f"- Re-ranking {key}: package (exact) {sp['package']:.2f}x faster than the "
-                         f"official batched algorithm ({lat['package']:.2f} s vs "
-                         f"{lat['official_batched']:.2f} s), {loop.get('package', float('nan')):.2f}x "
+            lines.append(f"- Re-ranking {key}: package (exact) {sp['package']:.2f}x faster than "
+                         f"the official batched algorithm ({lat['package']:.2f} s vs "
+                         f"{lat['official_batched']:.2f} s), "
+                         f"{loop.get('package', float('nan')):.2f}x "
                          f"faster than a per-candidate loop, counts identical; int8 storage "
                          f"{sp.get('package_int8_storage', float('nan')):.2f}x.")
     i = results.get("index", {})
     if "best_under_goals" in i:
         for n, b in i["best_under_goals"].items():
-            lines.append(f"- {int(n):,} places: " + (f"{b[1]} ({b[2]}) {b[0]:.2f} ms/query, {b[3]:.0f} MB"
-                                                      if b else "no index met all goals"))
+            lines.append(f"- {int(n):,} places: "
+                         + (f"{b[1]} ({b[2]}) {b[0]:.2f} ms/query, {b[3]:.0f} MB"
+                            if b else "no index met all goals"))
     return "\n".join(lines)
 
 
@@ -95,11 +101,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--only", default=",".join(TOPICS), help=f"comma list of {TOPICS}")
-    ap.add_argument("--compile", action="store_true", help="also measure torch.compile in descriptors")
+    ap.add_argument("--compile", action="store_true",
+                    help="also measure torch.compile in descriptors")
     ap.add_argument("--render", action="store_true",
                     help="only re-write results.md from the results.json in --out")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the other topics of an existing results.json in --out (re-run some topics only)")
+                    help="keep the other topics of an existing results.json in --out "
+                         "(re-run some topics only)")
     a = ap.parse_args()
     set_threads(2)
     out = a.out
@@ -131,7 +139,8 @@ def main() -> None:
             results[name] = res
         except Exception as exc:  # noqa: BLE001 - keep the other topics' results
             traceback.print_exc()
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": time.perf_counter() - t0}
+            results[name] = {"error": f"{type(exc).__name__}: {exc}",
+                             "wall_s": time.perf_counter() - t0}
         write_json(out / "results.json", results)      # partial results survive a later crash
     results["finished_utc"] = datetime.now(timezone.utc).isoformat()
     write_json(out / "results.json", results)
@@ -159,10 +168,12 @@ def render(results: dict, out: Path) -> None:
     started = datetime.fromisoformat(results["started_utc"])
     m = results["machine"]
     head = [f"# vpr_ros benchmark results ({results['mode']} run)", "",
-            f"Run {started:%Y-%m-%d %H:%M} UTC on {m['cpu_model']}, {m['logical_cpus']} logical CPUs, "
+            f"Run {started:%Y-%m-%d %H:%M} UTC on {m['cpu_model']}, "
+            f"{m['logical_cpus']} logical CPUs, "
             f"{m.get('memory_gb', '?')} GB RAM, flags: {' '.join(m['cpu_flags'])}; "
             f"load average at start {[round(x, 1) for x in m.get('loadavg_at_start', [])]}.", "",
-            "Topics re-run later (merged): " + (", ".join(f"{k} ({v})" for k, v in merged.items()) or "none")
+            "Topics re-run later (merged): "
+            + (", ".join(f"{k} ({v})" for k, v in merged.items()) or "none")
             + ".", "",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
             "The machine is shared with other jobs: absolute times are noisy, ratios come from "

@@ -191,7 +191,8 @@ class ReducedGenerator:
     def queries(self, targets: np.ndarray, tag: int = 0) -> np.ndarray:
         rng = np.random.default_rng([self.gen.spec.seed, 9, tag])
         z = self.gen.latents_of(targets)
-        z = z + self.gen.season + rng.standard_normal(z.shape).astype(np.float32) * self.gen.spec.jitter_std
+        z = (z + self.gen.season
+             + rng.standard_normal(z.shape).astype(np.float32) * self.gen.spec.jitter_std)
         return self.reduced(z, rng)
 
 
@@ -347,7 +348,8 @@ def place_recall(pred: np.ndarray, targets: np.ndarray, tolerance: int = 2,
     return out
 
 
-def agreement_recall(pred: np.ndarray, exact: np.ndarray, ns: Sequence[int] = (1, 10)) -> Dict[str, float]:
+def agreement_recall(pred: np.ndarray, exact: np.ndarray,
+                     ns: Sequence[int] = (1, 10)) -> Dict[str, float]:
     """ANN vs exact: recall@1 = top-1 identical; recall@k = |top-k(ANN) & top-k(exact)| / k."""
     out = {}
     for n in ns:
@@ -375,11 +377,11 @@ if __name__ == "__main__":  # quick look at the structure
         print("full-D exact place R@1 (+-2):", place_recall(gt, t))
         ix = faiss.IndexFlatIP(d)
         ix.add(db)
-        _, I = ix.search(q, 10)
-        print(d, "long way", place_recall(I, t), agreement_recall(I, gt))
+        _, ids = ix.search(q, 10)
+        print(d, "long way", place_recall(ids, t), agreement_recall(ids, gt))
         xb = m.database(a.n, d)
         q, t = m.queries(a.n, d)
         ix = faiss.IndexFlatIP(d)
         ix.add(xb)
-        _, I = ix.search(q, 10)
-        print(d, "closed form", place_recall(I, t))
+        _, ids = ix.search(q, 10)
+        print(d, "closed form", place_recall(ids, t))

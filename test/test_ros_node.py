@@ -197,7 +197,7 @@ def test_frames_in_matches_poses_candidates_out(harness_factory, tiny_map, query
 
 
 def test_unconfident_match_publishes_no_pose_and_debug_image(harness_factory, tiny_map,
-                                                              query_images, sample_dir):
+                                                             query_images, sample_dir):
     h = harness_factory(_params(tiny_map, confidence_threshold=1.0, publish_debug_image=True,
                                 map_images_dir=str(sample_dir / "images/test/database")))
     debug = []
@@ -330,7 +330,7 @@ def test_parameter_rules_and_covariance():
     assert c1[35] == pytest.approx(0.25) and c1[1] == 0.0
 
 
-# ---------------------------------------------------------------- the process, as `ros2 run` starts it
+# ------------------------------------------------------------- the process, as `ros2 run` starts it
 
 def _start_node(args, env):
     cmd = [sys.executable, "-m", "vpr_ros.ros.localizer_node", "--ros-args"] + args

@@ -45,7 +45,8 @@ def plot_pr_curves(curves: Dict[str, dict], path: Path, title: str = "") -> None
     for label, pr in curves.items():
         r, p = np.r_[0.0, pr["recall"]], np.r_[1.0, pr["precision"]]
         ax.step(100 * r, 100 * p, where="post",
-                label=f"{label} (AP {pr['auc']:.3f}, R@100%P {100 * pr['recall_at_100_precision']:.1f}%)")
+                label=f"{label} (AP {pr['auc']:.3f}, "
+                      f"R@100%P {100 * pr['recall_at_100_precision']:.1f}%)")
     ax.set_xlabel("Recall (% of all queries accepted and correct)")
     ax.set_ylabel("Precision (% of accepted that are correct)")
     ax.set_xlim(0, 100)

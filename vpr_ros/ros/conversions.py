@@ -113,7 +113,8 @@ def rgb_to_compressed_msg(rgb: np.ndarray, stamp: Optional[Time] = None, frame_i
 
 
 def pose_from_arrays(position: Sequence[float], orientation: Sequence[float]) -> Pose:
-    """(x, y, z) and (x, y, z, w) -> geometry_msgs/Pose (NaN position -> 0, bad quat -> identity)."""
+    """(x, y, z) and (x, y, z, w) -> geometry_msgs/Pose
+    (NaN position -> 0, bad quat -> identity)."""
     p = [0.0 if not np.isfinite(v) else float(v) for v in position]
     q = np.asarray(orientation, dtype=np.float64)
     n = np.linalg.norm(q) if np.all(np.isfinite(q)) else 0.0

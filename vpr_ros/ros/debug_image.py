@@ -88,7 +88,8 @@ def render_debug_image(query_rgb: np.ndarray, result, map_images_dir: str = "",
     if correspondences is not None and len(correspondences):
         x0 = left.width + 4
         for k, (qy, qx, cy, cx) in enumerate(np.asarray(correspondences)):
-            hue = (int(255 * (1 - k / len(correspondences))), 200, int(255 * k / len(correspondences)))
+            hue = (int(255 * (1 - k / len(correspondences))), 200,
+                   int(255 * k / len(correspondences)))
             draw.line([(qx * left.width, qy * PANEL_HEIGHT),
                        (x0 + cx * right.width, cy * PANEL_HEIGHT)], fill=hue, width=1)
     colour = (80, 220, 80) if result.confident else (230, 160, 40)

@@ -301,7 +301,7 @@ def run_node_and_replay(bag, image_topic: str, node_params: dict, rate: float = 
     env = isolated_ros_env()
     domain = int(env["ROS_DOMAIN_ID"])
     saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY",
-                                             "RMW_IMPLEMENTATION")}
+                                            "RMW_IMPLEMENTATION")}
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     os.environ.pop("ROS_LOCALHOST_ONLY", None)
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
