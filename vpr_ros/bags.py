@@ -89,13 +89,19 @@ class _Bag:
             raise BagError(f"topic {topic!r} in bag {self.path} has no messages")
         return [c for c in self.reader.connections if c.topic == topic]
 
-    def messages(self, connections) -> Iterator[Tuple[object, int, object]]:
+    def messages(self, connections, skip_bad: bool = False
+                 ) -> Iterator[Tuple[object, int, object]]:
+        """(connection, receive time, message); a message that cannot be deserialized
+        raises BagError, or with ``skip_bad`` comes as ``(connection, time, BagError)``."""
         for conn, bag_ns, raw in self.reader.messages(connections=connections):
             try:
                 msg = self.reader.deserialize(raw, conn.msgtype)
-            except Exception as exc:
-                raise BagError(f"cannot deserialize a {conn.msgtype} message on {conn.topic} "
-                               f"in {self.path}: {exc}") from None
+            except Exception as exc:  # rosbags raises several unrelated types
+                err = BagError(f"cannot deserialize a {conn.msgtype} message on {conn.topic} "
+                               f"in {self.path}: {' '.join(str(exc).split())}")
+                if not skip_bad:
+                    raise err from None
+                msg = err
             yield conn, int(bag_ns), msg
 
 
@@ -149,12 +155,16 @@ def message_to_rgb(msg, msgtype: str) -> np.ndarray:
 def read_images(path: PathLike, topic: str, skip_bad: bool = False) -> Iterator[BagImage]:
     """Yield the frames of an image topic in recording order.
 
-    A frame that cannot be decoded raises ImageError naming its index, or is skipped with
-    a warning when ``skip_bad`` (as the live node does).
+    A frame that cannot be decoded (pixels, or the message itself) raises ImageError /
+    BagError naming its index, or is skipped with a warning when ``skip_bad`` (as the live
+    node does); skipped frames keep their index, so callers count them as the gaps.
     """
     with _Bag(path) as bag:
         conns = bag.connections(topic, IMAGE_TYPES, "an image topic")
-        for index, (conn, bag_ns, msg) in enumerate(bag.messages(conns)):
+        for index, (conn, bag_ns, msg) in enumerate(bag.messages(conns, skip_bad=skip_bad)):
+            if isinstance(msg, BagError):
+                log.warning("skipping bad frame %d on %s: %s", index, topic, msg)
+                continue
             try:
                 rgb = message_to_rgb(msg, conn.msgtype)
             except ImageError as exc:
@@ -170,8 +180,10 @@ def read_image_stamps(path: PathLike, topic: str) -> np.ndarray:
     """Header stamps (ns) of an image topic without decoding the pixels."""
     with _Bag(path) as bag:
         conns = bag.connections(topic, IMAGE_TYPES, "an image topic")
-        return np.array([_stamp_ns(m.header, t) for _, t, m in bag.messages(conns)],
-                        dtype=np.int64)
+        # An undecodable message keeps its place (receive time as its stamp), so the
+        # stamps line up with read_images' frame indices.
+        return np.array([t if isinstance(m, BagError) else _stamp_ns(m.header, t)
+                         for _, t, m in bag.messages(conns, skip_bad=True)], dtype=np.int64)
 
 
 def _quat_normalize(q: np.ndarray) -> np.ndarray:

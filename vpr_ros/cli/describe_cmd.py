@@ -11,7 +11,7 @@ import numpy as np
 
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import ImageError
-from .common import add_model_args, describer_from_args
+from .common import add_image_args, add_model_args, describer_from_args
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (files, count, dim, model, fingerprint) on the last line")
     add_model_args(p)
+    add_image_args(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(paths), desc="describe", unit="img") as bar:
         for start in range(0, len(paths), bs):
             chunk = paths[start:start + bs]
-            images = [load_image(p) for p in chunk]
+            images = [load_image(p, max_pixels=args.max_pixels) for p in chunk]
             result[start:start + len(chunk)] = describer.describe(images)
             bar.update(len(chunk))
     with atomic_path(out, suffix=".npy") as tmp:
