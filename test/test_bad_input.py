@@ -146,7 +146,7 @@ PARAMETER_CASES = [
                          ids=[" ".join(a[:2]) + " " + a[-2] + "=" + a[-1]
                               for a, _ in PARAMETER_CASES])
 def test_bad_parameter_is_refused_before_any_work(argv, needle, tmp_path, sample_dir,
-                                                   small_map):
+                                                  small_map):
     out = tmp_path / "out.npy"
     out.write_bytes(b"old output")
     subst = {"IMG": str(sample_dir / "images"), "OUT": str(out), "MAP": str(small_map),
@@ -629,16 +629,19 @@ def test_killed_swap_leaves_a_map_that_opens(where, map_copy, entries, tmp_path)
     assert not leftovers(map_copy.parent, "m")
 
 
-def _rename_calls(trace: Path, target: Path) -> int:
-    """1-based number, in its thread, of the rename-family call that swaps the new map in
-    (strace counts injections per thread)."""
-    calls = [line.split(None, 1) for line in trace.read_text().splitlines()
-             if "rename" in line and "resumed" not in line]
-    for pid, line in calls:
-        if ".m.tmp-" in line and f'"{target}"' in line.split(",", 2)[-1]:
-            return sum(1 for p, _ in calls[:calls.index([pid, line]) + 1] if p == pid)
+def _swap_call(trace: Path, target: Path) -> tuple:
+    """(system call name, its 1-based number in its thread) of the call that swaps the new
+    map in: strace counts injections per thread and per system call."""
+    calls = []
+    for line in trace.read_text().splitlines():
+        pid, _, call = line.partition(" ")
+        if "rename" in call and "resumed" not in call:
+            calls.append((pid, call.split("(", 1)[0].strip(), call))
+    for i, (pid, name, call) in enumerate(calls):
+        if ".m.tmp-" in call and f'"{target}"' in call.split(",", 2)[-1]:
+            return name, sum(1 for p, n, _ in calls[:i + 1] if p == pid and n == name)
     raise AssertionError("no swap rename found in the trace:\n"
-                         + "\n".join(" ".join(c) for c in calls))
+                         + "\n".join(c for _, _, c in calls))
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two-renames"])
@@ -669,13 +672,13 @@ def test_strace_injected_kill_at_the_swap(fallback, map_copy, entries, tmp_path)
     subprocess.run([strace, "-f", "-qq", "-s", "4096", "-e", f"trace={calls}", "-o", str(trace),
                     sys.executable, "-c", code, *probe_argv], env=env, check=True,
                    capture_output=True, timeout=600)
-    nth = _rename_calls(trace, probe_map)
+    name, nth = _swap_call(trace, probe_map)
     # 2) the same run on the real map, killed at that call
     before = snapshot(map_copy)
     proc = subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "-e",
-                           f"inject={calls}:signal=KILL:when={nth}", sys.executable, "-c",
+                           f"inject={name}:signal=KILL:when={nth}", sys.executable, "-c",
                            code, *argv], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, "strace did not kill the build at the swap"
     pm = PlaceMap.open(map_copy)
     assert len(pm) in (N_PLACES, N_PLACES + 2)
     if len(pm) == N_PLACES:

@@ -399,7 +399,8 @@ def write_image_bag(path: PathLike, frames: Iterable, image_topic: str = "/camer
                     if pose_conn is None:
                         pose_conn = writer.add_connection(pose_topic, POSE_TYPES[1], typestore=ts)
                     x, y, z = (float(v) for v in fr.position)
-                    qx, qy, qz, qw = (float(v) for v in (fr.orientation or (0, 0, 0, 1)))
+                    q = (0, 0, 0, 1) if fr.orientation is None else fr.orientation  # arrays too
+                    qx, qy, qz, qw = (float(v) for v in q)
                     pmsg = PoseStamped(header=header(stamp, pose_frame_id),
                                        pose=Pose(position=Point(x=x, y=y, z=z),
                                                  orientation=Quaternion(x=qx, y=qy, z=qz, w=qw)))
