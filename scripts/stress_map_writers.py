@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--card", default="scicevpr_tiny_random")
     args = ap.parse_args()
 
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # run the cleanup below
     from vpr_ros.inference import GlobalDescriber
     from vpr_ros.maps import PlaceMap, benchmark_source, build_map
 

@@ -133,6 +133,22 @@ def atomic_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def check_writable(target: PathLike) -> None:
+    """Fail early (OutputError naming ``target``) when ``target``'s folder cannot be
+    written: creates and removes an empty file there.  Call before long work."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe",
+                                    dir=target.parent)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        if exc.errno in _WRITE_FIXES:
+            raise output_error(exc, target) from None
+        raise
+
+
 def atomic_write_bytes(target: PathLike, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)

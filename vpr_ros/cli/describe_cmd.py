@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text, check_writable
 from ..errors import ImageError
 from .common import add_image_args, add_model_args, describer_from_args
 
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
+    check_writable(out)                     # a read-only --out fails before the model loads
     describer = describer_from_args(args)
     log.info("model %s (%s), dim %d, device %s, %s", describer.card.name, describer.fingerprint[:23],
              describer.dim, describer.device, describer.precision)

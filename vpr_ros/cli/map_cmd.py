@@ -157,6 +157,15 @@ def _local_extractor(args, force: bool):
 
 
 def run_build(args) -> int:
+    from ..atomic import write_lock
+
+    # The writer lock first: another writer, or a read-only folder, is reported before
+    # the model loads.  build_map takes the same lock again (re-entrant).
+    with write_lock(args.out, wait_s=args.wait_lock, what=f"map {args.out}"):
+        return _run_build(args)
+
+
+def _run_build(args) -> int:
     from ..maps import build_map
     from .common import describer_from_args
 
@@ -191,6 +200,13 @@ def _model_for_map(args, map_path):
 
 
 def run_add(args) -> int:
+    from ..atomic import write_lock
+
+    with write_lock(args.map, wait_s=args.wait_lock, what=f"map {args.map}"):
+        return _run_add(args)
+
+
+def _run_add(args) -> int:
     from ..maps import add_to_map
     from .common import describer_from_args, local_extractor_from_args
 
