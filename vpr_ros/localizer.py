@@ -3,7 +3,11 @@
 Stages (each timed in ``timings_ms``): ``preprocess`` (official eval pipeline),
 ``describe`` (global descriptor), ``search`` (FAISS top-k), ``rerank`` (optional
 SelaVPR mutual-nearest-neighbour re-ranking of the first ``rerank_k`` candidates),
-``temporal`` (optional belief filter) and ``total``.
+``stream`` (optional stream localizer, :mod:`vpr_ros.stream`) and ``total``.
+
+Each frame is first checked for degeneracy (:mod:`vpr_ros.image_quality`: black, uniform,
+tiny, lens cap, heavy blur); a degenerate frame is never confident and is no evidence for
+the stream.
 
 Confidence (0..1) is a logistic function of two numbers of the final candidate list::
 
@@ -72,8 +76,13 @@ class LocalizationResult:
     frame_id: str = "map"
     reranked: bool = False
     temporal: bool = False
-    raw_place_index: Optional[int] = None   # single-frame answer when the temporal filter changed it
+    raw_place_index: Optional[int] = None   # single-frame answer when the stream changed it
     confidence_threshold: float = DEFAULT_THRESHOLD
+    stream: Optional[object] = None         # vpr_ros.stream.StreamEstimate when a stream ran
+    single_frame: Optional[dict] = None     # the single-frame answer when a stream ran
+    quality: Optional[object] = None        # vpr_ros.image_quality.FrameQuality of the frame
+    # the query's global descriptor (for the stream localizer; not serialised)
+    descriptor: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
     # the query's SelaVPR local features when re-ranking ran (for debug views; not serialised)
     query_local: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
@@ -87,7 +96,12 @@ class LocalizationResult:
                 "reranked": self.reranked, "temporal": self.temporal,
                 "raw_place_index": self.raw_place_index, "stamp_ns": self.stamp_ns,
                 "candidates": [c.to_dict() for c in self.candidates],
-                "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()}}
+                "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+                "stream": self.stream.to_dict() if self.stream is not None else None,
+                "single_frame": self.single_frame,
+                "localized": bool(self.stream.localized) if self.stream is not None else None,
+                "degenerate": bool(self.quality.degenerate) if self.quality is not None else False,
+                "degenerate_reason": self.quality.reason if self.quality is not None else None}
 
 
 def _finite(x: float):
@@ -168,7 +182,8 @@ class Localizer:
     def __init__(self, place_map, describer, local_extractor=None, top_k: int = 10,
                  rerank_k: int = 0, confidence_threshold: float = DEFAULT_THRESHOLD,
                  temporal_filter=None, confidence_params: Optional[dict] = None,
-                 check_map: bool = True, rerank_compute: str = "fp32"):
+                 check_map: bool = True, rerank_compute: str = "fp32", stream=None,
+                 quality_limits=None):
         from .models.rerank import COMPUTES
 
         if str(rerank_compute).strip().lower() not in COMPUTES:
@@ -203,15 +218,22 @@ class Localizer:
         self.rerank_compute = str(rerank_compute).strip().lower()
         self.confidence_threshold = float(confidence_threshold)
         self.temporal_filter = temporal_filter
+        self.stream = stream                # vpr_ros.stream.StreamLocalizer or None
+        from .image_quality import QualityLimits
+
+        self.quality_limits = quality_limits or QualityLimits()
         self.confidence_params = (confidence_params or place_map.manifest.get("confidence")
                                   or dict(DEFAULT_CONFIDENCE))
 
     # ------------------------------------------------------------------ stages
     def localize(self, image: np.ndarray, stamp_ns: Optional[int] = None,
                  color_order: str = "rgb") -> LocalizationResult:
+        from .image_quality import assess_frame
+
         t_start = time.perf_counter()
         timings: Dict[str, float] = {}
         rgb = to_rgb_uint8(image, color_order)
+        quality = assess_frame(rgb, self.quality_limits)
         d = self.describer
         if hasattr(d, "describe_tensor"):
             import torch
@@ -235,7 +257,7 @@ class Localizer:
             query_local = np.asarray(local[0])
             timings["rerank_extract"] = (time.perf_counter() - t) * 1e3
         result = self.localize_descriptor(desc, query_local=query_local, stamp_ns=stamp_ns,
-                                          timings=timings)
+                                          timings=timings, quality=quality)
         result.timings_ms["total"] = (time.perf_counter() - t_start) * 1e3
         result.query_local = query_local
         return result
@@ -243,14 +265,17 @@ class Localizer:
     def localize_descriptor(self, descriptor: np.ndarray, query_local: Optional[np.ndarray] = None,
                             stamp_ns: Optional[int] = None,
                             timings: Optional[Dict[str, float]] = None,
-                            search_result=None) -> LocalizationResult:
-        """The search/re-rank/confidence/temporal part for an already computed descriptor.
+                            search_result=None, quality=None) -> LocalizationResult:
+        """The search/re-rank/confidence/stream part for an already computed descriptor.
 
         ``search_result`` (similarities (k,), indices (k,)) skips the FAISS search (batch
-        evaluation searches all queries at once).
+        evaluation searches all queries at once).  ``quality`` (FrameQuality) marks a
+        degenerate frame: never confident, no evidence for the stream.
         """
         timings = dict(timings or {})
         k = max(self.top_k, self.rerank_k)
+        if self.stream is not None:
+            k = max(k, self.stream.config.candidates)
         t = time.perf_counter()
         if search_result is None:
             sims, idx = self.place_map.search(np.asarray(descriptor, np.float32)[None], k)
@@ -274,7 +299,19 @@ class Localizer:
             reranked = True
             timings["rerank"] = (time.perf_counter() - t) * 1e3
         result = self._result(sims, idx, scores, reranked, stamp_ns, timings)
-        if self.temporal_filter is not None:
+        result.descriptor = np.asarray(descriptor, dtype=np.float32).reshape(-1)
+        degenerate = quality is not None and quality.degenerate
+        if quality is not None:
+            result.quality = quality
+            if degenerate:
+                result.confident = False
+                result.confidence = 0.0
+        if self.stream is not None:
+            est = self.stream.observe(idx, sims, descriptor=result.descriptor, stamp_ns=stamp_ns,
+                                      rerank_scores=scores if reranked else None,
+                                      degenerate=degenerate)
+            result = self.stream.apply(result, est)
+        elif self.temporal_filter is not None:
             t = time.perf_counter()
             result = self.temporal_filter.filter_result(result, self.place_map, descriptor)
             result.timings_ms["temporal"] = (time.perf_counter() - t) * 1e3

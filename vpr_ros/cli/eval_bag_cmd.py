@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+from ..errors import ConfigError
+
 
 def register(eval_subparsers) -> None:
     from .common import add_model_args, positive_float, positive_int, probability
@@ -40,7 +42,9 @@ def register(eval_subparsers) -> None:
                    help="candidates per frame (Recall@N up to N=K; default 20)")
     p.add_argument("--confidence-threshold", type=probability, default=0.5, metavar="C",
                    help="confident at confidence >= C (default 0.5)")
-    p.add_argument("--temporal", action="store_true", help="enable the temporal filter")
+    from .eval_cmd import add_stream_args
+
+    add_stream_args(p, bag=True)
     p.add_argument("--radius", type=positive_float, default=25.0, metavar="M",
                    help="a match is correct within this distance (default 25 m)")
     p.add_argument("--max-gap", type=positive_float, default=2.0, metavar="S",
@@ -84,12 +88,22 @@ def print_summary(rep: dict) -> None:
     lat = (rep.get("latency_ms") or {}).get("total")
     if lat:
         print(f"latency: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95, {lat['max']:.1f} ms max")
+    st = rep.get("stream")
+    if st:
+        from .eval_cmd import print_stream_summary
+
+        print_stream_summary(st)
+        live = st.get("published_as_run") or {}
+        if live.get("frames") is not None:
+            print(f"poses published by the localizer (map threshold): {live['frames']} frames "
+                  f"({_pct(live['fraction'])}%), precision {_pct(live['precision'])}%")
 
 
 def run(args) -> int:
     from ..evaluation.bag_eval import BagEvalSettings, evaluate_bag, public_report
     from ..maps import PlaceMap, read_manifest
     from .common import describer_from_args, local_extractor_from_args
+    from .eval_cmd import stream_config_from_args
 
     manifest = read_manifest(args.map)
     if args.model is None:
@@ -99,7 +113,11 @@ def run(args) -> int:
                                max_gap_s=args.max_gap, top_k=args.top_k,
                                rerank_k=args.rerank_k if args.rerank else 0,
                                confidence_threshold=args.confidence_threshold,
-                               temporal=args.temporal, realtime=args.realtime, rate=args.rate,
+                               stream=args.stream,
+                               stream_config=stream_config_from_args(args),
+                               odometry_topic=args.odometry_topic,
+                               target_precision=args.target_precision,
+                               realtime=args.realtime, rate=args.rate,
                                max_frames=args.max_frames)
     if args.realtime:
         place_map = PlaceMap.open(args.map, verify="size", device="cpu")
@@ -123,6 +141,15 @@ def run(args) -> int:
                               local_extractor=local, out_dir=args.out)
     rep = public_report(report)
     print_summary(rep)
+    if args.store_calibration:
+        if "stream" not in rep:
+            raise ConfigError("--store-calibration needs the stream localizer (drop --no-stream)")
+        from ..maps import set_stream_calibration
+
+        set_stream_calibration(args.map, rep["stream"]["calibration"])
+        print(f"stream calibration stored in {args.map}/manifest.json (threshold "
+              f"{rep['stream']['calibration']['threshold']:.4f} for precision "
+              f"{rep['stream']['calibration']['target_precision']:g})")
     if args.out:
         print(f"report: {args.out}/report.json (+ trajectory.png, error_over_time.png, "
               "pr_curve.png)")

@@ -14,6 +14,61 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def add_stream_args(p, bag: bool = False) -> None:
+    """Stream localizer options shared by `vpr eval recall` and `vpr eval bag`."""
+    import argparse
+
+    g = p.add_argument_group("stream localizer (sequence matching over the frames in order)")
+    g.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="score single frames only")
+    g.add_argument("--no-temporal", dest="stream", action="store_false", help=argparse.SUPPRESS)
+    if bag:
+        g.add_argument("--odometry-topic", metavar="T", default=None,
+                       help="the robot's odometry in the bag (nav_msgs/Odometry or a pose "
+                            "topic; never the ground-truth topic); default: images alone")
+        g.add_argument("--store-calibration", action="store_true",
+                       help="store the fitted stream calibration (threshold for "
+                            "--target-precision) in the map's manifest")
+    else:
+        g.add_argument("--odometry", metavar="CSV", default=None,
+                       help="the robot's odometry at the queries (columns filename|t_s, x, "
+                            "y[, z]); default: images alone")
+    g.add_argument("--target-precision", type=_fraction, default=0.99, metavar="P",
+                   help="precision the published-pose threshold is fitted for (default 0.99)")
+    g.add_argument("--stream-candidates", type=_positive_int, default=50, metavar="K",
+                   help="retrieval candidates per frame used as stream evidence (default 50)")
+
+
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
+def stream_config_from_args(args):
+    from ..stream import StreamConfig
+
+    return StreamConfig(candidates=args.stream_candidates).validate()
+
+
 def register(subparsers) -> None:
     from .common import add_model_args, add_rerank_compute_arg
     from .map_cmd import add_rerank_model_args
@@ -27,8 +82,9 @@ def register(subparsers) -> None:
         "recall", help="Recall@N on a benchmark-layout dataset",
         description="Build a map from the database split (or use --map), describe the "
                     "queries, report Recall@1/5/10/20 (with and without re-ranking), the "
-                    "precision/recall curve of the confidence gate, the temporal filter and "
-                    "per-stage latency; write report.json and PNG plots to --out.")
+                    "precision/recall curve of the confidence gate, the stream localizer over "
+                    "the queries in driving order and per-stage latency; write report.json "
+                    "and PNG plots to --out.")
     r.add_argument("--dataset", required=True, metavar="DIR",
                    help="dataset in the benchmark layout (images/test/{database,queries})")
     r.add_argument("--map", metavar="MAP", default=None,
@@ -51,10 +107,7 @@ def register(subparsers) -> None:
                    help="FAISS factory string for the map built here (default Flat)")
     r.add_argument("--max-queries", type=int, default=None, metavar="N",
                    help="evaluate only the first N queries")
-    r.add_argument("--no-temporal", dest="temporal", action="store_false",
-                   help="skip the temporal filter run")
-    r.add_argument("--temporal-sigma", type=float, default=30.0, metavar="M",
-                   help="temporal filter motion spread per frame (default 30 m)")
+    add_stream_args(r)
     r.add_argument("--latency-queries", type=int, default=20, metavar="N",
                    help="queries timed one by one through the Localizer (default 20)")
     r.add_argument("--out", metavar="REPORT_DIR", default=None,
@@ -101,8 +154,10 @@ def run_recall(args) -> int:
     settings = RecallSettings(radius_m=args.radius, rerank_k=args.rerank_k,
                               rerank_compute=args.rerank_compute,
                               max_queries=args.max_queries, index=args.index,
-                              latency_queries=args.latency_queries, temporal=args.temporal,
-                              temporal_sigma_m=args.temporal_sigma)
+                              latency_queries=args.latency_queries, stream=args.stream,
+                              stream_config=stream_config_from_args(args),
+                              odometry_csv=args.odometry,
+                              target_precision=args.target_precision)
     command = "vpr " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     report = evaluate_recall(args.dataset, describer, local_extractor=local, place_map=place_map,
                              settings=settings, out_dir=args.out, map_out=args.save_map,
@@ -116,12 +171,10 @@ def run_recall(args) -> int:
     if "recall_reranked" in rep:
         print("re-ranked           " + "".join(f"  {_pct(rep['recall_reranked'].get(n))}"
                                                for n in ns))
-    if "recall_temporal" in rep:
-        note = "" if rep["temporal"]["motion_prior_fits"] else (
-            "   (queries are not a continuous drive: the filter's motion prior does not apply)")
-        print("temporal filter     " + f"  {_pct(rep['recall_temporal']['1'])}" + note)
     print(f"confidence gate: recall at 100% precision {100 * rep['recall_at_100_precision']:.2f}%, "
           f"average precision {rep['pr_auc']:.3f}")
+    if "stream" in rep:
+        print_stream_summary(rep["stream"])
     lat = rep.get("latency_ms", {}).get("total")
     if lat:
         print(f"latency per image: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95 "
@@ -129,10 +182,38 @@ def run_recall(args) -> int:
     if args.out:
         print(f"report: {args.out}/report.json (+ recall_at_n.png, pr_curve.png, examples.png)")
     if args.json:
-        summary = {k: rep[k] for k in ("recall", "recall_reranked", "recall_temporal",
+        summary = {k: rep[k] for k in ("recall", "recall_reranked",
                                        "num_queries", "num_database", "radius_m",
                                        "recall_at_100_precision", "pr_auc", "latency_ms",
                                        "confidence_calibration") if k in rep}
+        if "stream" in rep:
+            summary["stream"] = stream_summary(rep["stream"])
         summary["report_dir"] = args.out
         print(json.dumps(summary))
     return 0
+
+
+STREAM_KEYS = ("recall", "recall_at_100_precision", "precision_of_published",
+               "published_fraction", "method", "odometry", "motion_prior_fits",
+               "target_precision")
+
+
+def stream_summary(stream: dict) -> dict:
+    """The `stream` object of the --json line (the report.json has every number)."""
+    return {k: stream.get(k) for k in STREAM_KEYS}
+
+
+def print_stream_summary(st: dict) -> None:
+    ns = ["1", "5", "10", "20"]
+    print("stream localizer    " + "".join(f"  {_pct(st['recall'].get(n))}" for n in ns)
+          + ("   (with odometry)" if st.get("odometry") else "   (images only)"))
+    prec = st.get("precision_of_published")
+    print(f"stream confidence: recall at 100% precision {100 * st['recall_at_100_precision']:.2f}%; "
+          f"published (target precision {100 * st['target_precision']:.0f}%): "
+          f"{100 * st['published_fraction']:.1f}% of frames at precision "
+          + ("   -  " if prec is None else f"{100 * prec:.1f}%"))
+    if st.get("motion_prior_fits") is False:
+        print("note: the queries are not one continuous drive, so the stream prior does not fit; "
+              f"the stream answered from sequence evidence on "
+              f"{100 * st.get('stream_answered_fraction', 0):.0f}% of frames and fell back to "
+              "single-frame answers elsewhere")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 
@@ -29,10 +30,13 @@ def register(subparsers) -> None:
                         "20 when the map has local features, with the map's re-ranking card "
                         "unless --rerank-model is given; 0 turns re-ranking off)")
     add_rerank_compute_arg(p)
-    p.add_argument("--temporal", action="store_true",
-                   help="treat the images as a sequence and apply the place-belief filter")
-    p.add_argument("--temporal-sigma", type=float, default=30.0, metavar="M",
-                   help="temporal filter: motion spread per frame in metres (default 30)")
+    p.add_argument("--sequence", action="store_true",
+                   help="the images are one camera stream in the order given: localize them "
+                        "with the stream localizer (sequence evidence, calibrated confidence)")
+    p.add_argument("--temporal", dest="sequence", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--odometry", metavar="CSV", default=None,
+                   help="with --sequence: the robot's odometry at the images (columns "
+                        "filename|t_s, x, y[, z]; by file name)")
     p.add_argument("--confidence-threshold", type=float, default=0.5, metavar="C",
                    help="confident = confidence >= C (default 0.5)")
     p.add_argument("--verify", default="full", choices=("full", "size", "none"),
@@ -43,10 +47,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
+
+    from ..errors import ConfigError
     from ..localizer import Localizer
     from ..maps import PlaceMap, read_manifest
     from ..preprocess import load_image
-    from ..temporal import PlaceBeliefFilter
     from .common import describer_from_args, local_extractor_from_args
     from .describe_cmd import expand_images
 
@@ -65,22 +71,43 @@ def run(args) -> int:
     place_map = PlaceMap.open_for(args.map, describer,
                                   local_extractor=local if rerank_k > 0 else None,
                                   verify=args.verify, device=args.device)
-    temporal = None
-    if args.temporal:
-        temporal = PlaceBeliefFilter(place_map.places.positions, sigma_m=args.temporal_sigma)
+    stream = None
+    odometry = None
+    if args.odometry and not args.sequence:
+        raise ConfigError("--odometry goes with --sequence (odometry only helps a stream)")
+    if args.sequence:
+        from ..stream import StreamLocalizer
+
+        stream = StreamLocalizer.for_map(place_map)
+        if args.odometry:
+            from ..evaluation.odometry_csv import align_odometry, read_odometry_csv
+
+            table = read_odometry_csv(args.odometry)
+            if table["key"] != "filename":
+                raise ConfigError("with vpr localize the odometry CSV is matched by file name "
+                                  "(column filename)")
+            odometry = align_odometry(table, [p.name for p in paths],
+                                      np.zeros(len(paths), dtype=np.int64))
     loc = Localizer(place_map, describer, local_extractor=local, top_k=args.top_k,
                     rerank_k=rerank_k, confidence_threshold=args.confidence_threshold,
-                    rerank_compute=args.rerank_compute,
-                    temporal_filter=temporal)
+                    rerank_compute=args.rerank_compute, stream=stream)
     results = []
-    for path in paths:
-        r = loc.localize(load_image(path))
+    for i, path in enumerate(paths):
+        stamp = i * 1_000_000_000 if stream is not None else None
+        if odometry is not None and np.isfinite(odometry[i]).all():
+            stream.add_odometry(stamp, odometry[i])
+        r = loc.localize(load_image(path), stamp_ns=stamp)
         d = r.to_dict()
         d["query"] = str(path)
         results.append(d)
         if not args.json:
             x, y, z = r.position
             flag = "confident" if r.confident else "not confident"
+            if r.stream is not None:
+                flag += (", localized" if r.stream.localized else ", lost") + (
+                    f"; single frame: place {r.single_frame['place_id']}")
+            if r.quality is not None and r.quality.degenerate:
+                flag += f"; degenerate frame ({r.quality.reason})"
             print(f"{path}: place {r.place_id} {r.image_name} at ({x:.2f}, {y:.2f}, {z:.2f}) "
                   f"{r.frame_id}  similarity {r.similarity:.4f}  confidence {r.confidence:.3f} "
                   f"({flag})  {r.timings_ms['total']:.1f} ms")

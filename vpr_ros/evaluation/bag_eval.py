@@ -14,8 +14,14 @@ stamp, or by order when the CSV has no stamps and one row per frame).  A frame i
 at N when one of its first N places lies within ``radius_m`` of the ground truth.
 
 Reported: Recall@N, precision/recall of the confidence gate, the error (m) of the
-published pose of confident matches, latency, frame counts; plots: trajectory (ground
-truth vs matched places, coloured by correctness), error over time, PR curve.
+published pose of confident matches, latency, frame counts, and the ``stream`` object of
+the stream localizer (:mod:`vpr_ros.evaluation.stream_eval`; on by default, the node's
+default too); plots: trajectory (ground truth vs matched places, coloured by
+correctness), error over time, PR curve.
+
+Odometry for the stream comes from an odometry topic of the bag (``--odometry-topic``:
+nav_msgs/Odometry or a pose topic of the robot's own estimate), never from the ground-truth
+topic.
 """
 
 from __future__ import annotations
@@ -49,7 +55,10 @@ class BagEvalSettings:
     top_k: int = 20
     rerank_k: int = 0
     confidence_threshold: float = 0.5
-    temporal: bool = False
+    stream: bool = True
+    stream_config: Optional[object] = None   # vpr_ros.stream.StreamConfig
+    odometry_topic: Optional[str] = None     # the robot's odometry (never ground truth)
+    target_precision: float = 0.99
     realtime: bool = False
     rate: float = 1.0
     max_frames: Optional[int] = None
@@ -100,13 +109,16 @@ def offline_predictions(bag, place_map, describer, local_extractor, settings: Ba
     from tqdm import tqdm
 
     from ..localizer import Localizer
-    from ..temporal import PlaceBeliefFilter
+    from ..stream import StreamLocalizer
 
-    temporal = PlaceBeliefFilter(place_map.places.positions) if settings.temporal else None
+    stream = (StreamLocalizer.for_map(place_map, settings.stream_config)
+              if settings.stream else None)
+    odometry = _odometry_track(bag, settings) if stream is not None else None
     loc = Localizer(place_map, describer, local_extractor,
                     top_k=min(settings.top_k, len(place_map)),
                     rerank_k=settings.rerank_k if local_extractor is not None else 0,
-                    confidence_threshold=settings.confidence_threshold, temporal_filter=temporal)
+                    confidence_threshold=settings.confidence_threshold, stream=stream)
+    odo_next = 0
     total = bag_topics(bag)[settings.image_topic][1]
     if settings.max_frames is not None:
         total = min(total, settings.max_frames)
@@ -121,21 +133,67 @@ def offline_predictions(bag, place_map, describer, local_extractor, settings: Ba
         bar.update(frame.index - last_index)
         last_index = frame.index
         seen += 1
+        if odometry is not None:
+            # feed the odometry recorded up to this frame, as the node's subscription would
+            while odo_next < len(odometry.stamps_ns) and \
+                    odometry.stamps_ns[odo_next] <= frame.stamp_ns:
+                stream.add_odometry(int(odometry.stamps_ns[odo_next]),
+                                    odometry.positions[odo_next])
+                odo_next += 1
         r = loc.localize(frame.image, stamp_ns=frame.stamp_ns)
-        rec = {"index": frame.index, "stamp_ns": int(frame.stamp_ns),
-               "place_indices": [c.place_index for c in r.candidates],
-               "place_ids": [c.place_id for c in r.candidates],
-               "scores": [float(c.similarity) for c in r.candidates],
-               "confidence": float(r.confidence), "confident": bool(r.confident),
-               "position": [float(v) for v in r.position],
-               "latency_ms": float(r.timings_ms.get("total", np.nan)),
-               "timings_ms": {k: float(v) for k, v in r.timings_ms.items()}}
+        rec = frame_record(r.to_dict(), frame.index)
         frames.append(rec)
         if on_frame is not None:
             on_frame(rec)
     bar.update(max(0, total - 1 - last_index))
     bar.close()
     return frames, total, total - seen
+
+
+def frame_record(doc: dict, index: int, id_to_index: Optional[dict] = None) -> dict:
+    """One frame's prediction from a LocalizationResult dict (offline or the node's JSON)."""
+    cands = doc["candidates"]
+    ids = [int(c["place_id"]) for c in cands]
+    if id_to_index is None:
+        indices = [int(c["place_index"]) for c in cands]
+    else:
+        indices = [id_to_index.get(i, -1) for i in ids]
+    single = doc.get("single_frame") or {"confidence": doc["confidence"],
+                                         "confident": doc["confident"]}
+    rec = {"index": index, "stamp_ns": int(doc["stamp_ns"]),
+           "place_indices": indices, "place_ids": ids,
+           "scores": [float(c["similarity"]) for c in cands],
+           "confidence": float(single["confidence"]), "confident": bool(single["confident"]),
+           "position": [float(v) for v in cands[0]["position"]] if cands else doc["position"],
+           "latency_ms": float(doc["timings_ms"].get("total", np.nan)),
+           "timings_ms": {k: float(v) for k, v in doc["timings_ms"].items()}}
+    st = doc.get("stream")
+    if st:
+        pid = int(doc["place_id"])
+        rec["stream"] = {"place_index": (int(st["place_index"]) if id_to_index is None
+                                         else id_to_index.get(pid, -1)),
+                         "place_id": pid, "position": [float(v) for v in doc["position"]],
+                         "raw_confidence": float(st["raw_confidence"]),
+                         "prior_fit": float(st["prior_fit"]),
+                         "confidence": float(st["confidence"]),
+                         "confident": bool(st["confident"]), "localized": bool(st["localized"]),
+                         "used_odometry": bool(st.get("used_odometry")),
+                         "ms": float(doc["timings_ms"].get("stream", 0.0))}
+    return rec
+
+
+def _odometry_track(bag, settings: BagEvalSettings):
+    if not settings.odometry_topic:
+        return None
+    topics = bag_topics(bag)
+    if settings.odometry_topic not in topics:
+        poses = ", ".join(t for t, (m, _) in topics.items() if m in POSE_TYPES) or "none"
+        raise BagError(f"odometry topic {settings.odometry_topic!r} is not in bag {bag}; pose "
+                       f"topics: {poses}")
+    if settings.pose_topic and settings.odometry_topic == settings.pose_topic:
+        raise BagError(f"--odometry-topic {settings.odometry_topic} is the ground-truth topic: "
+                       "ground truth scores the results and never feeds the localizer")
+    return read_poses(bag, settings.odometry_topic)
 
 
 def realtime_predictions(bag, place_map, settings: BagEvalSettings, node_params: dict,
@@ -155,16 +213,10 @@ def realtime_predictions(bag, place_map, settings: BagEvalSettings, node_params:
     stamp_to_index: Dict[int, int] = {}
 
     def convert(doc: dict) -> dict:
-        return {"index": stamp_to_index.get(int(doc["stamp_ns"]), -1),
-                "stamp_ns": int(doc["stamp_ns"]),
-                "place_indices": [id_to_index.get(int(p), -1) for p in doc["place_ids"]],
-                "place_ids": [int(p) for p in doc["place_ids"]],
-                "scores": doc["scores"], "confidence": float(doc["confidence"]),
-                "confident": bool(doc["confident"]),
-                "position": doc["position"],
-                "latency_ms": float(doc["timings_ms"].get("total", np.nan)),
-                "timings_ms": doc["timings_ms"], "image_name": doc.get("image_name"),
-                "frames_dropped": doc.get("frames_dropped")}
+        rec = frame_record(doc, stamp_to_index.get(int(doc["stamp_ns"]), -1), id_to_index)
+        rec["image_name"] = doc.get("image_name")
+        rec["frames_dropped"] = doc.get("frames_dropped")
+        return rec
 
     from ..bags import read_image_stamps
 
@@ -176,7 +228,9 @@ def realtime_predictions(bag, place_map, settings: BagEvalSettings, node_params:
     params = dict(node_params)
     params.setdefault("top_k", min(max(settings.top_k, 1), 100))
     params.setdefault("confidence_threshold", float(settings.confidence_threshold))
-    params.setdefault("temporal_filter", bool(settings.temporal))
+    params.setdefault("stream", bool(settings.stream))
+    if settings.odometry_topic:
+        params.setdefault("odometry_topic", settings.odometry_topic)
     callback = (lambda doc: on_frame(convert(doc))) if on_frame is not None else None
     result = run_node_and_replay(bag, settings.image_topic, params, rate=settings.rate,
                                  log_path=log_path, on_match=callback,
@@ -204,7 +258,8 @@ def _stats(values) -> Optional[dict]:
 
 
 def score(frames: List[dict], gt_positions: np.ndarray, gt_valid: np.ndarray, place_map,
-          radius_m: float, ns=DEFAULT_NS) -> dict:
+          radius_m: float, ns=DEFAULT_NS, target_precision: float = 0.99,
+          stream_config=None, odometry_given: bool = False) -> dict:
     """Recall@N, confidence-gate PR and pose error of predictions against ground truth."""
     usable = [f for f in frames if 0 <= f["index"] < len(gt_valid) and gt_valid[f["index"]]]
     db_xy = place_map.places.positions[:, :2]
@@ -236,7 +291,38 @@ def score(frames: List[dict], gt_positions: np.ndarray, gt_valid: np.ndarray, pl
                          "confident": confident, "err": err, "pr": pr,
                          "stamps": np.array([f["stamp_ns"] for f in usable]),
                          "gt_all": gt_positions[gt_valid]}
+    if all("stream" in f for f in usable):
+        report["stream"] = _score_stream(usable, preds, positives, gt, target_precision,
+                                         stream_config, odometry_given)
+        report["_arrays"]["stream"] = report["stream"].pop("_arrays")
     return report
+
+
+def _score_stream(usable, preds, positives, gt, target_precision, stream_config,
+                  odometry_given) -> dict:
+    from ..stream import StreamConfig
+    from .stream_eval import stream_report
+
+    run = {"answer": np.array([f["stream"]["place_index"] for f in usable], dtype=np.int64),
+           "raw": np.array([f["stream"]["raw_confidence"] for f in usable]),
+           "fit": np.array([f["stream"]["prior_fit"] for f in usable]),
+           "ms": np.array([f["stream"]["ms"] for f in usable]),
+           "used_odometry_frames": int(sum(f["stream"]["used_odometry"] for f in usable)),
+           "config": stream_config or StreamConfig()}
+    rep = stream_report(run, preds, positives, target_precision, odometry_given=odometry_given)
+    live = np.array([f["stream"]["confident"] for f in usable], dtype=bool)
+    correct = rep["_arrays"]["correct"]
+    # what the localizer itself published (map's stored threshold), next to the cross-fitted
+    rep["published_as_run"] = {
+        "fraction": float(live.mean()),
+        "precision": float(correct[live].mean()) if live.any() else None,
+        "frames": int(live.sum())}
+    err = np.linalg.norm(np.array([f["stream"]["position"][:2] for f in usable]) - gt[:, :2],
+                         axis=1)
+    rep["localization_error_m"] = {"published": _stats(err[live]), "all": _stats(err)}
+    rep["_arrays"].update({"err": err, "published": live,
+                           "pred_xy": np.array([f["stream"]["position"][:2] for f in usable])})
+    return rep
 
 
 # --------------------------------------------------------------------------- plots
@@ -313,7 +399,9 @@ def write_bag_report(report: dict, out_dir, place_map) -> None:
 
 
 def public_report(report: dict) -> dict:
-    return {k: v for k, v in report.items() if not k.startswith("_")}
+    from .recall_eval import public_report as clean
+
+    return clean(report)
 
 
 # --------------------------------------------------------------------------- driver
@@ -349,13 +437,17 @@ def evaluate_bag(bag, place_map, settings: BagEvalSettings, describer=None,
               "mode": "realtime" if settings.realtime else "offline",
               "image_topic": settings.image_topic, "ground_truth": gt_source,
               "radius_m": settings.radius_m,
-              "settings": {k: v for k, v in asdict(settings).items()},
+              "settings": {k: (v if k != "stream_config" or v is None else asdict(v))
+                           for k, v in asdict(settings).items()},
               "model": place_map.manifest.get("model"),
               "frames": {"total": int(total), "bad": int(bad), "localized": len(frames),
                          "with_ground_truth": int(gt_valid.sum())}}
     report["frames"].update({k: v for k, v in extra.items()
                              if k.startswith("frames_") or k in ("poses_published",)})
-    report.update(score(frames, gt_pos, gt_valid, place_map, settings.radius_m))
+    report.update(score(frames, gt_pos, gt_valid, place_map, settings.radius_m,
+                        target_precision=settings.target_precision,
+                        stream_config=settings.stream_config,
+                        odometry_given=bool(settings.odometry_topic)))
     report["latency_ms"] = {"total": _stats([f["latency_ms"] for f in frames])}
     stages = sorted({k for f in frames for k in f["timings_ms"]})
     for stage in stages:

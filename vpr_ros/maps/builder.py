@@ -280,8 +280,18 @@ def _add_locked(map_dir: Path, places, describer, local_extractor, batch_size, p
 
 def set_confidence_params(map_dir, params: dict) -> None:
     """Store fitted confidence calibration in the map's manifest (atomic; data untouched)."""
+    _update_manifest(map_dir, "confidence", params)
+
+
+def set_stream_calibration(map_dir, params: dict) -> None:
+    """Store the stream localizer's fitted calibration (``stream_calibration``), as above."""
+    _update_manifest(map_dir, "stream_calibration", params)
+
+
+def _update_manifest(map_dir, key: str, value) -> None:
+    """Set one manifest key under the map's writer lock (atomic; data files untouched)."""
     with write_lock(map_dir, what=f"map {map_dir}"):
         manifest = fmt.read_manifest(map_dir)
-        manifest["confidence"] = params
+        manifest[key] = value
         atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
         fmt.usual_permissions(Path(map_dir))
