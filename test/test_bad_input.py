@@ -272,6 +272,19 @@ def test_bad_poses_csv(case, tmp_path, entries, map_copy):
     assert snapshot(map_copy) == before
 
 
+def test_binary_poses_csv_of_a_benchmark_dataset(tmp_path, entries, map_copy):
+    data = tmp_path / "ds"
+    (data / "images" / "test" / "database").mkdir(parents=True)
+    for e in entries[:3]:
+        shutil.copy(e.path, data / "images" / "test" / "database" / e.path.name)
+    (data / "poses_database.csv").write_bytes(b"\xff\xfe\x00binary" + os.urandom(100))
+    before = snapshot(map_copy)
+    proc = run_vpr("map", "build", map_copy, "--overwrite", "--dataset", data, "--model",
+                   CARD, "--device", "cpu")
+    assert_one_line_error(proc, "poses_database.csv", "UTF-8")
+    assert snapshot(map_copy) == before
+
+
 # --------------------------------------------------------------------------- map files
 
 MAP_FILES = ["manifest.json", "places.csv", "poses.npy", "stamps.npy", "descriptors.npy",

@@ -22,7 +22,6 @@ lists a few of each.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from dataclasses import dataclass, field
@@ -103,19 +102,12 @@ def read_poses_csv(csv_path: PathLike, need_names: bool = True) -> PoseRows:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"poses CSV not found: {csv_path}")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames:
-                raise DatasetError(f"{csv_path} is empty (expected a header row)")
-            hm = {h.strip().lower(): h for h in reader.fieldnames if h is not None}
-            rows = list(reader)
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{csv_path} is not UTF-8 text (byte {exc.start} cannot be "
-                           "decoded); save the poses as a UTF-8 CSV file") from None
-    except csv.Error as exc:
-        raise DatasetError(f"{csv_path} is not a valid CSV file ({exc}); save the poses as "
-                           "a plain-text CSV file") from None
+    from ..evaluation.datasets import read_csv_dicts
+
+    fieldnames, rows = read_csv_dicts(csv_path, "poses CSV")
+    if not fieldnames:
+        raise DatasetError(f"{csv_path} is empty (expected a header row)")
+    hm = {h.strip().lower(): h for h in fieldnames}
     if not rows:
         raise DatasetError(f"{csv_path} has a header but no rows")
     c_name = _pick(hm, NAME_COLUMNS, need_names, "image name", csv_path)
