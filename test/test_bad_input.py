@@ -39,12 +39,13 @@ TOPIC = "/camera/image_raw"
 # --------------------------------------------------------------------------- helpers
 
 def run_vpr(*args, timeout: float = 600, env: dict | None = None,
-            python_code: str | None = None) -> subprocess.CompletedProcess:
+            python_code: str | None = None, quiet: bool = True) -> subprocess.CompletedProcess:
     """Run `vpr -q ARGS` (or ``python -c python_code ARGS``) in a fresh process."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     head = ([sys.executable, "-c", python_code] if python_code is not None
             else [sys.executable, "-m", "vpr_ros.cli.main"])
-    return subprocess.run(head + ["-q"] + [str(a) for a in args], capture_output=True,
+    return subprocess.run(head + (["-q"] if quiet else []) + [str(a) for a in args],
+                          capture_output=True,
                           text=True, env=full_env, timeout=timeout)
 
 
@@ -436,9 +437,20 @@ def test_eval_bag_skips_and_counts_an_undecodable_message(tmp_path, entries, sma
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["frames"]["total"] == 6 and report["frames"]["bad"] == 1
     assert report["frames"]["localized"] == 5
-    warnings = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(warnings) == 1 and warnings[0].startswith("WARNING") \
-        and "bad frame 2" in warnings[0], proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert all(line.startswith("WARNING ") for line in lines), proc.stderr   # none glued
+    bad = [line for line in lines if "bad frame" in line]
+    assert len(bad) == 1 and bad[0].startswith("WARNING vpr_ros.bags: skipping bad frame 2"), \
+        proc.stderr
+    # With progress bars (no -q) the warning still starts a line of its own: the bar is
+    # cleared (\r) before it, never continued by it.
+    proc = run_vpr("eval", "bag", bag, "--map", small_map, "--image-topic", TOPIC,
+                   "--device", "cpu", quiet=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    bad = [line for line in proc.stderr.splitlines() if "bad frame" in line]
+    assert len(bad) == 1, proc.stderr
+    assert bad[0].split("\r")[-1].startswith("WARNING vpr_ros.bags: skipping bad frame 2"), \
+        repr(bad[0])
 
 
 # --------------------------------------------------------------------------- disk full / read-only

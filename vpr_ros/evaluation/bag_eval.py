@@ -437,8 +437,7 @@ def evaluate_bag(bag, place_map, settings: BagEvalSettings, describer=None,
               "mode": "realtime" if settings.realtime else "offline",
               "image_topic": settings.image_topic, "ground_truth": gt_source,
               "radius_m": settings.radius_m,
-              "settings": {k: (v if k != "stream_config" or v is None else asdict(v))
-                           for k, v in asdict(settings).items()},
+              "settings": asdict(settings),      # asdict recurses into stream_config
               "model": place_map.manifest.get("model"),
               "frames": {"total": int(total), "bad": int(bad), "localized": len(frames),
                          "with_ground_truth": int(gt_valid.sum())}}
