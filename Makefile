@@ -2,6 +2,7 @@
 #   make demo   build a map from the shipped sample, replay its query sequence through the live
 #               ROS 2 node, print what it published and the scores, write the report
 #   make test   install and run the whole test suite
+#   make test-fast   the suite without the slow tier (ROS, launch, colcon, DDP; < 1 min)
 # Both create the virtual environment (.venv) they need.
 #
 # Variables:
@@ -21,7 +22,8 @@ STAMP := $(VENV)/.vpr_ros_installed
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test lint bench bench-quick demo-model clean distclean
+.PHONY: all install demo test test-fast lint bench bench-quick bench-frame gpu-check wheelhouse \
+	demo-model clean distclean
 
 all: test
 
@@ -46,6 +48,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) test
 
+# Development loop: the tests without the slow tier (ROS/DDS, launch, colcon, DDP, training
+# runs); under a minute on an idle 2-core machine. CI and `make test` run everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS) test
+
 lint: $(STAMP)
 	$(PY) -m pytest -q test/test_lint.py
 
@@ -55,7 +62,23 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# Retrain the shipped demo model (teacher, then distilled student; ~45 min on 2 busy cores).
+# One two-stage frame (SciceVPR-B + SelaVPR ViT-L query features + exact MNN top-20), the
+# package against the official code in the same run.  OFFICIAL_DIR holds git clones of
+# github.com/shuimushan/SciceVPR and github.com/Lu-Feng/SelaVPR (as SciceVPR/, SelaVPR/).
+OFFICIAL_DIR ?= ../official
+bench-frame: $(STAMP)
+	$(PY) -m pip install --quiet -r benchmarks/requirements-official.txt
+	$(PY) benchmarks/bench_frame.py --official $(abspath $(OFFICIAL_DIR))
+
+# CUDA tests + GPU benchmark on a machine with an NVIDIA GPU and PyTorch, no network
+# (docs/performance.md, "GPU check"); `make wheelhouse` first, where the network is.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+wheelhouse:
+	$(PYTHON) -m pip download --quiet --dest wheelhouse --only-binary=:all: -r requirements-gpu-check.txt
+
+# Retrain the shipped demo model (teacher, then distilled student; wall times: docs/training.md).
 # The cards' hand-written notes (held-out recall, wall times) must be updated after a rerun.
 demo-model: $(STAMP)
 	$(VENV)/bin/vpr train teacher --config config/train/demo_teacher.yaml --out runs/demo_teacher --no-progress

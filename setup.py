@@ -37,7 +37,7 @@ setup(
     version="0.1.0",
     packages=find_packages(exclude=["test", "test.*", "benchmarks", "scripts"]),
     # C source of the int8 kernels, compiled on the target machine at first use
-    package_data={"vpr_ros.models": ["int8_kernels.c"]},
+    package_data={"vpr_ros.accel": ["int8_kernels.c"]},
     data_files=data_files,
     install_requires=["setuptools"],
     zip_safe=False,

@@ -10,7 +10,7 @@ All variants run the *same* randomly initialised weights (seed 0; no download ne
 * ``package_fp32`` / ``package_bf16``: ``vpr_ros.inference.GlobalDescriber`` as shipped
   (fused SDPA attention, cached positional embedding; bf16 = autocast).
 * ``package_int8``: ``GlobalDescriber(precision="int8")`` as shipped
-  (``vpr_ros.models.int8_linear``: int8 weights per output channel, int8 activations with
+  (``vpr_ros.accel.int8_linear``: int8 weights per output channel, int8 activations with
   one scale per token, exact int32 ``torch._int_mm``; whole batches, batch-invariant; the
   passes between the matmuls fused in the native kernels of ``int8_kernels.c``), and
   ``package_int8_torch_ops``: the same model with those kernels switched off
@@ -41,14 +41,17 @@ import argparse
 import contextlib
 import copy
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 
-from common import (DEFAULT_OUT, REPO_ROOT, fmt, interleaved_times, md_table, median,
-                    peak_rss_mb, set_threads, write_json)
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (DEFAULT_OUT, REPO_ROOT, fmt, interleaved_times, md_table, median,
+                               peak_rss_mb, set_threads, write_json)
 
 NORDLAND = REPO_ROOT.parent / "shared" / "data" / "nordland64_summer_winter_part1" / "images" / "test"
 
@@ -114,7 +117,7 @@ def variants(model, describer_fp32, describer_bf16, compile_: bool,
 
         def int8_torch_ops(x, d=describer_int8):
             """The same int8 model with the native fused kernels switched off."""
-            from vpr_ros.models.int8_kernels import ENV_SWITCH
+            from vpr_ros.accel.int8_kernels import ENV_SWITCH
             with environment(ENV_SWITCH, "0"):
                 return d.describe_tensor(x)
         out["package_int8_torch_ops"] = int8_torch_ops
@@ -335,7 +338,7 @@ def speed_with_omp_default(quick: bool) -> dict:
     import subprocess
     import sys
 
-    from common import OMP_DEFAULT_ENV
+    from benchmarks.common import OMP_DEFAULT_ENV
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env[OMP_DEFAULT_ENV] = "1"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-speed"] + (["--quick"] if quick else [])
@@ -384,7 +387,7 @@ def selavpr_speed(quick: bool) -> dict:
     int8 (with the integer attention, and with float32 SDPA: VPR_ROS_INTEGER_ATTENTION=0)."""
     import torch
     from vpr_ros.inference import LocalFeatureExtractor
-    from vpr_ros.models.int8_block import ENV_ATTENTION
+    from vpr_ros.accel.int8_block import ENV_ATTENTION
     card = random_card("selavpr_vitl14")
     t0 = time.perf_counter()
     fp32 = LocalFeatureExtractor(card, device="cpu", precision="fp32", batch_size=1)

@@ -11,14 +11,18 @@ Run: ``python benchmarks/bench_growth.py [--quick]``
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 
-from bench_index import build, nlist_for, single_query_latencies
-from common import DEFAULT_CACHE, DEFAULT_OUT, fmt, md_table, median, save_figure, set_threads, write_json
-from synthetic_map import ReducedMap, build_cache
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_index import build, nlist_for, single_query_latencies
+from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, fmt, md_table, median, save_figure,
+                               set_threads, write_json)
+from benchmarks.synthetic_map import ReducedMap, build_cache
 
 N_LATENCY_QUERIES = 100
 
@@ -72,9 +76,8 @@ def run(quick: bool, out: Path, cache: Path = DEFAULT_CACHE, max_n: int = None) 
 
 
 def plot(rows: List[dict], topk: Dict[str, List[dict]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vpr_ros.plotting import pyplot
+    plt = pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     for fam in sorted({r["family"] for r in rows}):
         rr = [r for r in rows if r["family"] == fam]

@@ -29,15 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from common import (DEFAULT_CACHE, DEFAULT_OUT, REPO_ROOT, fmt, md_table, median, peak_rss_mb,
-                    rss_mb, save_figure, set_threads, time_calls, write_json)
-from synthetic_map import ReducedMap, agreement_recall, build_cache, place_recall
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, REPO_ROOT, fmt, md_table, median,
+                               peak_rss_mb, rss_mb, save_figure, set_threads, time_calls,
+                               write_json)
+from benchmarks.synthetic_map import ReducedMap, agreement_recall, build_cache, place_recall
 
 QUERIES_LATENCY = 100     # single-query latency measured over this many queries
 
@@ -848,9 +852,8 @@ def markdown_map_open(o: dict) -> str:
 
 
 def plot_tradeoff(results: List[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from vpr_ros.plotting import pyplot
+    plt = pyplot()
     sizes = sorted({r["n"] for r in results})
     fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False)
     for ax, n in zip(axes[0], sizes):
@@ -1009,7 +1012,7 @@ def main() -> None:
     ap.add_argument("--keep-map", action="store_true", help="do not delete the map afterwards")
     a = ap.parse_args()
     if a.only_open:
-        from common import machine_info
+        from benchmarks.common import machine_info
         set_threads(2)
         res = {"machine": machine_info(),
                "map_open": map_open_times(a.open_places, work=a.open_work or a.cache / "map_open",

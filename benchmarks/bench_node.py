@@ -29,10 +29,13 @@ import os
 import random
 import tempfile
 import threading
+import sys
 import time
 from pathlib import Path
 
-from common import REPO_ROOT, fmt, md_table, median, set_threads, topic_main
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO_ROOT, fmt, md_table, median, set_threads, topic_main
 
 TINY = "scicevpr_tiny_random"
 DEPLOY = "scicevpr_b"

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def synthetic_route(n: int, dim: int, seed: int = 0):
@@ -60,7 +59,7 @@ def query_stream(desc: np.ndarray, frames: int, seed: int = 1):
             speed = float(rng.choice([0.0, 0.5, 1.0, 2.0]))
         i = min(i + speed, n - 1)
         idx.append(int(i))
-    q = desc[idx] + 0.9 * rng.standard_normal((frames, desc.shape[1])).astype(np.float32) / np.sqrt(desc.shape[1])
+    q = desc[idx] + 1.6 * rng.standard_normal((frames, desc.shape[1])).astype(np.float32) / np.sqrt(desc.shape[1])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return np.array(idx), q
 
@@ -101,6 +100,35 @@ def bench_size(n: int, frames: int, dim: int = 256, k: int = 50) -> dict:
             "within_10m": round(float(np.mean(right[20:])), 3)}
 
 
+def run(quick: bool = False, frames: int = 200, sizes=None) -> dict:
+    """The rows for run_all.py (``stream`` topic) and for main()."""
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(2)
+    torch.set_num_threads(2)
+    sizes = sizes or ([1000, 100_000] if quick else [1000, 100_000, 1_000_000])
+    rows = []
+    for n in sizes:
+        r = bench_size(n, frames)
+        rows.append(r)
+        target = 5.0 if n <= 100_000 else 20.0
+        print(f"{n:>9} places: median {r['median_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms per frame "
+              f"(target <= {target:g} ms), {r['own_bytes_per_place']:.0f} B/place own arrays, "
+              f"{r['hypotheses_last']} hypotheses, within 10 m {r['within_10m']:.2f}", flush=True)
+    return {"machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| places | median ms/frame | p95 ms/frame | hypotheses | own arrays |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['places']:,} | {r['median_ms']:.2f} | {r['p95_ms']:.2f} | "
+                     f"{r['hypotheses_last']} | {r['own_bytes_per_place']:.0f} B/place |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1k and 100k places only")
@@ -108,23 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--out", default=None, help="folder for stream.json")
     args = p.parse_args(argv)
-    sizes = ([int(s) for s in args.sizes.split(",")] if args.sizes
-             else [1000, 100_000] if args.quick else [1000, 100_000, 1_000_000])
-    import faiss
-    import torch
-
-    faiss.omp_set_num_threads(2)
-    torch.set_num_threads(2)
-    rows = []
-    for n in sizes:
-        r = bench_size(n, args.frames)
-        rows.append(r)
-        target = 5.0 if n <= 100_000 else 20.0
-        print(f"{n:>9} places: median {r['median_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms per frame "
-              f"(target <= {target:g} ms), {r['own_bytes_per_place']:.0f} B/place own arrays, "
-              f"{r['hypotheses_last']} hypotheses, within 10 m {r['within_10m']:.2f}", flush=True)
-    result = {"machine": platform.processor() or platform.machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    result = run(args.quick, args.frames, sizes)
     if args.out:
         from vpr_ros.atomic import atomic_write_json
 

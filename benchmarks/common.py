@@ -201,6 +201,15 @@ def md_table(header: List[str], rows: List[List[object]]) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(out: Path, name: str, res: dict, markdown: Callable[[dict], str]) -> str:
+    """``<name>.json`` and ``<name>.md`` into ``out`` (created); returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", res)
+    text = markdown(res)
+    write_text(out / f"{name}.md", text + "\n")
+    return text
+
+
 def topic_main(doc: str, topic: str, run: Callable[[bool], dict],
                markdown: Callable[[dict], str]) -> None:
     """Command line of a benchmark with only --quick and --out: run, write <topic>.json, print."""

@@ -11,38 +11,45 @@ of interleaved repeats and are reported as ratios measured in the same run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import DEFAULT_CACHE, DEFAULT_OUT, machine_info, md_table, set_threads, write_json, write_text
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import (DEFAULT_CACHE, DEFAULT_OUT, machine_info, md_table, set_threads,
+                               write_json, write_text)
 
-TOPICS = ("descriptors", "rerank", "index", "growth", "node")
+TOPICS = ("descriptors", "rerank", "index", "growth", "node", "stream")
 
 
 def _run_topic(name: str, quick: bool, out: Path, cache: Path, compile_: bool):
     if name == "descriptors":
-        import bench_descriptors as m
+        from benchmarks import bench_descriptors as m
         return m.run(quick, compile_), m.markdown
     if name == "rerank":
-        import bench_rerank as m
+        from benchmarks import bench_rerank as m
         return m.run(quick), m.markdown
     if name == "index":
-        import bench_index as m
+        from benchmarks import bench_index as m
         return m.run(quick, out, cache), m.markdown
     if name == "growth":
-        import bench_growth as m
+        from benchmarks import bench_growth as m
         return m.run(quick, out, cache), m.markdown
     if name == "node":
-        import bench_node as m
+        from benchmarks import bench_node as m
+        return m.run(quick), m.markdown
+    if name == "stream":
+        from benchmarks import bench_stream as m
         return m.run(quick), m.markdown
     raise ValueError(name)
 
 
 def _markdown_of(name: str):
     import importlib
-    return importlib.import_module(f"bench_{name}").markdown
+    return importlib.import_module(f"benchmarks.bench_{name}").markdown
 
 
 def summary(results: dict) -> str:

@@ -28,12 +28,15 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from common import DEFAULT_CACHE, atomic_path, write_json  # noqa: F401
+if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import DEFAULT_CACHE, atomic_path, write_json  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@
 
 The sample is the last ``--count`` places of the sequence (summer database, winter
 queries), which the demo model never sees in training (see models/demo_tiny.yaml).
-Usage: python scripts/make_sample.py ../shared/data/nordland64_summer_winter_part1 samples/nordland_mini
+Usage::
+
+    python scripts/make_sample.py ../shared/data/nordland64_summer_winter_part1 \
+        samples/nordland_mini
 """
 
 import argparse

@@ -18,19 +18,12 @@ N = 16
 
 
 @pytest.fixture(scope="module")
-def describer():
-    from vpr_ros.inference import GlobalDescriber
-
-    return GlobalDescriber(CARD, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, sample_dir, describer):
+def setup(tmp_path_factory, sample_database, describer):
     """A map of the first N database places and a bag driving past exactly those places."""
-    from vpr_ros.maps import PlaceMap, benchmark_source, build_map
+    from vpr_ros.maps import PlaceMap, build_map
 
     root = tmp_path_factory.mktemp("bageval")
-    entries = benchmark_source(sample_dir, "database")[:N]
+    entries = sample_database[:N]
     build_map(entries, root / "map", describer, index="Flat", progress=False)
     place_map = PlaceMap.open_for(root / "map", describer, device="cpu")
     frames = [BagFrame((10 + i) * SEC // 2, load_image(e.path), position=e.position)
@@ -193,3 +186,40 @@ def test_realtime_replay_reports_a_node_that_dies_instead_of_waiting(setup, ros_
                             {"map_path": str(tmp_path / "no_map"), "device": "cpu"},
                             ready_timeout_s=120.0)
     assert time.monotonic() - t0 < 100.0      # well before the ready timeout
+
+
+def test_eval_bag_stream_with_an_odometry_topic(sample_dir, tmp_path, capsys):
+    """A winter drive with stops past the summer map, the demo model, odometry in the bag:
+    the stream object is reported, uses the odometry, beats single frames; ground truth
+    comes from a CSV and can never be the odometry."""
+    from vpr_ros.cli.main import main
+    from vpr_ros.datasets import read_split
+    from vpr_ros.evaluation.drives import make_drive, simulated_odometry
+    from vpr_ros.maps import read_manifest
+
+    assert main(["map", "build", str(tmp_path / "map"), "--dataset", str(sample_dir)]) == 0
+    q = read_split(sample_dir, "queries")
+    order = make_drive(80, "stops", seed=2)
+    odo = simulated_odometry(q.positions[order])
+    frames = [BagFrame((i + 1) * SEC // 2, load_image(q.paths[j]), position=odo[i])
+              for i, j in enumerate(order)]
+    write_image_bag(tmp_path / "drive", frames, pose_topic="/odom", storage="mcap")
+    gt = tmp_path / "gt.csv"
+    gt.write_text("stamp_ns,x,y\n" + "".join(
+        f"{(i + 1) * SEC // 2},{q.positions[j, 0]},{q.positions[j, 1]}\n"
+        for i, j in enumerate(order)))
+    args = ["eval", "bag", str(tmp_path / "drive"), "--map", str(tmp_path / "map"),
+            "--image-topic", "/camera/image_raw", "--poses", str(gt), "--device", "cpu"]
+    assert main(args + ["--odometry-topic", "/odom", "--store-calibration", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    st = rep["stream"]
+    assert st["odometry"] is True and st["frames_with_odometry"] >= len(order) - 2
+    assert st["recall"]["1"] >= max(0.8, rep["recall"]["1"] + 0.3)
+    assert {"recall_at_100_precision", "precision_of_published", "published_fraction",
+            "method", "published_as_run"} <= set(st)
+    assert read_manifest(tmp_path / "map")["stream_calibration"]["target_precision"] == 0.99
+    # the ground-truth topic is refused as odometry
+    assert main(args[:-4] + ["--pose-topic", "/odom", "--odometry-topic", "/odom",
+                             "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "ground-truth topic" in err and "Traceback" not in err

@@ -93,8 +93,8 @@ def test_read_poses_of_other_message_types(tmp_path):
         pwc = w.add_connection("/amcl_pose", "geometry_msgs/msg/PoseWithCovarianceStamped",
                                typestore=ts)
         for i in range(3):
-            hdr = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=i, nanosec=5),
-                                          frame_id="odom")
+            stamp = T["builtin_interfaces/msg/Time"](sec=i, nanosec=5)
+            hdr = T["std_msgs/msg/Header"](stamp=stamp, frame_id="odom")
             pose = T["geometry_msgs/msg/Pose"](
                 position=T["geometry_msgs/msg/Point"](x=float(i), y=2.0 * i, z=0.0),
                 orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))
@@ -153,8 +153,8 @@ def test_empty_topic_and_bad_frame(tmp_path, frames):
     with Writer(bag, version=9) as w:
         w.add_connection("/empty", "sensor_msgs/msg/Image", typestore=ts)
         cam = w.add_connection("/cam", "sensor_msgs/msg/Image", typestore=ts)
-        hdr = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=1, nanosec=0),
-                                      frame_id="c")
+        stamp = T["builtin_interfaces/msg/Time"](sec=1, nanosec=0)
+        hdr = T["std_msgs/msg/Header"](stamp=stamp, frame_id="c")
         good = T["sensor_msgs/msg/Image"](header=hdr, height=1, width=2, encoding="mono8",
                                           is_bigendian=0, step=2,
                                           data=np.array([1, 2], np.uint8))

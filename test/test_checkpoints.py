@@ -102,7 +102,8 @@ def _official_state(path):
     return raw
 
 
-def test_official_training_dict_and_variants_give_same_model(tmp_path, student_card, student_pth, x):
+def test_official_training_dict_and_variants_give_same_model(tmp_path, student_card,
+                                                             student_pth, x):
     raw = _official_state(student_pth)
     assert all(k.startswith("module.") for k in raw)
     bare = {k[len("module."):]: v for k, v in raw.items()}
@@ -186,7 +187,8 @@ def test_dinov2_pretrain_fills_backbone_of_any_card(tmp_path, student_card, sela
     torch.save(pretrain, tmp_path / "dinov2_tiny_pretrain.pth")
     model = build_model(student_card, seed=3)
     head_before = model.fusion.weight.detach().clone()
-    assert load_weights(model, student_card, tmp_path / "dinov2_tiny_pretrain.pth") == KIND_DINOV2_PRETRAIN
+    pretrain_file = tmp_path / "dinov2_tiny_pretrain.pth"
+    assert load_weights(model, student_card, pretrain_file) == KIND_DINOV2_PRETRAIN
     assert torch.equal(model.backbone.pos_embed.detach(), pretrain["pos_embed"])
     assert torch.equal(model.fusion.weight.detach(), head_before)
     # SelaVPR: a pretrain has no adapters; they keep their identity/zero start.
@@ -200,7 +202,8 @@ def test_dinov2_pretrain_fills_backbone_of_any_card(tmp_path, student_card, sela
     assert torch.count_nonzero(sela.backbone.blocks[0].adapter1.fc2.weight) == 0
     # A pretrain of another size is refused with the offending keys named.
     with pytest.raises(CheckpointError, match="blocks.4"):
-        load_weights(build_model(sela_card, seed=0), sela_card, tmp_path / "dinov2_tiny_pretrain.pth")
+        load_weights(build_model(sela_card, seed=0), sela_card,
+                     tmp_path / "dinov2_tiny_pretrain.pth")
 
 
 def test_save_weights_round_trip(tmp_path, student_card, student_pth, x, sela_card):
@@ -232,7 +235,8 @@ def test_official_key_mapping_examples():
         "module.tokenmix.1.mix.2.bias": "token_mixers.1.mlp.2.bias",
         "module.tokenmix.0.norm.weight": "token_mixers.0.norm.weight",
         "module.gem.p": "gem.p",
-        "module.encoder.layers.0.self_attn.in_proj_weight": "encoder.layers.0.self_attn.in_proj_weight",
+        "module.encoder.layers.0.self_attn.in_proj_weight":
+            "encoder.layers.0.self_attn.in_proj_weight",
     }
     mapped, kind = official_to_ours({k: torch.zeros(1) for k in examples})
     assert kind == "scicevpr_official" and set(mapped) == set(examples.values())
@@ -245,8 +249,10 @@ def test_official_key_mapping_examples():
     }
     mapped, kind = official_to_ours({k: torch.zeros(1) for k in sela})
     assert kind == "selavpr_official" and set(mapped) == set(sela.values())
-    mapped, kind = official_to_ours({"cls_token": torch.zeros(1), "blocks.0.ls1.gamma": torch.zeros(1)})
-    assert kind == "dinov2_pretrain" and set(mapped) == {"backbone.cls_token", "backbone.blocks.0.ls1.gamma"}
+    mapped, kind = official_to_ours({"cls_token": torch.zeros(1),
+                                     "blocks.0.ls1.gamma": torch.zeros(1)})
+    assert kind == "dinov2_pretrain"
+    assert set(mapped) == {"backbone.cls_token", "backbone.blocks.0.ls1.gamma"}
     ours = {"backbone.cls_token": torch.zeros(1), "fusion.weight": torch.zeros(1)}
     mapped, kind = official_to_ours(ours)
     assert kind == "vpr_ros" and set(mapped) == set(ours)

@@ -27,7 +27,8 @@ def test_describe_writes_npy_and_names(sample_dir, tmp_path, capsys):
     expected = GlobalDescriber("scicevpr_tiny_random", device="cpu").describe(
         [load_image(p) for p in images])
     assert np.abs(desc - expected).max() < 1e-6
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files left
+    # no temporary files left
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
 def test_describe_folder_argument(sample_dir, tmp_path, capsys):

@@ -32,17 +32,25 @@ def test_eval_recall_cli_end_to_end_on_the_sample(sample_dir, tmp_path, capsys):
     assert set(res["recall"]) == {"1", "5", "10", "20"}
     assert all(0.0 <= v <= 1.0 for v in res["recall"].values())
     assert list(res["recall"].values()) == sorted(res["recall"].values())
-    assert "recall_reranked" not in res and "1" in res["recall_temporal"]
+    assert "recall_reranked" not in res and "recall_temporal" not in res
+    st = res["stream"]
+    assert set(st["recall"]) == {"1", "5", "10", "20"} and st["method"] == "sparse-hmm"
+    assert list(st["recall"].values()) == sorted(st["recall"].values())
+    assert {"recall_at_100_precision", "precision_of_published", "published_fraction",
+            "odometry"} <= set(st) and st["odometry"] is False
     assert {"describe", "search", "total"} <= set(res["latency_ms"])
     for name in ("recall_at_n.png", "pr_curve.png", "examples.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     report = json.loads((out / "report.json").read_text())
     assert report["recall"] == res["recall"] and report["radius_m"] == 25.0
-    assert {"calibrated (cross-fitted)", "temporal filter (belief mass)"} <= set(
-        report["precision_recall"])
+    assert "calibrated (cross-fitted)" in report["precision_recall"]
+    assert report["stream"]["recall"] == st["recall"] and "_arrays" not in report["stream"]
     assert not list(tmp_path.glob(".report.tmp-*"))
     # Recompute the recall by hand: exact inner products against the saved map.
-    assert "confidence" in read_manifest(saved)
+    manifest = read_manifest(saved)
+    assert "confidence" in manifest
+    assert manifest["stream_calibration"]["target_precision"] == 0.99
+    assert 0.0 <= manifest["stream_calibration"]["threshold"] <= 1.0
     describer = GlobalDescriber(CARD, device="cpu", batch_size=16)
     pm = PlaceMap.open_for(saved, describer)
     with open(sample_dir / "poses_queries.csv") as fh:
@@ -80,14 +88,14 @@ def small_dataset(sample_dir, tmp_path):
 def test_eval_recall_with_reranking_and_with_a_given_map(small_dataset, tmp_path, capsys):
     rc = main(["eval", "recall", "--dataset", str(small_dataset), "--model", CARD,
                "--device", "cpu", "--rerank", "--rerank-k", "3", "--latency-queries", "1",
-               "--no-temporal", "--json", "--out", str(tmp_path / "rep"),
+               "--no-stream", "--json", "--out", str(tmp_path / "rep"),
                "--save-map", str(tmp_path / "m")])
     assert rc == 0
     res = last_json(capsys)
     assert res["num_queries"] == 4 and res["num_database"] == 8
     assert read_manifest(tmp_path / "m")["local_features"]["present"]
     assert set(res["recall_reranked"]) == {"1", "5", "10", "20"}
-    assert "recall_temporal" not in res and "rerank" in res["latency_ms"]
+    assert "stream" not in res and "rerank" in res["latency_ms"]
     # Re-ranking only reorders the first 3 candidates: recall@5 and beyond cannot change.
     assert res["recall_reranked"]["5"] == res["recall"]["5"]
     assert (tmp_path / "rep" / "recall_at_n.png").read_bytes()[:8] == PNG
@@ -104,3 +112,36 @@ def test_eval_recall_with_reranking_and_with_a_given_map(small_dataset, tmp_path
                  "--device", "cpu"]) == 2
     assert main(["eval", "recall", "--dataset", str(small_dataset), "--map",
                  str(tmp_path / "m"), "--save-map", str(tmp_path / "m2")]) == 2
+
+
+def test_queries_without_driving_order_are_scored_as_single_frames(small_dataset, tmp_path,
+                                                                   capsys):
+    """No poses CSV: name order is no drive, so the stream object repeats single frames."""
+    (small_dataset / "poses_queries.csv").unlink()
+    assert main(["eval", "recall", "--dataset", str(small_dataset), "--model", CARD,
+                 "--device", "cpu", "--latency-queries", "0", "--json"]) == 0
+    res = last_json(capsys)
+    assert res["stream"]["recall"]["1"] == res["recall"]["1"]
+    assert res["stream"]["method"].startswith("single-frame")
+    assert res["stream"]["motion_prior_fits"] is False
+
+
+def test_eval_recall_with_an_odometry_file(small_dataset, tmp_path, capsys):
+    rows = list(csv.DictReader(open(small_dataset / "poses_queries.csv")))
+    odo = tmp_path / "odo.csv"
+    with open(odo, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["filename", "x", "y"])
+        for r in rows:        # wheel odometry: its own frame, the distance travelled
+            w.writerow([r["filename"], float(r["north_m"]) - 31000.0, 0.0])
+    assert main(["eval", "recall", "--dataset", str(small_dataset), "--model", CARD,
+                 "--device", "cpu", "--latency-queries", "0", "--odometry", str(odo),
+                 "--json"]) == 0
+    res = last_json(capsys)
+    assert res["stream"]["odometry"] is True
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["eval", "recall", "--dataset", str(small_dataset), "--model", CARD,
+                 "--device", "cpu", "--odometry", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "odometry file" in err and "Traceback" not in err

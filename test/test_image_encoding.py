@@ -41,8 +41,8 @@ def test_colour_encodings_round_trip_exactly(encoding):
 def test_known_byte_layouts():
     # one red pixel and one blue pixel
     assert _decode(dict(encoding="bgr8", height=1, width=2, step=6, is_bigendian=0,
-                        data=bytes([0, 0, 255, 255, 0, 0])))[0].tolist() == [[255, 0, 0],
-                                                                            [0, 0, 255]]
+                        data=bytes([0, 0, 255, 255, 0, 0])))[0].tolist() == [
+        [255, 0, 0], [0, 0, 255]]
     assert _decode(dict(encoding="8UC3", height=1, width=1, step=3, is_bigendian=0,
                         data=bytes([10, 20, 30])))[0, 0].tolist() == [30, 20, 10]
     assert _decode(dict(encoding="rgba8", height=1, width=1, step=4, is_bigendian=0,

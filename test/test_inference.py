@@ -92,7 +92,8 @@ def test_fp16_on_cpu_is_refused():
     with pytest.raises(DeviceError, match="fp16"):
         GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="fp16")
     with pytest.raises(DeviceError, match="precision"):
-        GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int4")  # int8 is valid on the CPU
+        # int8 is valid on the CPU, int4 is not a precision
+        GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="int4")
 
 
 def test_bf16_close_to_fp32(describer, sample_images):
@@ -129,10 +130,10 @@ def test_weights_file_fingerprint_and_official_file(reference, tmp_path, sample_
 def test_local_feature_extractor(sample_images):
     ex = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", batch_size=4)
     assert ex.local_shape == (61, 61, 16) and ex.global_dim == 48
-    g, l = ex.extract(sample_images[:5])
+    g, loc = ex.extract(sample_images[:5])
     assert g.shape == (5, 48) and g.dtype == np.float32
-    assert l.shape == (5, 61, 61, 16) and l.dtype == np.float16
-    np.testing.assert_allclose(np.linalg.norm(l.astype(np.float32), axis=-1), 1.0, atol=2e-3)
+    assert loc.shape == (5, 61, 61, 16) and loc.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(loc.astype(np.float32), axis=-1), 1.0, atol=2e-3)
     # The SelaVPR global branch also works as a plain describer.
     d = GlobalDescriber("selavpr_tiny_random", device="cpu").describe(sample_images[:5])
     assert np.abs(d - g).max() < 1e-6
@@ -176,7 +177,8 @@ def test_default_card_prefers_demo_with_weights(tmp_path, monkeypatch, repo_root
                                                      weights="demo_tiny.safetensors")
     (tmp_path / "demo_tiny.yaml").write_text(yaml.safe_dump(demo.to_dict()))
     assert default_card_name() == "scicevpr_tiny_random"       # weights not there yet
-    save_weights(build_model("scicevpr_tiny_random", seed=5), demo, tmp_path / "demo_tiny.safetensors")
+    save_weights(build_model("scicevpr_tiny_random", seed=5), demo,
+                 tmp_path / "demo_tiny.safetensors")
     assert default_card_name() == "demo_tiny"
     g = GlobalDescriber(device="cpu")
     assert g.card.name == "demo_tiny" and g.fingerprint.startswith("sha256:")

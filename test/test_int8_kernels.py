@@ -1,4 +1,4 @@
-"""Native fused int8 kernels (vpr_ros.models.int8_kernels, int8_block).
+"""Native fused int8 kernels (vpr_ros.accel.int8_kernels, int8_block).
 
 Checks: the kernels build with the machine's compiler into an atomic, reusable cache;
 quantisation and dequantisation are bit-identical to the torch path; the fused GELU and
@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from vpr_ros.models import int8_kernels
-from vpr_ros.models.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
-                                       attention_fusable, fusable, fuse_transformer_blocks)
-from vpr_ros.models.int8_linear import (Int8Linear, convert_to_int8, integer_matmul,
-                                        quantize_rows)
+from vpr_ros.accel import int8_kernels
+from vpr_ros.accel.int8_block import (ENV_ATTENTION, IntegerAttention, Int8TransformerBlock,
+                                      attention_fusable, fusable, fuse_transformer_blocks)
+from vpr_ros.accel.convert import convert_to_int8
+from vpr_ros.accel.int8_linear import Int8Linear, integer_matmul, quantize_rows
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def test_without_compiler_or_switched_off_the_torch_path_runs(tmp_path, monkeypa
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(int8_kernels.KernelBuildError, match="no C compiler"):
         int8_kernels.build()
-    with caplog.at_level(logging.WARNING, logger="vpr_ros.models.int8_kernels"):
+    with caplog.at_level(logging.WARNING, logger="vpr_ros.accel.int8_kernels"):
         assert int8_kernels.native_kernels() is None
     assert "torch path" in caplog.text
 
@@ -327,8 +328,8 @@ def test_integer_attention_switch_keeps_float_attention(kernels, monkeypatch):
 
 
 def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
-    """Blocks that are not fusable as a whole (SelaVPR's adapters) still get the int8
-    attention: close to their own float32 SDPA, batch-invariant, switchable."""
+    """Attention of blocks that are not fusable as a whole gets the int8 attention: close to
+    its own float32 SDPA, batch-invariant, switchable."""
     from timm.models.vision_transformer import Attention
 
     from vpr_ros.inference import LocalFeatureExtractor
@@ -352,6 +353,46 @@ def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
         assert torch.equal(wrapped(x), ref)
     monkeypatch.delenv(ENV_ATTENTION)
 
+    # SelaVPR's adapted blocks are now fused whole (Int8AdaptedBlock), attention included
+    from vpr_ros.accel.int8_block import Int8AdaptedBlock
+
     extractor = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8")
-    adapted = [m for m in extractor.model.modules() if isinstance(m, IntegerAttention)]
+    adapted = [m for m in extractor.model.modules() if isinstance(m, Int8AdaptedBlock)]
     assert len(adapted) == 4                             # one per adapted block of the tiny model
+
+
+def _adapted_block(seed: int = 0, dim: int = 64, heads: int = 4):
+    from vpr_ros.models.selavpr import AdaptedBlock
+
+    torch.manual_seed(seed)
+    block = AdaptedBlock(dim, heads, 4.0, adapter_dim=32).eval()
+    with torch.no_grad():
+        for adapter in (block.adapter1, block.adapter2):      # trained adapters are not zero
+            adapter.fc2.weight.normal_(0, 0.05)
+            adapter.fc2.bias.normal_(0, 0.05)
+        block.ls1.gamma.uniform_(0.5, 1.5)
+        block.ls2.gamma.uniform_(0.5, 1.5)
+    return block
+
+
+def test_adapted_block_fused_close_and_batch_invariant(kernels):
+    """SelaVPR's adapted blocks run fused (Int8AdaptedBlock): close to the unfused int8 block
+    and to float32, and bit-identical alone or in a batch."""
+    import copy
+
+    from vpr_ros.accel.int8_block import Int8AdaptedBlock
+
+    fp32 = _adapted_block()
+    fused = nn.Sequential(copy.deepcopy(fp32))
+    convert_to_int8(fused)
+    assert isinstance(fused[0], Int8AdaptedBlock)
+    unfused = nn.Sequential(copy.deepcopy(fp32))
+    convert_to_int8(unfused, fuse_blocks=False)
+    x = torch.randn(3, 37, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got, plain = fp32(x), fused(x), unfused(x)
+        cos = F.cosine_similarity(got.reshape(-1, 64), ref.reshape(-1, 64)).min()
+        assert cos >= 0.999, cos
+        assert F.cosine_similarity(got.reshape(-1, 64), plain.reshape(-1, 64)).min() >= 0.9999
+        alone = fused(x[1:2])
+    assert torch.equal(alone[0], got[1])

@@ -1,4 +1,4 @@
-"""Per-token int8 Linear layers (vpr_ros.models.int8_linear) and ``precision="int8"``.
+"""Per-token int8 Linear layers (vpr_ros.accel.int8_linear) and ``precision="int8"``.
 
 Checks: the integer path is exact (int32 products equal an int64 reference, outputs equal
 a float64 evaluation of the same quantisation), the float fallback gives the same
@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 
 from vpr_ros.errors import DeviceError
-from vpr_ros.models.int8_linear import (InplaceGELU, Int8Linear, Int8PointwiseConv2d,
-                                        convert_to_int8, count_int8_layers,
-                                        fold_block_layer_scales, integer_matmul, quantize_rows)
+from vpr_ros.accel.convert import convert_to_int8
+from vpr_ros.accel.int8_linear import (InplaceGELU, Int8Linear, Int8PointwiseConv2d,
+                                       count_int8_layers, fold_block_layer_scales,
+                                       integer_matmul, quantize_rows)
 
 
 def _linear(k: int, n: int, seed: int = 0, bias: bool = True) -> nn.Linear:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from vpr_ros.errors import MapError
-from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
+from vpr_ros.inference import LocalFeatureExtractor
 from vpr_ros.localizer import Localizer
-from vpr_ros.maps import PlaceMap, add_to_map, benchmark_source, build_map
+from vpr_ros.maps import PlaceMap, add_to_map, build_map
 from vpr_ros.maps.local_store import (Int8LocalFeatures, PlaceSubset, check_local_storage,
                                       dequantize_int8, quantize_int8)
 from vpr_ros.models.rerank import mutual_nn_counts
@@ -22,18 +22,13 @@ N = 8
 
 
 @pytest.fixture(scope="module")
-def describer():
-    return GlobalDescriber("scicevpr_tiny_random", device="cpu", batch_size=8)
-
-
-@pytest.fixture(scope="module")
 def local():
     return LocalFeatureExtractor("selavpr_tiny_random", device="cpu")
 
 
 @pytest.fixture(scope="module")
-def db(sample_dir):
-    return benchmark_source(sample_dir, "database")
+def db(sample_database):
+    return sample_database
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +114,8 @@ def test_add_to_int8_map_keeps_int8_and_copies_old_codes(tmp_path, maps, describ
     old_codes = np.array(before.codes)
     add_to_map(target, db[N:N + 3], describer, local_extractor=local, progress=False)
     after = PlaceMap.open_for(target, describer, local_extractor=local)
-    assert isinstance(after.local_features, Int8LocalFeatures) and len(after.local_features) == N + 3
+    assert isinstance(after.local_features, Int8LocalFeatures)
+    assert len(after.local_features) == N + 3
     np.testing.assert_array_equal(np.asarray(after.local_features.codes[:N]), old_codes)
     assert after.manifest["local_features"]["storage"] == "int8"
 

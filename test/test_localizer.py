@@ -10,7 +10,7 @@ from vpr_ros.evaluation.metrics import positives_within, recall_at_n
 from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
 from vpr_ros.localizer import (Localizer, confidence_features, confidence_from_features,
                                fit_confidence)
-from vpr_ros.maps import PlaceMap, benchmark_source, build_map
+from vpr_ros.maps import PlaceMap, build_map
 from vpr_ros.temporal import PlaceBeliefFilter
 
 CARD = "scicevpr_tiny_random"
@@ -18,18 +18,13 @@ N = 20
 
 
 @pytest.fixture(scope="module")
-def describer():
-    return GlobalDescriber(CARD, device="cpu", batch_size=8)
+def db(sample_database):
+    return sample_database[:N]
 
 
 @pytest.fixture(scope="module")
-def db(sample_dir):
-    return benchmark_source(sample_dir, "database")[:N]
-
-
-@pytest.fixture(scope="module")
-def queries(sample_dir):
-    return benchmark_source(sample_dir, "queries")[:N]
+def queries(sample_queries):
+    return sample_queries[:N]
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,8 @@ N_PLACES = 24
 
 
 @pytest.fixture(scope="module")
-def describer():
-    return GlobalDescriber(CARD, device="cpu", batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def entries(sample_dir):
-    return benchmark_source(sample_dir, "database")[:N_PLACES]
+def entries(sample_database):
+    return sample_database[:N_PLACES]
 
 
 @pytest.fixture(scope="module")

@@ -61,9 +61,9 @@ def test_global_local_and_tokens(variant):
 def test_batch_one_equals_batch_five(variant, images):
     model = variant["model"]
     with torch.no_grad():
-        g, l = model(images[2:3])
+        g, loc = model(images[2:3])
     assert np.abs(g.numpy()[0] - variant["glob"][2]).max() < 1e-6
-    assert np.abs(l.numpy()[0] - variant["local"][2]).max() < 1e-5
+    assert np.abs(loc.numpy()[0] - variant["local"][2]).max() < 1e-5
 
 
 def test_scorer_exact_on_stored_features(variant):
@@ -77,7 +77,8 @@ def test_scorer_exact_on_stored_features(variant):
         scores = official_scores(torch.from_numpy(counts[q, db[first]]))
         np.testing.assert_array_equal(scores.numpy(), out["candidate_scores"][q])
         np.testing.assert_array_equal(first[rerank_order(scores)], out["reranked_predictions"][q])
-    synthetic = official_scores(mutual_nn_counts(out["synthetic_query"], out["synthetic_candidates"]))
+    synthetic = official_scores(mutual_nn_counts(out["synthetic_query"],
+                                                 out["synthetic_candidates"]))
     np.testing.assert_array_equal(synthetic.numpy(), out["synthetic_scores"])
 
 
@@ -96,7 +97,8 @@ def test_train_similarity_on_stored_features(variant):
 
 
 def test_full_retrieval_from_own_features(variant):
-    """First stage with real FAISS on our global descriptors, then re-ranking with our local features."""
+    """First stage with real FAISS on our global descriptors, then re-ranking with our local
+    features."""
     out = variant["out"]
     glob, local = variant["glob"], variant["local"]
     n = len(glob)

@@ -7,19 +7,12 @@ wall-clock assertions here: speed lives in benchmarks/).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import bench_rerank  # noqa: E402
-import synthetic_map  # noqa: E402
-from vpr_ros.models.rerank import mutual_nn_counts  # noqa: E402
+from benchmarks import bench_rerank, synthetic_map
+from vpr_ros.models.rerank import mutual_nn_counts
 
 
 def test_official_style_counts_match_reference_and_package(reference):
@@ -58,7 +51,7 @@ def test_synthetic_maps_have_spread_of_counts():
 
 
 def test_eager_baseline_equals_package_fp32():
-    import bench_descriptors
+    from benchmarks import bench_descriptors
     from vpr_ros.inference import GlobalDescriber
     d = GlobalDescriber("scicevpr_tiny_random", device="cpu", precision="fp32")
     base = bench_descriptors.eager_baseline(d.model).eval()
@@ -80,7 +73,8 @@ def test_closed_form_reduced_places_match_the_full_dimensional_path():
     pca.train(gen.places(1000, 4000))            # learnt on other places, as build_cache does
     red = synthetic_map.ReducedGenerator(gen, pca)
     targets = np.arange(0, 1000, 7)
-    long_way = synthetic_map._neighbour_stats(pca.apply_py(full), pca.apply_py(gen.queries(targets, 1)), targets)
+    long_way = synthetic_map._neighbour_stats(pca.apply_py(full),
+                                              pca.apply_py(gen.queries(targets, 1)), targets)
     closed = synthetic_map._neighbour_stats(red.places(0, 1000), red.queries(targets, 2), targets)
     for key in ("cos_query_truth_mean", "cos_next_place_mean", "cos_random_pair_mean"):
         assert abs(long_way[key] - closed[key]) < 0.03, (key, long_way, closed)

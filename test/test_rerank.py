@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.models.rerank import (argmax_over_rows, mutual_nn_counts, official_scores, rerank, rerank_order,
-                                   train_similarity)
+from vpr_ros.models.rerank import (argmax_over_rows, mutual_nn_counts, official_scores, rerank,
+                                   rerank_order, train_similarity)
 
 
 def _maps(k, h=9, w=9, c=8, seed=0):
@@ -43,7 +43,8 @@ def test_counts_match_definition_and_identity():
 def test_chunking_shapes_dtypes_and_numpy_agree():
     q, cands = _maps(7)
     base = mutual_nn_counts(q, cands)
-    assert torch.equal(mutual_nn_counts(q, cands, max_chunk_bytes=1), base)  # one candidate per chunk
+    # one candidate per chunk
+    assert torch.equal(mutual_nn_counts(q, cands, max_chunk_bytes=1), base)
     assert torch.equal(mutual_nn_counts(q.reshape(81, 8), cands.reshape(7, 81, 8)), base)
     assert torch.equal(mutual_nn_counts(q.numpy(), cands.numpy()), base)
     half = mutual_nn_counts(q.half(), cands.half().numpy())

@@ -17,10 +17,10 @@ from vpr_ros.errors import CheckpointError, ConfigError, DatasetError
 from vpr_ros.models.checkpoint import save_weights
 from vpr_ros.models.factory import build_model
 from vpr_ros.models.cards import load_card
-from vpr_ros.training.config import build_config, load_config
+from vpr_ros.training.config import build_config, dump_config, load_config
 from vpr_ros.training.data import (PlaceBatchSampler, PlaceImagesDataset, collate_places,
                                    load_train_places, load_validation_set, places_from_csv)
-from vpr_ros.training.losses import (distillation_loss, multi_similarity_loss,
+from vpr_ros.training.losses import (MultiSimilarity, distillation_loss, multi_similarity_loss,
                                      multi_similarity_mine, mutual_nn_similarity)
 
 torch.set_num_threads(1)
@@ -117,9 +117,9 @@ def test_config_file_overrides_and_bad_values(tmp_path):
                     "optim: {lr: 1e-4}\n")
     cfg = load_config(path, ["optim.lr=5e-5", "data.places_per_batch=8",
                              "freeze.backbone_blocks=3"])
-    assert cfg["optim"]["lr"] == pytest.approx(5e-5)
-    assert cfg["data"]["places_per_batch"] == 8 and cfg["freeze"]["backbone_blocks"] == 3
-    assert cfg["loss"]["ms_beta"] == 50.0 and cfg["loss"]["miner_epsilon"] == 0.1
+    assert cfg.optim.lr == pytest.approx(5e-5)
+    assert cfg.data.places_per_batch == 8 and cfg.freeze.backbone_blocks == 3
+    assert cfg.loss.ms_beta == 50.0 and cfg.loss.miner_epsilon == 0.1
     with pytest.raises(ConfigError, match="optim.epochs"):
         load_config(path, ["optim.epochs=ten"])
     with pytest.raises(ConfigError, match="data.nope"):
@@ -133,7 +133,54 @@ def test_config_file_overrides_and_bad_values(tmp_path):
 def test_shipped_recipes_parse(repo_root):
     for path in sorted((repo_root / "config" / "train").glob("*.yaml")):
         cfg = load_config(path)
-        assert cfg["stage"] in ("teacher", "student", "selavpr"), path
+        assert cfg.stage in ("teacher", "student", "selavpr"), path
+
+
+def test_shipped_configs_carry_no_machine_paths_and_find_the_shared_data(
+        repo_root, tmp_path, monkeypatch):
+    from conftest import shared_dir
+    from vpr_ros.training.config import resolve_sources
+
+    for path in sorted((repo_root / "config" / "train").glob("*.yaml")):
+        cfg = load_config(path)
+        for src in [cfg.data.train, cfg.data.val]:
+            for s in (src if isinstance(src, list) else [src]):
+                if s:
+                    assert not Path(s["path"]).is_absolute(), f"{path.name}: {s['path']}"
+    demo = repo_root / "config" / "train" / "demo_teacher.yaml"
+    shared = shared_dir()
+    monkeypatch.delenv("VPR_SHARED_DIR", raising=False)
+    # the option wins over the environment, which wins over ../shared beside the repo
+    cfg = load_config(demo, shared_dir=shared)
+    train = Path(resolve_sources(cfg, cfg.data.train)["path"])
+    assert train == shared / "data" / "nordland64_summer_winter_part1" and train.is_dir()
+    monkeypatch.setenv("VPR_SHARED_DIR", str(tmp_path))
+    assert resolve_sources(load_config(demo), cfg.data.val)["path"].startswith(str(tmp_path))
+    (tmp_path / "x").mkdir()
+    other = load_config(demo, shared_dir=tmp_path / "x")
+    assert resolve_sources(other, other.data.val)["path"].startswith(str(tmp_path / "x"))
+    with pytest.raises(ConfigError, match=r"shared data folder .*/nowhere does not exist; "
+                                          r"pass vpr train --shared-dir DIR or set VPR_SHARED_DIR"):
+        resolve_sources(load_config(demo, shared_dir=tmp_path / "nowhere"), cfg.data.val)
+    monkeypatch.delenv("VPR_SHARED_DIR")
+    beside = repo_root.parent / "shared"
+    if beside.is_dir():
+        assert resolve_sources(load_config(demo), cfg.data.val)["path"].startswith(str(beside))
+
+
+def test_config_is_frozen_and_overrides_are_checked():
+    import dataclasses
+
+    cfg = build_config({"model": "m", "data": {"train": {"type": "csv", "path": "x.csv"}}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    again = cfg.with_overrides("optim.lr=0.5", "eval.recall_ns=[1, 3]")
+    assert (again.optim.lr, again.eval.recall_ns, cfg.optim.lr) == (0.5, (1, 3), 1e-4)
+    with pytest.raises(ConfigError, match=r"data\.augment\.crop_scale.*\[min, max\]"):
+        cfg.with_overrides("data.augment.crop_scale=[0.5]")
+    with pytest.raises(ConfigError, match="optim.clip_grad_norm: expected float"):
+        cfg.with_overrides("optim.clip_grad_norm=yes")
+    assert yaml.safe_load(dump_config(again))["eval"]["recall_ns"] == [1, 3]
 
 
 # --------------------------------------------------------------------------- data
@@ -282,6 +329,49 @@ def test_multi_similarity_matches_definition():
     assert float(loss) == pytest.approx(expected / 8, rel=1e-5)
 
 
+@pytest.mark.parametrize("p, k, dim, noise", [(32, 2, 256, 1.5), (72, 4, 512, 2.0),
+                                              (16, 4, 64, 3.0), (8, 2, 32, 1.0)])
+def test_multi_similarity_equals_pytorch_metric_learning(p, k, dim, noise):
+    """The official SciceVPR trains with pytorch-metric-learning's MultiSimilarityMiner +
+    MultiSimilarityLoss; ours gives the same mined pairs, loss and gradient (w.r.t. the
+    features before the models' L2 normalisation).  Why ours is kept: docs/training.md."""
+    from pytorch_metric_learning import losses, miners
+
+    g = torch.Generator().manual_seed(p * 1000 + k)
+    labels = torch.arange(p).repeat_interleave(k)[torch.randperm(p * k, generator=g)]
+    centers = torch.randn(p, dim, generator=g)
+    z = (centers[labels] + noise * torch.randn(p * k, dim, generator=g)).requires_grad_(True)
+    ours = MultiSimilarity(alpha=1.0, beta=50.0, base=0.0, epsilon=0.1)
+    loss = ours(torch.nn.functional.normalize(z, dim=1), labels)
+    grad, = torch.autograd.grad(loss, z)
+    x = torch.nn.functional.normalize(z, dim=1)
+    pairs = miners.MultiSimilarityMiner(epsilon=0.1)(x, labels)
+    ref = losses.MultiSimilarityLoss(alpha=1.0, beta=50.0, base=0.0)(x, labels, pairs)
+    ref_grad, = torch.autograd.grad(ref, z)
+    pos, neg = multi_similarity_mine(x.detach(), labels, 0.1)
+    assert sorted(map(list, zip(*[t.tolist() for t in pairs[:2]]))) == pos.nonzero().tolist()
+    assert sorted(map(list, zip(*[t.tolist() for t in pairs[2:]]))) == neg.nonzero().tolist()
+    assert float(loss) > 0 and float(loss) == pytest.approx(float(ref), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * float(ref_grad.abs().max()))
+
+
+def test_pytorch_metric_learning_drops_a_batch_with_one_mined_pair_each():
+    """The one difference (docs/training.md): with at most one mined positive and one mined
+    negative pair, the library returns a zero loss; ours trains on that pair."""
+    from pytorch_metric_learning import losses
+
+    labels = torch.tensor([0, 0, 1, 1])
+    x = torch.nn.functional.normalize(torch.tensor(
+        [[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0], [0.0, 0.6, 0.8]]), dim=1)
+    pos = torch.zeros(4, 4, dtype=torch.bool)
+    neg = torch.zeros(4, 4, dtype=torch.bool)
+    pos[0, 1] = neg[0, 3] = True
+    pairs = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([3]))
+    ref = losses.MultiSimilarityLoss(alpha=1.0, beta=50.0, base=0.0)(x, labels, pairs)
+    assert float(ref) == 0.0
+    assert float(multi_similarity_loss(x, labels, pos, neg)) > 0.1
+
+
 def test_distillation_and_local_similarity():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
@@ -418,19 +508,17 @@ def test_selavpr_step_trains_adapters_and_local_head_only(tmp_path, sample_dir):
 
 def trainer_cfg(tmp_path, sample_dir, **extra):
     card = write_card(tmp_path, "t", "super_cricavpr")
-    cfg = base_cfg(tmp_path, sample_dir, "teacher", card, **extra)
-    cfg["data"]["val"] = {"type": "benchmark", "path": str(sample_dir), "seq_range": [1293, 1301]}
-    cfg["optim"]["epochs"] = 2
-    cfg["export_name"] = "tiny_teacher"
-    return cfg
+    val = {"type": "benchmark", "path": str(sample_dir), "seq_range": [1293, 1301]}
+    extra = {"data__val": val, "optim__epochs": 2, "export_name": "tiny_teacher", **extra}
+    return base_cfg(tmp_path, sample_dir, "teacher", card, **extra)
 
 
 def test_training_run_resume_continues_from_saved_step(tmp_path, sample_dir):
     from safetensors.torch import load_file
     from vpr_ros.training.trainer import train
 
-    cfg = trainer_cfg(tmp_path, sample_dir)             # 6 places / 4 per batch -> 1 batch
-    cfg["data"]["batches_per_epoch"] = 2
+    cfg = trainer_cfg(tmp_path, sample_dir,             # 6 places / 4 per batch -> 1 batch
+                      data__batches_per_epoch=2)
     full = train(cfg, tmp_path / "full", progress=False)
     assert full["finished"] and full["steps"] == 4 and full["epochs_done"] == 2
     for name in ("steps.csv", "epochs.csv", "curves.png", "config.yaml", "summary.json",
@@ -464,12 +552,9 @@ def test_training_run_resume_continues_from_saved_step(tmp_path, sample_dir):
 
 def test_grad_accumulation_and_bf16_autocast_run(tmp_path, sample_dir):
     from vpr_ros.training.trainer import train
-    cfg = trainer_cfg(tmp_path, sample_dir)
-    cfg["optim"]["epochs"] = 1
-    cfg["optim"]["grad_accum"] = 2
-    cfg["data"]["batches_per_epoch"] = 2
-    cfg["precision"] = "bf16"
-    cfg["data"]["val"] = None
+    cfg = trainer_cfg(tmp_path, sample_dir).with_overrides(
+        "optim.epochs=1", "optim.grad_accum=2", "data.batches_per_epoch=2", "precision=bf16",
+        "data.val=null")
     out = train(cfg, tmp_path / "acc", progress=False)
     assert out["finished"] and out["steps"] == 1
 
@@ -527,8 +612,7 @@ def test_corrupt_training_image_and_bad_precision_are_clear_errors(tmp_path, sam
     ds = PlaceImagesDataset(places, 2, (112, 112))
     with pytest.raises(DatasetError, match=r"place broken_place: .*broken\.jpg"):
         ds[(2, 0)]
-    cfg = trainer_cfg(tmp_path, sample_dir)
-    cfg["precision"] = "fp16"
+    cfg = trainer_cfg(tmp_path, sample_dir, precision="fp16")
     with pytest.raises(DeviceError, match="fp16"):
         train(cfg, tmp_path / "fp16", progress=False)
 

@@ -19,6 +19,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import atomic_directory
+from .constants import MAX_POSE_GAP_S
 from .errors import BagError, ImageError
 from .image_encoding import (compressed_to_rgb, image_fields_to_rgb, rgb_to_compressed,
                              rgb_to_image_fields)
@@ -234,7 +235,7 @@ class PoseTrack:
     def __len__(self) -> int:
         return int(self.stamps_ns.size)
 
-    def interpolate(self, stamps_ns, max_gap_s: float = 1.0
+    def interpolate(self, stamps_ns, max_gap_s: float = MAX_POSE_GAP_S
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Poses at ``stamps_ns``: linear position, slerp orientation.
 

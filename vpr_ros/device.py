@@ -10,7 +10,7 @@ Precisions: ``fp32`` (default, exact parity with the official models), ``bf16``
 ``int8`` (CPU only: the Linear layers and the 1x1 ``fusion`` convolution run with int8
 weights, one scale per output channel, and int8 activations quantised on every call with
 one scale per token, multiplied exactly in int32 by ``torch._int_mm``; see
-:mod:`vpr_ros.models.int8_linear`.  No scale is shared between images, so batches stay
+:mod:`vpr_ros.accel.int8_linear`.  No scale is shared between images, so batches stay
 batch-invariant.  ``torch.qint8`` is only the marker dtype of this precision).
 """
 
@@ -21,9 +21,9 @@ from typing import Union
 
 import torch
 
+from .constants import PRECISIONS
 from .errors import DeviceError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 _PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                      "int8": torch.qint8}
@@ -57,7 +57,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """"fp32" | "bf16" | "fp16" | "int8" -> compute dtype, checked against the device.
 
     int8 maps to ``torch.qint8`` as a marker (the int8 layers themselves hold plain int8
-    tensors, see :mod:`vpr_ros.models.int8_linear`).
+    tensors, see :mod:`vpr_ros.accel.int8_linear`).
     """
     key = (name or "fp32").strip().lower()
     if key not in _PRECISION_DTYPES:

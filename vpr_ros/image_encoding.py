@@ -88,7 +88,8 @@ def _rows(encoding: str, height: int, width: int, step: int, data: Buffer) -> np
         raise ImageError(f"image message has zero size ({width}x{height})")
     num, per = _layout(encoding)
     if encoding in _YUV and width % 2:
-        raise ImageError(f"{encoding} image has an odd width {width}; YUV 4:2:2 needs an even width")
+        raise ImageError(f"{encoding} image has an odd width {width}; "
+                         "YUV 4:2:2 needs an even width")
     row_bytes = width * num // per
     if step < row_bytes:
         raise ImageError(

@@ -17,7 +17,7 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   region encoder, the final L2 normalisations).  LayerNorm statistics are accumulated in
   float32 by PyTorch's bf16 kernels.
 * ``fp16``: CUDA autocast.
-* ``int8`` (CPU): :mod:`vpr_ros.models.int8_linear`: every Linear layer and the 1x1
+* ``int8`` (CPU): :mod:`vpr_ros.accel.int8_linear`: every Linear layer and the 1x1
   ``fusion`` convolution run with int8 weights (one scale per output channel) and int8
   activations quantised per call with one scale per row, i.e. per token of one image,
   multiplied exactly in int32 (``torch._int_mm``).  No scale is shared between images,
@@ -26,9 +26,10 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   test/test_int8_linear.py).  LayerNorm, GELU, the patch embedding, GeM and the
   SciceVPR region encoder compute in float32.  The passes between two int8 matmuls
   (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in small C
-  kernels compiled on first use (:mod:`vpr_ros.models.int8_kernels`), and with them the
+  kernels compiled on first use (:mod:`vpr_ros.accel.int8_kernels`), and with them the
   ViT blocks' attention runs on int16 codes of Q, K, V and the softmax weights
-  (:mod:`vpr_ros.models.int8_block`; ``VPR_ROS_INTEGER_ATTENTION=0`` keeps float32 SDPA).
+  (:mod:`vpr_ros.accel.int8_block`).  The switches are ``accel=AccelOptions(...)``
+  (:mod:`vpr_ros.accel.options`: native kernels, integer attention, kernel cache).
   Where no C compiler is found the torch ops run, with float32 SDPA attention.
 
 Images are preprocessed with
@@ -74,21 +75,24 @@ def cast_weights_bf16(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Batch-invariant int8 (CPU), in place: see :mod:`vpr_ros.models.int8_linear`.
+def quantize_int8(model: torch.nn.Module, accel=None) -> torch.nn.Module:
+    """Batch-invariant int8 (CPU), in place: see :mod:`vpr_ros.accel.int8_linear`.
 
     Every ``nn.Linear`` and the pointwise (1x1) convolutions become int8 layers with
     per-output-channel weight scales and per-row (per-token) activation scales computed
     on each call, multiplied exactly in int32 (``torch._int_mm``).  The SciceVPR region
     encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.  The
-    native fused kernels (:mod:`vpr_ros.models.int8_kernels`) are built here, at model
-    construction, so that the first image does not wait for the compiler.
+    native fused kernels (:mod:`vpr_ros.accel.int8_kernels`) are built here, at model
+    construction, so that the first image does not wait for the compiler.  ``accel``: the
+    switches (:class:`vpr_ros.accel.options.AccelOptions`; None = overrides / defaults).
     """
-    from .models.int8_kernels import native_kernels
-    from .models.int8_linear import convert_to_int8
+    from .accel.convert import convert_to_int8
+    from .accel.int8_kernels import native_kernels
+    from .accel.options import AccelOptions
 
-    native_kernels()
-    return convert_to_int8(model)
+    accel = accel if accel is not None else AccelOptions()
+    native_kernels(accel.native_kernels, accel.kernel_cache)
+    return convert_to_int8(model, options=accel)
 
 
 class _ModelRunner:
@@ -96,7 +100,7 @@ class _ModelRunner:
 
     def __init__(self, card: CardLike = None, weights: Union[str, os.PathLike, None] = None,
                  device: Union[str, torch.device] = "auto", precision: str = "fp32",
-                 batch_size: int = 8):
+                 batch_size: int = 8, accel=None):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
@@ -111,7 +115,8 @@ class _ModelRunner:
             cast_weights_bf16(self.model)
             self._input_dtype = torch.bfloat16
         elif self.dtype == torch.qint8:
-            self.model = quantize_int8(self.model)
+            self.model = quantize_int8(self.model, accel)
+        self.accel = accel
 
     def _forward(self, fn, x: torch.Tensor):
         """``fn(x)`` under this runner's precision set-up (whole batch in one forward)."""
@@ -142,8 +147,8 @@ class GlobalDescriber(_ModelRunner):
     """Global place descriptors: ``describe(images) -> (N, dim) float32``, unit L2."""
 
     def __init__(self, card: CardLike = None, weights=None, device="auto",
-                 precision: str = "fp32", batch_size: int = 8):
-        super().__init__(card, weights, device, precision, batch_size)
+                 precision: str = "fp32", batch_size: int = 8, accel=None):
+        super().__init__(card, weights, device, precision, batch_size, accel)
         self.dim = int(self.card.descriptor_dim)
 
     @torch.inference_mode()
@@ -179,12 +184,12 @@ class LocalFeatureExtractor(_ModelRunner):
     """SelaVPR: ``extract(images) -> (global (N, Dg) float32, local (N, 61, 61, C) float16)``."""
 
     def __init__(self, card: CardLike = None, weights=None, device="auto",
-                 precision: str = "fp32", batch_size: int = 8):
+                 precision: str = "fp32", batch_size: int = 8, accel=None):
         card_obj = load_card(card if card is not None else "selavpr_tiny_random")
         if card_obj.architecture != "selavpr":
             raise ModelCardError(f"local features need a SelaVPR model card; {card_obj.name!r} is "
                                  f"{card_obj.architecture} (try --local-model selavpr_vitl14)")
-        super().__init__(card_obj, weights, device, precision, batch_size)
+        super().__init__(card_obj, weights, device, precision, batch_size, accel)
         self.global_dim = int(self.card.descriptor_dim)
         self.dim = self.global_dim
         self.local_shape: Tuple[int, int, int] = tuple(self.card.local_shape)

@@ -328,8 +328,10 @@ class Localizer:
         if feats is None:
             raise MapError(f"map {self.place_map.path} has no local features for re-ranking")
         # one candidate map at a time from the memory-mapped store (dequantised if int8)
+        accel = getattr(self.local_extractor, "accel", None)    # the extractor's switches
         counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)),
-                                  PlaceSubset(feats, indices), compute=self.rerank_compute)
+                                  PlaceSubset(feats, indices), compute=self.rerank_compute,
+                                  native=None if accel is None else accel.native_kernels)
         scores = official_scores(counts)
         order = np.asarray(rerank_order(scores))
         return order, scores.detach().cpu().numpy().astype(np.float64)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .constants import MAX_IMAGE_PIXELS
 from .errors import ImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,9 +33,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_ORDERS = ("rgb", "bgr", "mono")
 
 
-# Pixel limit checked from the file header, before anything is decoded (a camera frame
-# is at most a few tens of megapixels; a "decompression bomb" claims billions).
-DEFAULT_MAX_PIXELS = 50_000_000
+# Pixel limit checked from the file header, before anything is decoded.
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 # Images above this many pixels are decoded at reduced size: JPEG through the decoder's
 # DCT scaling (draft), other formats with a box reduce right after decoding, so the
 # float copies preprocessing makes stay small.  The result keeps at least

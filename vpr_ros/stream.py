@@ -66,7 +66,7 @@ class StreamConfig:
     max_hypotheses: int = 500         # tracked (place, direction, speed) states kept per frame
     speeds: Tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)  # place spacings per frame
     speed_change_prob: float = 0.1    # chance per frame of moving to a neighbouring speed class
-    step_sigma: float = 0.3           # spread of one step, in place spacings (plus 15 % of the step)
+    step_sigma: float = 0.3           # spread of one step in place spacings (+ 15 % of the step)
     max_speed_mps: float = 0.0        # > 0 with stamps: bound the step by speed * dt as well
     reverse_prob: float = 0.02        # chance per frame that the camera turns around
     kidnap_prob: float = 0.02         # chance per frame of a jump anywhere (robot carried away)
@@ -76,6 +76,7 @@ class StreamConfig:
     fit_margin: float = 1.0           # log Bayes factor above which the stream answers
     normaliser_samples: int = 256     # map places sampled to z-score each frame
     radius_m: float = 25.0            # an answer is right within this distance (confidence mass)
+    still_cosine: float = 0.995       # a frame this alike the last one is a stop, not evidence
     odometry_sigma: float = 0.25      # relative error of the odometry's travelled distance
     odometry_max_gap_s: float = 2.0   # odometry older than this around a frame is stale
     odometry_max_speed_mps: float = 100.0  # faster odometry jumps are rejected
@@ -103,6 +104,7 @@ class StreamConfig:
         need(self.normaliser_samples >= 8,
              f"normaliser_samples must be >= 8, got {self.normaliser_samples}")
         need(self.radius_m > 0, f"radius_m must be > 0, got {self.radius_m}")
+        need(0 < self.still_cosine <= 1, f"still_cosine must be in (0, 1], got {self.still_cosine}")
         need(self.odometry_sigma > 0, f"odometry_sigma must be > 0, got {self.odometry_sigma}")
         need(self.odometry_max_gap_s > 0,
              f"odometry_max_gap_s must be > 0, got {self.odometry_max_gap_s}")
@@ -127,7 +129,8 @@ class StreamEstimate:
     timings_ms: Dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"place_index": int(self.place_index), "confidence": round(float(self.confidence), 6),
+        return {"place_index": int(self.place_index),
+                "confidence": round(float(self.confidence), 6),
                 "raw_confidence": round(float(self.raw_confidence), 6),
                 "confident": bool(self.confident), "localized": bool(self.localized),
                 "prior_fit": round(float(self.prior_fit), 4),
@@ -218,8 +221,8 @@ class _OdometryTrack:
         self.stamps.clear()
         self.positions.clear()
 
-    def distance(self, t0: int, t1: int, max_gap_ns: int) -> Optional[float]:
-        """Path length travelled from t0 to t1, or None when the odometry does not cover it."""
+    def displacement(self, t0: int, t1: int, max_gap_ns: int):
+        """(path length, displacement vector) from t0 to t1, or None when not covered."""
         if len(self.stamps) < 1 or t1 < t0:
             return None
         st = np.fromiter(self.stamps, dtype=np.int64, count=len(self.stamps))
@@ -235,7 +238,7 @@ class _OdometryTrack:
                 return None
         elif t1 - t0 > max_gap_ns and not ((st <= t0).any() and (st >= t1).any()):
             return None
-        return float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum())
+        return float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum()), p1 - p0
 
     @staticmethod
     def _at(st, pos, t) -> np.ndarray:
@@ -267,6 +270,7 @@ class StreamLocalizer:
             k = min(n, self.config.normaliser_samples)
             pick = np.sort(rng.choice(n, size=k, replace=False))
             self._sample = np.ascontiguousarray(np.asarray(descriptors[pick], dtype=np.float32))
+
         self._places_table = None          # PlaceTable when made with for_map (poses of answers)
         self._odometry = _OdometryTrack()
         self.odometry_rejected = 0
@@ -275,7 +279,8 @@ class StreamLocalizer:
 
     @classmethod
     def for_map(cls, place_map, config: Optional[StreamConfig] = None) -> "StreamLocalizer":
-        """A stream localizer over a PlaceMap: route from its places, calibration from its manifest."""
+        """A stream localizer over a PlaceMap: route from its places, calibration from the
+        manifest's ``stream_calibration``."""
         stream = cls(place_map.places.positions, descriptors=place_map.descriptors, config=config,
                      calibration=place_map.manifest.get("stream_calibration"))
         stream._places_table = place_map.places
@@ -288,6 +293,9 @@ class StreamLocalizer:
         self._dirs = np.zeros(0, np.int8)
         self._speeds = np.zeros(0, np.int8)
         self._dt: Optional[float] = None
+        self._heading: Optional[np.ndarray] = None
+        self._last_descriptor: Optional[np.ndarray] = None
+        self._last_iid: Optional[dict] = None
         self._mass = np.zeros(0, np.float64)
         self._rest = 1.0
         self._fit = 0.0
@@ -392,12 +400,32 @@ class StreamLocalizer:
             rerank_scores = np.asarray(rerank_scores, dtype=np.float64).ravel()[ok][:cfg.candidates]
         if len(cand_idx) == 0:
             degenerate = True
-        top1 = int(cand_idx[0]) if len(cand_idx) else (int(self._best_place()) if len(self._places)
-                                                        else 0)
+        if len(cand_idx):
+            top1 = int(cand_idx[0])
+        else:
+            top1 = int(self._best_place()) if len(self._places) else 0
         if (stamp_ns is not None and stamp_ns >= 0 and self._last_stamp is not None
                 and stamp_ns > self._last_stamp):
             self._dt = (stamp_ns - self._last_stamp) * 1e-9
         step, used_odom = self._step_bounds(stamp_ns)
+        still = False
+        if descriptor is not None and not degenerate and cfg.still_cosine < 1.0:
+            q = np.asarray(descriptor, dtype=np.float32).ravel()
+            q = q / max(float(np.linalg.norm(q)), 1e-12)
+            if (self._last_descriptor is not None and len(q) == len(self._last_descriptor)
+                    and float(q @ self._last_descriptor) >= cfg.still_cosine
+                    and (step is None or abs(step) < 0.25 * self.route.spacing_m)):
+                # the camera sees what it saw: standing still, and no new evidence (counting
+                # the same view again would make a stop look like proof)
+                still = True
+            else:
+                self._last_descriptor = q
+        if still and self._frames > 0:
+            if stamp_ns is not None and stamp_ns >= 0:
+                self._last_stamp = int(stamp_ns)
+            est = self._estimate(top1, self._last_iid, used_odom, False)
+            est.timings_ms["stream"] = (time.perf_counter() - t0) * 1e3
+            return est
         if self._frames > 0:
             self._predict(step)
         if stamp_ns is not None and stamp_ns >= 0:
@@ -406,6 +434,7 @@ class StreamLocalizer:
             iid_mass = None
         else:
             iid_mass = self._correct(cand_idx, cand_sims, descriptor, rerank_scores)
+            self._last_iid = iid_mass
         self._frames += 1
         est = self._estimate(top1, iid_mass, used_odom, degenerate)
         est.timings_ms["stream"] = (time.perf_counter() - t0) * 1e3
@@ -413,18 +442,31 @@ class StreamLocalizer:
 
     # ------------------------------------------------------------------ internals
     def _step_bounds(self, stamp_ns) -> Tuple[Optional[float], bool]:
-        """Expected travelled distance from odometry (metres), or None without odometry."""
+        """Signed distance travelled since the last frame from odometry (metres), or None.
+
+        Odometry gives positions in its own frame, so the sign comes from comparing this
+        displacement with the last clear one: moving back along it means reversing.
+        """
         cfg = self.config
-        if self._last_stamp is None or stamp_ns is None or stamp_ns < 0 or not self._odometry.stamps:
+        if (self._last_stamp is None or stamp_ns is None or stamp_ns < 0
+                or not self._odometry.stamps):
             return None, False
         if stamp_ns < self._last_stamp:
             return None, False
-        d = self._odometry.distance(self._last_stamp, int(stamp_ns),
-                                    int(cfg.odometry_max_gap_s * 1e9))
-        if d is None:
+        moved = self._odometry.displacement(self._last_stamp, int(stamp_ns),
+                                            int(cfg.odometry_max_gap_s * 1e9))
+        if moved is None:
             self.last_odometry_rejection = "odometry does not cover the frame interval (stale)"
             return None, False
-        return d, True
+        length, vector = moved
+        norm = float(np.linalg.norm(vector))
+        sign = 1.0
+        if self._heading is not None and norm > 1e-9:
+            sign = -1.0 if float(np.dot(vector, self._heading)) < 0 else 1.0
+        if norm > 0.25 * self.route.spacing_m:
+            # the direction of travel, in the sense the stream's direction states follow
+            self._heading = sign * vector / norm
+        return sign * length, True
 
     def _predict(self, travelled: Optional[float]) -> None:
         cfg, route = self.config, self.route
@@ -452,13 +494,14 @@ class StreamLocalizer:
                 sigma = cfg.step_sigma * s + 0.15 * step
             else:
                 step = np.full(len(places), travelled)
-                sigma = np.full(len(places), max(cfg.odometry_sigma * travelled,
+                sigma = np.full(len(places), max(cfg.odometry_sigma * abs(travelled),
                                                  cfg.step_sigma * s))
             if route.directed:
+                # signed: with odometry a negative step is the robot backing up
                 src, dst, a = route.along_route(places, dirs, step - 3 * sigma, step + 3 * sigma)
                 w = np.exp(-0.5 * ((a - step[src]) / sigma[src]) ** 2)
             else:
-                radius = float((step + 3 * sigma).max()) + 1e-6
+                radius = float((np.abs(step) + 3 * sigma).max()) + 1e-6
                 src, dst = route.within(route.positions[places], radius)
                 _, dist = route.offsets(places[src], dst)
                 w = np.exp(-0.5 * ((dist - step[src]) / sigma[src]) ** 2)
@@ -517,7 +560,8 @@ class StreamLocalizer:
             log_rest = beta * z_floor
         ll_cand = beta * zc
         rr_rest = 0.0
-        if rerank_scores is not None and np.isfinite(rerank_scores).sum() >= 2 and cfg.rerank_weight:
+        if (rerank_scores is not None and np.isfinite(rerank_scores).sum() >= 2
+                and cfg.rerank_weight):
             r = rerank_scores
             fin = np.isfinite(r)
             rz = (r - r[fin].mean()) / max(r[fin].std(), 1e-6)
@@ -552,6 +596,7 @@ class StreamLocalizer:
         iid_rest = max(n - len(cand_idx), 0) * math.exp(log_rest - lmax)
         iid_norm = iid_terms.sum() + iid_rest
         log_e_iid = lmax + math.log(iid_norm / n)
+        post_iid = iid_terms / iid_norm
 
         # Stream model: tracked states + candidates seeded from the uniform rest mass.
         ndir = self._ndir
@@ -590,7 +635,7 @@ class StreamLocalizer:
         self._places, self._dirs, self._speeds = places[keep], dirs[keep], speeds[keep]
         self._mass = post[keep]
         self._rest = post_rest
-        return {"places": cand_idx, "mass": iid_terms / iid_norm}
+        return {"places": cand_idx, "mass": post_iid}
 
     def _best_place(self) -> int:
         per_place = np.bincount(self._places, weights=self._mass, minlength=0)
@@ -605,7 +650,9 @@ class StreamLocalizer:
     def _estimate(self, top1: int, iid: Optional[dict], used_odom: bool,
                   degenerate: bool) -> StreamEstimate:
         # the stream model is used once it predicts the frames better than independent frames
-        w = 1.0 / (1.0 + math.exp(-4.0 * (self._fit - self.config.fit_margin))) if self._frames > 1 else 0.0
+        w = 0.0
+        if self._frames > 1:
+            w = 1.0 / (1.0 + math.exp(-4.0 * (self._fit - self.config.fit_margin)))
         options = []
         if len(self._places):
             options.append(self._best_place())

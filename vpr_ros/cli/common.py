@@ -2,8 +2,10 @@
 
 ``add_model_args(parser)`` adds ``--model``, ``--weights``, ``--device``,
 ``--precision`` and ``--batch-size``; with ``local=True`` also ``--local-model`` and
-``--local-weights`` for SelaVPR re-ranking features.  ``describer_from_args(args)`` /
-``local_extractor_from_args(args)`` build the inference objects from them.
+``--local-weights`` for SelaVPR re-ranking features, and the acceleration switches
+``--native-kernels``, ``--integer-attention``, ``--kernel-cache`` (:func:`add_accel_args`).
+``describer_from_args(args)`` / ``local_extractor_from_args(args)`` build the inference
+objects from them.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import argparse
 import math
 from typing import Callable, Optional
 
-# = vpr_ros.device.PRECISIONS (kept here so --help needs no torch)
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-RERANK_COMPUTES = ("fp32", "bf16")  # = vpr_ros.models.rerank.COMPUTES
-DEFAULT_MAX_PIXELS = 50_000_000     # = vpr_ros.preprocess.DEFAULT_MAX_PIXELS
+from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS  # torch-free (--help stays light)
+from ..constants import PRECISIONS, RERANK_COMPUTES
 
 
 # --------------------------------------------------------------------------- argument types
@@ -108,6 +108,36 @@ def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None
                                 "selavpr_vitl14); default: none (no local features)")
         group.add_argument("--local-weights", metavar="FILE", default=None,
                            help="weights for --local-model (official SelaVPR .pth)")
+    add_accel_args(parser)
+
+
+def add_accel_args(parser: argparse.ArgumentParser) -> None:
+    """The switches of vpr_ros.accel (AccelOptions); unset = environment override / default."""
+    group = parser.add_argument_group("acceleration (see docs/fast_paths.md)")
+    group.add_argument("--native-kernels", choices=("on", "off"), default=None,
+                       help="C kernels built on first use: fused int8 passes, integer "
+                            "attention, verified exact re-ranking (default on; off: torch "
+                            "ops and the plain float32 re-ranking, same results, slower; "
+                            "override: VPR_ROS_NATIVE_KERNELS)")
+    group.add_argument("--integer-attention", choices=("on", "off"), default=None,
+                       help="int8 models: int16 integer attention (default on) or float32 "
+                            "SDPA (override: VPR_ROS_INTEGER_ATTENTION)")
+    group.add_argument("--kernel-cache", metavar="DIR", default=None,
+                       help="folder of the compiled kernels (default ~/.cache/vpr_ros/kernels; "
+                            "override: VPR_ROS_KERNEL_CACHE)")
+
+
+def accel_from_args(args: argparse.Namespace):
+    """AccelOptions from the flags of :func:`add_accel_args` (absent flags: None)."""
+    from ..accel.options import AccelOptions
+
+    def flag(name):
+        value = getattr(args, name, None)
+        return None if value is None else value == "on"
+
+    return AccelOptions(native_kernels=flag("native_kernels"),
+                        integer_attention=flag("integer_attention"),
+                        kernel_cache=getattr(args, "kernel_cache", None))
 
 
 def add_rerank_compute_arg(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +152,8 @@ def describer_from_args(args: argparse.Namespace):
     from ..inference import GlobalDescriber
 
     return GlobalDescriber(card=args.model, weights=args.weights, device=args.device,
-                           precision=args.precision, batch_size=args.batch_size)
+                           precision=args.precision, batch_size=args.batch_size,
+                           accel=accel_from_args(args))
 
 
 def local_extractor_from_args(args: argparse.Namespace):
@@ -134,4 +165,4 @@ def local_extractor_from_args(args: argparse.Namespace):
         return None
     return LocalFeatureExtractor(card=card, weights=getattr(args, "local_weights", None),
                                  device=args.device, precision=args.precision,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, accel=accel_from_args(args))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from ..constants import MAX_POSE_GAP_S, RADIUS_M
 from ..errors import ConfigError
 
 
@@ -45,10 +46,11 @@ def register(eval_subparsers) -> None:
     from .eval_cmd import add_stream_args
 
     add_stream_args(p, bag=True)
-    p.add_argument("--radius", type=positive_float, default=25.0, metavar="M",
-                   help="a match is correct within this distance (default 25 m)")
-    p.add_argument("--max-gap", type=positive_float, default=2.0, metavar="S",
-                   help="interpolate ground truth only across pose gaps up to S s (default 2)")
+    p.add_argument("--radius", type=positive_float, default=RADIUS_M, metavar="M",
+                   help="a match is correct within this distance (default %(default)s m)")
+    p.add_argument("--max-gap", type=positive_float, default=MAX_POSE_GAP_S, metavar="S",
+                   help="interpolate ground truth only across pose gaps up to S s "
+                        "(default %(default)s)")
     p.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
                    help="use only the first N frames")
     p.add_argument("--realtime", action="store_true",

@@ -208,7 +208,8 @@ def print_stream_summary(st: dict) -> None:
     print("stream localizer    " + "".join(f"  {_pct(st['recall'].get(n))}" for n in ns)
           + ("   (with odometry)" if st.get("odometry") else "   (images only)"))
     prec = st.get("precision_of_published")
-    print(f"stream confidence: recall at 100% precision {100 * st['recall_at_100_precision']:.2f}%; "
+    print("stream confidence: recall at 100% precision "
+          f"{100 * st['recall_at_100_precision']:.2f}%; "
           f"published (target precision {100 * st['target_precision']:.0f}%): "
           f"{100 * st['published_fraction']:.1f}% of frames at precision "
           + ("   -  " if prec is None else f"{100 * prec:.1f}%"))

@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 
+from ..constants import MAX_POSE_GAP_S
 from ..errors import ConfigError
 from .common import (add_image_args, add_lock_arg, non_negative_float, positive_float,
                      positive_int)
@@ -30,8 +31,9 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-topic", metavar="TOPIC", help="image topic in --bag")
     g.add_argument("--pose-topic", metavar="TOPIC",
                    help="pose topic in --bag (Odometry, PoseStamped, PoseWithCovarianceStamped)")
-    g.add_argument("--max-pose-gap", type=positive_float, default=0.5, metavar="S",
-                   help="bag frames farther than this from a pose are dropped (default 0.5 s)")
+    g.add_argument("--max-pose-gap", type=positive_float, default=MAX_POSE_GAP_S, metavar="S",
+                   help="bag frames in a pose gap longer than S are dropped "
+                        "(default %(default)s s)")
     k = p.add_argument_group("keyframes")
     k.add_argument("--min-distance", type=non_negative_float, default=0.0, metavar="M",
                    help="keep an image only this far (m) from the last kept one (default 0)")

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimiser steps (a checkpoint is written; "
                         "--resume continues)")
+    p.add_argument("--shared-dir", default=None, metavar="DIR",
+                   help="folder that ${VPR_SHARED_DIR} stands for in the config's data paths "
+                        "(default: $VPR_SHARED_DIR, else shared/ beside the repository)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.add_argument("--set", dest="set_overrides", action="append", default=[],
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_training(args.config, stage=args.stage, out_dir=args.out, resume=args.resume,
                            overrides=list(args.overrides) + list(args.set_overrides),
                            progress=not args.no_progress,
-                           max_steps=args.max_steps)
+                           max_steps=args.max_steps, shared_dir=args.shared_dir)
     if args.json:
         # one write per line: under torchrun every rank shares this stdout, and print()'s
         # separate writes of text and newline let two ranks' lines run together

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..atomic import atomic_directory
 from ..bags import POSE_TYPES, PoseTrack, bag_topics, read_images, read_poses
+from ..constants import MAX_POSE_GAP_S
 from ..errors import BagError, DatasetError
 from .metrics import positives_within, precision_recall, recall_at_n
 
@@ -51,7 +52,7 @@ class BagEvalSettings:
     pose_topic: Optional[str] = None
     poses_csv: Optional[str] = None
     radius_m: float = 25.0
-    max_gap_s: float = 2.0
+    max_gap_s: float = MAX_POSE_GAP_S
     top_k: int = 20
     rerank_k: int = 0
     confidence_threshold: float = 0.5
@@ -152,10 +153,13 @@ def offline_predictions(bag, place_map, describer, local_extractor, settings: Ba
 
 def frame_record(doc: dict, index: int, id_to_index: Optional[dict] = None) -> dict:
     """One frame's prediction from a LocalizationResult dict (offline or the node's JSON)."""
-    cands = doc["candidates"]
+    cands = doc.get("candidates")
+    if cands is None:       # an older node's JSON: parallel lists instead of candidate dicts
+        cands = [{"place_id": pid, "similarity": sc, "position": doc["position"]}
+                 for pid, sc in zip(doc["place_ids"], doc["scores"])]
     ids = [int(c["place_id"]) for c in cands]
     if id_to_index is None:
-        indices = [int(c["place_index"]) for c in cands]
+        indices = [int(c.get("place_index", -1)) for c in cands]
     else:
         indices = [id_to_index.get(i, -1) for i in ids]
     single = doc.get("single_frame") or {"confidence": doc["confidence"],
@@ -328,12 +332,9 @@ def _score_stream(usable, preds, positives, gt, target_precision, stream_config,
 # --------------------------------------------------------------------------- plots
 
 def _plt():
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_trajectory(arrays: dict, db_xy: np.ndarray, path: Path, title: str) -> None:
@@ -453,8 +454,9 @@ def evaluate_bag(bag, place_map, settings: BagEvalSettings, describer=None,
         report["latency_ms"][stage] = _stats([f["timings_ms"].get(stage) for f in frames])
     if extra:
         report["node"] = {k: v for k, v in extra.items() if not k.startswith("frames_")}
-    report["per_frame"] = [{k: f[k] for k in ("index", "stamp_ns", "place_ids", "confidence",
-                                               "confident", "position", "latency_ms")}
+    keys = ("index", "stamp_ns", "place_ids", "confidence", "confident", "position",
+            "latency_ms")
+    report["per_frame"] = [{k: f[k] for k in keys}
                            | {"place_ids": f["place_ids"][:5]} for f in frames]
     report["seconds"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:

@@ -19,11 +19,13 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from ..constants import RADIUS_M
+
 DEFAULT_NS = (1, 5, 10, 20)
 
 
 def positives_within(query_xy: np.ndarray, db_xy: np.ndarray,
-                     radius_m: float = 25.0) -> List[np.ndarray]:
+                     radius_m: float = RADIUS_M) -> List[np.ndarray]:
     """For each query, the sorted indices of database places within ``radius_m`` (x, y only)."""
     from scipy.spatial import cKDTree
 

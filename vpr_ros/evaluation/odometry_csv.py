@@ -24,7 +24,7 @@ from ..errors import DatasetError
 
 
 def read_odometry_csv(path) -> dict:
-    """{"key": "filename"|"t_s", "keys": [...], "positions": (M, 3)}; DatasetError when malformed."""
+    """{"key": "filename"|"t_s", "keys": [...], "positions": (M, 3)}; DatasetError if malformed."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"odometry file not found: {path}")

@@ -9,12 +9,9 @@ import numpy as np
 
 
 def _plt():
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def plot_recall_curves(curves: Dict[str, Dict[str, float]], path: Path, title: str = "") -> None:

@@ -26,7 +26,7 @@ from ..errors import DatasetError
 from ..localizer import (DEFAULT_CONFIDENCE, Localizer, confidence_features,
                          confidence_from_features, fit_confidence)
 from ..preprocess import load_image
-from .datasets import read_split
+from ..datasets import read_split
 from .metrics import DEFAULT_NS, correct_at_n, positives_within, precision_recall, recall_at_n
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,9 @@ def evaluate_recall(dataset_dir, describer, local_extractor=None, place_map=None
             map_dir = Path(tmp_ctx.name) / "map"
         else:
             map_dir = Path(map_out)
-        build_map(entries, map_dir, describer, local_extractor=local_extractor if rerank_k else None,
-                  index=s.index, overwrite=True, batch_size=getattr(describer, "batch_size", 16),
+        build_map(entries, map_dir, describer,
+                  local_extractor=local_extractor if rerank_k else None, index=s.index,
+                  overwrite=True, batch_size=getattr(describer, "batch_size", 16),
                   progress=progress, command=command)
         place_map = PlaceMap.open_for(map_dir, describer,
                                       local_extractor=local_extractor if rerank_k else None,
@@ -223,11 +224,18 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     if stream_cfg is not None:
         from .stream_eval import run_stream, stream_report
 
-        run = run_stream(place_map.places.positions, final_preds, final_sims,
-                         map_descriptors=place_map.descriptors, query_descriptors=q_desc,
-                         stamps_ns=stamps_ns, odometry=odometry,
-                         rerank_scores=scores_rr, degenerate=degenerate, config=stream_cfg,
-                         progress=progress)
+        if from_csv:
+            run = run_stream(place_map.places.positions, final_preds, final_sims,
+                             map_descriptors=place_map.descriptors, query_descriptors=q_desc,
+                             stamps_ns=stamps_ns, odometry=odometry,
+                             rerank_scores=scores_rr, degenerate=degenerate, config=stream_cfg,
+                             progress=progress)
+        else:
+            # Without a poses CSV the queries have no driving order (name order): there is no
+            # stream to follow, so the stream's answers are the single-frame ones.
+            run = {"answer": final_preds[:, 0].copy(), "raw": np.clip(conf_cv, 0, 1),
+                   "fit": np.zeros(nq), "ms": np.zeros(nq), "config": stream_cfg,
+                   "method": "single-frame (queries have no driving order)"}
         stream_rep = stream_report(run, final_preds[:, :k_single], positives, s.target_precision,
                                    motion_prior_fits=prior_fits,
                                    odometry_given=odometry is not None)
@@ -299,7 +307,8 @@ def write_report(report: dict, out_dir, place_map, q_paths) -> None:
             pr_curves["stream (calibrated, cross-fitted)"] = arrays["stream"]["pr"]
         plot_pr_curves(pr_curves, tmp / "pr_curve.png")
         nq = len(q_paths)
-        picks = np.unique(np.linspace(0, nq - 1, num=min(arrays.get("examples", 6), nq)).astype(int))
+        count = min(arrays.get("examples", 6), nq)
+        picks = np.unique(np.linspace(0, nq - 1, num=count).astype(int))
         names = place_map.places.names
         root = Path(report["dataset"]) / "images" / "test" / "database"
         match_paths, match_ok = [], []

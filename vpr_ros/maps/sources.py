@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 
+from ..constants import MAX_POSE_GAP_S
 from ..errors import BagError, DatasetError
 from ..preprocess import load_image
 from .format import yaw_to_quaternion
@@ -102,7 +103,7 @@ def read_poses_csv(csv_path: PathLike, need_names: bool = True) -> PoseRows:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"poses CSV not found: {csv_path}")
-    from ..evaluation.datasets import read_csv_dicts
+    from ..datasets import read_csv_dicts
 
     fieldnames, rows = read_csv_dicts(csv_path, "poses CSV")
     if not fieldnames:
@@ -162,7 +163,7 @@ def folder_source(images_dir: PathLike, poses_csv: PathLike,
                   max_pixels: Optional[int] = None) -> List[MapEntry]:
     """Images in a folder with their poses in a CSV (rows keep the CSV's order);
     ``max_pixels`` is the pixel limit of each image file (preprocess.load_image)."""
-    from ..evaluation.datasets import IMAGE_EXTENSIONS
+    from ..datasets import IMAGE_EXTENSIONS
 
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
@@ -189,7 +190,7 @@ def folder_source(images_dir: PathLike, poses_csv: PathLike,
 def benchmark_source(dataset_dir: PathLike, split: str = "database",
                      max_pixels: Optional[int] = None) -> List[MapEntry]:
     """A split of a benchmark-layout dataset (positions from names or poses_<split>.csv)."""
-    from ..evaluation.datasets import read_split
+    from ..datasets import read_split
 
     data = read_split(dataset_dir, split)
     out = []
@@ -214,7 +215,7 @@ class BagSource:
     image_topic: str
     pose_topic: Optional[str] = None
     poses_csv: Optional[Path] = None
-    max_gap_s: float = 0.5
+    max_gap_s: float = MAX_POSE_GAP_S
     frames: int = 0
     dropped: int = 0
     kept: int = 0

@@ -156,7 +156,8 @@ def card_from_dict(data: Dict[str, Any], path: Optional[Path] = None) -> ModelCa
     extra = set(head) - needed
     if missing or extra:
         raise ModelCardError(f"model card{where}: head of a {arch} card needs exactly "
-                             f"{sorted(needed)} (missing {sorted(missing)}, unknown {sorted(extra)})")
+                             f"{sorted(needed)} (missing {sorted(missing)}, "
+                             f"unknown {sorted(extra)})")
     if arch != "selavpr":
         head["out_indices"] = [int(i) for i in head["out_indices"]]
         bad = [i for i in head["out_indices"] if not 0 <= i < backbone.depth]
@@ -293,7 +294,8 @@ def card_from_reference_config(config: Dict[str, Any], name: str = "reference") 
     grid = int(grid[0] if isinstance(grid, (list, tuple)) else grid)
     interp = bb.get("pos_embed_interpolation", {})
     offset = 0.1
-    if isinstance(interp.get("scale_factor"), str) and "interpolate_offset" in interp["scale_factor"]:
+    scale_factor = interp.get("scale_factor")
+    if isinstance(scale_factor, str) and "interpolate_offset" in scale_factor:
         import re
         m = re.search(r"interpolate_offset\s*([0-9.]+)", interp["scale_factor"])
         offset = float(m.group(1)) if m else 0.1

@@ -272,7 +272,8 @@ def check_against_model(mapped: Mapping[str, torch.Tensor], expected: Mapping[st
     missing = [k for k in expected_here if k not in mapped]
     unexpected = [k for k in mapped if k not in expected_here]
     mis_shaped = [f"{k} file {tuple(mapped[k].shape)} vs model {tuple(expected_here[k])}"
-                  for k in expected_here if k in mapped and tuple(mapped[k].shape) != tuple(expected_here[k])]
+                  for k in expected_here
+                  if k in mapped and tuple(mapped[k].shape) != tuple(expected_here[k])]
     if kind == KIND_DINOV2_PRETRAIN:
         # Pretrain files have no adapters (SelaVPR starts them at identity / zero).
         missing = [k for k in missing if not _is_adapter_key(k)]
@@ -286,7 +287,8 @@ def check_against_model(mapped: Mapping[str, torch.Tensor], expected: Mapping[st
     if problems:
         hint = ""
         if kind == KIND_SCICE_OFFICIAL:
-            layers = {int(m.group(1)) for k in mapped for m in [re.match(r"encoder\.layers\.(\d+)\.", k)] if m}
+            layers = {int(m.group(1)) for k in mapped
+                      for m in [re.match(r"encoder\.layers\.(\d+)\.", k)] if m}
             file_layers = max(layers) + 1 if layers else 0
             card_layers = card.head.get("encoder_layers")
             if file_layers and card_layers and file_layers != card_layers:

@@ -86,7 +86,8 @@ class DinoV2(nn.Module):
             self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim))
         else:
             self.register_tokens = None
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused at inference; kept so official keys load
+        # unused at inference; kept so that the official keys load
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         factory = block_factory or dinov2_block
         self.blocks = nn.ModuleList(factory(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
@@ -153,8 +154,10 @@ class DinoV2(nn.Module):
         b, _, d = patches.shape
         return patches.reshape(b, grid[0], grid[1], d).permute(0, 3, 1, 2)
 
-    def get_intermediate_layers(self, x: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
-        """Outputs of the listed blocks (block order), each through the final norm, as (B, D, gh, gw)."""
+    def get_intermediate_layers(self, x: torch.Tensor,
+                                indices: Sequence[int]) -> List[torch.Tensor]:
+        """Outputs of the listed blocks (block order), each through the final norm, as
+        (B, D, gh, gw)."""
         wanted = sorted(set(int(i) for i in indices))
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.depth:
             raise ValueError(f"block indices {list(indices)} outside 0..{self.depth - 1}")

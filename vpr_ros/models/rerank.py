@@ -6,7 +6,12 @@ best query point (argmax_i S[j, i] == i): mutual nearest neighbours.  ``argmax``
 the first index on exact ties, as ``torch.argmax`` does in the official code.
 
 * :func:`mutual_nn_counts` - number of matches per candidate.  On the CPU the candidates
-  go one at a time through one reused similarity buffer (55 MB for 61x61 maps): the
+  go one at a time.  Where the native kernels of :mod:`vpr_ros.accel` build (and
+  ``native`` is not False), ``compute="fp32"`` takes the *verified* path: int16 code
+  similarities with a fused top-2 that never stores the matrix, and an exact float32
+  re-computation of every row and column whose margin is within the proven error bound
+  (see the comment above :class:`_Codes`): the same counts as the plain path.  The plain
+  path runs one reused similarity buffer (55 MB for 61x61 maps): the
   matmul through numpy's BLAS, the best query point of every candidate point with
   numpy's contiguous argmax, the best candidate point of every query point with
   :func:`first_argmax_over_rows` (tiled, first index on ties); ``candidates`` may be any
@@ -14,15 +19,13 @@ the first index on exact ties, as ``torch.argmax`` does in the official code.
   place at a time).  On a GPU they are batched in chunks of at most ``max_chunk_bytes``
   of similarity work space.  Float16 inputs are upcast per candidate/chunk.
   ``compute="fp32"`` (the default) is exact: identical counts to the official algorithm.
-  ``compute="bf16"`` is an
-  opt-in fast path: the similarity matmul runs in bfloat16 (AMX/AVX512-BF16 on recent
-  CPUs, tensor cores on GPUs), each chunk's bf16 product is widened to float32 (exactly:
-  every bf16 value is a float32 value) and both argmaxes run on that, so they are still
-  first-index-on-ties exact *for the bf16 similarities*; only the similarities themselves
-  are rounded (resolution ~0.004 near 1), which moves near-tie matches: counts of maps of
-  different places change by ~0.5-3%, but a near-duplicate map (the same place seen
-  again, many neighbouring points within one bf16 step of the best) can lose a third of
-  its matches to first-index ties (docs/fast_paths.md).
+  ``compute="bf16"`` is opt-in: the similarity matmul runs in bfloat16 (AMX/AVX512-BF16
+  on recent CPUs, tensor cores on GPUs), the product is widened exactly to float32 and
+  both argmaxes run on that.  What it guarantees: the exact counts (first index on ties)
+  *of the bf16 similarities*.  Nothing about the float32 counts or order: rounding
+  (~0.004 near 1) moves near-tie matches, a near-duplicate map can lose a third of its
+  matches, and on one fixture set it changed which candidate ranked first
+  (docs/fast_paths.md).
 * :func:`official_scores` - the official score: the count as float, except that a
   count of exactly 1 scores 0 (a quirk of the official ``local_sim``: it squeezes the
   match indices and a 0-d result is treated as "no matches").
@@ -44,11 +47,13 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..constants import RERANK_COMPUTES
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 
-COMPUTES = ("fp32", "bf16")
+COMPUTES = RERANK_COMPUTES
 _COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -179,26 +184,48 @@ def _points_np(x, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _counts_cpu(query, candidates, compute: str) -> torch.LongTensor:
-    """CPU path: one candidate at a time into one reused similarity buffer.
+def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
+                stats: Optional[dict] = None) -> torch.LongTensor:
+    """CPU path: one candidate at a time.
 
-    The similarity matmul goes through numpy's BLAS (OpenBLAS in the numpy wheels: about
+    ``compute="fp32"`` with the native kernels (the default where a C compiler exists):
+    the verified path below - int16 code similarities with a fused top-2, exact float32
+    re-computation of the ambiguous rows and columns - whose counts are those of the
+    plain path.  Otherwise (``native=False``, no compiler, non-finite features) the plain
+    path: the similarity matmul through numpy's BLAS (OpenBLAS in the numpy wheels: about
     1.7x faster than ``torch.mm`` for this 3721x128x3721 shape on the CPUs measured, and
-    bit-identical on them: both accumulate the 128 products in order); ``compute="bf16"``
-    runs it in bfloat16 with torch and widens the product into the same buffer.  The
-    candidates are read one by one, so ``candidates`` may be a memory-mapped array or any
-    sequence that gives one map per index (e.g. a dequantising view of int8 storage).
+    bit-identical on them) into one reused buffer, then both argmaxes.  ``compute="bf16"``
+    runs the matmul in bfloat16 with torch and widens the product into the same buffer.
+    The candidates are read one by one, so ``candidates`` may be a memory-mapped array or
+    any sequence that gives one map per index (e.g. a dequantising view of int8 storage).
     """
     q = _points_np(query, "query")
     k = len(candidates)
     counts = np.zeros(k, dtype=np.int64)
     q_t = np.ascontiguousarray(q.T)
+    kernels = _native_kernels(native) if compute == "fp32" and k and q.shape[0] else None
+    verified = None
+    if kernels is not None and np.isfinite(q).all():
+        from ..accel.int8_kernels import mnn_query_layout
+
+        try:
+            qc = _Codes(kernels, q, 1)
+            verified = (qc, mnn_query_layout(qc.codes), kernels.pack_panels(q),
+                        _gamma(q.shape[1]))
+        except _Unverifiable:
+            verified = None
     q_t_bf16 = torch.from_numpy(q_t).to(torch.bfloat16) if compute == "bf16" else None
     sim = mm_buf = None
     for i in range(k):
         cand = _points_np(candidates[i], "candidate")
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
+        if verified is not None and cand.shape[0] and np.isfinite(cand).all():
+            try:
+                counts[i] = _verified_count(kernels, cand, q, *verified, stats)
+                continue
+            except _Unverifiable:
+                pass
         if sim is None or sim.shape[0] != cand.shape[0]:
             sim = np.empty((cand.shape[0], q.shape[0]), dtype=np.float32)
             mm_buf = None
@@ -209,13 +236,149 @@ def _counts_cpu(query, candidates, compute: str) -> torch.LongTensor:
                 mm_buf = torch.empty(sim.shape, dtype=torch.bfloat16)
             torch.mm(torch.from_numpy(cand).to(torch.bfloat16), q_t_bf16, out=mm_buf)
             torch.from_numpy(sim).copy_(mm_buf)            # exact widening of bf16 values
-        counts[i] = mutual_count(sim)
+        counts[i] = mutual_count(sim) if sim.size else 0
     return torch.from_numpy(counts)
+
+
+# --------------------------------------------------------------------- verified fast path
+#
+# The similarities are first computed from int16 codes (one scale per map, so the codes
+# of all points are comparable), exactly in int32, by a native kernel that keeps each
+# row's and column's best two values and never stores the matrix.  A code similarity s'
+# differs from the real dot product s by at most E (quantisation error, Cauchy-Schwarz on
+# the per-point rounding errors), and the float32 product of the official algorithm
+# differs from s by at most F = gamma_C |x| |q| (any summation order).  Where
+# best - second > 2 (E + F) the float32 argmax is the best code's index (strictly larger
+# than every other float32 value, so no tie can arise); every other row and column -
+# exact ties, near ties - is recomputed in float32, first index on ties, each dot product
+# as one chain of fused multiply-adds in channel order: the values of the BLAS sgemm the
+# plain path uses (and torch.matmul, the official code's) for these shapes.  Small BLAS
+# calls (one row: gemv; a few rows) round differently, so the recomputation does not use
+# them; :func:`_blas_is_fma_chain` checks the equality once per process and the plain path
+# runs where it fails.  So the counts are those of the plain float32 path.
+
+_CODE_NORM = 46340.0        # two code vectors of at most this norm have |dot| < 2^31
+_UNIT_ROUNDOFF = 2.0 ** -24
+_MARGIN = 1.0 + 1e-9        # covers the float64 rounding of the norms and bounds
+
+
+class _Unverifiable(ValueError):
+    """Features the verified path does not take (non-finite, extreme magnitudes)."""
+
+
+class _Codes:
+    """int16 codes of one map with one scale, and per-point bounds for the error analysis:
+    ``err`` = |x - scale code|, ``hat`` = |scale code|, ``norm`` = |x| (float64, with a
+    relative margin for their own rounding)."""
+
+    __slots__ = ("codes", "scale", "err", "hat", "norm", "n")
+
+    def __init__(self, kernels, points: np.ndarray, pad_rows: int):
+        n, c = points.shape
+        c_pad = c + (c % 2)
+        norm, absmax = kernels.point_norms(points)
+        # the largest norm and the largest component both fit:
+        # |round(x / s)| <= |x / s| + sqrt(c_pad) / 2 <= _CODE_NORM - 1, components <= 32766
+        scale = max(float(norm.max(initial=0.0)) / (_CODE_NORM - 1.0 - 0.5 * np.sqrt(c_pad)),
+                    absmax / 32766.0)
+        scale = scale if scale > 0 else 1.0
+        if not (np.isfinite(scale) and 1e-30 < scale < 1e30):
+            raise _Unverifiable("features too large or too small for int16 codes")
+        rows = -(-n // pad_rows) * pad_rows
+        self.codes, err, hat = kernels.codes16(points, scale, rows, c_pad)
+        # err is a difference: its float64 rounding is relative to |x|, not to err itself
+        self.err = err * _MARGIN + 1e-12 * norm
+        self.hat, self.norm = hat * _MARGIN, norm * _MARGIN
+        self.scale, self.n = scale, n
+
+
+def _gamma(channels: int) -> float:
+    nu = channels * _UNIT_ROUNDOFF
+    return nu / (1.0 - nu)
+
+
+def _ambiguous(best: np.ndarray, second: np.ndarray, scale: float, bound: np.ndarray) -> np.ndarray:
+    margin = (best.astype(np.float64) - second.astype(np.float64)) * scale * (1 - 1e-9)
+    return np.flatnonzero(~(margin > bound))
+
+
+def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
+                    q_layout: np.ndarray, q_panels, gamma: float, stats: Optional[dict]) -> int:
+    """Mutual nearest-neighbour count of one candidate map, identical to :func:`mutual_count`
+    of its float32 similarities (see the comment above)."""
+    from ..accel.int8_kernels import MNN_ROWS
+
+    xc = _Codes(kernels, cand, MNN_ROWS)
+    n_x, n_q = cand.shape[0], q.shape[0]
+    row_best, row_idx, row_second, col_best, col_idx, col_second = kernels.mnn_top2(
+        xc.codes, n_x, q_layout, n_q)
+    scale = xc.scale * qc.scale
+    q_norm = float(qc.norm.max())
+    row_bound = 2.0 * (xc.err * q_norm + xc.hat * float(qc.err.max())
+                       + gamma * xc.norm * q_norm)
+    col_bound = 2.0 * (float(xc.err.max()) * qc.norm + float(xc.hat.max()) * qc.err
+                       + gamma * float(xc.norm.max()) * qc.norm)
+    # (second is INT32_MIN where a map has one point: the margin is then huge)
+    rows = _ambiguous(row_best, row_second, scale, row_bound)
+    cols = _ambiguous(col_best, col_second, scale, col_bound)
+    best_query = row_idx.astype(np.int64)
+    best_cand = col_idx.astype(np.int64)
+    if len(rows):                                  # candidate points, exactly
+        best_query[rows] = kernels.exact_argmax(cand, q_panels, rows)
+    if len(cols):                                  # query points, exactly
+        best_cand[cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), cols)
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + n_x
+        stats["cols"] = stats.get("cols", 0) + n_q
+        stats["rows_recomputed"] = stats.get("rows_recomputed", 0) + len(rows)
+        stats["cols_recomputed"] = stats.get("cols_recomputed", 0) + len(cols)
+    return int(np.count_nonzero(best_query[best_cand] == np.arange(n_q)))
+
+
+_FMA_CHECK: dict = {}
+
+
+def _blas_is_fma_chain(kernels) -> bool:
+    """Does numpy's float32 matmul of map-sized operands give, bit for bit, one in-order
+    fused multiply-add chain per dot product (what the exact recomputation computes)?
+    Checked once per process on random data; False sends re-ranking to the plain path."""
+    key = id(kernels)
+    if key not in _FMA_CHECK:
+        rng = np.random.default_rng(12345)
+        a = rng.standard_normal((256, 128)).astype(np.float32)
+        b = rng.standard_normal((320, 128)).astype(np.float32)
+        full = np.matmul(a, np.ascontiguousarray(b.T))
+        rows = np.arange(a.shape[0])
+        index, value = kernels.exact_argmax(a, kernels.pack_panels(b), rows, values=True)
+        ok = (np.array_equal(index, full.argmax(axis=1))
+              and np.array_equal(value, full.max(axis=1)))
+        for i in range(0, b.shape[0], 16):          # every value of some columns
+            _, value = kernels.exact_argmax(a, kernels.pack_panels(b[i:i + 1]), rows,
+                                            values=True)
+            ok = ok and np.array_equal(value, full[:, i])
+        _FMA_CHECK[key] = bool(ok)
+        if not ok:
+            import logging
+            logging.getLogger(__name__).warning(
+                "numpy's BLAS does not compute float32 dot products as in-order FMA chains; "
+                "exact re-ranking runs the plain float32 path")
+    return _FMA_CHECK[key]
+
+
+def _native_kernels(native: Optional[bool]):
+    """The native kernels for the verified path, or None (plain float32 path)."""
+    if native is False:
+        return None
+    from ..accel.int8_kernels import native_kernels
+
+    kernels = native_kernels(enabled=native)
+    return kernels if kernels is not None and _blas_is_fma_chain(kernels) else None
 
 
 def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.device, None] = None,
                      max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                     compute: str = "fp32") -> torch.LongTensor:
+                     compute: str = "fp32", native: Optional[bool] = None,
+                     stats: Optional[dict] = None) -> torch.LongTensor:
     """Mutual nearest-neighbour counts of one query map against K candidate maps -> (K,).
 
     ``compute``: "fp32" (exact, the official counts) or "bf16" (bfloat16 similarity
@@ -229,7 +392,7 @@ def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.devi
         device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cpu":
-        return _counts_cpu(query, candidates, compute)
+        return _counts_cpu(query, candidates, compute, native, stats)
     mm_dtype = _COMPUTE_DTYPES[compute]
     if len(candidates) == 0:
         return torch.zeros(0, dtype=torch.long, device=device)

@@ -109,8 +109,9 @@ class SciceVPR(nn.Module):
         self.cross_image = cross_image
         in_dim = backbone.embed_dim * len(self.out_indices)
         self.fusion = nn.Conv2d(in_dim, mix_in_dim, kernel_size=1)
-        self.token_mixers = nn.Sequential(*[TokenMixer(mix_in_dim, TOKEN_GRID * TOKEN_GRID, token_ratio)
-                                            for _ in range(token_num)])
+        self.token_mixers = nn.Sequential(*[
+            TokenMixer(mix_in_dim, TOKEN_GRID * TOKEN_GRID, token_ratio)
+            for _ in range(token_num)])
         self.gem = GeM(p=3.0)
         layer = nn.TransformerEncoderLayer(d_model=mix_in_dim, nhead=encoder_heads,
                                            dim_feedforward=encoder_ffn, dropout=0.1,

@@ -84,7 +84,10 @@ class SelaVPR(nn.Module):
                  interpolate_offset: float = 0.1, adapter_dim: int = 512,
                  adapter_scale: float = 0.2, local_hidden_dim: int = 256, local_dim: int = 128):
         super().__init__()
-        factory = lambda dim, heads, ratio: AdaptedBlock(dim, heads, ratio, adapter_dim, adapter_scale)  # noqa: E731
+
+        def factory(dim, heads, ratio):
+            return AdaptedBlock(dim, heads, ratio, adapter_dim, adapter_scale)
+
         self.backbone = DinoV2(embed_dim, depth, num_heads, patch_size=patch_size,
                                mlp_ratio=mlp_ratio, num_register_tokens=num_register_tokens,
                                pos_embed_grid=pos_embed_grid,

@@ -40,6 +40,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
+from ..constants import PRECISIONS, RERANK_COMPUTES
 from ..errors import ConfigError, ImageError, VprError
 from .conversions import msg_to_rgb, pose_from_arrays, rgb_to_image_msg, stamp_to_ns
 from .latest_slot import LatestSlot
@@ -47,8 +48,6 @@ from .node_stats import NodeStats
 
 NODE_NAME = "vpr_localizer"
 TRANSPORTS = ("raw", "compressed")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-RERANK_COMPUTES = ("fp32", "bf16")   # = vpr_ros.models.rerank.COMPUTES
 VERIFY_MODES = ("full", "size", "none")
 MIN_CONFIDENCE_FOR_COVARIANCE = 0.05
 

@@ -1,154 +1,257 @@
-"""Training configuration: YAML file + command-line overrides, checked strictly.
+"""Training configuration: YAML file + command-line overrides, checked strictly, typed.
 
-A config is a nested dict whose shape is fixed by :data:`DEFAULTS`.  Every key a user
-writes must exist there (a typo such as ``optim.learning_rate`` raises
-:class:`ConfigError` naming the unknown key and the keys that are allowed), and values
-are checked for type.  Keys left out take the default.  Data sources (``data.train``,
-``data.val``) are lists/dicts whose keys depend on the source ``type``; they are
-checked by :mod:`vpr_ros.training.data`.
+A config is a tree of frozen dataclasses (:class:`TrainConfig` and its sections), as the
+model cards are.  Every key a user writes must be a field (a typo such as
+``optim.learning_rate`` raises :class:`ConfigError` naming the unknown key and the keys
+that are allowed), and values are checked against the field's type.  Keys left out take
+the field's default.  Data sources (``data.train``, ``data.val``) are lists/dicts whose
+keys depend on the source ``type``; they are checked by :mod:`vpr_ros.training.data`.
 
 Overrides are ``dotted.key=value`` strings; the value is parsed as YAML
 (``optim.lr=5e-5``, ``data.places_per_batch=16``, ``freeze.backbone_blocks=all``).
+
+Data paths may start with ``${VPR_SHARED_DIR}``; it stands for the shared data folder:
+the ``--shared-dir`` option of ``vpr train`` when given, else the ``VPR_SHARED_DIR``
+environment variable, else ``shared/`` beside the repository (``../shared`` of a clone).
+Other relative paths resolve against the config file's folder, then the current folder.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import yaml
 
+from ..constants import RADIUS_M, TRAIN_PRECISIONS
 from ..errors import ConfigError
 
 STAGES = ("teacher", "student", "selavpr")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("step", "cosine", "constant")
 
-# Sections whose value is free-form (validated elsewhere) instead of key-checked here.
-FREE_FORM = {("data", "train"), ("data", "val")}
-
-DEFAULTS: Dict[str, Any] = {
-    "stage": "teacher",            # teacher | student | selavpr
-    "model": None,                 # model card name or path to a card YAML
-    "init_weights": None,          # weights to start from: a file (our safetensors, official
-                                   # .pth, or a DINOv2 pretrain file for the backbone only),
-                                   # "card" (the card's own weights), or null (seeded random)
-    "scratch_init": False,         # re-initialise the backbone for training from scratch
-                                   # (trunc-normal linears, LayerScale 0.1); demo model only
-    "export_name": None,           # name of the exported model card (default: output folder name)
-    "teacher": {                   # student stage: the trained Super-CricaVPR teacher
-        "model": None,             # teacher card (name or path)
-        "weights": None,           # teacher weights (safetensors or official .pth)
-        "copy_head": False,        # also start the student's token mixers + GeM from the
-                                   # teacher's (they keep training); the paper copies only
-                                   # backbone + fusion conv (false)
-    },
-    "seed": 0,
-    "deterministic": True,         # torch.use_deterministic_algorithms(warn_only) + fixed seeds
-    "device": "auto",              # auto | cpu | cuda | cuda:N (under torchrun: the local GPU)
-    "precision": "fp32",           # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
-    "data": {
-        "train": None,             # one source dict or a list of them (see data.py)
-        "val": None,               # one benchmark-layout source or null (no validation)
-        "places_per_batch": 72,    # P (per optimisation step, summed over all processes)
-        "images_per_place": 4,     # K
-        "num_workers": 2,
-        "batches_per_epoch": None, # null = every place once per epoch
-        "avoid_near_places_m": None,  # keep places closer than this out of one batch
-        "augment": {
-            "color_jitter": 0.0,   # brightness/contrast/saturation strength (0 = off)
-            "hue": 0.0,
-            "crop_scale": [1.0, 1.0],  # random resized crop area range (1,1 = off)
-            "crop_ratio": [0.75, 1.3333333],
-            "rand_augment_ops": 0, # torchvision RandAugment num_ops (official GSV recipe: 3)
-            "horizontal_flip": False,
-            "grayscale": 0.0,      # probability of converting to grey
-        },
-    },
-    "freeze": {
-        "backbone_blocks": "all",  # "all" or N: patch/pos embedding + first N blocks frozen
-    },
-    "optim": {
-        "optimizer": "adam",       # adam | adamw | sgd
-        "lr": 1.0e-4,
-        "weight_decay": 0.0,
-        "momentum": 0.9,           # sgd only
-        "schedule": "step",        # step | cosine | constant
-        "step_epochs": 3,          # step: lr *= step_gamma every step_epochs epochs
-        "step_gamma": 0.5,
-        "warmup_steps": 0,
-        "min_lr": 0.0,             # cosine floor
-        "epochs": 10,
-        "grad_accum": 1,           # micro-batches per optimiser step
-        "clip_grad_norm": None,
-        "patience": 10,            # stop after this many epochs without val R@5 gain
-    },
-    "loss": {
-        "ms_alpha": 1.0,           # multi-similarity loss (official: alpha 1, beta 50, base 0)
-        "ms_beta": 50.0,
-        "ms_base": 0.0,
-        "miner_epsilon": 0.1,      # multi-similarity miner margin (official 0.1)
-        "gamma": 1.0,              # student: weight of the multi-similarity loss
-        "eta": 1.0,                # student: weight of the distillation loss
-        "triplet_margin": 0.1,     # selavpr: global triplet margin (official 0.1)
-        "local_weight": 1.0,       # selavpr: weight of the mutual-NN local loss
-        "negatives_per_anchor": 2, # selavpr: hardest in-batch negatives per anchor
-        "gather_across_processes": True,  # DDP: MS/distillation loss over the whole batch
-                                   # of all processes (as DataParallel does), not per process
-    },
-    "eval": {
-        "recall_ns": [1, 5, 10, 20],
-        "batch_size": 32,
-        "radius_m": 25.0,
-    },
-    "log": {
-        "every_steps": 10,         # CSV row + progress-bar refresh
-        "checkpoint_every_steps": None,  # extra mid-epoch checkpoints (for --resume)
-    },
-}
+SHARED_DIR_ENV = "VPR_SHARED_DIR"
+SHARED_DIR_TOKEN = "${" + SHARED_DIR_ENV + "}"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _type_ok(default: Any, value: Any) -> bool:
-    if value is None or default is None:
-        return True
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, list):
-        return isinstance(value, list)
-    if isinstance(default, str):
-        return True   # e.g. "all" or an int for freeze.backbone_blocks; checked later
-    return True
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Student stage: the trained Super-CricaVPR teacher."""
+    model: Optional[str] = None       # teacher card (name or path)
+    weights: Optional[str] = None     # teacher weights (safetensors or official .pth)
+    # also start the student's token mixers + GeM from the teacher's (they keep training);
+    # the paper copies only backbone + fusion conv (false)
+    copy_head: bool = False
 
 
-def _merge(defaults: Dict[str, Any], user: Dict[str, Any], where: str) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class AugmentConfig:
+    color_jitter: float = 0.0         # brightness/contrast/saturation strength (0 = off)
+    hue: float = 0.0
+    crop_scale: Tuple[float, float] = (1.0, 1.0)   # random resized crop area (1,1 = off)
+    crop_ratio: Tuple[float, float] = (0.75, 1.3333333)
+    rand_augment_ops: int = 0         # torchvision RandAugment num_ops (official GSV: 3)
+    horizontal_flip: bool = False
+    grayscale: float = 0.0            # probability of converting to grey
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: Any = None                 # one source dict or a list of them (see data.py)
+    val: Any = None                   # one benchmark-layout source or null (no validation)
+    places_per_batch: int = 72        # P (per optimisation step, summed over all processes)
+    images_per_place: int = 4         # K
+    num_workers: int = 2
+    batches_per_epoch: Optional[int] = None     # null = every place once per epoch
+    avoid_near_places_m: Optional[float] = None  # keep closer places out of one batch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    backbone_blocks: Union[str, int] = "all"   # "all" or N: embeddings + first N blocks frozen
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"           # adam | adamw | sgd
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9             # sgd only
+    schedule: str = "step"            # step | cosine | constant
+    step_epochs: int = 3              # step: lr *= step_gamma every step_epochs epochs
+    step_gamma: float = 0.5
+    warmup_steps: int = 0
+    min_lr: float = 0.0               # cosine floor
+    epochs: int = 10
+    grad_accum: int = 1               # micro-batches per optimiser step
+    clip_grad_norm: Optional[float] = None
+    patience: int = 10                # stop after this many epochs without val R@5 gain
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    ms_alpha: float = 1.0             # multi-similarity loss (official: alpha 1, beta 50, base 0)
+    ms_beta: float = 50.0
+    ms_base: float = 0.0
+    miner_epsilon: float = 0.1        # multi-similarity miner margin (official 0.1)
+    gamma: float = 1.0                # student: weight of the multi-similarity loss
+    eta: float = 1.0                  # student: weight of the distillation loss
+    triplet_margin: float = 0.1       # selavpr: global triplet margin (official 0.1)
+    local_weight: float = 1.0         # selavpr: weight of the mutual-NN local loss
+    negatives_per_anchor: int = 2     # selavpr: hardest in-batch negatives per anchor
+    # DDP: MS/distillation loss over the whole batch of all processes (as DataParallel
+    # does), not per process
+    gather_across_processes: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    recall_ns: Tuple[int, ...] = (1, 5, 10, 20)
+    batch_size: int = 32
+    radius_m: float = RADIUS_M
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = 10                        # CSV row + progress-bar refresh
+    checkpoint_every_steps: Optional[int] = None  # extra mid-epoch checkpoints (--resume)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "teacher"            # teacher | student | selavpr
+    model: Optional[str] = None       # model card name or path to a card YAML
+    # weights to start from: a file (our safetensors, official .pth, or a DINOv2 pretrain
+    # file for the backbone only), "card" (the card's own weights), or null (seeded random)
+    init_weights: Optional[str] = None
+    # re-initialise the backbone for training from scratch (trunc-normal linears,
+    # LayerScale 0.1); demo model only
+    scratch_init: bool = False
+    export_name: Optional[str] = None  # exported card name (default: output folder name)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    seed: int = 0
+    deterministic: bool = True        # torch.use_deterministic_algorithms(warn_only) + seeds
+    device: str = "auto"              # auto | cpu | cuda | cuda:N (under torchrun: local GPU)
+    precision: str = "fp32"           # fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)
+    data: DataConfig = field(default_factory=DataConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # not settable from YAML: where relative paths resolve, and the shared data folder
+    base_dir: Optional[str] = field(default=None, metadata={"internal": True})
+    shared_dir: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The user-facing keys as plain YAML types (tuples as lists)."""
+        return {k: v for k, v in _plain(dataclasses.asdict(self)).items()
+                if k not in _INTERNAL}
+
+    def with_overrides(self, *texts: str) -> "TrainConfig":
+        """A new config with ``dotted.key=value`` overrides applied (checked as on load)."""
+        return build_config(self.to_dict(), texts, base_dir=self.base_dir,
+                            shared_dir=self.shared_dir)
+
+
+_INTERNAL = {f.name for f in fields(TrainConfig) if f.metadata.get("internal")}
+FREE_FORM = {"data.train", "data.val"}        # validated by data.py instead
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------ typed merge
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(tp: Any, value: Any, path: str) -> Any:
+    """``value`` as field type ``tp``, or ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return copy.deepcopy(value)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(arg, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key {path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {path}: expected list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(args[0], v, path) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"config key {path}: expected a list of {len(args)} values "
+                              f"[min, max], got {value!r}")
+        return tuple(_check_value(a, v, path) for a, v in zip(args, value))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:
+        raise TypeError(f"unsupported config field type {tp!r} at {path}")
+    if not ok:
+        raise ConfigError(f"config key {path}: expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls, user: Any, where: str):
     if not isinstance(user, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(user).__name__}")
-    unknown = sorted(set(user) - set(defaults))
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in fields(cls) if not f.metadata.get("internal")]
+    unknown = sorted(set(user) - set(allowed))
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s): {', '.join(prefix + k for k in unknown)}; "
-            f"allowed keys{' in ' + where if where else ''}: {', '.join(sorted(defaults))}")
-    out = copy.deepcopy(defaults)
+            f"allowed keys{' in ' + where if where else ''}: {', '.join(sorted(allowed))}")
+    values = {}
     for key, value in user.items():
         path = f"{where}.{key}" if where else key
-        default = defaults[key]
-        if tuple(path.split(".")) in FREE_FORM:
-            out[key] = copy.deepcopy(value)
-        elif isinstance(default, dict):
-            out[key] = _merge(default, value if value is not None else {}, path)
+        tp = hints[key]
+        if path in FREE_FORM:
+            values[key] = copy.deepcopy(value)
+        elif dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value if value is not None else {}, path)
         else:
-            if not _type_ok(default, value):
-                raise ConfigError(f"config key {path}: expected {type(default).__name__}, "
-                                  f"got {value!r}")
-            if isinstance(default, float) and isinstance(value, int):
-                value = float(value)
-            out[key] = value
-    return out
+            values[key] = _check_value(tp, value, path)
+    return cls(**values)
 
+
+# ------------------------------------------------------------------ overrides and files
 
 def parse_override(text: str) -> Dict[str, Any]:
     """``"optim.lr=1e-5"`` -> ``{"optim": {"lr": 1e-5}}``."""
@@ -198,19 +301,21 @@ def _parse_scientific(obj: Any) -> Any:
 
 def build_config(user: Optional[Dict[str, Any]] = None,
                  overrides: Iterable[str] = (),
-                 base_dir: Optional[Path] = None) -> Dict[str, Any]:
+                 base_dir: Optional[Union[str, Path]] = None,
+                 shared_dir: Optional[Union[str, Path]] = None) -> TrainConfig:
     """Merge a user dict and overrides into the defaults; ConfigError on any bad key/value."""
     user = copy.deepcopy(user or {})
     for text in overrides:
         _deep_update(user, parse_override(text))
     user = _parse_scientific(user)
-    cfg = _merge(DEFAULTS, user, "")
+    cfg = _build(TrainConfig, user, "")
     validate(cfg)
-    cfg["_base_dir"] = str(base_dir) if base_dir else None
-    return cfg
+    return dataclasses.replace(cfg, base_dir=str(base_dir) if base_dir else None,
+                               shared_dir=str(shared_dir) if shared_dir else None)
 
 
-def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:
+def load_config(path: Union[str, Path], overrides: Iterable[str] = (),
+                shared_dir: Optional[Union[str, Path]] = None) -> TrainConfig:
     """Read a YAML training config; relative paths in it resolve against its folder."""
     path = Path(path)
     if not path.is_file():
@@ -220,60 +325,94 @@ def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> Dict[s
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     try:
-        return build_config(user, overrides, base_dir=path.resolve().parent)
+        return build_config(user, overrides, base_dir=path.resolve().parent,
+                            shared_dir=shared_dir)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def validate(cfg: Dict[str, Any]) -> None:
-    if cfg["stage"] not in STAGES:
-        raise ConfigError(f"stage must be one of {STAGES}, got {cfg['stage']!r}")
-    if not cfg["model"]:
+def validate(cfg: TrainConfig) -> None:
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if not cfg.model:
         raise ConfigError("config key 'model' (model card name or path) is required")
-    if cfg["precision"] not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
-    d = cfg["data"]
+    if cfg.precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    d = cfg.data
     for key in ("places_per_batch", "images_per_place", "num_workers"):
-        if not isinstance(d[key], int) or d[key] < (0 if key == "num_workers" else 1):
-            raise ConfigError(f"data.{key} must be a positive integer, got {d[key]!r}")
-    if d["images_per_place"] < 2:
+        value = getattr(d, key)
+        if value < (0 if key == "num_workers" else 1):
+            raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
+    if d.images_per_place < 2:
         raise ConfigError("data.images_per_place must be >= 2 (a place needs a positive pair)")
-    if d["train"] is None:
+    if d.train is None:
         raise ConfigError("data.train (one or more training sources) is required")
-    fb = cfg["freeze"]["backbone_blocks"]
-    if not (fb == "all" or (isinstance(fb, int) and not isinstance(fb, bool) and fb >= 0)):
+    fb = cfg.freeze.backbone_blocks
+    if not (fb == "all" or (isinstance(fb, int) and fb >= 0)):
         raise ConfigError(f"freeze.backbone_blocks must be 'all' or an integer >= 0, got {fb!r}")
-    o = cfg["optim"]
-    if o["optimizer"] not in ("adam", "adamw", "sgd"):
-        raise ConfigError(f"optim.optimizer must be adam, adamw or sgd, got {o['optimizer']!r}")
-    if o["schedule"] not in ("step", "cosine", "constant"):
-        raise ConfigError(f"optim.schedule must be step, cosine or constant, got {o['schedule']!r}")
-    if o["epochs"] is None or o["epochs"] < 1:
+    o = cfg.optim
+    if o.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optim.optimizer must be adam, adamw or sgd, got {o.optimizer!r}")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be step, cosine or constant, got {o.schedule!r}")
+    if o.epochs < 1:
         raise ConfigError("optim.epochs must be >= 1")
-    if o["grad_accum"] < 1:
+    if o.grad_accum < 1:
         raise ConfigError("optim.grad_accum must be >= 1")
-    if o["lr"] is None or o["lr"] <= 0:
+    if o.lr <= 0:
         raise ConfigError("optim.lr must be > 0")
-    if cfg["stage"] == "student" and not cfg["teacher"]["weights"]:
+    if cfg.stage == "student" and not cfg.teacher.weights:
         raise ConfigError("stage student needs teacher.weights (the trained Super-CricaVPR "
                           "teacher) and teacher.model (its card)")
-    if len(d["augment"]["crop_scale"]) != 2 or len(d["augment"]["crop_ratio"]) != 2:
-        raise ConfigError("data.augment.crop_scale / crop_ratio must be [min, max]")
 
 
-def resolve_path(cfg: Dict[str, Any], value: Optional[str]) -> Optional[Path]:
-    """A path from the config, relative to the config file's folder (or the cwd)."""
+# ------------------------------------------------------------------ paths
+
+def default_shared_dir() -> Path:
+    """``VPR_SHARED_DIR`` when set, else ``shared/`` beside the repository."""
+    env = os.environ.get(SHARED_DIR_ENV)
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
+
+
+def shared_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.shared_dir).expanduser() if cfg.shared_dir else default_shared_dir()
+
+
+def expand_shared(cfg: TrainConfig, value: str) -> str:
+    """Replace a leading ``${VPR_SHARED_DIR}`` by the shared data folder."""
+    text = str(value)
+    if text.startswith(SHARED_DIR_TOKEN):
+        folder = shared_dir(cfg)
+        if not folder.is_dir():
+            raise ConfigError(f"{text}: the shared data folder {folder} does not exist; pass "
+                              f"vpr train --shared-dir DIR or set {SHARED_DIR_ENV}")
+        return str(folder) + text[len(SHARED_DIR_TOKEN):]
+    return text
+
+
+def resolve_path(cfg: TrainConfig, value: Optional[str]) -> Optional[Path]:
+    """A path from the config: ``${VPR_SHARED_DIR}/...``, absolute, or relative to the
+    config file's folder (when it exists there) or the current folder."""
     if value is None:
         return None
-    p = Path(str(value)).expanduser()
+    p = Path(expand_shared(cfg, value)).expanduser()
     if p.is_absolute():
         return p
-    base = cfg.get("_base_dir")
-    if base and (Path(base) / p).exists():
-        return Path(base) / p
+    if cfg.base_dir and (Path(cfg.base_dir) / p).exists():
+        return Path(cfg.base_dir) / p
     return p.resolve()
 
 
-def dump_config(cfg: Dict[str, Any]) -> str:
-    clean = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    return yaml.safe_dump(clean, sort_keys=False)
+def resolve_sources(cfg: TrainConfig, sources: Any) -> Any:
+    """Data source dict(s) with ``${VPR_SHARED_DIR}`` expanded in their ``path``."""
+    if sources is None:
+        return None
+    if isinstance(sources, list):
+        return [resolve_sources(cfg, s) for s in sources]
+    if isinstance(sources, dict) and isinstance(sources.get("path"), str):
+        return {**sources, "path": expand_shared(cfg, sources["path"])}
+    return sources
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -18,6 +18,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from .config import TrainConfig
 from .losses import selavpr_losses, triplet_indices
 from .stage import Stage, freeze_backbone
 
@@ -27,14 +28,14 @@ class SelaVPRStage(Stage):
     architecture = "selavpr"
     metric_names = ("global_loss", "local_loss", "triplets")
 
-    def __init__(self, cfg: dict, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
-        freeze_backbone(self.model.backbone, cfg["freeze"]["backbone_blocks"],
+        freeze_backbone(self.model.backbone, cfg.freeze.backbone_blocks,
                         keep_trainable=lambda name: "adapter" in name)
-        loss = cfg["loss"]
-        self.margin = float(loss["triplet_margin"])
-        self.local_weight = float(loss["local_weight"])
-        self.negatives = int(loss["negatives_per_anchor"])
+        loss = cfg.loss
+        self.margin = loss.triplet_margin
+        self.local_weight = loss.local_weight
+        self.negatives = loss.negatives_per_anchor
 
     def compute_loss(self, outputs, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         global_desc, local_feats = outputs

@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.cards import ModelCard, load_card
 from ..models.checkpoint import load_weights
 from ..models.factory import build_model
-from .config import resolve_path
+from .config import TrainConfig, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,12 @@ class Stage:
     architecture = ""          # the card architecture this stage trains
     metric_names: Tuple[str, ...] = ()
 
-    def __init__(self, cfg: dict, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.card: ModelCard = load_card(str(resolve_path(cfg, cfg["model"]))
-                                         if str(cfg["model"]).endswith((".yaml", ".yml"))
-                                         else cfg["model"])
+        self.card: ModelCard = load_card(str(resolve_path(cfg, cfg.model))
+                                         if str(cfg.model).endswith((".yaml", ".yml"))
+                                         else cfg.model)
         if self.architecture and self.card.architecture != self.architecture:
             raise ConfigError(f"stage {self.name} trains a {self.architecture} card; "
                               f"{self.card.name!r} is {self.card.architecture}")
@@ -96,10 +96,10 @@ class Stage:
 
     # -- building --------------------------------------------------------------------
     def _build(self, card: ModelCard) -> nn.Module:
-        seed = int(self.cfg["seed"])
+        seed = self.cfg.seed
         model = build_model(card, seed=seed)
-        init = self.cfg.get("init_weights")
-        if self.cfg.get("scratch_init"):
+        init = self.cfg.init_weights
+        if self.cfg.scratch_init:
             scratch_init_backbone(model.backbone, seed)
         if init == "card":
             if not card.has_weights:

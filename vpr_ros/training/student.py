@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.cards import load_card
 from ..models.factory import load_model
 from ..models.scicevpr import TOKEN_GRID, regional_gem
-from .config import resolve_path
+from .config import TrainConfig, resolve_path
 from .losses import MultiSimilarity, distillation_loss
 from .stage import Stage, freeze_backbone, set_requires_grad
 
@@ -105,11 +105,11 @@ class StudentStage(Stage):
     architecture = "scicevpr"
     metric_names = ("ms_loss", "distill_loss", "mined_fraction")
 
-    def __init__(self, cfg: dict, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
-        tcfg = cfg["teacher"]
-        t_model_spec = tcfg["model"]
-        t_weights = resolve_path(cfg, tcfg["weights"])
+        tcfg = cfg.teacher
+        t_model_spec = tcfg.model
+        t_weights = resolve_path(cfg, tcfg.weights)
         if t_model_spec is None:
             sidecar = t_weights.with_name(t_weights.name + ".card.yaml")
             if not sidecar.is_file():
@@ -128,17 +128,17 @@ class StudentStage(Stage):
         set_requires_grad(self.teacher.parameters(), False)
         self.teacher.eval()
         copy_shared_weights(self.teacher, self.model, t_card.name, self.card.name)
-        if tcfg["copy_head"]:
+        if tcfg.copy_head:
             copy_shared_weights(self.teacher, self.model, t_card.name, self.card.name,
                                 HEAD_PREFIXES)
-        freeze_backbone(self.model.backbone, cfg["freeze"]["backbone_blocks"])
+        freeze_backbone(self.model.backbone, cfg.freeze.backbone_blocks)
         set_requires_grad(self.model.fusion.parameters(), False)
-        shared = cfg["freeze"]["backbone_blocks"] == "all"
+        shared = cfg.freeze.backbone_blocks == "all"
         self.train_module = StudentTrainModule(self.model, self.teacher, shared)
-        loss = cfg["loss"]
-        self.gamma, self.eta = float(loss["gamma"]), float(loss["eta"])
-        self.criterion = MultiSimilarity(loss["ms_alpha"], loss["ms_beta"], loss["ms_base"],
-                                         loss["miner_epsilon"])
+        loss = cfg.loss
+        self.gamma, self.eta = loss.gamma, loss.eta
+        self.criterion = MultiSimilarity(loss.ms_alpha, loss.ms_beta, loss.ms_base,
+                                         loss.miner_epsilon)
 
     def compute_loss(self, outputs, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         student_desc, teacher_desc = outputs
@@ -150,7 +150,7 @@ class StudentStage(Stage):
 
     def gather(self, outputs, labels, info):
         from .ddp import gather_no_grad, gather_with_grad
-        if not (info.enabled and self.cfg["loss"]["gather_across_processes"]):
+        if not (info.enabled and self.cfg.loss.gather_across_processes):
             return outputs, labels
         student_desc, teacher_desc = outputs
         return ((gather_with_grad(info, student_desc), gather_no_grad(info, teacher_desc)),

@@ -13,6 +13,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from .config import TrainConfig
 from .losses import MultiSimilarity
 from .stage import Stage, freeze_backbone
 
@@ -22,12 +23,12 @@ class TeacherStage(Stage):
     architecture = "super_cricavpr"
     metric_names = ("ms_loss", "mined_fraction")
 
-    def __init__(self, cfg: dict, device: torch.device):
+    def __init__(self, cfg: TrainConfig, device: torch.device):
         super().__init__(cfg, device)
-        freeze_backbone(self.model.backbone, cfg["freeze"]["backbone_blocks"])
-        loss = cfg["loss"]
-        self.criterion = MultiSimilarity(loss["ms_alpha"], loss["ms_beta"], loss["ms_base"],
-                                         loss["miner_epsilon"])
+        freeze_backbone(self.model.backbone, cfg.freeze.backbone_blocks)
+        loss = cfg.loss
+        self.criterion = MultiSimilarity(loss.ms_alpha, loss.ms_beta, loss.ms_base,
+                                         loss.miner_epsilon)
 
     def compute_loss(self, outputs: torch.Tensor, labels: torch.Tensor
                      ) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -37,7 +38,7 @@ class TeacherStage(Stage):
 
     def gather(self, outputs, labels, info):
         from .ddp import gather_no_grad, gather_with_grad
-        if not (info.enabled and self.cfg["loss"]["gather_across_processes"]):
+        if not (info.enabled and self.cfg.loss.gather_across_processes):
             return outputs, labels
         return gather_with_grad(info, outputs), gather_no_grad(info, labels)
 

@@ -22,6 +22,7 @@ checkpoints are written every ``log.checkpoint_every_steps`` steps when set.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -42,7 +43,7 @@ from ..atomic import atomic_directory, atomic_write_json, atomic_write_text
 from ..device import resolve_precision
 from ..errors import CheckpointError, ConfigError
 from ..preprocess import load_image, preprocess
-from .config import dump_config
+from .config import TrainConfig, dump_config, resolve_sources
 from .data import (PlaceBatchSampler, ValidationSet, load_train_places, load_validation_set,
                    make_train_loader)
 from .ddp import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, setup_distributed
@@ -72,34 +73,32 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
             torch.backends.cudnn.benchmark = False
 
 
-def learning_rate(cfg: dict, step: int, steps_per_epoch: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate at optimiser step ``step`` (0-based) for the configured schedule."""
-    o = cfg["optim"]
-    base = float(o["lr"])
-    warm = int(o["warmup_steps"] or 0)
+    o = cfg.optim
+    base = o.lr
+    warm = o.warmup_steps
     if warm and step < warm:
         return base * (step + 1) / warm
-    if o["schedule"] == "constant":
+    if o.schedule == "constant":
         return base
-    if o["schedule"] == "step":
-        period = max(1, int(o["step_epochs"]) * steps_per_epoch)
-        return base * float(o["step_gamma"]) ** (step // period)
-    total = max(1, int(o["epochs"]) * steps_per_epoch - warm)
+    if o.schedule == "step":
+        period = max(1, o.step_epochs * steps_per_epoch)
+        return base * o.step_gamma ** (step // period)
+    total = max(1, o.epochs * steps_per_epoch - warm)
     t = min(1.0, (step - warm) / total)
-    lo = float(o["min_lr"])
-    return lo + (base - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return o.min_lr + (base - o.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def make_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
-    o = cfg["optim"]
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    o = cfg.optim
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen (check freeze.*)")
-    if o["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
-    if o["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
-    return torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
-                           weight_decay=o["weight_decay"])
+    if o.optimizer == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 # --------------------------------------------------------------------------- validation
@@ -251,10 +250,9 @@ def _fmt(v):
 
 def plot_curves(out_dir: Path) -> Optional[Path]:
     """curves.png: training loss per step and validation recall per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import pyplot, save_png
 
+    plt = pyplot()
     steps = _read_csv(out_dir / "steps.csv")
     epochs = _read_csv(out_dir / "epochs.csv")
     if not steps and not epochs:
@@ -288,11 +286,7 @@ def plot_curves(out_dir: Path) -> Optional[Path]:
             axes[1].legend()
         axes[1].grid(alpha=0.3)
     fig.tight_layout()
-    target = out_dir / "curves.png"
-    from ..atomic import atomic_path
-    with atomic_path(target, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    target = save_png(fig, out_dir / "curves.png", dpi=100)
     share_permissions(target)
     return target
 
@@ -306,252 +300,335 @@ def _read_csv(path: Path) -> List[dict]:
 
 # --------------------------------------------------------------------------- the loop
 
-def train(cfg: dict, out_dir, resume: bool = False, progress: bool = True,
+def train(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = True,
           max_steps: Optional[int] = None) -> dict:
     """Run one training stage; returns the summary dict (also written to summary.json).
 
     ``max_steps`` stops after that many optimiser steps in this call (tests, smoke runs);
     the checkpoint written at the stop lets ``resume=True`` continue.
     """
-    from tqdm import tqdm
-
     out_dir = Path(out_dir).absolute()
-    info = setup_distributed(cfg["device"])
+    info = setup_distributed(cfg.device)
     try:
-        return _train(cfg, out_dir, resume, progress, max_steps, info, tqdm)
+        return TrainingRun(cfg, out_dir, info, resume, progress, max_steps).run()
     finally:
         cleanup(info)
 
 
-def _train(cfg, out_dir: Path, resume: bool, progress: bool, max_steps, info: DistInfo, tqdm):
-    seed = int(cfg["seed"])
-    if resume:
-        check_resumable(out_dir / "checkpoint")
-    seed_everything(seed, cfg["deterministic"])
-    precision = resolve_precision(cfg["precision"], info.device)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for stale in ("steps.csv", "epochs.csv"):
-                (out_dir / stale).unlink(missing_ok=True)
-        atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
-        share_permissions(out_dir / "config.yaml")
+class TrainingRun:
+    """One call of :func:`train`, in named steps: prepare the output folder, build the
+    stage, data, optimiser and logs, then epochs of optimiser steps, each epoch ending
+    with validation, the best-weights copy and a checkpoint; finally the export."""
 
-    stage = stage_class(cfg["stage"])(cfg, info.device)
-    log.info("%s", stage.summary())
-    d = cfg["data"]
-    base = Path(cfg["_base_dir"]) if cfg.get("_base_dir") else Path.cwd()
-    k = d["images_per_place"]
-    places = load_train_places(d["train"], base, k)
-    val = load_validation_set(d["val"], base, cfg["eval"]["radius_m"]) if d["val"] else None
-    log.info("training set: %d places, %d images; validation: %s", len(places),
-             places.num_images, f"{len(val.queries)} queries / {len(val.database)} database"
-             if val else "none")
-    sampler = PlaceBatchSampler(len(places), d["places_per_batch"], seed, d["batches_per_epoch"],
-                                info.rank, info.world_size, places.positions(),
-                                d["avoid_near_places_m"])
-    loader = make_train_loader(places, sampler, k, stage.card.input_size, d["augment"],
-                               d["num_workers"])
-    accum = int(cfg["optim"]["grad_accum"])
-    steps_per_epoch = max(1, sampler.batches_per_epoch // accum)
+    def __init__(self, cfg: TrainConfig, out_dir: Path, info: DistInfo, resume: bool,
+                 progress: bool, max_steps: Optional[int]):
+        self.cfg, self.out_dir, self.info = cfg, out_dir, info
+        self.resume, self.progress, self.max_steps = resume, progress, max_steps
+        self.ns = [int(n) for n in cfg.eval.recall_ns]
+        self.steps_this_call = 0
+        self.stopped_early = False
 
-    module = stage.train_module
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        module = DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-                     broadcast_buffers=False)
-    optimizer = make_optimizer(cfg, stage.trainable_parameters())
-    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+    # -- setup -----------------------------------------------------------------------
+    def run(self) -> dict:
+        self.prepare_output()
+        self.build_stage()
+        self.build_data()
+        self.build_optimisation()
+        self.load_state()
+        self.open_logs()
+        self.t_run = time.time()
+        self.train_seconds = float(self.state.get("train_seconds", 0.0))
+        while self.state["epoch"] < self.cfg.optim.epochs and not self.stopped_early:
+            if not self.run_epoch():
+                break                                  # stopped inside the epoch (max_steps)
+            self.end_epoch()
+            if self.max_steps is not None and self.steps_this_call >= self.max_steps:
+                break
+        return self.finish()
 
-    state = {"stage": stage.name, "card": stage.card.name, "epoch": 0, "batch": 0, "step": 0,
-             "best_r5": -1.0, "best_epoch": None, "not_improved": 0, "history": [],
-             "train_seconds": 0.0}
-    ckpt_dir = out_dir / "checkpoint"
-    if resume:
-        state = load_checkpoint(ckpt_dir, stage, optimizer, scaler)
-        log.info("resuming at epoch %d, batch %d, step %d", state["epoch"], state["batch"],
-                 state["step"])
-    metric_cols = list(stage.metric_names)
-    steps_log = epochs_log = None
-    if info.is_main:
-        steps_log = CsvLog(out_dir / "steps.csv", ["step", "epoch", "lr", "loss"] + metric_cols
-                           + ["seconds"], append=resume)
-        epochs_log = CsvLog(out_dir / "epochs.csv", ["epoch", "step", "loss"] + metric_cols +
-                            [f"R@{n}" for n in cfg["eval"]["recall_ns"]] + ["seconds"],
-                            append=resume)
+    def prepare_output(self) -> None:
+        cfg, out_dir = self.cfg, self.out_dir
+        if self.resume:
+            check_resumable(out_dir / "checkpoint")
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.precision = resolve_precision(cfg.precision, self.info.device)
+        if self.info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                for stale in ("steps.csv", "epochs.csv"):
+                    (out_dir / stale).unlink(missing_ok=True)
+            atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
+            share_permissions(out_dir / "config.yaml")
 
-    def checkpoint():
-        state["train_seconds"] = train_seconds + (time.time() - t_run)
-        if info.is_main:
-            save_checkpoint(ckpt_dir, stage, optimizer, scaler, state)
-        barrier(info)
+    def build_stage(self) -> None:
+        self.stage = stage_class(self.cfg.stage)(self.cfg, self.info.device)
+        log.info("%s", self.stage.summary())
 
-    train_seconds = float(state.get("train_seconds", 0.0))
-    t_run = time.time()
-    epochs = int(cfg["optim"]["epochs"])
-    patience = int(cfg["optim"]["patience"])
-    steps_this_call = 0
-    stopped_early = False
-    ns = [int(n) for n in cfg["eval"]["recall_ns"]]
-    clip = cfg["optim"]["clip_grad_norm"]
-    every = max(1, int(cfg["log"]["every_steps"]))
-    ckpt_every = cfg["log"]["checkpoint_every_steps"]
+    def build_data(self) -> None:
+        cfg, d, info = self.cfg, self.cfg.data, self.info
+        base = Path(cfg.base_dir) if cfg.base_dir else Path.cwd()
+        k = d.images_per_place
+        self.places = load_train_places(resolve_sources(cfg, d.train), base, k)
+        self.val = (load_validation_set(resolve_sources(cfg, d.val), base, cfg.eval.radius_m)
+                    if d.val else None)
+        log.info("training set: %d places, %d images; validation: %s", len(self.places),
+                 self.places.num_images,
+                 f"{len(self.val.queries)} queries / {len(self.val.database)} database"
+                 if self.val else "none")
+        self.sampler = PlaceBatchSampler(len(self.places), d.places_per_batch, cfg.seed,
+                                         d.batches_per_epoch, info.rank, info.world_size,
+                                         self.places.positions(), d.avoid_near_places_m)
+        self.loader = make_train_loader(self.places, self.sampler, k,
+                                        self.stage.card.input_size, d.augment.as_dict(),
+                                        d.num_workers)
+        self.accum = cfg.optim.grad_accum
+        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // self.accum)
 
-    while state["epoch"] < epochs and not stopped_early:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch, state["batch"])
-        module.train()
-        sums: Dict[str, float] = {}
-        count = 0
-        window: Dict[str, float] = {}
-        window_n = 0
-        bar = tqdm(total=len(sampler), desc=f"{stage.name} epoch {epoch + 1}/{epochs}",
-                   disable=not (progress and info.is_main), leave=False)
-        optimizer.zero_grad(set_to_none=True)
+    def build_optimisation(self) -> None:
+        info = self.info
+        self.module = self.stage.train_module
+        if info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.module = DDP(self.module, device_ids=ids, broadcast_buffers=False)
+        self.optimizer = make_optimizer(self.cfg, self.stage.trainable_parameters())
+        self.scaler = (torch.amp.GradScaler("cuda") if self.precision == torch.float16
+                       else None)
+
+    def load_state(self) -> None:
+        self.ckpt_dir = self.out_dir / "checkpoint"
+        self.state = {"stage": self.stage.name, "card": self.stage.card.name, "epoch": 0,
+                      "batch": 0, "step": 0, "best_r5": -1.0, "best_epoch": None,
+                      "not_improved": 0, "history": [], "train_seconds": 0.0}
+        if self.resume:
+            self.state = load_checkpoint(self.ckpt_dir, self.stage, self.optimizer, self.scaler)
+            log.info("resuming at epoch %d, batch %d, step %d", self.state["epoch"],
+                     self.state["batch"], self.state["step"])
+
+    def open_logs(self) -> None:
+        self.steps_log = self.epochs_log = None
+        if not self.info.is_main:
+            return
+        metric_cols = list(self.stage.metric_names)
+        self.steps_log = CsvLog(self.out_dir / "steps.csv",
+                                ["step", "epoch", "lr", "loss"] + metric_cols + ["seconds"],
+                                append=self.resume)
+        self.epochs_log = CsvLog(self.out_dir / "epochs.csv",
+                                 ["epoch", "step", "loss"] + metric_cols
+                                 + [f"R@{n}" for n in self.ns] + ["seconds"],
+                                 append=self.resume)
+
+    def elapsed(self) -> float:
+        return self.train_seconds + (time.time() - self.t_run)
+
+    def checkpoint(self) -> None:
+        self.state["train_seconds"] = self.elapsed()
+        if self.info.is_main:
+            save_checkpoint(self.ckpt_dir, self.stage, self.optimizer, self.scaler, self.state)
+        barrier(self.info)
+
+    # -- one epoch -------------------------------------------------------------------
+    def run_epoch(self) -> bool:
+        """Optimiser steps over one epoch; False when it stopped early for ``max_steps``
+        (a checkpoint was written so that --resume continues)."""
+        from tqdm import tqdm
+
+        epoch, state = self.state["epoch"], self.state
+        self.sampler.set_epoch(epoch, state["batch"])
+        self.module.train()
+        self.sums: Dict[str, float] = {}
+        self.count = 0
+        self.window: Dict[str, float] = {}
+        self.window_n = 0
+        bar = tqdm(total=len(self.sampler),
+                   desc=f"{self.stage.name} epoch {epoch + 1}/{self.cfg.optim.epochs}",
+                   disable=not (self.progress and self.info.is_main), leave=False)
+        self.optimizer.zero_grad(set_to_none=True)
         micro = 0
         interrupted = False
-        for images, labels in loader:
-            # Dropout etc. seeded per (epoch, batch, rank): a resumed run repeats it exactly.
-            torch.manual_seed((((seed * 1_000_003 + epoch) * 1_000_003 + state["batch"]) * 64
-                               + info.rank) % (2**63))
-            images = images.to(info.device, non_blocking=True)
-            labels = labels.to(info.device)
-            lr = learning_rate(cfg, state["step"], steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            last_micro = (micro + 1) % accum == 0
-            sync_ctx = (module.no_sync() if info.enabled and not last_micro
-                        else _null_context())
-            with sync_ctx:
-                from ..device import autocast_context
-                with autocast_context(info.device, precision):
-                    outputs = module(images)
-                outputs, labels = stage.gather(outputs, labels, info)
-                loss, metrics = stage.compute_loss(outputs, labels)
-                scaled = loss / accum
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
+        for images, labels in self.loader:
+            last_micro = (micro + 1) % self.accum == 0
+            lr = learning_rate(self.cfg, state["step"], self.steps_per_epoch)
+            value = self.forward_backward(images, labels, lr, last_micro)
             micro += 1
-            state["batch"] += 1
             bar.update(1)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss became {value} at step {state['step']}; lower "
-                                         "optim.lr or use precision fp32")
-            metrics = {"loss": value, **metrics}
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + v
-                window[key] = window.get(key, 0.0) + v
-            count += 1
-            window_n += 1
             if not last_micro:
                 continue
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip:
-                torch.nn.utils.clip_grad_norm_(stage.trainable_parameters(), float(clip))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            steps_this_call += 1
+            self.optimizer_step()
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            if state["step"] % every == 0 and info.is_main:
-                row = {k2: v / window_n for k2, v in window.items()}
-                row.update(step=state["step"], epoch=epoch, lr=lr,
-                           seconds=round(train_seconds + time.time() - t_run, 1))
-                steps_log.write(row)
-                window, window_n = {}, 0
-            if ckpt_every and state["step"] % int(ckpt_every) == 0:
-                checkpoint()
-            if max_steps is not None and steps_this_call >= max_steps:
+            self.log_step(lr)
+            ckpt_every = self.cfg.log.checkpoint_every_steps
+            if ckpt_every and state["step"] % ckpt_every == 0:
+                self.checkpoint()
+            if self.max_steps is not None and self.steps_this_call >= self.max_steps:
                 interrupted = True
                 break
         bar.close()
-        if interrupted and state["batch"] < sampler.batches_per_epoch:
-            checkpoint()
-            log.info("stopped after %d steps (max_steps); --resume continues", steps_this_call)
-            break
-        # ---- end of epoch
-        mean = {key: all_reduce_mean(info, v / max(1, count)) for key, v in sums.items()}
-        recalls: Dict[str, float] = {}
-        if val is not None and info.is_main:
-            recalls = validate(stage, val, ns, int(cfg["eval"]["batch_size"]), precision,
-                               progress)
-        recalls = broadcast_object(info, recalls)
-        r5 = recalls.get("5", recalls.get(str(ns[min(1, len(ns) - 1)]), None))
-        improved = val is None or (r5 is not None and r5 > state["best_r5"])
-        if improved:
-            state["best_r5"] = r5 if r5 is not None else state["best_r5"]
-            state["best_epoch"] = epoch
-            state["not_improved"] = 0
-            if info.is_main:
-                from safetensors.torch import save_file
-                with atomic_directory(out_dir / "best") as tmp:
-                    save_file(_state_dict_cpu(stage.model), str(tmp / "model.safetensors"))
-                    (tmp / "state.json").write_text(json.dumps(
-                        {"epoch": epoch, "step": state["step"], "recalls": recalls}) + "\n")
-                    share_permissions(tmp)
+        if interrupted and state["batch"] < self.sampler.batches_per_epoch:
+            self.checkpoint()
+            log.info("stopped after %d steps (max_steps); --resume continues",
+                     self.steps_this_call)
+            return False
+        return True
+
+    def forward_backward(self, images, labels, lr: float, last_micro: bool) -> float:
+        """One micro-batch: forward, loss, backward (gradients accumulate); returns the loss."""
+        from ..device import autocast_context
+
+        info, state = self.info, self.state
+        # Dropout etc. seeded per (epoch, batch, rank): a resumed run repeats it exactly.
+        torch.manual_seed((((self.cfg.seed * 1_000_003 + state["epoch"]) * 1_000_003
+                            + state["batch"]) * 64 + info.rank) % (2**63))
+        images = images.to(info.device, non_blocking=True)
+        labels = labels.to(info.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sync_ctx = (self.module.no_sync() if info.enabled and not last_micro
+                    else contextlib.nullcontext())
+        with sync_ctx:
+            with autocast_context(info.device, self.precision):
+                outputs = self.module(images)
+            outputs, labels = self.stage.gather(outputs, labels, info)
+            loss, metrics = self.stage.compute_loss(outputs, labels)
+            scaled = loss / self.accum
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        state["batch"] += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss became {value} at step {state['step']}; lower "
+                                     "optim.lr or use precision fp32")
+        for key, v in {"loss": value, **metrics}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + v
+            self.window[key] = self.window.get(key, 0.0) + v
+        self.count += 1
+        self.window_n += 1
+        return value
+
+    def optimizer_step(self) -> None:
+        """Clip, step (through the grad scaler under fp16), clear the gradients."""
+        scaler, optimizer, clip = self.scaler, self.optimizer, self.cfg.optim.clip_grad_norm
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.stage.trainable_parameters(), clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            state["not_improved"] += 1
-        elapsed = train_seconds + time.time() - t_run
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        self.steps_this_call += 1
+
+    def log_step(self, lr: float) -> None:
+        """Every ``log.every_steps`` steps: the mean of the window as one steps.csv row."""
+        step = self.state["step"]
+        if step % max(1, self.cfg.log.every_steps) != 0 or not self.info.is_main:
+            return
+        row = {key: v / self.window_n for key, v in self.window.items()}
+        row.update(step=step, epoch=self.state["epoch"], lr=lr,
+                   seconds=round(self.elapsed(), 1))
+        self.steps_log.write(row)
+        self.window, self.window_n = {}, 0
+
+    # -- end of epoch ----------------------------------------------------------------
+    def end_epoch(self) -> None:
+        info, state, epoch = self.info, self.state, self.state["epoch"]
+        mean = {key: all_reduce_mean(info, v / max(1, self.count))
+                for key, v in self.sums.items()}
+        recalls = self.validate_epoch()
+        self.keep_best(epoch, recalls)
         entry = {"epoch": epoch, "step": state["step"], **mean,
-                 **{f"R@{n}": recalls.get(str(n), "") for n in ns}, "seconds": round(elapsed, 1)}
+                 **{f"R@{n}": recalls.get(str(n), "") for n in self.ns},
+                 "seconds": round(self.elapsed(), 1)}
         state["history"].append(entry)
         if info.is_main:
-            epochs_log.write(entry)
+            self.epochs_log.write(entry)
             log.info("epoch %d: loss %.4f%s", epoch + 1, mean.get("loss", float("nan")),
-                     "".join(f", R@{n} {100 * recalls[str(n)]:.1f}" for n in ns
+                     "".join(f", R@{n} {100 * recalls[str(n)]:.1f}" for n in self.ns
                              if str(n) in recalls))
-            plot_curves(out_dir)
+            plot_curves(self.out_dir)
         state["epoch"] += 1
         state["batch"] = 0
-        if val is not None and state["not_improved"] >= patience:
-            log.info("validation R@5 did not improve for %d epochs: stopping", patience)
-            stopped_early = True
-        checkpoint()
-        if max_steps is not None and steps_this_call >= max_steps:
-            break
+        if self.val is not None and state["not_improved"] >= self.cfg.optim.patience:
+            log.info("validation R@5 did not improve for %d epochs: stopping",
+                     self.cfg.optim.patience)
+            self.stopped_early = True
+        self.checkpoint()
 
-    finished = state["epoch"] >= epochs or stopped_early
-    total_seconds = train_seconds + time.time() - t_run
-    summary = {
-        "stage": stage.name, "card": stage.card.name, "finished": finished,
-        "epochs_done": state["epoch"], "steps": state["step"],
-        "best_epoch": state["best_epoch"], "best_val_R@5": state["best_r5"],
-        "history": state["history"], "train_seconds": round(total_seconds, 1),
-        "world_size": info.world_size, "device": str(info.device),
-        "host": socket.gethostname(), "machine": machine_description(),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-    }
-    if finished and info.is_main:
+    def validate_epoch(self) -> Dict[str, float]:
+        """Validation Recall@N on the main process, shared with all processes."""
+        recalls: Dict[str, float] = {}
+        if self.val is not None and self.info.is_main:
+            recalls = validate(self.stage, self.val, self.ns, self.cfg.eval.batch_size,
+                               self.precision, self.progress)
+        return broadcast_object(self.info, recalls)
+
+    def keep_best(self, epoch: int, recalls: Dict[str, float]) -> None:
+        """Copy the weights to ``best/`` when validation R@5 improved (or without validation)."""
+        from safetensors.torch import save_file
+
+        state, ns = self.state, self.ns
+        r5 = recalls.get("5", recalls.get(str(ns[min(1, len(ns) - 1)]), None))
+        improved = self.val is None or (r5 is not None and r5 > state["best_r5"])
+        if not improved:
+            state["not_improved"] += 1
+            return
+        state["best_r5"] = r5 if r5 is not None else state["best_r5"]
+        state["best_epoch"] = epoch
+        state["not_improved"] = 0
+        if self.info.is_main:
+            with atomic_directory(self.out_dir / "best") as tmp:
+                save_file(_state_dict_cpu(self.stage.model), str(tmp / "model.safetensors"))
+                (tmp / "state.json").write_text(json.dumps(
+                    {"epoch": epoch, "step": state["step"], "recalls": recalls}) + "\n")
+                share_permissions(tmp)
+
+    # -- the end ---------------------------------------------------------------------
+    def finish(self) -> dict:
+        state, info, stage = self.state, self.info, self.stage
+        finished = state["epoch"] >= self.cfg.optim.epochs or self.stopped_early
+        summary = {
+            "stage": stage.name, "card": stage.card.name, "finished": finished,
+            "epochs_done": state["epoch"], "steps": state["step"],
+            "best_epoch": state["best_epoch"], "best_val_R@5": state["best_r5"],
+            "history": state["history"], "train_seconds": round(self.elapsed(), 1),
+            "world_size": info.world_size, "device": str(info.device),
+            "host": socket.gethostname(), "machine": machine_description(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "command": " ".join(sys.argv),
+        }
+        if finished and info.is_main:
+            summary["model_card"] = str(self.export())
+            atomic_write_json(self.out_dir / "summary.json", summary)
+            share_permissions(self.out_dir / "summary.json")
+            log.info("exported %s", summary["model_card"])
+        barrier(info)
+        return summary
+
+    def export(self) -> Path:
+        """The best epoch's weights (or the last) as a model card + safetensors."""
         from safetensors.torch import load_file
-        best = out_dir / "best" / "model.safetensors"
+
+        state, stage, ns, info = self.state, self.stage, self.ns, self.info
+        best = self.out_dir / "best" / "model.safetensors"
         weights = load_file(str(best)) if best.is_file() else _state_dict_cpu(stage.model)
-        name = cfg["export_name"] or out_dir.name
+        name = self.cfg.export_name or self.out_dir.name
         last = state["history"][-1] if state["history"] else {}
-        best_entry = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), last)
+        best_entry = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]),
+                          last)
         val_text = ", ".join(f"R@{n} {100 * float(best_entry[f'R@{n}']):.1f}%" for n in ns
                              if best_entry.get(f"R@{n}") not in ("", None))
         notes = (f"Trained by `vpr train {stage.name}` (vpr_ros) from card {stage.card.name}: "
-                 f"{state['epoch']} epochs, {state['step']} optimiser steps, seed {seed}, "
-                 f"{info.world_size} process(es) on {info.device} ({machine_description()}), "
-                 f"{total_seconds / 60:.1f} min. Exported epoch "
+                 f"{state['epoch']} epochs, {state['step']} optimiser steps, "
+                 f"seed {self.cfg.seed}, {info.world_size} process(es) on {info.device} "
+                 f"({machine_description()}), {self.elapsed() / 60:.1f} min. Exported epoch "
                  f"{(state['best_epoch'] or 0) + 1} (1-based); "
                  f"validation {val_text or 'none'}")
-        card_path = export_model(out_dir, stage, weights, name, notes, "")
-        summary["model_card"] = str(card_path)
-        atomic_write_json(out_dir / "summary.json", summary)
-        share_permissions(out_dir / "summary.json")
-        log.info("exported %s", card_path)
-    barrier(info)
-    return summary
+        return export_model(self.out_dir, stage, weights, name, notes, "")
 
 
 def machine_description() -> str:
@@ -566,14 +643,6 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} logical CPUs"
-
-
-class _null_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def copy_exported(out_dir: Path, target_dir: Path, name: str) -> None:

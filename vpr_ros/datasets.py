@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import DatasetError
+from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("database", "queries")

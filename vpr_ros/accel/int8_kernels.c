@@ -1,7 +1,7 @@
 /* Fused element-wise passes around the int8 matmuls of vpr_ros (precision "int8"), and
  * an int8 multi-head attention (at the end of this file).
  *
- * Built on first use by vpr_ros/models/int8_kernels.py with the machine's C compiler
+ * Built on first use by vpr_ros/accel/int8_kernels.py with the machine's C compiler
  * (-O3 -march=native, OpenMP) and called through ctypes on contiguous tensors.  Each
  * function replaces several torch element-wise ops, and so several passes over memory,
  * by one pass per row.  Every row is computed on its own, the same way whatever the number
@@ -19,6 +19,7 @@
 #include <omp.h>
 #else
 static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
 #endif
 #include <stdint.h>
 #include <string.h>
@@ -618,4 +619,278 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
         free(w.block);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------
+ * Exact mutual-nearest-neighbour re-ranking: similarity codes with a fused top-2.
+ *
+ * x: candidate points, n_x rows of c_pad int16 codes (row-major, followed by zero rows up
+ * to a multiple of ROWS, which the tiles read but never count); q: query points in the
+ * VNNI layout of the attention's keys, [n_q_pad / 16][c_pad / 2][16][2] (n_q_pad a
+ * multiple of MNN_GROUP, padding 0).  The code similarity I[j][i] = sum_c x[j][c] q[i][c] is accumulated in int32 with
+ * wrap-around; the caller picks codes whose norms keep every true sum inside int32, so
+ * each I[j][i] is exact.  No similarity matrix is stored: tiles of 4 candidate points x
+ * 64 query points go straight into
+ *   row_best[j], row_idx[j], row_second[j]  over the query points i < n_q, and
+ *   col_best[i], col_idx[i], col_second[i]  over the candidate points j < n_x,
+ * where *_idx is the first index of the maximum and *_second the largest value of the
+ * others, so an exact tie gives second == best (zero margin; the caller re-computes such
+ * rows and columns in float32).  Threads take contiguous ranges of candidate points with
+ * their own column state, merged in thread order (lower rows first, so first index).
+ * Returns 0, or -1 when scratch memory could not be allocated.
+ * ------------------------------------------------------------------------------------ */
+#define MNN_GROUP 64                     /* query points per tile: 4 blocks of 16 */
+
+static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int rows,
+                     int32_t tile[ROWS][MNN_GROUP], int generic) {
+    /* the attention's product: 4 rows x 4 blocks of 16 query points; exact (every partial
+     * sum of a code dot product is bounded like the whole one, by Cauchy-Schwarz) */
+    (void)rows;
+    s16_product(x, c_pad, qg, (c_pad / 2) * 32, MNN_GROUP / ATT_BLOCK, c_pad / 2, &tile[0][0],
+                MNN_GROUP, generic);
+}
+
+static inline void top2_insert(int32_t v, int32_t index, int32_t *best, int32_t *idx,
+                               int32_t *second) {
+    if (v > *best) {
+        *second = *best;
+        *best = v;
+        *idx = index;
+    } else if (v > *second) {
+        *second = v;
+    }
+}
+
+int vpr_mnn_top2(const int16_t *x, int64_t n_x, const int16_t *q, int64_t n_q, int64_t c_pad,
+                 int32_t *row_best, int32_t *row_idx, int32_t *row_second,
+                 int32_t *col_best, int32_t *col_idx, int32_t *col_second,
+                 int generic, int num_threads) {
+    const int64_t n_q_pad = round_up(n_q, MNN_GROUP), groups = n_q_pad / MNN_GROUP;
+    const int64_t group_stride = MNN_GROUP * c_pad;            /* int16 per group of q */
+    if (num_threads < 1) num_threads = 1;
+    int32_t *state = malloc((size_t)num_threads * 3 * n_q_pad * sizeof(int32_t));
+    if (!state) return -1;
+    for (int64_t i = 0; i < (int64_t)num_threads * n_q_pad; ++i) {   /* unused threads: neutral */
+        int32_t *cb = state + (i / n_q_pad) * 3 * n_q_pad + i % n_q_pad;
+        cb[0] = cb[2 * n_q_pad] = INT32_MIN;
+        cb[n_q_pad] = 0;
+    }
+    for (int64_t j = 0; j < n_x; ++j) {
+        row_best[j] = row_second[j] = INT32_MIN;
+        row_idx[j] = 0;
+    }
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t per = round_up((n_x + nt - 1) / nt, ROWS);
+        const int64_t j_start = t * per < n_x ? t * per : n_x;
+        const int64_t j_end = j_start + per < n_x ? j_start + per : n_x;
+        int32_t *cb = state + (int64_t)t * 3 * n_q_pad, *ci = cb + n_q_pad, *cs = ci + n_q_pad;
+        int32_t tile[ROWS][MNN_GROUP] __attribute__((aligned(64)));
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const int16_t *qg = q + gi * group_stride;
+            const int64_t i0 = gi * MNN_GROUP;
+            const int valid = (int)(n_q - i0 < MNN_GROUP ? n_q - i0 : MNN_GROUP);
+            for (int64_t j0 = j_start; j0 < j_end; j0 += ROWS) {
+                const int rows = (int)(j_end - j0 < ROWS ? j_end - j0 : ROWS);
+                mnn_tile(x + j0 * c_pad, c_pad, qg, rows, tile, generic);
+                /* rows (candidate points): only values above the current second best */
+                for (int r = 0; r < rows; ++r) {
+                    const int64_t j = j0 + r;
+#if VPR_HAVE_VNNI
+                    if (!generic) {     /* most tiles hold nothing above the second best */
+                        const __m512i thr = _mm512_set1_epi32(row_second[j]);
+                        __mmask16 any = 0;
+                        for (int l = 0; l < 4; ++l)
+                            any |= _mm512_cmpgt_epi32_mask(
+                                _mm512_load_si512((const void *)&tile[r][l * 16]), thr);
+                        if (!any) continue;
+                    }
+#endif
+                    int32_t best = row_best[j], idx = row_idx[j], second = row_second[j];
+                    for (int e = 0; e < valid; ++e)
+                        if (tile[r][e] > second) top2_insert(tile[r][e], (int32_t)(i0 + e), &best, &idx, &second);
+                    row_best[j] = best;
+                    row_idx[j] = idx;
+                    row_second[j] = second;
+                }
+                /* columns (query points): every lane, in row order */
+#if VPR_HAVE_VNNI
+                if (!generic) {
+                    for (int l = 0; l < 4; ++l) {
+                        __m512i b = _mm512_loadu_si512((const void *)(cb + i0 + l * 16));
+                        __m512i s = _mm512_loadu_si512((const void *)(cs + i0 + l * 16));
+                        __m512i ix = _mm512_loadu_si512((const void *)(ci + i0 + l * 16));
+                        for (int r = 0; r < rows; ++r) {
+                            const __m512i v = _mm512_load_si512((const void *)&tile[r][l * 16]);
+                            s = _mm512_max_epi32(s, _mm512_min_epi32(v, b));
+                            const __mmask16 gt = _mm512_cmpgt_epi32_mask(v, b);
+                            b = _mm512_max_epi32(b, v);
+                            ix = _mm512_mask_mov_epi32(ix, gt, _mm512_set1_epi32((int32_t)(j0 + r)));
+                        }
+                        _mm512_storeu_si512((void *)(cb + i0 + l * 16), b);
+                        _mm512_storeu_si512((void *)(cs + i0 + l * 16), s);
+                        _mm512_storeu_si512((void *)(ci + i0 + l * 16), ix);
+                    }
+                    continue;
+                }
+#endif
+                for (int r = 0; r < rows; ++r)
+                    for (int e = 0; e < MNN_GROUP; ++e) {
+                        const int32_t v = tile[r][e];
+                        const int64_t i = i0 + e;
+                        cs[i] = cs[i] > (v < cb[i] ? v : cb[i]) ? cs[i] : (v < cb[i] ? v : cb[i]);
+                        if (v > cb[i]) {
+                            cb[i] = v;
+                            ci[i] = (int32_t)(j0 + r);
+                        }
+                    }
+            }
+        }
+    }
+    /* merge the threads' column state in thread order (lower candidate rows first) */
+    for (int64_t i = 0; i < n_q; ++i) {
+        int32_t best = INT32_MIN, idx = 0, second = INT32_MIN;
+        for (int t = 0; t < num_threads; ++t) {
+            const int32_t *cb = state + (int64_t)t * 3 * n_q_pad;
+            const int32_t b = cb[i], ix = cb[n_q_pad + i], s = cb[2 * n_q_pad + i];
+            const int32_t lo = b < best ? b : best;
+            second = second > s ? second : s;
+            second = second > lo ? second : lo;
+            if (b > best) {
+                best = b;
+                idx = ix;
+            }
+        }
+        col_best[i] = best;
+        col_idx[i] = idx;
+        col_second[i] = second;
+    }
+    free(state);
+    return 0;
+}
+
+/* Exact float32 re-computation for vpr_mnn_top2's ambiguous rows and columns.
+ * b (n_b x c float32, row-major) packed as panels of 32 points, [ceil(n_b/32)][c][32]
+ * (padding 0), so that the re-computation reads it contiguously. */
+#define EXACT_PANEL 32
+void vpr_pack_panels(const float *b, int64_t n_b, int64_t c, float *out) {
+    const int64_t panels = (n_b + EXACT_PANEL - 1) / EXACT_PANEL;
+    for (int64_t p = 0; p < panels; ++p)
+        for (int64_t k = 0; k < c; ++k) {
+            float *o = out + (p * c + k) * EXACT_PANEL;
+            for (int e = 0; e < EXACT_PANEL; ++e) {
+                const int64_t i = p * EXACT_PANEL + e;
+                o[e] = i < n_b ? b[i * c + k] : 0.0f;
+            }
+        }
+}
+
+/* For each selected s = sel[t]: out[t] = the first index i < n_b of the largest
+ * dot(a[s], b[i]) (b packed by vpr_pack_panels), out_value[t] that value.  Each dot
+ * product is one chain of fused multiply-adds in channel order from 0 - the values the
+ * BLAS sgemm kernels give for these shapes (checked once per process against numpy's
+ * matmul by the caller, and by the tests) - so the argmax is the plain path's, ties
+ * included.  Vector lanes hold different dot products, never parts of one; groups of 4
+ * selected rows share every load of b. */
+void vpr_exact_argmax(const float *a, const float *b_panels, int64_t n_b, int64_t c,
+                      const int64_t *sel, int64_t n_sel, int64_t *out, float *out_value,
+                      int generic, int num_threads) {
+    const int64_t groups = (n_sel + 3) / 4, panels = (n_b + EXACT_PANEL - 1) / EXACT_PANEL;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int64_t gi = 0; gi < groups; ++gi) {
+        const int64_t t0 = gi * 4;
+        const int nr = (int)(n_sel - t0 < 4 ? n_sel - t0 : 4);
+        const float *x[4];
+        for (int r = 0; r < 4; ++r) x[r] = a + sel[t0 + (r < nr ? r : 0)] * c;
+        float best[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        int64_t best_i[4] = {0, 0, 0, 0};
+        float v[4][EXACT_PANEL] __attribute__((aligned(64)));
+        for (int64_t p = 0; p < panels; ++p) {
+            const float *bp = b_panels + p * c * EXACT_PANEL;
+#if VPR_HAVE_VNNI
+            if (!generic) {
+                __m512 acc[4][2];
+                for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < c; ++k) {
+                    const __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
+                    const __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    for (int r = 0; r < 4; ++r) {
+                        const __m512 xk = _mm512_set1_ps(x[r][k]);
+                        acc[r][0] = _mm512_fmadd_ps(xk, b0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(xk, b1, acc[r][1]);
+                    }
+                }
+                for (int r = 0; r < 4; ++r) {
+                    _mm512_store_ps(v[r], acc[r][0]);
+                    _mm512_store_ps(v[r] + 16, acc[r][1]);
+                }
+            } else
+#endif
+            {
+                for (int r = 0; r < 4; ++r)
+                    for (int e = 0; e < EXACT_PANEL; ++e) {
+                        float acc = 0.0f;
+                        for (int64_t k = 0; k < c; ++k)
+                            acc = fmaf(x[r][k], bp[k * EXACT_PANEL + e], acc);
+                        v[r][e] = acc;
+                    }
+            }
+            const int valid = (int)(n_b - p * EXACT_PANEL < EXACT_PANEL ? n_b - p * EXACT_PANEL
+                                                                        : EXACT_PANEL);
+            for (int r = 0; r < nr; ++r)
+                for (int e = 0; e < valid; ++e)
+                    if (v[r][e] > best[r] || (p == 0 && e == 0)) {
+                        best[r] = v[r][e];
+                        best_i[r] = p * EXACT_PANEL + e;
+                    }
+        }
+        for (int r = 0; r < nr; ++r) {
+            out[t0 + r] = best_i[r];
+            out_value[t0 + r] = best[r];
+        }
+    }
+}
+
+/* Per point of x (n x c float32): norm[j] = |x_j| and the largest |x_jk| over all points
+ * (*absmax), in double. */
+void vpr_point_norms(const float *x, int64_t n, int64_t c, double *norm, double *absmax,
+                     int num_threads) {
+    double amax = 0.0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(max : amax)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        double s = 0.0;
+        for (int64_t k = 0; k < c; ++k) {
+            const double v = p[k];
+            s += v * v;
+            const double a = fabs(v);
+            amax = a > amax ? a : amax;
+        }
+        norm[j] = sqrt(s);
+    }
+    *absmax = amax;
+}
+
+/* int16 codes of x with one scale: code = rint(x * inv_scale) (rows of c_pad, padding 0),
+ * err[j] = |x_j - scale * code_j| and hat[j] = |scale * code_j|, in double. */
+void vpr_codes16(const float *x, int64_t n, int64_t c, int64_t c_pad, double scale,
+                 int16_t *codes, double *err, double *hat, int num_threads) {
+    const double inv = 1.0 / scale;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        int16_t *q = codes + j * c_pad;
+        double e = 0.0, h = 0.0;
+        for (int64_t k = 0; k < c; ++k) {
+            const double code = rint((double)p[k] * inv);
+            q[k] = (int16_t)code;
+            const double r = scale * code, d = (double)p[k] - r;
+            e += d * d;
+            h += r * r;
+        }
+        for (int64_t k = c; k < c_pad; ++k) q[k] = 0;
+        err[j] = sqrt(e);
+        hat[j] = sqrt(h);
+    }
 }

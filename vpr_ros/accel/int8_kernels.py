@@ -1,11 +1,11 @@
 """Native fused kernels for the int8 path, built once with the machine's C compiler.
 
-The int8 layers of :mod:`vpr_ros.models.int8_linear` spend as much time in element-wise
+The int8 layers of :mod:`vpr_ros.accel.int8_linear` spend as much time in element-wise
 torch ops around each integer matmul (quantise a row, turn int32 back into float, add
 the bias, GELU, LayerNorm, residual add) as in half of the matmuls themselves: each op
 is one more pass over memory.  ``int8_kernels.c`` does each of those chains in one pass
 per row, and holds a multi-head attention on integer (int16) Q, K, V and softmax
-weights (:meth:`NativeKernels.integer_attention`, used by :mod:`vpr_ros.models.int8_block`).
+weights (:meth:`NativeKernels.integer_attention`, used by :mod:`vpr_ros.accel.int8_block`).
 It is plain C (no torch headers; AVX512-VNNI intrinsics where the compiler targets them,
 the same results from plain loops elsewhere), so it compiles in about a second:
 
@@ -17,7 +17,8 @@ the same results from plain loops elsewhere), so it compiles in about a second:
 * linked against ``libgomp.so.1``, the OpenMP runtime torch's Linux wheels already load,
   so the kernels share torch's threads; the thread count is torch's, passed on each call.
 
-Without a compiler, or with ``VPR_ROS_NATIVE_KERNELS=0``, :func:`native_kernels` returns
+Without a compiler, or switched off (``AccelOptions(native_kernels=False)``, override
+``VPR_ROS_NATIVE_KERNELS=0``), :func:`native_kernels` returns
 None and the int8 layers use their torch implementation: the same quantisation and
 dequantisation bit for bit (the tests check it), slower.  Only the GELU (a rational
 ``erf`` within 5e-7 of the exact one) and the LayerNorm (a fixed 16-way summation order)
@@ -36,15 +37,18 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
+
+from .options import ENV_KERNEL_CACHE, ENV_NATIVE_KERNELS, env_flag
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int8_kernels.c")
-ENV_SWITCH = "VPR_ROS_NATIVE_KERNELS"     # "0" / "off" / "false": never build or load
-ENV_CACHE = "VPR_ROS_KERNEL_CACHE"
+ENV_SWITCH = ENV_NATIVE_KERNELS     # "0" / "off" / "false": never build or load
+ENV_CACHE = ENV_KERNEL_CACHE
 BASE_FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
               "-ffp-contract=off", "-fno-strict-aliasing")
 # tried in order: the first set the compiler accepts is used
@@ -60,7 +64,8 @@ class KernelBuildError(RuntimeError):
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "off", "false", "no")
+    """The environment override of the ``native_kernels`` option (see :mod:`.options`)."""
+    return env_flag(ENV_SWITCH)
 
 
 def cache_dir() -> Path:
@@ -153,8 +158,13 @@ class NativeKernels:
             "vpr_dequantize_gelu_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, i32],
             "vpr_layer_norm_quantize": [vp, _I64, _I64, vp, vp, ctypes.c_float, vp, vp, vp, i32],
             "vpr_integer_attention": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, vp, i32, i32],
+            "vpr_mnn_top2": [vp, _I64, vp, _I64, _I64, vp, vp, vp, vp, vp, vp, i32, i32],
+            "vpr_exact_argmax": [vp, vp, _I64, _I64, vp, _I64, vp, vp, i32, i32],
+            "vpr_point_norms": [vp, _I64, _I64, vp, vp, i32],
+            "vpr_pack_panels": [vp, _I64, _I64, vp],
+            "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
         }
-        returns = {"vpr_integer_attention": ctypes.c_int}
+        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -272,30 +282,160 @@ class NativeKernels:
             raise MemoryError("integer attention: could not allocate its scratch memory")
         return out
 
+    def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
+                 generic: bool = False) -> Tuple[np.ndarray, ...]:
+        """Fused top-2 of the int16 code similarities ``x_codes @ q_codes.T``, never stored.
 
-def native_kernels() -> Optional[NativeKernels]:
+        ``x_codes``: (n_x rounded up to a multiple of 4, c_pad) int16, zero rows at the end;
+        ``q_vnni``: the query codes in the layout of :func:`mnn_query_layout`.  Returns
+        ``(row_best, row_idx, row_second, col_best, col_idx, col_second)`` int32 arrays: per
+        candidate point (row) the largest code similarity over the query points, the first
+        index where it occurs and the largest of the rest, and the same per query point
+        (column) over the candidate points.  An exact tie shows as ``second == best``.
+        ``vpr_mnn_top2`` in ``int8_kernels.c``.
+        """
+        c_pad = x_codes.shape[1]
+        if (x_codes.dtype != np.int16 or not x_codes.flags.c_contiguous
+                or x_codes.shape[0] != -(-n_x // MNN_ROWS) * MNN_ROWS):
+            raise ValueError(f"x_codes: expected C-contiguous int16 rows padded to a multiple of "
+                             f"{MNN_ROWS}, got {x_codes.shape} {x_codes.dtype}")
+        if (q_vnni.dtype != np.int16 or not q_vnni.flags.c_contiguous or q_vnni.ctypes.data % 64
+                or q_vnni.size != -(-n_q // MNN_GROUP) * MNN_GROUP * c_pad or c_pad % 2):
+            raise ValueError(f"q_vnni: expected the int16 VNNI layout of {n_q} query points of "
+                             f"{c_pad} channels, got {q_vnni.shape} {q_vnni.dtype}")
+        rows = [np.empty(n_x, dtype=np.int32) for _ in range(3)]
+        cols = [np.empty(n_q, dtype=np.int32) for _ in range(3)]
+        status = self._lib.vpr_mnn_top2(x_codes.ctypes.data, n_x, q_vnni.ctypes.data, n_q, c_pad,
+                                        *(a.ctypes.data for a in rows + cols), int(generic),
+                                        torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("mnn_top2: could not allocate its scratch memory")
+        return tuple(rows + cols)
+
+    def point_norms(self, x: np.ndarray) -> Tuple[np.ndarray, float]:
+        """(n, c) float32 -> (the points' norms (n,) float64, the largest |component|)."""
+        self._check_np(x, np.float32, "x")
+        norm = np.empty(x.shape[0], dtype=np.float64)
+        amax = np.zeros(1, dtype=np.float64)
+        self._lib.vpr_point_norms(x.ctypes.data, x.shape[0], x.shape[1], norm.ctypes.data,
+                                  amax.ctypes.data, torch.get_num_threads())
+        return norm, float(amax[0])
+
+    def codes16(self, x: np.ndarray, scale: float, rows: int, c_pad: int):
+        """int16 codes ``rint(x / scale)`` in ``rows`` (>= n) rows of ``c_pad`` (zero padding),
+        and per point ``|x - scale * code|`` and ``|scale * code|`` in float64."""
+        self._check_np(x, np.float32, "x")
+        n, c = x.shape
+        if rows < n or c_pad < c:
+            raise ValueError("codes16: the padded shape is smaller than x")
+        codes = np.zeros((rows, c_pad), dtype=np.int16)
+        err, hat = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
+        self._lib.vpr_codes16(x.ctypes.data, n, c, c_pad, float(scale), codes.ctypes.data,
+                              err.ctypes.data, hat.ctypes.data, torch.get_num_threads())
+        return codes, err, hat
+
+    @staticmethod
+    def _check_np(arr: np.ndarray, dtype, name: str) -> None:
+        if arr.dtype != dtype or not arr.flags.c_contiguous or arr.ndim != 2:
+            raise ValueError(f"{name}: expected a C-contiguous 2-D {np.dtype(dtype)} array, got "
+                             f"{arr.shape} {arr.dtype}")
+
+    def pack_panels(self, b: np.ndarray) -> "Panels":
+        """(n_b, c) float32 points -> the panel layout :meth:`exact_argmax` reads."""
+        self._check_np(b, np.float32, "b")
+        n_b, c = b.shape
+        out = aligned_empty((-(-n_b // EXACT_PANEL), c, EXACT_PANEL), np.float32)
+        self._lib.vpr_pack_panels(b.ctypes.data, n_b, c, out.ctypes.data)
+        return Panels(out, n_b)
+
+    def exact_argmax(self, a: np.ndarray, b: "Panels", selected: np.ndarray,
+                     generic: bool = False, values: bool = False):
+        """For each selected row s of ``a`` (n_a, c): the first index of the largest float32
+        dot product of ``a[s]`` with the points of ``b`` (:meth:`pack_panels`), each one chain
+        of fused multiply-adds in channel order (``vpr_exact_argmax`` in ``int8_kernels.c``).
+        ``values=True``: also the largest values, ``(index, value)``."""
+        self._check_np(a, np.float32, "a")
+        if a.shape[1] != b.data.shape[1] or b.n == 0:
+            raise ValueError(f"a {a.shape} and the packed points ({b.n}, {b.data.shape[1]}) "
+                             f"do not fit")
+        sel = np.ascontiguousarray(selected, dtype=np.int64)
+        if sel.size and (sel.min() < 0 or sel.max() >= a.shape[0]):
+            raise ValueError("selected rows out of range")
+        out = np.zeros(sel.size, dtype=np.int64)
+        best = np.zeros(sel.size, dtype=np.float32)
+        if sel.size:
+            self._lib.vpr_exact_argmax(a.ctypes.data, b.data.ctypes.data, b.n, a.shape[1],
+                                       sel.ctypes.data, sel.size, out.ctypes.data,
+                                       best.ctypes.data, int(generic), torch.get_num_threads())
+        return (out, best) if values else out
+
+
+class Panels:
+    """Points packed for :meth:`NativeKernels.exact_argmax` (``data``: [panels][c][32])."""
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, data: np.ndarray, n: int):
+        self.data, self.n = data, int(n)
+
+
+EXACT_PANEL = 32    # points per panel (EXACT_PANEL in int8_kernels.c)
+MNN_ROWS = 4        # candidate points per tile (ROWS in int8_kernels.c)
+MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
+
+
+def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
+    """(n_q, c_pad) int16 query codes -> the VNNI layout of ``vpr_mnn_top2``,
+    [n_q_pad/16][c_pad/2][16][2] (n_q rounded up to 64 with zero points)."""
+    n_q, c_pad = codes.shape
+    n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
+    padded = np.zeros((n_pad, c_pad), dtype=np.int16)
+    padded[:n_q] = codes
+    # [block][point 16][pair][2] -> [block][pair][point 16][2]
+    out = aligned_empty((n_pad // 16, c_pad // 2, 16, 2), np.int16)
+    out[...] = padded.reshape(n_pad // 16, 16, c_pad // 2, 2).transpose(0, 2, 1, 3)
+    return out
+
+
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
+    (the kernels load it with aligned 512-bit loads)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def native_kernels(enabled: Optional[bool] = None,
+                   cache: Union[str, os.PathLike, None] = None) -> Optional[NativeKernels]:
     """The loaded kernels, building them on first call; None if disabled or unavailable.
 
-    A failure is logged once (with the reason) and remembered for the process.  Called by
-    every int8 layer on every forward, so the common case is two environment lookups
-    and a dict hit (the key is the raw settings that decide the cache folder).
+    ``enabled`` / ``cache``: the options (:class:`vpr_ros.accel.options.AccelOptions`
+    ``native_kernels`` / ``kernel_cache``); None takes the documented environment override
+    (``VPR_ROS_NATIVE_KERNELS``, ``VPR_ROS_KERNEL_CACHE``) or the default (on,
+    ``~/.cache/vpr_ros/kernels``).  A failure is logged once (with the reason) and
+    remembered for the process.  Called by every int8 layer on every forward, so the
+    common case is a few lookups and a dict hit.
     """
-    if not enabled():
+    if enabled is False or (enabled is None and not globals()["enabled"]()):
         return None
-    key = (os.environ.get(ENV_CACHE), os.environ.get("XDG_CACHE_HOME"))
+    key = (None if cache is None else str(cache), os.environ.get(ENV_CACHE),
+           os.environ.get("XDG_CACHE_HOME"))
     loaded = _loaded.get(key, _NOT_LOADED)
     if loaded is not _NOT_LOADED:
         return loaded
     with _lock:
         if key not in _loaded:
             try:
-                _loaded[key] = NativeKernels(build())
+                _loaded[key] = NativeKernels(build(None if cache is None else Path(cache)))
             except (KernelBuildError, OSError, subprocess.SubprocessError) as exc:
-                log.warning("int8 native kernels unavailable, using the slower torch path: %s",
-                            exc)
+                log.warning("native kernels unavailable, using the slower torch path (and the "
+                            "plain float32 re-ranking): %s", exc)
                 _loaded[key] = None
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
+__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP",
+           "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
            "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]

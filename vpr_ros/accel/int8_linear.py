@@ -19,22 +19,24 @@ of the int8 values: every product and partial sum is an integer, exact in float3
 ``127 * 127 * K < 2**24`` and in float64 beyond that, so the fallback gives the same
 int32 result (and keeps batch invariance) whatever order the BLAS sums in.
 
-:func:`convert_to_int8` swaps, in place, every ``nn.Linear`` of a model and every 1x1
-``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over channels, like
-the SciceVPR ``fusion`` layer) for these modules.  ``nn.TransformerEncoder`` subtrees are
-left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of
-calling the module, and the SciceVPR region encoder sees only 14 tokens per image.  The
-GELU after an int8 ``fc1`` of a timm ``Mlp`` runs in place on that layer's fresh output.
+:func:`vpr_ros.accel.convert.convert_to_int8` swaps, in place, every ``nn.Linear`` of a
+model and every 1x1 ``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over
+channels, like the SciceVPR ``fusion`` layer) for these modules. ``nn.TransformerEncoder``
+subtrees are left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly
+instead of calling the module, and the SciceVPR region encoder sees only 14 tokens per
+image. The GELU after an int8 ``fc1`` of a timm ``Mlp`` runs in place on that layer's fresh
+output.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .int8_kernels import native_kernels
+from .options import DEFAULT, AccelOptions
 
 INT8_MAX = 127
 # float32 integers are exact below 2**24: the largest |sum| of K products is 127*127*K.
@@ -89,6 +91,7 @@ class Int8Linear(nn.Module):
     """
 
     use_int_mm: bool = True   # tests set False on an instance to exercise the float fallback
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
     def __init__(self, weight_int8_kn: torch.Tensor, weight_scale: torch.Tensor,
                  bias: Optional[torch.Tensor] = None):
@@ -112,7 +115,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        kernels = native_kernels() if rows.device.type == "cpu" else None
+        kernels = (native_kernels(self.accel.native_kernels, self.accel.kernel_cache)
+                   if rows.device.type == "cpu" else None)
         if kernels is not None:     # same bits as below, one pass per row (int8_kernels.c)
             rows = rows.float().contiguous()
             q, row_scale = kernels.quantize_rows(rows)
@@ -183,46 +187,6 @@ def is_pointwise_conv(module: nn.Module) -> bool:
             and (module.padding == "valid" or tuple(module.padding) == (0, 0)))
 
 
-def convert_to_int8(model: nn.Module,
-                    keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
-                    fold_layer_scales: bool = True, fuse_blocks: bool = True) -> nn.Module:
-    """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` in place; return it.
-
-    Subtrees whose type is in ``keep_float`` stay untouched (by default
-    ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
-    ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
-    int8 layer before it (see :func:`fold_block_layer_scales`); with ``fuse_blocks``, such
-    blocks then run through the fused native kernels
-    (:class:`vpr_ros.models.int8_block.Int8TransformerBlock`).  Meant for inference: the
-    converted layers hold buffers, not trainable parameters.
-    """
-    keep = tuple(keep_float)
-
-    def convert(parent: nn.Module) -> None:
-        for name, child in list(parent.named_children()):
-            if keep and isinstance(child, keep):
-                continue
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
-            elif is_pointwise_conv(child):
-                setattr(parent, name, Int8PointwiseConv2d.from_conv(child).to(child.weight.device))
-            else:
-                convert(child)
-
-    if type(model) is nn.Linear or is_pointwise_conv(model):
-        raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
-                         "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
-    convert(model)
-    for module in model.modules():
-        if fold_layer_scales:
-            fold_block_layer_scales(module)
-        use_inplace_activation(module)
-    if fold_layer_scales and fuse_blocks:
-        from .int8_block import fuse_transformer_blocks
-        fuse_transformer_blocks(model)
-    return model
-
-
 def use_inplace_activation(mlp: nn.Module) -> bool:
     """In a timm ``Mlp`` whose ``fc1`` is int8, run the GELU in place (see :class:`InplaceGELU`)."""
     from timm.layers import Mlp
@@ -269,6 +233,6 @@ def count_int8_layers(model: nn.Module) -> int:
     return sum(isinstance(m, Int8Linear) for m in model.modules())
 
 
-__all__ = ["Int8Linear", "Int8PointwiseConv2d", "convert_to_int8", "count_int8_layers",
+__all__ = ["Int8Linear", "Int8PointwiseConv2d", "count_int8_layers",
            "fold_block_layer_scales", "use_inplace_activation", "InplaceGELU",
            "integer_matmul", "quantize_rows", "quantize_weight", "is_pointwise_conv"]

@@ -1,0 +1,178 @@
+"""The verified exact re-ranking path: int16 code similarities with a fused top-2 in the
+native kernels, exact float32 re-computation of the ambiguous rows and columns.
+
+Its counts must be those of the plain float32 path (``native=False``) and of the official
+algorithm, on every fixture set (``VPR_REFERENCE_DIR``), on maps full of exact ties, on
+shapes that do not fill the kernel's tiles, and on features that are not unit vectors.
+Where it cannot be trusted (non-finite values, magnitudes int16 codes cannot hold) the
+plain path must run instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vpr_ros.accel.int8_kernels import mnn_query_layout, native_kernels
+from vpr_ros.models import rerank as R
+from vpr_ros.models.rerank import mutual_nn_counts
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = native_kernels(enabled=True)
+    if k is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    return k
+
+
+def _official(query: torch.Tensor, cands) -> list:
+    """The official algorithm: per candidate the whole float32 matrix, torch.argmax both ways."""
+    q = torch.as_tensor(np.asarray(query, dtype=np.float32)).reshape(-1, query.shape[-1])
+    out = []
+    for c in cands:
+        c = torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1, q.shape[1])
+        sim = c @ q.T
+        best_c, best_q = sim.argmax(0), sim.argmax(1)
+        out.append(int((best_q[best_c] == torch.arange(q.shape[0])).sum()))
+    return out
+
+
+def _both(query, cands):
+    stats = {}
+    fast = mutual_nn_counts(query, cands, stats=stats)
+    plain = mutual_nn_counts(query, cands, native=False)
+    return fast, plain, stats
+
+
+def test_reference_sets_exact_and_verified_path_ran(reference, kernels):
+    files = sorted(reference.glob("selavpr*_outputs.npz"))
+    assert files, f"no SelaVPR fixtures in {reference}"
+    for path in files:
+        data = np.load(path)
+        feats = torch.from_numpy(data["local_feats"])
+        expected = data["mutual_nn_counts"]
+        for i in range(feats.shape[0]):
+            fast, plain, stats = _both(feats[i], feats)
+            np.testing.assert_array_equal(fast.numpy(), expected[i], err_msg=path.name)
+            np.testing.assert_array_equal(plain.numpy(), expected[i], err_msg=path.name)
+            assert stats["rows"] == feats.shape[0] * feats[0].shape[0] * feats[0].shape[1]
+            # the query itself is a candidate: its self-matches tie at the top of nothing,
+            # but near-duplicate points make some rows ambiguous; most are decided in int16
+            assert 0 < stats["rows_recomputed"] < 0.2 * stats["rows"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_ties_follow_the_first_index(kernels, seed):
+    """Repeated points (flat image regions) tie exactly in both directions."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(13, 11, 6, generator=g), dim=-1)
+    cands = F.normalize(torch.randn(4, 13, 11, 6, generator=g), dim=-1)
+    q[:3] = q[0]
+    q[5, 2:9] = q[5, 2]
+    cands[:, 3:7] = cands[:, 3:4]
+    cands[1] = q
+    cands[2, :, :5] = q[:, :5]
+    cands[3] = torch.round(cands[3] * 2) / 2              # many exactly equal values
+    fast, plain, stats = _both(q, cands)
+    assert fast.tolist() == plain.tolist() == _official(q, cands)
+    assert stats["rows_recomputed"] > 0 and stats["cols_recomputed"] > 0
+
+
+@pytest.mark.parametrize("shape", [((1, 1), (1, 1), 2), ((1, 1), (7, 9), 3), ((5, 3), (1, 1), 4),
+                                   ((61, 61), (61, 61), 15), ((9, 8), (17, 5), 129),
+                                   ((3, 67), (2, 33), 128)])
+def test_shapes_that_do_not_fill_the_tiles(kernels, shape):
+    (qh, qw), (ch, cw), c = shape
+    rng = np.random.default_rng(qh * 100 + ch + c)
+    q = rng.standard_normal((qh, qw, c)).astype(np.float32)
+    cands = rng.standard_normal((3, ch, cw, c)).astype(np.float16)
+    fast, plain, _ = _both(q, cands)
+    assert fast.tolist() == plain.tolist() == _official(q, cands)
+
+
+def test_not_unit_vectors_and_extreme_values(kernels):
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((20, 20, 16)).astype(np.float32)
+    q *= rng.uniform(0.01, 30.0, (20, 20, 1)).astype(np.float32)    # very different norms
+    cands = [rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-3,
+             np.zeros((20, 20, 16), np.float32),                       # all zero: all ties
+             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-36,  # too small for codes
+             q.copy(),
+             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e20]
+    cands[0][4, 4] = 0.0
+    fast, plain, stats = _both(q, cands)
+    assert fast.tolist() == plain.tolist() == _official(q, cands)
+    assert stats["rows"] == 4 * 400                  # the 1e-36 map went the plain way
+    nan = cands[3].copy()
+    nan[0, 0, 0] = np.nan
+    fast, plain, _ = _both(q, [nan, cands[0]])
+    assert fast.tolist() == plain.tolist()
+
+
+def test_kernel_generic_and_vector_code_agree(kernels):
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((150, 24)).astype(np.float32)
+    x = rng.standard_normal((93, 24)).astype(np.float32)
+    x[10:20] = x[10]
+    qc, xc = R._Codes(kernels, q, 1), R._Codes(kernels, x, 4)
+    layout = mnn_query_layout(qc.codes)
+    vec = kernels.mnn_top2(xc.codes, 93, layout, 150)
+    gen = kernels.mnn_top2(xc.codes, 93, layout, 150, generic=True)
+    for a, b in zip(vec, gen):
+        np.testing.assert_array_equal(a, b)
+    codes = xc.codes[:93].astype(np.int64) @ qc.codes.astype(np.int64).T    # the exact integers
+    np.testing.assert_array_equal(vec[0], codes.max(1))
+    np.testing.assert_array_equal(vec[1], codes.argmax(1))
+    np.testing.assert_array_equal(vec[3], codes.max(0))
+    np.testing.assert_array_equal(vec[4], codes.argmax(0))
+    top2 = -np.sort(-codes, axis=1)[:, 1]
+    np.testing.assert_array_equal(vec[2], top2)
+    np.testing.assert_array_equal(vec[5], -np.sort(-codes, axis=0)[1])
+
+
+def test_codes_never_overflow_int32(kernels):
+    """Largest norms and components: the code products stay exact (no wrap-around)."""
+    c = 128
+    q = np.zeros((64, c), np.float32)
+    q[0] = 1.0 / np.sqrt(c)                                 # largest norm spread evenly
+    q[1, 0] = 1.0                                           # largest single component
+    q[2] = -q[0]
+    x = q[:4].copy()
+    qc, xc = R._Codes(kernels, q, 1), R._Codes(kernels, x, 4)
+    norms = np.sqrt((qc.codes.astype(np.float64) ** 2).sum(1)).max() * \
+        np.sqrt((xc.codes.astype(np.float64) ** 2).sum(1)).max()
+    assert norms < 2 ** 31
+    out = kernels.mnn_top2(xc.codes, 4, mnn_query_layout(qc.codes), 64)
+    exact = xc.codes[:4].astype(np.int64) @ qc.codes.astype(np.int64).T
+    np.testing.assert_array_equal(out[0], exact.max(1))
+
+
+def test_exact_recomputation_equals_blas_bit_for_bit(kernels):
+    """The assumption of the recomputation, on map-sized operands: numpy's (and torch's)
+    float32 matmul computes each dot product as one in-order FMA chain."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((400, 128)).astype(np.float32)
+    b = rng.standard_normal((3721, 128)).astype(np.float32)
+    full = a @ b.T
+    assert np.array_equal(full, (torch.from_numpy(a) @ torch.from_numpy(b).T).numpy())
+    idx, val = kernels.exact_argmax(a, kernels.pack_panels(b), np.arange(400), values=True)
+    np.testing.assert_array_equal(idx, full.argmax(1))
+    np.testing.assert_array_equal(val, full.max(1))
+    gen = kernels.exact_argmax(a, kernels.pack_panels(b), np.arange(0, 400, 9), generic=True,
+                               values=True)
+    np.testing.assert_array_equal(gen[1], full.max(1)[::9])
+    assert R._blas_is_fma_chain(kernels)
+
+
+def test_native_false_and_disabled_kernels_use_the_plain_path(monkeypatch):
+    q = F.normalize(torch.randn(8, 8, 8), dim=-1)
+    cands = F.normalize(torch.randn(3, 8, 8, 8), dim=-1)
+    stats = {}
+    mutual_nn_counts(q, cands, native=False, stats=stats)
+    assert stats == {}
+    monkeypatch.setenv("VPR_ROS_NATIVE_KERNELS", "0")       # the documented override
+    mutual_nn_counts(q, cands, stats=stats)
+    assert stats == {}

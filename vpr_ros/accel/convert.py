@@ -1,0 +1,67 @@
+"""Convert a float model to the int8 layers of this package (the entry point of the layer).
+
+:func:`convert_to_int8` imports both :mod:`.int8_linear` (the layers) and
+:mod:`.int8_block` (fused blocks, which use the layers); neither imports this module.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Type
+
+import torch.nn as nn
+
+from .int8_block import (IntegerAttention, Int8AdaptedBlock, Int8TransformerBlock,
+                         fuse_transformer_blocks)
+from .int8_linear import (Int8Linear, Int8PointwiseConv2d, fold_block_layer_scales,
+                          is_pointwise_conv, use_inplace_activation)
+from .options import AccelOptions
+
+
+def convert_to_int8(model: nn.Module,
+                    keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
+                    fold_layer_scales: bool = True, fuse_blocks: bool = True,
+                    options: Optional[AccelOptions] = None) -> nn.Module:
+    """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` in place; return it.
+
+    Subtrees whose type is in ``keep_float`` stay untouched (by default
+    ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
+    ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
+    int8 layer before it (see :func:`fold_block_layer_scales`); with ``fuse_blocks``, such
+    blocks then run through the fused native kernels
+    (:class:`vpr_ros.accel.int8_block.Int8TransformerBlock`).  ``options``: the switches
+    every converted layer and block uses (:class:`~vpr_ros.accel.options.AccelOptions`;
+    None: environment overrides, then defaults).  Meant for inference: the converted
+    layers hold buffers, not trainable parameters.
+    """
+    keep = tuple(keep_float)
+
+    def convert(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if keep and isinstance(child, keep):
+                continue
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
+            elif is_pointwise_conv(child):
+                setattr(parent, name, Int8PointwiseConv2d.from_conv(child).to(child.weight.device))
+            else:
+                convert(child)
+
+    if type(model) is nn.Linear or is_pointwise_conv(model):
+        raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
+                         "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
+    convert(model)
+    for module in model.modules():
+        if fold_layer_scales:
+            fold_block_layer_scales(module)
+        use_inplace_activation(module)
+    if fold_layer_scales and fuse_blocks:
+        fuse_transformer_blocks(model)
+    if options is not None:
+        for module in model.modules():
+            if isinstance(module, (Int8Linear, Int8TransformerBlock, Int8AdaptedBlock,
+                                   IntegerAttention)):
+                module.accel = options
+    return model
+
+
+__all__ = ["convert_to_int8"]

@@ -1,0 +1,374 @@
+"""A whole int8 ViT block run through the fused native kernels (precision ``"int8"``).
+
+After :func:`vpr_ros.accel.int8_linear.convert_to_int8`, a timm ``Block`` holds four
+:class:`~vpr_ros.accel.int8_linear.Int8Linear` layers, each with its own quantise and
+dequantise passes, and the LayerNorms, GELU and residual adds between them are separate
+torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
+pass per row for everything between two integer matmuls:
+
+    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> integer attention
+    -> quantise -> int8 proj -> dequantise + bias + residual
+    -> LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
+    -> int8 fc2 -> dequantise + bias + residual
+
+The attention (``NativeKernels.integer_attention``) computes the scores Q K^T from int16
+codes of Q and K (one scale per token and head), the softmax in float32, and the
+weighted sum of the values from int16 weights (steps of 1/32767 of the row's total) and
+int16 V (one scale per channel of each image and head): both products exact in int32,
+with AVX512-VNNI where the CPU has it, within 1e-6 (cosine) of float32 SDPA on random
+inputs and a few 1e-3 with an attention sink.  At ViT-B's 257 tokens it takes about 0.6x
+the time of float32 SDPA.  With ``AccelOptions(integer_attention=False)`` the block runs
+float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped block as it is).
+
+Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
+belong to one image, so descriptors stay batch-invariant.  The block's input is never
+written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
+output is a fresh tensor; everything in between lives in a per-thread workspace reused
+by every block and call (about 65 MB at batch 8 for ViT-B): fresh multi-megabyte
+buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the
+native kernels (:func:`vpr_ros.accel.int8_kernels.native_kernels` is None), or for
+inputs the kernels do not take (an attention mask, a non-float32 or non-CPU tensor), the
+wrapped block runs as it is, through the torch path of its int8 layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .int8_kernels import MAX_ATTENTION_TOKENS, native_kernels
+from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
+from .options import DEFAULT, ENV_INTEGER_ATTENTION, AccelOptions
+
+
+ENV_ATTENTION = ENV_INTEGER_ATTENTION   # the override of AccelOptions.integer_attention
+
+
+def integer_attention_enabled(options: AccelOptions = DEFAULT) -> bool:
+    return options.use_integer_attention()
+
+
+def _is_identity(module: Optional[nn.Module]) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _is_plain_layer_norm(norm: nn.Module, dim: int) -> bool:
+    return (type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (dim,)
+            and norm.weight is not None and norm.bias is not None)
+
+
+def attention_fusable(attn: nn.Module) -> bool:
+    """True for a timm ``Attention`` with int8 qkv/proj that the integer attention reproduces:
+    no q/k norm, no norm after the heads, no gate, one qkv layer of width 3 x dim."""
+    from timm.models.vision_transformer import Attention
+
+    if type(attn) is not Attention:
+        return False
+    if not (isinstance(attn.qkv, Int8Linear) and isinstance(attn.proj, Int8Linear)):
+        return False
+    dim = attn.qkv.in_features
+    return (all(_is_identity(m) for m in (attn.q_norm, attn.k_norm, attn.norm))
+            and getattr(attn, "gate", None) is None
+            and attn.qkv.out_features == 3 * dim and attn.proj.in_features == dim
+            and attn.num_heads * attn.head_dim == dim)
+
+
+def fusable(block: nn.Module) -> bool:
+    """True for an exact timm ``Block`` whose parts this module reproduces.
+
+    Requires: int8 qkv/proj/fc1/fc2, LayerNorm norms, exact GELU, a fusable attention
+    (:func:`attention_fusable`), no norm inside the MLP, and the LayerScales already folded
+    away (:func:`~vpr_ros.accel.int8_linear.fold_block_layer_scales`).
+    """
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Block
+
+    if type(block) is not Block:
+        return False
+    attn, mlp = block.attn, block.mlp
+    if not attention_fusable(attn) or type(mlp) is not Mlp:
+        return False
+    if not (isinstance(mlp.fc1, Int8Linear) and isinstance(mlp.fc2, Int8Linear)):
+        return False
+    dim = attn.qkv.in_features
+    act = mlp.act
+    exact_gelu = (type(act) in (nn.GELU, InplaceGELU) and act.approximate == "none")
+    return (_is_plain_layer_norm(block.norm1, dim) and _is_plain_layer_norm(block.norm2, dim)
+            and exact_gelu and all(_is_identity(m) for m in (
+                block.ls1, block.ls2, block.drop_path1, block.drop_path2, mlp.norm)))
+
+
+def _mlp_fusable(mlp: nn.Module, dim: int) -> bool:
+    from timm.layers import Mlp
+
+    if type(mlp) is not Mlp or not (isinstance(mlp.fc1, Int8Linear)
+                                    and isinstance(mlp.fc2, Int8Linear)):
+        return False
+    act = mlp.act
+    return (type(act) in (nn.GELU, InplaceGELU) and act.approximate == "none"
+            and _is_identity(mlp.norm) and mlp.fc1.in_features == dim
+            and mlp.fc2.out_features == dim)
+
+
+def _adapter_fusable(adapter: nn.Module, dim: int, skip: bool) -> bool:
+    """A bottleneck adapter ``fc2(relu(fc1(x))) (+ x)`` with int8 layers (SelaVPR's)."""
+    fc1, fc2 = getattr(adapter, "fc1", None), getattr(adapter, "fc2", None)
+    return (isinstance(fc1, Int8Linear) and isinstance(fc2, Int8Linear)
+            and getattr(adapter, "skip", None) is skip and fc1.in_features == dim
+            and fc2.in_features == fc1.out_features and fc2.out_features == dim)
+
+
+def adapted_fusable(block: nn.Module) -> bool:
+    """True for a SelaVPR adapted block (``vpr_ros.models.selavpr.AdaptedBlock``, recognised
+    by its parts) this module reproduces: a fusable attention, LayerNorms, an int8 timm
+    ``Mlp`` with exact GELU, a serial adapter (with skip) after the attention and a parallel
+    one (no skip, scaled by ``adapter_scale``) beside the MLP, identity drop-paths."""
+    attn = getattr(block, "attn", None)
+    if attn is None or not attention_fusable(attn) or not hasattr(block, "adapter_scale"):
+        return False
+    dim = attn.qkv.in_features
+    return (_is_plain_layer_norm(block.norm1, dim) and _is_plain_layer_norm(block.norm2, dim)
+            and _mlp_fusable(block.mlp, dim)
+            and _adapter_fusable(block.adapter1, dim, True)
+            and _adapter_fusable(block.adapter2, dim, False)
+            and all(_is_identity(getattr(block, n, None)) for n in ("drop_path1", "drop_path2")))
+
+
+class Workspace(threading.local):
+    """Scratch buffers by role, one set per thread, grown to the largest request seen."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, role: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= int(size)
+        buf = self.buffers.get(role)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            with torch.inference_mode(False):    # a normal tensor: writable in and out of it
+                buf = torch.empty(numel, dtype=dtype)
+            self.buffers[role] = buf
+        return buf[:numel].view(shape)
+
+    def release(self) -> None:
+        self.buffers.clear()
+
+
+WORKSPACE = Workspace()
+
+
+def _int_mm(q: torch.Tensor, layer: Int8Linear, out: Optional[torch.Tensor]) -> torch.Tensor:
+    return integer_matmul(q, layer.weight_int8, layer.use_int_mm, out=out)
+
+
+def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                 options: AccelOptions):
+    """The native kernels if they take this input (a float32 CPU (B, N, C) tensor, no
+    mask), else None: the wrapped module then runs as it is."""
+    kernels = native_kernels(options.native_kernels, options.kernel_cache)
+    if (kernels is None or attn_mask is not None or is_causal or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.ndim != 3):
+        return None
+    return kernels
+
+
+def _block_buffers(x: torch.Tensor):
+    """(b, n, c) input -> its (m, c) rows and the shared int8 / scale work buffers."""
+    b, n, c = x.shape
+    m = b * n
+    rows = x.reshape(m, c)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    ws = WORKSPACE
+    return (rows, ws.get("q_c", (m, c), torch.int8), ws.get("s_a", (m, 1), torch.float32),
+            ws.get("s_b", (m, 1), torch.float32))
+
+
+def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c: torch.Tensor,
+               s_a: torch.Tensor, integer: bool) -> torch.Tensor:
+    """LayerNorm + quantise, int8 qkv, then the integer attention (or float32 SDPA); returns
+    the heads' output (m, c), the proj layer's input, in the workspace."""
+    attn = blk.attn
+    m, c = rows.shape
+    kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
+    acc = _int_mm(q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
+    qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
+    mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
+    if integer and n <= MAX_ATTENTION_TOKENS:
+        kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+    else:
+        qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
+        mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))
+    return mixed
+
+
+def _mlp_acc(kernels, mlp: nn.Module, q_c: torch.Tensor, s_a: torch.Tensor,
+             s_b: torch.Tensor) -> torch.Tensor:
+    """int8 fc1 + dequantise + GELU + quantise, int8 fc2 -> its int32 sums (a fresh tensor;
+    dequantise with ``s_b``)."""
+    m, hidden = q_c.shape[0], mlp.fc1.out_features
+    q_h = WORKSPACE.get("q_h", (m, hidden), torch.int8)
+    acc = _int_mm(q_c, mlp.fc1, WORKSPACE.get("acc_h", (m, hidden), torch.int32))
+    kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
+    return _int_mm(q_h, mlp.fc2, None)
+
+
+class Int8TransformerBlock(nn.Module):
+    """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
+
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not fusable(block):
+            raise ValueError("not a fusable int8 timm Block (convert_to_int8 it first)")
+        self.block = block
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
+        if kernels is None:
+            return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
+        blk = self.block
+        attn, mlp = blk.attn, blk.mlp
+        b, n, c = x.shape
+        rows, q_c, s_a, s_b = _block_buffers(x)
+
+        # attention: LayerNorm + quantise, qkv, integer attention, proj + residual
+        mixed = _attention(kernels, blk, rows, b, n, q_c, s_a,
+                           integer_attention_enabled(self.accel))
+        kernels.quantize_rows(mixed, q_c, s_a)
+        acc = _int_mm(q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
+        rows = kernels.dequantize_add_(acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows)
+
+        # MLP: LayerNorm + quantise, fc1 + GELU + quantise, fc2 + residual (a fresh output)
+        kernels.layer_norm_quantize(rows, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
+        acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
+        out = kernels.dequantize_add_(acc, s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
+        return out.reshape(b, n, c)
+
+
+class Int8AdaptedBlock(nn.Module):
+    """Inference-only stand-in for a SelaVPR adapted block (see :func:`adapted_fusable`):
+
+    ``x = x + ls1(a + adapter1(a))`` with ``a = attn(norm1(x))``, then
+    ``x = x + ls2(mlp(h) + s * adapter2(h))`` with ``h = norm2(x)``, where LayerNorm +
+    quantise, the integer attention, dequantise + GELU + quantise and dequantise + residual
+    are the fused kernels, and ``h`` is quantised once for both the MLP and the parallel
+    adapter.  The adapters' ReLU and the LayerScales run as torch ops.
+    """
+
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not adapted_fusable(block):
+            raise ValueError("not a fusable int8 adapted block (convert_to_int8 it first)")
+        self.block = block
+
+    @staticmethod
+    def _adapter(kernels, q: torch.Tensor, scale: torch.Tensor, adapter: nn.Module,
+                 residual: Optional[torch.Tensor]) -> torch.Tensor:
+        fc1, fc2 = adapter.fc1, adapter.fc2
+        hidden = kernels.dequantize_(_int_mm(q, fc1, None), scale, fc1.weight_scale, fc1.bias)
+        torch.relu_(hidden)
+        q_h, s_h = kernels.quantize_rows(hidden)
+        acc = _int_mm(q_h, fc2, None)
+        if residual is None:
+            return kernels.dequantize_(acc, s_h, fc2.weight_scale, fc2.bias)
+        return kernels.dequantize_add_(acc, s_h, fc2.weight_scale, fc2.bias, residual)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
+        if (kernels is None or not integer_attention_enabled(self.accel)
+                or x.shape[1] > MAX_ATTENTION_TOKENS):
+            return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
+        blk = self.block
+        attn, mlp = blk.attn, blk.mlp
+        b, n, c = x.shape
+        rows, q_c, s_a, s_b = _block_buffers(x)
+
+        # attention, then the serial adapter with its skip: t = a + adapter1(a)
+        mixed = _attention(kernels, blk, rows, b, n, q_c, s_a, True)
+        kernels.quantize_rows(mixed, q_c, s_a)
+        a = kernels.dequantize_(_int_mm(q_c, attn.proj, None), s_a, attn.proj.weight_scale,
+                                attn.proj.bias)                     # fresh (m, c)
+        q_a, s_q = kernels.quantize_rows(a)
+        t = self._adapter(kernels, q_a, s_q, blk.adapter1, residual=a)
+        x1 = blk.ls1(t).add_(rows)
+
+        # MLP and parallel adapter on one quantised norm2(x1)
+        kernels.layer_norm_quantize(x1, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
+        out = kernels.dequantize_(_mlp_acc(kernels, mlp, q_c, s_a, s_b), s_b,
+                                  mlp.fc2.weight_scale, mlp.fc2.bias)   # fresh (m, c)
+        side = self._adapter(kernels, q_c, s_a, blk.adapter2, residual=None)
+        out.add_(side, alpha=blk.adapter_scale)
+        return blk.ls2(out).add_(x1).reshape(b, n, c)
+
+
+class IntegerAttention(nn.Module):
+    """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
+    whole (SelaVPR's adapted blocks): int8 qkv, the integer attention kernel, int8 proj."""
+
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        if not attention_fusable(attn):
+            raise ValueError("not a fusable int8 timm Attention (convert_to_int8 it first)")
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
+        if (kernels is None or not integer_attention_enabled(self.accel)
+                or x.shape[1] > MAX_ATTENTION_TOKENS):
+            return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
+        attn = self.attn
+        b, n, c = x.shape
+        qkv = attn.qkv(x).reshape(b * n, 3 * c)
+        mixed = kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
+                                          out=WORKSPACE.get("mixed", (b * n, c), torch.float32))
+        return attn.proj(mixed.view(b, n, c))           # proj returns a fresh tensor
+
+
+def fuse_transformer_blocks(model: nn.Module) -> int:
+    """Wrap every fusable block of ``model`` (in place) in :class:`Int8TransformerBlock`,
+    every fusable SelaVPR adapted block in :class:`Int8AdaptedBlock`, and the fusable
+    attention of every other block in :class:`IntegerAttention`.
+
+    Returns how many modules were wrapped.
+    """
+    count = 0
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal count
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (Int8TransformerBlock, Int8AdaptedBlock, IntegerAttention)):
+                continue
+            if fusable(child):
+                setattr(parent, name, Int8TransformerBlock(child))
+                count += 1
+            elif adapted_fusable(child):
+                setattr(parent, name, Int8AdaptedBlock(child))
+                count += 1
+            elif attention_fusable(child):
+                setattr(parent, name, IntegerAttention(child))
+                count += 1
+            else:
+                visit(child)
+
+    visit(model)
+    return count
+
+
+__all__ = ["IntegerAttention", "Int8TransformerBlock", "Int8AdaptedBlock", "adapted_fusable",
+           "Workspace", "WORKSPACE", "ENV_ATTENTION",
+           "attention_fusable", "fusable", "fuse_transformer_blocks", "integer_attention_enabled"]
