@@ -11,6 +11,9 @@
 #               vendor's wheel, e.g. TORCH_PIP="torch==2.5.0 torchvision==0.20.0")
 #   ROS_WHEELS  1: install ROS 2 Python wheels from PyPI, 0: use the sourced system ROS 2
 #               (default: 0 when ROS_DISTRO is set and rclpy imports, else 1)
+#   ROS2_LAUNCH_SRC the ROS 2 launch sources installed into the venv when ROS_WHEELS=1, for
+#               the launch-file tests (default $$VPR_SHARED_DIR/ros2_launch, else
+#               ../shared/ros2_launch; skipped when absent, the launch tests then skip)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,11 +22,12 @@ TORCH_PIP ?= torch==2.14.1 torchvision==0.29.1
 SYSTEM_ROS := $(shell [ -n "$$ROS_DISTRO" ] && $(PYTHON) -c "import rclpy" >/dev/null 2>&1 && echo 1 || echo 0)
 ROS_WHEELS ?= $(if $(filter 1,$(SYSTEM_ROS)),0,1)
 STAMP := $(VENV)/.vpr_ros_installed
+ROS2_LAUNCH_SRC ?= $(or $(VPR_SHARED_DIR),../shared)/ros2_launch
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-fast lint bench bench-quick bench-frame gpu-check wheelhouse \
-	demo-model clean distclean
+.PHONY: all install ros2-launch demo test test-fast lint bench bench-quick bench-frame gpu-check \
+	wheelhouse demo-model clean distclean
 
 all: test
 
@@ -40,12 +44,16 @@ $(STAMP): requirements.txt requirements-ros-wheels.txt requirements-dev.txt setu
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-install: $(STAMP)
+# The ROS 2 launch system for the launch-file tests (system ROS 2 brings its own).
+ros2-launch: $(STAMP)
+	@if [ "$(ROS_WHEELS)" = "1" ]; then bash scripts/install_ros2_launch.sh $(VENV) $(ROS2_LAUNCH_SRC); fi
+
+install: $(STAMP) ros2-launch
 
 demo: $(STAMP)
 	$(VENV)/bin/vpr demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) ros2-launch
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) test
 
 # Development loop: the tests without the slow tier (ROS/DDS, launch, colcon, DDP, training

@@ -24,7 +24,7 @@ data_files = [
     ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
     (share, ["package.xml"]),
     (os.path.join(share, "launch"), glob("launch/*.launch.py")),
-    (os.path.join(share, "config"), glob("config/*.yaml")),
+    (os.path.join(share, "config"), glob("config/*.yaml") + glob("config/*.rviz")),
     (os.path.join(share, "config", "train"), glob("config/train/*.yaml")),
     (os.path.join(share, "config", "train", "cards"), glob("config/train/cards/*.yaml")),
     (os.path.join(share, "models"), sorted(glob("models/*.yaml") + glob("models/*.safetensors")

@@ -44,8 +44,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (DEFAULT_OUT, interleaved_times, machine_info, md_table, median, set_threads,
-                    write_outputs)
+from benchmarks.common import (DEFAULT_OUT, interleaved_times, machine_info, md_table, median,
+                               set_threads, write_outputs)
 
 TOP_K = 20
 

@@ -71,6 +71,7 @@ SLOW_TESTS = {
     "test_stream.py::test_bad_odometry_is_rejected_and_counted",
     "test_stream.py::test_degenerate_frames_are_never_confident",
     "test_stream.py::test_reset_forgets_and_localizes_globally_again",
+    "test_stream.py::test_leaving_the_mapped_route_and_coming_back",
     # the bad-input corpus cases that run `vpr` in subprocesses (model load each)
     "test_bad_input.py::test_bad_image_file",
     "test_bad_input.py::test_pixel_limit_is_an_option_checked_from_the_header",

@@ -156,8 +156,10 @@ def test_realtime_bag_eval_through_the_live_node(setup, ros_domain):
     the node published is scored like the offline run."""
     pytest.importorskip("rclpy")
     root, place_map, *_ = setup
+    # frame by frame (confidence_threshold 0: a pose for every answer); the node's stream
+    # localizer is tested in test_ros_lifecycle.py::test_stream_localizer_in_the_node
     settings = BagEvalSettings(image_topic="/camera/image_raw", realtime=True, rate=2.0,
-                               confidence_threshold=0.0, top_k=5, max_frames=8)
+                               confidence_threshold=0.0, top_k=5, max_frames=8, stream=False)
     report = evaluate_bag(root / "drive", place_map, settings,
                           node_params={"map_path": str(root / "map"), "device": "cpu"},
                           progress=False)

@@ -37,5 +37,6 @@ def test_colcon_build_installs_ros_layout(repo_root, tmp_path):
     for sub in ("launch", "config", "models", "samples"):
         assert (share / sub).is_dir(), sub
     assert list((share / "samples").rglob("*.jpg")), "sample images not installed"
+    assert (share / "config" / "vpr_localizer.rviz").is_file(), "RViz config not installed"
     # the int8 kernels' C source travels with the Python package (compiled on first use)
     assert list(prefix.rglob("vpr_ros/accel/int8_kernels.c")), "int8_kernels.c not installed"

@@ -49,14 +49,12 @@ def test_makefile_targets_parse(repo_root):
 # ROS packages the manifest may declare without a Python import of them, and why.
 USED_WITHOUT_IMPORT = {
     "lifecycle_msgs": "rclpy.lifecycle serves the node's lifecycle services with it",
-    # The ros helper's branch (issue 13) subscribes to nav_msgs/Odometry; until it is
-    # merged nothing imports nav_msgs here. Remove this entry after that merge.
-    "nav_msgs": "odometry input of the node (issue 13)",
     "launch": "ros2 launch runs launch/*.launch.py",
     "ament_index_python": "imported lazily (models.cards, demo) inside try blocks",
 }
 NOT_ROS = ("python3-",)
-ROSDEP_KEYS = {"PIL": "python3-pil", "numpy": "python3-numpy", "yaml": "python3-yaml"}
+ROSDEP_KEYS = {"PIL": "python3-pil", "numpy": "python3-numpy", "yaml": "python3-yaml",
+               "scipy": "python3-scipy"}
 NO_ROSDEP_KEY = {"__future__", "torch", "vpr_ros"}   # torch: pip (package.xml comment)
 
 

@@ -137,7 +137,9 @@ def harness_factory(ros_domain):
 
 
 def _params(tiny_map, **extra):
-    p = {"map_path": str(tiny_map), "device": "cpu", "autostart": False}
+    # frame by frame: these tests check the single-frame pipeline (the stream localizer
+    # inside the node is tested in test_ros_lifecycle.py)
+    p = {"map_path": str(tiny_map), "device": "cpu", "autostart": False, "stream": False}
     p.update(extra)
     return p
 

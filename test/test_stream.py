@@ -224,3 +224,31 @@ def test_settings_are_validated():
         StreamConfig(speeds=(1.0, 0.5)).validate()
     with pytest.raises(ConfigError, match="candidates"):
         StreamLocalizer(np.zeros((3, 3)), config=StreamConfig(candidates=0))
+
+
+def test_leaving_the_mapped_route_and_coming_back(sample, nordland_dir):
+    """60 frames on the route, 40 frames of a stretch the map does not hold (earlier Nordland
+    places), then back on the route further on: recovered, and rarely sure while away."""
+    describer = sample["describer"]
+    away = read_split(nordland_dir, "queries")
+    away_desc = describer.describe([load_image(p) for p in away.paths[200:240]])
+    q = np.concatenate([sample["q"][:60], away_desc, sample["q"][120:200]])
+    q_pos = np.concatenate([sample["q_pos"][:60], away.positions[200:240],
+                            sample["q_pos"][120:200]])
+    data = {"db": sample["db"], "db_pos": sample["db_pos"], "q": q, "q_pos": q_pos}
+    ok, single, ests, _ = run(data, np.arange(len(q)))
+    assert ok[:60].mean() >= 0.95
+    assert ok[100 + 8:].mean() >= 0.95          # back on the route within a few frames
+    assert sum(e.raw_confidence > 0.99 for e in ests[60:100]) <= 2   # never sure while away
+
+
+def test_reranking_scores_are_evidence():
+    """Equal global similarities, re-ranking prefers one place: the stream follows it."""
+    pos = np.zeros((40, 3))
+    pos[:, 0] = np.arange(40) * 20.0
+    cands = np.array([5, 30, 12, 20])
+    sims = np.array([0.8, 0.8, 0.5, 0.5])
+    plain = StreamLocalizer(pos).observe(cands, sims)
+    reranked = StreamLocalizer(pos).observe(cands, sims,
+                                            rerank_scores=np.array([0.1, 0.9, 0.1, 0.1]))
+    assert plain.place_index == 5 and reranked.place_index == 30

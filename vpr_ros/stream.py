@@ -42,6 +42,7 @@ import collections
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, Optional, Tuple
 
@@ -388,8 +389,6 @@ class StreamLocalizer:
                 rerank_scores: Optional[np.ndarray] = None,
                 degenerate: bool = False) -> StreamEstimate:
         """Core update from raw arrays: candidate place indices and similarities (best first)."""
-        import time
-
         t0 = time.perf_counter()
         cfg = self.config
         cand_idx = np.asarray(cand_idx, dtype=np.int64).ravel()
@@ -421,8 +420,7 @@ class StreamLocalizer:
             else:
                 self._last_descriptor = q
         if still and self._frames > 0:
-            if stamp_ns is not None and stamp_ns >= 0:
-                self._last_stamp = int(stamp_ns)
+            # the stamp stays the last used frame's: odometry then covers the whole pause
             est = self._estimate(top1, self._last_iid, used_odom, False)
             est.timings_ms["stream"] = (time.perf_counter() - t0) * 1e3
             return est

@@ -4,23 +4,28 @@ Lifecycle (rclpy.lifecycle):
 
 * configure: load the model and the map (a failure logs one clear error and leaves the
   node unconfigured; with ``autostart`` the process exits with status 1),
-* activate: subscribe to the camera and start the worker thread,
-* deactivate: unsubscribe, stop the worker,
-* cleanup: free the model and the map.
+* activate: subscribe to the camera(s) (and odometry), start one worker thread per camera,
+  publish the map's places for RViz,
+* deactivate: unsubscribe, stop the workers,
+* cleanup: free the model and the map.  While unconfigured, the "configure" parameters
+  (map_path, model, weights, device, precision, ...) can be changed, so cleanup -> set
+  parameters -> configure -> activate switches maps or models without a restart.
 
 With ``autostart`` (default true) the node configures and activates itself, so
 ``ros2 run vpr_ros localizer_node --ros-args --params-file config/localizer.yaml`` works
 without a lifecycle manager; with ``autostart:=false`` drive it with
 ``ros2 lifecycle set /vpr_localizer configure|activate`` or nav2's lifecycle manager.
 
-The subscription callback only stores (message, receive time) in a one-frame slot; a
-worker thread converts and localizes the newest frame.  Frames replaced before the worker
-took them are counted as dropped.  Topics, parameters and the JSON schema of ``~/matches``
-are documented in docs/ros.md.
+Each camera's subscription callback only stores (message, receive time) in that camera's
+one-frame slot; the camera's worker thread converts and localizes the newest frame (one
+inference at a time across cameras).  Frames replaced before the worker took them are
+counted as dropped.  Topics, parameters and the JSON schema of ``~/matches`` are
+documented in docs/ros.md.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import sys
@@ -32,70 +37,147 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseArray, PoseWithCovarianceStamped
+from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                SetParametersResult)
+                                ParameterType, SetParametersResult)
+from rclpy.exceptions import ParameterException, ParameterUninitializedException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
-from std_msgs.msg import Header, String
+from std_msgs.msg import Bool, Header, String
+from std_srvs.srv import Trigger
+from visualization_msgs.msg import MarkerArray
 
 from ..constants import PRECISIONS, RERANK_COMPUTES
 from ..errors import ConfigError, ImageError, VprError
 from .conversions import msg_to_rgb, pose_from_arrays, rgb_to_image_msg, stamp_to_ns
 from .latest_slot import LatestSlot
 from .node_stats import NodeStats
+from .outputs import (covariance_from_confidence, initialpose_msg, map_markers, marker_scale,
+                      match_markers, place_spacing)
 
 NODE_NAME = "vpr_localizer"
 TRANSPORTS = ("raw", "compressed")
 VERIFY_MODES = ("full", "size", "none")
-MIN_CONFIDENCE_FOR_COVARIANCE = 0.05
+DEFAULT_FRAME = "map"
+ODOMETRY_QUEUE = 2000      # odometry messages held per camera between two processed frames
 
-# name: (default, description, read_only, range (lo, hi, step) or choices or None)
+# When a parameter may change (the 3rd field of PARAMETERS):
+START = "start"              # read-only: applies when the process starts
+CONFIGURE = "unconfigured"   # only while unconfigured (cleanup, set, configure, activate)
+ACTIVATE = "inactive"        # only while not active (deactivate, set, activate)
+LIVE = "live"                # any time, validated, applied to the next frame
+CHANGE_CLASSES = (START, CONFIGURE, ACTIVATE, LIVE)
+
+# name: (default, description, change class, range (lo, hi, step) or choices or None)
+# A default of `list` declares a string array that may stay unset (= empty list).
 PARAMETERS = {
     "autostart": (True, "configure and activate at start (no lifecycle manager needed)",
-                  True, None),
-    "map_path": ("", "map directory built with `vpr map build` (required)", True, None),
-    "map_verify": ("size", "map file check at configure: full (sha256), size, none", True,
+                  START, None),
+    "map_path": ("", "map directory built with `vpr map build` (required)", CONFIGURE, None),
+    "map_verify": ("size", "map file check at configure: full (sha256), size, none", CONFIGURE,
                    VERIFY_MODES),
     "model": ("", "model card name or YAML path; empty = the card the map was built with",
-              True, None),
-    "weights": ("", "weights file (.pth/.safetensors); empty = the card's own weights", True,
-                None),
+              CONFIGURE, None),
+    "weights": ("", "weights file (.pth/.safetensors); empty = the card's own weights",
+                CONFIGURE, None),
     "rerank": (False, "re-rank candidates with SelaVPR local features (map must store them)",
-               True, None),
-    "rerank_model": ("", "SelaVPR card; empty = the card of the map's local features", True,
-                     None),
-    "rerank_weights": ("", "SelaVPR weights file", True, None),
-    "device": ("auto", "torch device: auto, cpu, cuda, cuda:N", True, None),
+               CONFIGURE, None),
+    "rerank_model": ("", "SelaVPR card; empty = the card of the map's local features",
+                     CONFIGURE, None),
+    "rerank_weights": ("", "SelaVPR weights file", CONFIGURE, None),
+    "device": ("auto", "torch device: auto, cpu, cuda, cuda:N", CONFIGURE, None),
     "precision": ("fp32", "inference precision: fp32, bf16, fp16 (CUDA only), int8 (CPU only)",
-                  True, PRECISIONS),
-    "top_k": (10, "number of candidates published on ~/candidates and ~/matches", False,
+                  CONFIGURE, PRECISIONS),
+    "top_k": (10, "number of candidates published on ~/candidates and ~/matches", LIVE,
               (1, 100, 1)),
-    "rerank_k": (20, "candidates re-ranked when rerank is true", False, (1, 200, 1)),
+    "rerank_k": (20, "candidates re-ranked when rerank is true", LIVE, (1, 200, 1)),
     "rerank_compute": ("fp32", "re-ranking similarity matmul: fp32 (exact official counts) or "
-                               "bf16 (faster, approximate counts)", False, RERANK_COMPUTES),
+                               "bf16 (faster, approximate counts)", LIVE, RERANK_COMPUTES),
     "confidence_threshold": (0.5, "a match is confident (pose published) at confidence >= this",
-                             False, (0.0, 1.0, 0.0)),
-    "temporal_filter": (False, "Bayes filter over places along the image stream", True, None),
-    "frame_id": ("map", "frame_id of published poses (the map frame)", False, None),
-    "image_topic": ("/camera/image_raw", "camera topic (compressed: <image_topic>/compressed)",
-                    True, None),
-    "image_transport": ("raw", "raw (sensor_msgs/Image) or compressed (CompressedImage)", True,
-                        TRANSPORTS),
-    "max_rate_hz": (0.0, "process at most this many frames per second (0 = as fast as "
-                         "possible)", False, (0.0, 1000.0, 0.0)),
-    "publish_debug_image": (False, "publish ~/debug_image (query beside best match)", False,
+                             LIVE, (0.0, 1.0, 0.0)),
+    "temporal_filter": (False, "Bayes filter over places along each camera's image stream",
+                        CONFIGURE, None),
+    "stream": (True, "stream localizer per camera (vpr_ros.stream: route structure, odometry, "
+                     "calibrated confidence); false = frame by frame", CONFIGURE, None),
+    "stream_candidates": (50, "stream: retrieval candidates per frame used as evidence",
+                          CONFIGURE, (1, 500, 1)),
+    "stream_max_hypotheses": (500, "stream: (place, direction, speed) states kept per frame",
+                              CONFIGURE, (10, 100000, 1)),
+    "stream_kidnap_prob": (0.02, "stream: chance per frame of a jump anywhere (kidnap)",
+                           CONFIGURE, (0.0001, 0.5, 0.0)),
+    "stream_reverse_prob": (0.02, "stream: chance per frame that the camera turns around",
+                            CONFIGURE, (0.0, 0.5, 0.0)),
+    "stream_speed_change_prob": (0.1, "stream: chance per frame of a new speed class "
+                                      "(without odometry)", CONFIGURE, (0.0, 0.9, 0.0)),
+    "stream_max_speed_mps": (0.0, "stream: > 0 bounds the step per frame by speed x time "
+                                  "between frames (without odometry)", CONFIGURE,
+                             (0.0, 1000.0, 0.0)),
+    "stream_still_cosine": (0.995, "stream: a frame at least this alike the last one is a "
+                                   "stop, not new evidence (1 = off)", CONFIGURE,
+                            (0.5, 1.0, 0.0)),
+    "stream_radius_m": (25.0, "stream: an answer is right within this distance (confidence "
+                              "mass)", CONFIGURE, (0.01, 10000.0, 0.0)),
+    "stream_odometry_sigma": (0.25, "stream: relative error of the odometry's travelled "
+                                    "distance", CONFIGURE, (0.001, 10.0, 0.0)),
+    "stream_odometry_max_gap_s": (2.0, "stream: odometry older than this around a frame is "
+                                       "stale", CONFIGURE, (0.01, 3600.0, 0.0)),
+    "frame_id": ("", "frame_id of published poses; empty = the map's own frame (manifest)",
+                 LIVE, None),
+    "image_topic": ("camera/image_raw", "camera topic (compressed: <image_topic>/compressed); "
+                                        "relative names resolve in the node's namespace",
+                    ACTIVATE, None),
+    "image_transport": ("raw", "raw (sensor_msgs/Image) or compressed (CompressedImage)",
+                        ACTIVATE, TRANSPORTS),
+    "image_topics": (list, "several cameras: one topic each, a name ending in /compressed is "
+                           "a CompressedImage topic, any other an Image topic; replaces "
+                           "image_topic/image_transport when set", ACTIVATE, None),
+    "odometry_topic": ("", "nav_msgs/Odometry fed to the stream localizer; empty = none",
+                       ACTIVATE, None),
+    "max_rate_hz": (0.0, "process at most this many frames per second per camera (0 = as "
+                         "fast as possible)", LIVE, (0.0, 1000.0, 0.0)),
+    "publish_debug_image": (False, "publish ~/debug_image (query beside best match)", LIVE,
                             None),
-    "map_images_dir": ("", "folder holding the map's images by name (debug image only)", False,
+    "map_images_dir": ("", "folder holding the map's images by name (debug image only)", LIVE,
                        None),
-    "queue_depth": (1, "subscription queue depth (sensor-data QoS, best effort)", True,
+    "queue_depth": (1, "subscription queue depth (sensor-data QoS, best effort)", ACTIVATE,
                     (1, 100, 1)),
-    "position_sigma_m": (10.0, "position std-dev (m) of the published pose at confidence 1",
-                         False, (0.01, 1000.0, 0.0)),
-    "orientation_sigma_rad": (0.5, "orientation std-dev (rad) at confidence 1", False,
+    "position_sigma_m": (10.0, "position std-dev (m) of ~/pose at confidence 1", LIVE,
+                         (0.01, 1000.0, 0.0)),
+    "orientation_sigma_rad": (0.5, "orientation std-dev (rad) at confidence 1", LIVE,
                               (0.001, 10.0, 0.0)),
+    "lost_after_frames": (5, "without the stream localizer: a camera is lost after this many "
+                             "unconfident frames in a row", LIVE, (1, 10000, 1)),
+    "publish_initialpose": (False, "publish the pose on initialpose_topic when a camera becomes "
+                                   "confidently localized (at start and after ~/relocalize)",
+                            LIVE, None),
+    "initialpose_topic": ("initialpose", "topic for publish_initialpose (Nav2 AMCL listens on "
+                                         "initialpose)", CONFIGURE, None),
+    "publish_markers": (True, "RViz markers: ~/map_markers (places, latched) and ~/markers "
+                              "(best place and candidates per frame)", LIVE, None),
+    "markers_max_places": (20000, "map places drawn on ~/map_markers (evenly subsampled)",
+                           ACTIVATE, (1, 1000000, 1)),
 }
+
+
+def camera_topics(image_topics, image_topic: str, image_transport: str) -> List[tuple]:
+    """[(topic, transport)] the node subscribes to.  ``image_topics`` (several cameras) wins
+    when set; a name ending in /compressed is a CompressedImage topic.  Setting it together
+    with a non-default ``image_topic`` is an error (two sources of truth)."""
+    topics = [t.strip() for t in (image_topics or []) if t and t.strip()]
+    if topics:
+        if image_topic != PARAMETERS["image_topic"][0]:
+            raise ConfigError(f"set either image_topic ({image_topic!r}) or image_topics "
+                              f"({topics}), not both")
+        if len(set(topics)) != len(topics):
+            raise ConfigError(f"image_topics lists a topic twice: {topics}")
+        return [(t, "compressed" if t.rstrip("/").endswith("/compressed") else "raw")
+                for t in topics]
+    if image_transport == "compressed":
+        return [(image_topic.rstrip("/") + "/compressed", "compressed")]
+    return [(image_topic, "raw")]
 
 
 def validate_parameter(name: str, value) -> Optional[str]:
@@ -103,6 +185,14 @@ def validate_parameter(name: str, value) -> Optional[str]:
     if name not in PARAMETERS:
         return None
     default, _, _, constraint = PARAMETERS[name]
+    if default is list:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return f"{name} must be a list of strings, got {value!r}"
+        if any(not v.strip() for v in value):
+            return f"{name} must not contain empty names"
+        return None
     if isinstance(default, bool):
         if not isinstance(value, bool):
             return f"{name} must be true or false, got {value!r}"
@@ -126,33 +216,31 @@ def validate_parameter(name: str, value) -> Optional[str]:
     if name == "device" and not (value in ("auto", "cpu", "cuda", "mps")
                                  or (value.startswith("cuda:") and value[5:].isdigit())):
         return f"device must be auto, cpu, cuda or cuda:N, got {value!r}"
-    if name == "image_topic" and not value.strip():
-        return "image_topic must not be empty"
-    if name == "frame_id" and not value.strip():
-        return "frame_id must not be empty"
+    if name in ("image_topic", "initialpose_topic") and not value.strip():
+        return f"{name} must not be empty"
     return None
 
 
-def covariance_from_confidence(confidence: float, position_sigma_m: float,
-                               orientation_sigma_rad: float) -> List[float]:
-    """6x6 row-major covariance: std-devs = sigma / max(confidence, 0.05), diagonal.
-
-    Confidence 1 -> position_sigma_m (about the map's place spacing); confidence 0.5 ->
-    twice that; the floor 0.05 caps the std-dev at 20 sigma.  x, y, z share the position
-    sigma; roll, pitch, yaw the orientation sigma.
-    """
-    c = max(float(confidence), MIN_CONFIDENCE_FOR_COVARIANCE)
-    sp = position_sigma_m / c
-    so = orientation_sigma_rad / c
-    cov = [0.0] * 36
-    for i, s in enumerate((sp, sp, sp, so, so, so)):
-        cov[i * 7] = s * s
-    return cov
+def change_refused(name: str, state: str) -> Optional[str]:
+    """Reason why parameter ``name`` cannot change in lifecycle state ``state``, or None."""
+    if name not in PARAMETERS:
+        return None
+    when = PARAMETERS[name][2]
+    if when == START:
+        return f"{name} applies when the process starts: set it in the params file or with -p"
+    if when == CONFIGURE and state != "unconfigured":
+        return (f"{name} can only change while unconfigured (now {state}): deactivate, "
+                f"cleanup, set it, then configure and activate")
+    if when == ACTIVATE and state == "active":
+        return f"{name} can only change while not active: deactivate, set it, activate"
+    return None
 
 
 def _descriptor(name: str) -> ParameterDescriptor:
-    default, description, read_only, constraint = PARAMETERS[name]
-    d = ParameterDescriptor(name=name, description=description, read_only=read_only)
+    default, description, when, constraint = PARAMETERS[name]
+    d = ParameterDescriptor(name=name, description=description, read_only=when == START)
+    if default is list:
+        d.type = ParameterType.PARAMETER_STRING_ARRAY
     if isinstance(constraint, tuple) and not isinstance(constraint[0], str):
         lo, hi, step = constraint
         if isinstance(default, int) and not isinstance(default, bool):
@@ -162,7 +250,69 @@ def _descriptor(name: str) -> ParameterDescriptor:
                                                          step=float(step))]
     elif isinstance(constraint, tuple):
         d.additional_constraints = "one of: " + ", ".join(constraint)
+    if when != LIVE:
+        d.additional_constraints = (d.additional_constraints + "; " if d.additional_constraints
+                                    else "") + {START: "read-only",
+                                                CONFIGURE: "changeable while unconfigured",
+                                                ACTIVATE: "changeable while not active"}[when]
     return d
+
+
+class Camera:
+    """One camera stream: its subscription, latest-frame slot, worker, localizer (with its
+    own temporal filter / stream localizer) and localized/lost state."""
+
+    def __init__(self, index: int, topic: str, transport: str, localizer):
+        self.index = index
+        self.topic = topic                 # as configured (relative or absolute)
+        self.transport = transport
+        self.slot = LatestSlot()
+        self.localizer = localizer
+        self.sub = None
+        self.worker: Optional[threading.Thread] = None
+        self.last_start = 0.0
+        self.localized = False
+        self.unconfident_run = 0
+        self.processed = 0
+        # odometry waiting for the worker: (stamp_ns, xyz); bounded, the oldest go first
+        self.odometry = collections.deque(maxlen=ODOMETRY_QUEUE)
+
+    @property
+    def stream(self):
+        """The camera's stream localizer (inside its Localizer), or None."""
+        return getattr(self.localizer, "stream", None)
+
+    @property
+    def resolved_topic(self) -> str:
+        return self.sub.topic_name if self.sub is not None else self.topic
+
+    def reset(self) -> None:
+        """Forget the belief (temporal filter, stream localizer, queued odometry): localize
+        globally again."""
+        loc = self.localizer
+        if loc is not None and loc.temporal_filter is not None:
+            loc.temporal_filter.reset()
+        if self.stream is not None:
+            self.stream.reset()
+        self.odometry.clear()
+        self.localized = False
+        self.unconfident_run = 0
+
+    def update_state(self, confident: bool, lost_after: int) -> bool:
+        """Track localized/lost after one result; True when it just became localized."""
+        if self.stream is not None:
+            was, self.localized = self.localized, bool(self.stream.localized)
+            return self.localized and not was
+        if confident:
+            self.unconfident_run = 0
+            if not self.localized:
+                self.localized = True
+                return True
+            return False
+        self.unconfident_run += 1
+        if self.unconfident_run >= lost_after:
+            self.localized = False
+        return False
 
 
 class LocalizerNode(LifecycleNode):
@@ -171,37 +321,57 @@ class LocalizerNode(LifecycleNode):
     def __init__(self, node_name: str = NODE_NAME, **kwargs):
         super().__init__(node_name, **kwargs)
         for name, (default, *_rest) in PARAMETERS.items():
-            self.declare_parameter(name, default, _descriptor(name))
+            value = Parameter.Type.STRING_ARRAY if default is list else default
+            self.declare_parameter(name, value, _descriptor(name))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.stats = NodeStats()
-        self.slot = LatestSlot()
-        self.localizer = None
+        self.localizer = None            # camera 0's; cameras 1.. get their own at activate
         self.info: Dict[str, object] = {}
         self.state_label = "unconfigured"
         self.configure_error = ""
-        self._sub = None
+        self.cameras: List[Camera] = []
+        self._idle_slot = LatestSlot()
         self._pubs: Dict[str, object] = {}
-        self._worker: Optional[threading.Thread] = None
+        self._odom_sub = None
         self._stop = threading.Event()
         self._work_lock = threading.Lock()
-        self._last_start = 0.0
         self._bad_at_last_diag = 0
         self._processed_seq = 0
         self._debug_cache: Dict[str, np.ndarray] = {}
+        self._make_localizer = None
+        self._spacing_m: Optional[float] = None
+        self._initialpose_due = True
+        self._localized_sent = None
+        self.odometry = {"received": 0, "bad": 0, "rejected": 0}
+        self.relocalizations = 0
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(1.0, self.publish_diagnostics)
+        self._relocalize_srv = self.create_service(Trigger, "~/relocalize", self._on_relocalize)
 
     # ------------------------------------------------------------------ parameters
     def p(self, name: str):
-        return self.get_parameter(name).value
+        try:
+            value = self.get_parameter(name).value
+        except ParameterUninitializedException:     # a string array left unset
+            return []
+        return list(value) if PARAMETERS.get(name, (None,))[0] is list else value
+
+    @property
+    def slot(self) -> LatestSlot:
+        """Camera 0's latest-frame slot (an idle one while not active)."""
+        return self.cameras[0].slot if self.cameras else self._idle_slot
+
+    def _localizers(self):
+        locs = [self.localizer] + [c.localizer for c in self.cameras[1:]]
+        return [loc for loc in locs if loc is not None]
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         for param in params:
-            reason = validate_parameter(param.name, param.value)
+            reason = validate_parameter(param.name, param.value) \
+                or change_refused(param.name, self.state_label)
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
-        loc = self.localizer
-        if loc is not None:
+        for loc in self._localizers():
             for param in params:
                 if param.name == "top_k":
                     loc.top_k = int(param.value)
@@ -220,6 +390,11 @@ class LocalizerNode(LifecycleNode):
         if not self.p("map_path"):
             raise ConfigError("parameter map_path is empty: pass the map folder built with "
                               "`vpr map build` (e.g. map_path:=/maps/site)")
+        camera_topics(self.p("image_topics"), self.p("image_topic"), self.p("image_transport"))
+
+    def pose_frame(self) -> str:
+        """frame_id of published poses: the parameter, else the map's own frame."""
+        return self.p("frame_id") or str(self.info.get("map_frame_id") or DEFAULT_FRAME)
 
     # ------------------------------------------------------------------ loading
     def _load(self):
@@ -255,25 +430,52 @@ class LocalizerNode(LifecycleNode):
                                           device=device, precision=precision, batch_size=1)
         verify = {"none": False}.get(self.p("map_verify"), self.p("map_verify"))
         place_map = PlaceMap.open_for(map_path, describer, local, verify=verify, device=device)
-        temporal = PlaceBeliefFilter(place_map.places.positions) if self.p("temporal_filter") \
-            else None
-        localizer = Localizer(place_map, describer, local, top_k=self.p("top_k"),
-                              rerank_k=self.p("rerank_k") if local is not None else 0,
-                              confidence_threshold=self.p("confidence_threshold"),
-                              temporal_filter=temporal,
-                              rerank_compute=self.p("rerank_compute"))
+        temporal = bool(self.p("temporal_filter"))
+
+        def make_localizer():
+            """One per camera: they share the model and the map, not the belief (temporal
+            filter or stream localizer; the stream wins when both are on)."""
+            return Localizer(place_map, describer, local, top_k=self.p("top_k"),
+                             rerank_k=self.p("rerank_k") if local is not None else 0,
+                             confidence_threshold=self.p("confidence_threshold"),
+                             temporal_filter=(PlaceBeliefFilter(place_map.places.positions)
+                                              if temporal else None),
+                             rerank_compute=self.p("rerank_compute"),
+                             stream=self._make_stream(place_map))
+        localizer = make_localizer()
         info = {"map": str(map_path), "map_size": len(place_map), "model": describer.card.name,
                 "fingerprint": describer.fingerprint, "device": str(describer.device),
                 "precision": describer.precision,
                 "rerank_model": local.card.name if local is not None else "",
-                "map_frame_id": place_map.places.frame_id}
-        return localizer, info
+                "map_frame_id": place_map.places.frame_id,
+                "stream": "on" if localizer.stream is not None else "off"}
+        return localizer, make_localizer, info
+
+    def _make_stream(self, place_map):
+        """A stream localizer for one camera (route and calibration from the map), or None."""
+        if not self.p("stream"):
+            return None
+        from ..stream import StreamConfig, StreamLocalizer
+
+        config = StreamConfig(
+            candidates=int(self.p("stream_candidates")),
+            max_hypotheses=int(self.p("stream_max_hypotheses")),
+            kidnap_prob=float(self.p("stream_kidnap_prob")),
+            reverse_prob=float(self.p("stream_reverse_prob")),
+            speed_change_prob=float(self.p("stream_speed_change_prob")),
+            max_speed_mps=float(self.p("stream_max_speed_mps")),
+            still_cosine=float(self.p("stream_still_cosine")),
+            radius_m=float(self.p("stream_radius_m")),
+            odometry_sigma=float(self.p("stream_odometry_sigma")),
+            odometry_max_gap_s=float(self.p("stream_odometry_max_gap_s")))
+        return StreamLocalizer.for_map(place_map, config.validate())
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         t = time.monotonic()
         try:
-            self.localizer, self.info = self._load()
+            self.localizer, self._make_localizer, self.info = self._load()
+            self._spacing_m = place_spacing(self.localizer.place_map.places.positions)
         except VprError as exc:
             self.configure_error = str(exc)
             self.get_logger().error(f"configure failed: {exc}")
@@ -283,60 +485,110 @@ class LocalizerNode(LifecycleNode):
             self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
             return TransitionCallbackReturn.FAILURE
         self.configure_error = ""
+        self.info["place_spacing_m"] = round(self._spacing_m, 3)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        pub = self.create_lifecycle_publisher
         self._pubs = {
-            "pose": self.create_publisher(PoseWithCovarianceStamped, "~/pose", 10),
-            "candidates": self.create_publisher(PoseArray, "~/candidates", 10),
-            "matches": self.create_publisher(String, "~/matches", 10),
-            "debug_image": self.create_publisher(Image, "~/debug_image", 2),
+            "pose": pub(PoseWithCovarianceStamped, "~/pose", 10),
+            "candidates": pub(PoseArray, "~/candidates", 10),
+            "matches": pub(String, "~/matches", 10),
+            "debug_image": pub(Image, "~/debug_image", 2),
+            "markers": pub(MarkerArray, "~/markers", 10),
+            "map_markers": pub(MarkerArray, "~/map_markers", latched),
+            "initialpose": pub(PoseWithCovarianceStamped, self.p("initialpose_topic"), latched),
+            "localized": pub(Bool, "~/localized", latched),
         }
+        self._localized_sent = None
         self.state_label = "inactive"
         self.get_logger().info(
             f"configured in {time.monotonic() - t:.1f} s: map {self.info['map']} "
-            f"({self.info['map_size']} places), model {self.info['model']} on "
-            f"{self.info['device']}")
+            f"({self.info['map_size']} places, frame {self.info['map_frame_id']}), model "
+            f"{self.info['model']} on {self.info['device']}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        topic = self.p("image_topic")
-        qos = QoSProfile(depth=self.p("queue_depth"), reliability=qos_profile_sensor_data.reliability,
+        try:
+            topics = camera_topics(self.p("image_topics"), self.p("image_topic"),
+                                   self.p("image_transport"))
+        except ConfigError as exc:
+            self.get_logger().error(f"activate failed: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        qos = QoSProfile(depth=self.p("queue_depth"),
+                         reliability=qos_profile_sensor_data.reliability,
                          history=qos_profile_sensor_data.history,
                          durability=qos_profile_sensor_data.durability)
-        if self.p("image_transport") == "compressed":
-            topic = topic.rstrip("/") + "/compressed"
-            self._sub = self.create_subscription(CompressedImage, topic, self._on_image, qos)
-        else:
-            self._sub = self.create_subscription(Image, topic, self._on_image, qos)
-        self.slot.reopen()
+        self.cameras = []
+        try:
+            for i, (topic, transport) in enumerate(topics):
+                loc = self.localizer if i == 0 else self._make_localizer()
+                cam = Camera(i, topic, transport, loc)
+                cam.reset()         # camera 0 reuses its localizer: no belief from before
+                self.cameras.append(cam)
+                msg_type = CompressedImage if transport == "compressed" else Image
+                cam.sub = self.create_subscription(
+                    msg_type, topic, lambda msg, c=cam: self._on_image(c, msg), qos)
+            odom_topic = self.p("odometry_topic")
+            if odom_topic:
+                self._odom_sub = self.create_subscription(Odometry, odom_topic,
+                                                          self._on_odometry, 50)
+        except Exception as exc:     # e.g. an invalid topic name: one line, stay inactive
+            self._stop_worker()
+            reason = " ".join(str(exc).split())       # rclpy's messages span lines
+            self.get_logger().error(f"activate failed: {type(exc).__name__}: {reason}")
+            return TransitionCallbackReturn.FAILURE
         self._stop.clear()
-        self._worker = threading.Thread(target=self._work, name="vpr_worker", daemon=True)
-        self._worker.start()
+        self._initialpose_due = True
+        for cam in self.cameras:
+            cam.worker = threading.Thread(target=self._work, args=(cam,),
+                                          name=f"vpr_worker_{cam.index}", daemon=True)
+            cam.worker.start()
         self.state_label = "active"
-        self.get_logger().info(f"active: listening on {self._sub.topic_name} "
-                               f"({self.p('image_transport')})")
-        return super().on_activate(state)
+        ret = super().on_activate(state)      # enables the lifecycle publishers
+        self._publish_map_markers()
+        with self._work_lock:
+            self._publish_localized()
+        self.get_logger().info(
+            "active: listening on " + ", ".join(f"{c.resolved_topic} ({c.transport})"
+                                                for c in self.cameras)
+            + (f", odometry {self._odom_sub.topic_name}" if self._odom_sub else ""))
+        return ret
 
     def _stop_worker(self) -> None:
-        if self._sub is not None:
-            self.destroy_subscription(self._sub)
-            self._sub = None
+        """Unsubscribe and stop every camera's worker (the pending frames are dropped)."""
         self._stop.set()
-        self.slot.close()
-        if self._worker is not None:
-            self._worker.join(timeout=30.0)
-            self._worker = None
-        self.slot.discard()
+        if self._odom_sub is not None:
+            self.destroy_subscription(self._odom_sub)
+            self._odom_sub = None
+        for cam in self.cameras:
+            if cam.sub is not None:
+                self.destroy_subscription(cam.sub)
+                cam.sub = None
+            cam.slot.close()
+        for cam in self.cameras:
+            if cam.worker is not None:
+                cam.worker.join(timeout=30.0)
+                cam.worker = None
+            cam.slot.discard()
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_worker()
+        with self._work_lock:
+            for cam in self.cameras:
+                cam.localized = False
+            self._publish_localized()       # a late subscriber must not read a stale true
         self.state_label = "inactive"
         return super().on_deactivate(state)
 
     def _free(self) -> None:
-        for pub in self._pubs.values():
-            self.destroy_publisher(pub)
+        for p in self._pubs.values():
+            self.destroy_lifecycle_publisher(p)
         self._pubs = {}
         device = str(self.info.get("device", ""))
         self.localizer = None
+        self._make_localizer = None
+        for cam in self.cameras:
+            cam.localizer = None
         self._debug_cache.clear()
         import gc
 
@@ -363,84 +615,167 @@ class LocalizerNode(LifecycleNode):
         self.state_label = "unconfigured"
         return TransitionCallbackReturn.SUCCESS
 
+    # ------------------------------------------------------------------ services, odometry
+    def _on_relocalize(self, request, response):
+        """~/relocalize (std_srvs/Trigger): forget every camera's belief, localize globally
+        again; /initialpose is published again at the next confident localization."""
+        if self.state_label not in ("inactive", "active"):
+            response.success = False
+            response.message = f"not relocalizing: node is {self.state_label}"
+            return response
+        with self._work_lock:
+            for cam in self.cameras:
+                cam.reset()
+            self._publish_localized()
+            self._initialpose_due = True
+            self.relocalizations += 1
+        response.success = True
+        response.message = (f"relocalizing: belief reset on {len(self.cameras)} camera(s); "
+                            "state lost until the next confident match")
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_odometry(self, msg) -> None:
+        """Odometry callback: O(1). A good message is queued for every camera's stream; the
+        camera's worker hands it to the stream before its next frame (the stream is not
+        thread-safe, and waiting here for an inference would stall every callback)."""
+        self.odometry["received"] += 1
+        p = msg.pose.pose.position
+        xyz = (p.x, p.y, p.z)
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        if not all(math.isfinite(v) for v in xyz) or stamp_ns <= 0:
+            self.odometry["bad"] += 1
+            topic = self._odom_sub.topic_name if self._odom_sub is not None else "odometry"
+            self.get_logger().warning(f"skipping bad odometry on {topic}: "
+                                      f"position {xyz}, stamp {stamp_ns} ns",
+                                      throttle_duration_sec=5.0)
+            return
+        for cam in self.cameras:
+            if cam.stream is not None:
+                cam.odometry.append((stamp_ns, xyz))
+
+    def _feed_odometry(self, cam: Camera) -> None:
+        """Queued odometry into the camera's stream (worker thread, _work_lock held)."""
+        while cam.odometry:
+            stamp_ns, xyz = cam.odometry.popleft()
+            if cam.stream.add_odometry(stamp_ns, xyz) is False:
+                self.odometry["rejected"] += 1
+                why = getattr(cam.stream, "last_odometry_rejection", None) or "rejected"
+                self.get_logger().warning(f"odometry rejected by the stream localizer of "
+                                          f"{cam.resolved_topic}: {why}",
+                                          throttle_duration_sec=5.0)
+
     # ------------------------------------------------------------------ hot path
-    def _on_image(self, msg) -> None:
+    def _on_image(self, cam: Camera, msg) -> None:
         """Subscription callback: O(1), no conversion."""
         self.stats.input()
-        self.slot.put((msg, time.monotonic()))
+        cam.slot.put((msg, time.monotonic()))
 
-    def _work(self) -> None:
+    def _work(self, cam: Camera) -> None:
         while not self._stop.is_set():
-            item = self.slot.take(timeout=0.2)
+            item = cam.slot.take(timeout=0.2)
             if item is None:
                 continue
             rate = float(self.p("max_rate_hz"))
             if rate > 0:
-                wait = self._last_start + 1.0 / rate - time.monotonic()
+                wait = cam.last_start + 1.0 / rate - time.monotonic()
                 if wait > 0 and self._stop.wait(wait):
                     break
-                newer = self.slot.take(timeout=0)
+                newer = cam.slot.take(timeout=0)
                 if newer is not None:       # a newer frame came in while waiting
-                    self.slot.count_drop()
+                    cam.slot.count_drop()
                     item = newer
-            self._last_start = time.monotonic()
+            cam.last_start = time.monotonic()
             try:
-                self.process(*item)
+                self.process(cam, *item)
             except Exception as exc:  # keep the node alive whatever one frame does
                 self.stats.error(f"{type(exc).__name__}: {exc}")
-                self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}",
-                                        throttle_duration_sec=5.0)
+                self.get_logger().error(f"frame failed ({cam.topic}): {type(exc).__name__}: "
+                                        f"{exc}", throttle_duration_sec=5.0)
 
-    def process(self, msg, received: float) -> None:
+    def process(self, cam: Camera, msg, received: float) -> None:
         t0 = time.monotonic()
         timings = {"queue": (t0 - received) * 1e3}
         try:
             rgb = msg_to_rgb(msg)
         except ImageError as exc:
-            self.stats.bad(str(exc))
-            self.get_logger().warning(f"skipping bad frame: {exc}", throttle_duration_sec=5.0)
+            self.stats.bad(f"{cam.resolved_topic}: {exc}")
+            self.get_logger().warning(f"skipping bad frame on {cam.resolved_topic}: {exc}",
+                                      throttle_duration_sec=5.0)
             return
         timings["convert"] = (time.monotonic() - t0) * 1e3
-        localizer = self.localizer
+        localizer = cam.localizer
         if localizer is None:
             return
         stamp_ns = stamp_to_ns(msg.header.stamp)
         with self._work_lock:
-            result = localizer.localize(rgb, stamp_ns=stamp_ns)
+            if cam.stream is not None:
+                self._feed_odometry(cam)
+            result = localizer.localize(rgb, stamp_ns=stamp_ns)    # stream applied inside
+            cam.update_state(bool(result.confident), int(self.p("lost_after_frames")))
+            self._publish_localized()
+        quality = getattr(result, "quality", None)
+        if quality is not None and quality.degenerate:
+            self.stats.degenerate(f"{cam.resolved_topic}: {quality.reason}")
+            self.get_logger().warning(f"degenerate frame on {cam.resolved_topic} "
+                                      f"({quality.reason}): never confident, no evidence",
+                                      throttle_duration_sec=5.0)
         timings.update(result.timings_ms)
         timings.pop("total", None)
         t_pub = time.monotonic()
-        self._publish(msg.header, rgb, result, timings, received, t_pub)
+        self._publish(cam, msg.header, rgb, result, timings, received, t_pub)
 
-    def _publish(self, in_header, rgb, result, timings, received, t_pub) -> None:
-        frame_id = self.p("frame_id")
+    def _publish(self, cam: Camera, in_header, rgb, result, timings, received, t_pub) -> None:
+        frame_id = self.pose_frame()
         header = Header(stamp=in_header.stamp, frame_id=frame_id)
         k = int(self.p("top_k"))
         cands = result.candidates[:k]
         pubs = self._pubs
-        if not pubs:
+        loc = cam.localizer
+        if not pubs or loc is None:
             return
         arr = PoseArray(header=header)
-        orientations = self.localizer.place_map.places.orientations if self.localizer else None
+        orientations = loc.place_map.places.orientations
         for c in cands:
-            q = orientations[c.place_index] if orientations is not None else (0, 0, 0, 1)
-            arr.poses.append(pose_from_arrays(c.position, q))
+            arr.poses.append(pose_from_arrays(c.position, orientations[c.place_index]))
         pubs["candidates"].publish(arr)
+        initialpose = False
         if result.confident:
             pose = PoseWithCovarianceStamped(header=header)
             pose.pose.pose = pose_from_arrays(result.position, result.orientation)
             pose.pose.covariance = covariance_from_confidence(
                 result.confidence, self.p("position_sigma_m"), self.p("orientation_sigma_rad"))
             pubs["pose"].publish(pose)
+            if cam.localized and self._initialpose_due and self.p("publish_initialpose"):
+                self._initialpose_due = False
+                initialpose = True
+                pubs["initialpose"].publish(initialpose_msg(
+                    header, result.position, result.orientation, result.confidence,
+                    self._spacing_m or 1.0, self.p("orientation_sigma_rad")))
+                self.get_logger().info(
+                    f"published {pubs['initialpose'].topic_name}: place {result.place_id} "
+                    f"(confidence {result.confidence:.2f}, camera {cam.resolved_topic})")
+        if self.p("publish_markers"):
+            label = (f"{cam.index}: place {result.place_id} "
+                     f"{result.confidence:.2f}{'' if result.confident else ' ?'}")
+            pubs["markers"].publish(match_markers(
+                header, cam.index, result.position, bool(result.confident), label,
+                [c.position for c in cands], [c.similarity for c in cands],
+                marker_scale(self._spacing_m)))
         self._processed_seq += 1
+        cam.processed += 1
         timings["publish"] = (time.monotonic() - t_pub) * 1e3
         timings["total"] = (time.monotonic() - received) * 1e3
         stamp_ns = stamp_to_ns(in_header.stamp)
+        stream = getattr(result, "stream", None)
+        quality = getattr(result, "quality", None)
         doc = {
             "stamp": {"sec": int(in_header.stamp.sec), "nanosec": int(in_header.stamp.nanosec)},
             "stamp_ns": stamp_ns,
             "frame_id": frame_id,
             "camera_frame_id": in_header.frame_id,
+            "camera": cam.resolved_topic,
+            "camera_index": cam.index,
             "seq": self._processed_seq,
             "place_id": int(result.place_id),
             "image_name": result.image_name,
@@ -450,6 +785,9 @@ class LocalizerNode(LifecycleNode):
             "confidence": float(result.confidence),
             "confident": bool(result.confident),
             "confidence_threshold": float(result.confidence_threshold),
+            "localized": bool(cam.localized),
+            "state": "localized" if cam.localized else "lost",
+            "initialpose": initialpose,
             "place_ids": [int(c.place_id) for c in cands],
             "image_names": [c.image_name for c in cands],
             "scores": [_json_float(c.similarity) for c in cands],
@@ -457,7 +795,16 @@ class LocalizerNode(LifecycleNode):
                               if result.reranked else None),
             "reranked": bool(result.reranked),
             "temporal": bool(result.temporal),
-            "frames_dropped": int(self.slot.dropped),
+            "candidates": [_jsonable(c.to_dict()) for c in cands],
+            "single_frame": _jsonable(getattr(result, "single_frame", None)),
+            "raw_place_index": (int(result.raw_place_index)
+                                if getattr(result, "raw_place_index", None) is not None
+                                else None),
+            "stream": _jsonable(stream) if stream is not None else None,
+            "degenerate": bool(quality is not None and quality.degenerate),
+            "degenerate_reason": quality.reason if quality is not None and quality.degenerate
+            else None,
+            "frames_dropped": int(cam.slot.dropped),
             "timings_ms": {k2: round(float(v), 3) for k2, v in timings.items()},
         }
         pubs["matches"].publish(String(data=json.dumps(doc)))
@@ -467,8 +814,7 @@ class LocalizerNode(LifecycleNode):
                 from .debug_image import mutual_nn_pairs, render_debug_image
 
                 pairs = None
-                loc = self.localizer
-                if result.reranked and result.query_local is not None and loc is not None \
+                if result.reranked and result.query_local is not None \
                         and loc.place_map.local_features is not None:
                     # the localizer's own query features: no second SelaVPR pass per frame
                     pairs = mutual_nn_pairs(result.query_local,
@@ -479,15 +825,47 @@ class LocalizerNode(LifecycleNode):
             except Exception as exc:  # never let a debug view break localization
                 self.get_logger().warning(f"debug image failed: {exc}", throttle_duration_sec=10.0)
 
+    def _publish_localized(self) -> None:
+        """~/localized (latched std_msgs/Bool): any camera localized; sent on change only.
+        Called with _work_lock held."""
+        pub = self._pubs.get("localized")
+        now = any(c.localized for c in self.cameras)
+        if pub is not None and now != self._localized_sent:
+            pub.publish(Bool(data=now))
+            self._localized_sent = now
+
+    def _publish_map_markers(self) -> None:
+        pub = self._pubs.get("map_markers")
+        if pub is None or self.localizer is None or not self.p("publish_markers"):
+            return
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.pose_frame())
+        pub.publish(map_markers(header, self.localizer.place_map.places.positions,
+                                int(self.p("markers_max_places")),
+                                marker_scale(self._spacing_m)))
+
     # ------------------------------------------------------------------ diagnostics
     def diagnostics_values(self) -> dict:
         snap = self.stats.snapshot()
+        cams = list(self.cameras) if self.state_label == "active" else []
         snap.update({
             "state": self.state_label,
-            "frames_received": self.slot.received,
-            "frames_dropped": self.slot.dropped,
-            "image_topic": self._sub.topic_name if self._sub is not None else "",
+            "localized": any(c.localized for c in cams),
+            "frames_received": sum(c.slot.received for c in cams),
+            "frames_dropped": sum(c.slot.dropped for c in cams),
+            "image_topic": ", ".join(c.resolved_topic for c in cams),
+            "cameras": len(cams),
+            "relocalizations": self.relocalizations,
+            "odometry_received": self.odometry["received"],
+            "odometry_bad": self.odometry["bad"],
+            "odometry_rejected": self.odometry["rejected"],
+            "pose_frame_id": self.pose_frame() if self.info else "",
         })
+        for c in cams:
+            snap.update({f"camera{c.index}_topic": c.resolved_topic,
+                         f"camera{c.index}_state": "localized" if c.localized else "lost",
+                         f"camera{c.index}_frames_received": c.slot.received,
+                         f"camera{c.index}_frames_processed": c.processed,
+                         f"camera{c.index}_frames_dropped": c.slot.dropped})
         snap.update({k: v for k, v in self.info.items()})
         return snap
 
@@ -506,7 +884,8 @@ class LocalizerNode(LifecycleNode):
                 level, message = DiagnosticStatus.WARN, f"{new_bad} bad frames: " \
                                                         f"{values['last_error']}"
             else:
-                message = (f"localizing at {values['processing_rate_hz']:.1f} Hz "
+                message = (f"{'localized' if values['localized'] else 'lost'}, localizing at "
+                           f"{values['processing_rate_hz']:.1f} Hz "
                            f"(input {values['input_rate_hz']:.1f} Hz)")
         kv: List[KeyValue] = []
         for key, value in values.items():
@@ -514,6 +893,8 @@ class LocalizerNode(LifecycleNode):
                 for stage, st in value.items():
                     kv.append(KeyValue(key=f"latency_{stage}_ms_mean", value=f"{st['mean']:.2f}"))
                     kv.append(KeyValue(key=f"latency_{stage}_ms_p95", value=f"{st['p95']:.2f}"))
+            elif isinstance(value, bool):
+                kv.append(KeyValue(key=key, value="true" if value else "false"))
             elif isinstance(value, float):
                 kv.append(KeyValue(key=key, value=f"{value:.3f}"))
             else:
@@ -533,19 +914,40 @@ def _json_float(x):
     return x if math.isfinite(x) else None
 
 
+def _jsonable(value):
+    """The stream localizer's answer (a dict, or an object with to_dict()) as JSON-safe
+    values (numpy scalars, non-finite floats)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _json_float(value)
+    return value if value is None or isinstance(value, str) else str(value)
+
+
 def run(args: Optional[List[str]] = None, context=None) -> int:
     """Create the node, autostart it when asked, spin until shutdown; the exit status."""
-    node = LocalizerNode(context=context) if context is not None else LocalizerNode()
+    try:
+        node = LocalizerNode(context=context) if context is not None else LocalizerNode()
+    except ParameterException as exc:   # e.g. -p top_k:=0: one line, not a traceback
+        rclpy.logging.get_logger(NODE_NAME).error(f"bad parameter: {exc}")
+        return 1
     executor = SingleThreadedExecutor(context=node.context)
     executor.add_node(node)
     code = 0
     try:
         if node.p("autostart"):
             if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-                return 1
+                return 0 if not node.context.ok() else 1     # Ctrl-C while starting: clean
             if node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
-                node.get_logger().error("activate failed")
-                return 1
+                return 0 if not node.context.ok() else 1     # on_activate logged why
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -22,6 +22,7 @@ class NodeStats:
         self._latency: Dict[str, Deque[float]] = defaultdict(lambda: deque(maxlen=latency_samples))
         self.processed = 0
         self.bad_frames = 0
+        self.degenerate_frames = 0
         self.errors = 0
         self.confident = 0
         self.last_input: Optional[float] = None
@@ -56,6 +57,12 @@ class NodeStats:
             self.bad_frames += 1
             self.last_error = message
 
+    def degenerate(self, message: str) -> None:
+        """A frame that decoded but carries no place information (dark, uniform, tiny, ...)."""
+        with self._lock:
+            self.degenerate_frames += 1
+            self.last_error = message
+
     def error(self, message: str) -> None:
         with self._lock:
             self.errors += 1
@@ -80,6 +87,7 @@ class NodeStats:
                 "processing_rate_hz": len(self._outputs) / span,
                 "frames_processed": self.processed,
                 "frames_bad": self.bad_frames,
+                "frames_degenerate": self.degenerate_frames,
                 "errors": self.errors,
                 "confident_matches": self.confident,
                 "seconds_since_input": None if self.last_input is None else now - self.last_input,
