@@ -708,3 +708,14 @@ def test_strace_injected_kill_at_the_swap(fallback, map_copy, entries, tmp_path)
     assert len(pm) in (N_PLACES, N_PLACES + 2)
     if len(pm) == N_PLACES:
         assert snapshot(map_copy) == before
+
+
+def test_quiet_in_process_leaves_progress_bars_as_they_were(capsys):
+    from tqdm import tqdm
+
+    from vpr_ros.cli.main import main
+
+    raw = tqdm.__dict__["__init__"]
+    assert main(["-q", "models"]) == 0
+    assert tqdm.__dict__["__init__"] is raw
+    assert not tqdm(total=1).disable

@@ -75,20 +75,23 @@ def _close_bars() -> None:
             pass
 
 
-def _quiet_bars() -> None:
-    """--quiet: every progress bar of this process is disabled (also explicit disable=False)."""
+def _quiet_bars():
+    """--quiet: every progress bar is disabled (also explicit disable=False) until the
+    returned function restores tqdm (main() called in-process leaves no trace)."""
     from tqdm import tqdm
 
+    raw = tqdm.__dict__["__init__"]          # the descriptor itself (tqdm wraps __init__)
     init = tqdm.__init__
-    if getattr(init, "_vpr_quiet", False):
-        return
 
     def quiet_init(self, *args, **kwargs):
         kwargs["disable"] = True
         init(self, *args, **kwargs)
 
-    quiet_init._vpr_quiet = True
     tqdm.__init__ = quiet_init
+
+    def restore():
+        tqdm.__init__ = raw
+    return restore
 
 
 def _error(args, message: str) -> int:
@@ -104,8 +107,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, handlers=[handler])
-    if args.quiet:
-        _quiet_bars()
+    restore_bars = _quiet_bars() if args.quiet else (lambda: None)
+    try:
+        return _run(args)
+    finally:
+        restore_bars()
+
+
+def _run(args) -> int:
     try:
         result = args.func(args)
     except VprError as exc:
