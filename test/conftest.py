@@ -72,6 +72,22 @@ SLOW_TESTS = {
     "test_stream.py::test_degenerate_frames_are_never_confident",
     "test_stream.py::test_reset_forgets_and_localizes_globally_again",
     "test_stream.py::test_leaving_the_mapped_route_and_coming_back",
+    # the bad-input corpus cases that run `vpr` in subprocesses (model load each)
+    "test_bad_input.py::test_bad_image_file",
+    "test_bad_input.py::test_pixel_limit_is_an_option_checked_from_the_header",
+    "test_bad_input.py::test_large_legal_image_memory_stays_bounded",
+    "test_bad_input.py::test_bad_poses_csv",
+    "test_bad_input.py::test_binary_poses_csv_of_a_benchmark_dataset",
+    "test_bad_input.py::test_corrupt_map_header_in_a_subprocess",
+    "test_bad_input.py::test_bad_weights",
+    "test_bad_input.py::test_bad_device",
+    "test_bad_input.py::test_eval_bag_skips_and_counts_an_undecodable_message",
+    "test_bad_input.py::test_disk_full",
+    "test_bad_input.py::test_read_only_folder",
+    "test_bad_input.py::test_concurrent_map_add_never_loses_a_reported_success",
+    "test_bad_input.py::test_lock_names_the_writer_and_readers_do_not_block",
+    "test_bad_input.py::test_killed_swap_leaves_a_map_that_opens",
+    "test_bad_input.py::test_strace_injected_kill_at_the_swap",
 }
 
 

@@ -90,13 +90,19 @@ class _Bag:
             raise BagError(f"topic {topic!r} in bag {self.path} has no messages")
         return [c for c in self.reader.connections if c.topic == topic]
 
-    def messages(self, connections) -> Iterator[Tuple[object, int, object]]:
+    def messages(self, connections, skip_bad: bool = False
+                 ) -> Iterator[Tuple[object, int, object]]:
+        """(connection, receive time, message); a message that cannot be deserialized
+        raises BagError, or with ``skip_bad`` comes as ``(connection, time, BagError)``."""
         for conn, bag_ns, raw in self.reader.messages(connections=connections):
             try:
                 msg = self.reader.deserialize(raw, conn.msgtype)
-            except Exception as exc:
-                raise BagError(f"cannot deserialize a {conn.msgtype} message on {conn.topic} "
-                               f"in {self.path}: {exc}") from None
+            except Exception as exc:  # rosbags raises several unrelated types
+                err = BagError(f"cannot deserialize a {conn.msgtype} message on {conn.topic} "
+                               f"in {self.path}: {' '.join(str(exc).split())}")
+                if not skip_bad:
+                    raise err from None
+                msg = err
             yield conn, int(bag_ns), msg
 
 
@@ -150,12 +156,16 @@ def message_to_rgb(msg, msgtype: str) -> np.ndarray:
 def read_images(path: PathLike, topic: str, skip_bad: bool = False) -> Iterator[BagImage]:
     """Yield the frames of an image topic in recording order.
 
-    A frame that cannot be decoded raises ImageError naming its index, or is skipped with
-    a warning when ``skip_bad`` (as the live node does).
+    A frame that cannot be decoded (pixels, or the message itself) raises ImageError /
+    BagError naming its index, or is skipped with a warning when ``skip_bad`` (as the live
+    node does); skipped frames keep their index, so callers count them as the gaps.
     """
     with _Bag(path) as bag:
         conns = bag.connections(topic, IMAGE_TYPES, "an image topic")
-        for index, (conn, bag_ns, msg) in enumerate(bag.messages(conns)):
+        for index, (conn, bag_ns, msg) in enumerate(bag.messages(conns, skip_bad=skip_bad)):
+            if isinstance(msg, BagError):
+                log.warning("skipping bad frame %d on %s: %s", index, topic, msg)
+                continue
             try:
                 rgb = message_to_rgb(msg, conn.msgtype)
             except ImageError as exc:
@@ -171,8 +181,10 @@ def read_image_stamps(path: PathLike, topic: str) -> np.ndarray:
     """Header stamps (ns) of an image topic without decoding the pixels."""
     with _Bag(path) as bag:
         conns = bag.connections(topic, IMAGE_TYPES, "an image topic")
-        return np.array([_stamp_ns(m.header, t) for _, t, m in bag.messages(conns)],
-                        dtype=np.int64)
+        # An undecodable message keeps its place (receive time as its stamp), so the
+        # stamps line up with read_images' frame indices.
+        return np.array([t if isinstance(m, BagError) else _stamp_ns(m.header, t)
+                         for _, t, m in bag.messages(conns, skip_bad=True)], dtype=np.int64)
 
 
 def _quat_normalize(q: np.ndarray) -> np.ndarray:
@@ -388,7 +400,8 @@ def write_image_bag(path: PathLike, frames: Iterable, image_topic: str = "/camer
                     if pose_conn is None:
                         pose_conn = writer.add_connection(pose_topic, POSE_TYPES[1], typestore=ts)
                     x, y, z = (float(v) for v in fr.position)
-                    qx, qy, qz, qw = (float(v) for v in (fr.orientation or (0, 0, 0, 1)))
+                    q = (0, 0, 0, 1) if fr.orientation is None else fr.orientation  # arrays too
+                    qx, qy, qz, qw = (float(v) for v in q)
                     pmsg = PoseStamped(header=header(stamp, pose_frame_id),
                                        pose=Pose(position=Point(x=x, y=y, z=z),
                                                  orientation=Quaternion(x=qx, y=qy, z=qz, w=qw)))

@@ -22,3 +22,9 @@ MAX_POSE_GAP_S = 2.0
 # A query is correct when a retrieved place lies within this distance (m): the usual
 # VPR threshold.
 RADIUS_M = 25.0
+
+# Largest image (pixels, read from the file header before decoding) that image files and
+# compressed frames may have; above it they are refused as bad input (CLI --max-pixels,
+# preprocess.load_image / decode_image_bytes ``max_pixels``).  Cameras give at most a few
+# tens of megapixels; "decompression bombs" claim billions.
+MAX_IMAGE_PIXELS = 50_000_000

@@ -20,7 +20,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -108,10 +108,27 @@ def read_split(root: Union[str, Path], split: str = "database",
                           np.full(n, -1, dtype=np.int64))
 
 
+def read_csv_dicts(csv_path: Path, what: str = "CSV") -> Tuple[List[str], List[dict]]:
+    """(header, rows) of a CSV file; DatasetError (one line naming the file) when it is
+    missing, not UTF-8 text (a binary file), or not parseable as CSV (NUL bytes, ...)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h for h in (reader.fieldnames or []) if h is not None]
+            return header, list(reader)
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {csv_path}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{csv_path} is not UTF-8 text (byte {exc.start} cannot be "
+                           f"decoded); save the {what} as a UTF-8 CSV file") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{csv_path} is not a valid CSV file ({exc}); save the {what} as "
+                           "a plain-text CSV file") from None
+
+
 def _read_with_csv(root: Path, split: str, folder: Path, files: List[Path],
                    csv_path: Path) -> BenchmarkSplit:
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    _, rows = read_csv_dicts(csv_path, "poses CSV")
     if not rows:
         raise DatasetError(f"{csv_path} has no rows")
     required = {"filename", "east_m", "north_m"}

@@ -49,3 +49,11 @@ class BagError(VprError):
 
 class ConfigError(VprError):
     """A configuration file or parameter is invalid (unknown key, bad value)."""
+
+
+class OutputError(VprError):
+    """An output cannot be written: disk full, read-only file system, no permission."""
+
+
+class LockedError(VprError):
+    """Another process is writing the same output (map, run folder) right now."""

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .constants import MAX_IMAGE_PIXELS
 from .errors import ImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,37 +33,87 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 COLOR_ORDERS = ("rgb", "bgr", "mono")
 
 
-def load_image(path: Union[str, Path]) -> np.ndarray:
-    """Read an image file as an RGB uint8 array (H, W, 3); ImageError if unreadable."""
+# Pixel limit checked from the file header, before anything is decoded.
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
+# Images above this many pixels are decoded at reduced size: JPEG through the decoder's
+# DCT scaling (draft), other formats with a box reduce right after decoding, so the
+# float copies preprocessing makes stay small.  The result keeps at least
+# REDUCED_MIN_SIDE pixels on its shorter side, far more than any model input (224 px).
+# Images at or below it (every usual camera frame) decode exactly as the official
+# pipeline does.
+REDUCE_ABOVE_PIXELS = 16_000_000
+REDUCED_MIN_SIDE = 1024
+
+
+def _check_pixels(width: int, height: int, max_pixels: Optional[int], what: str) -> None:
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if limit > 0 and width * height > limit:
+        raise ImageError(f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, "
+                         f"above the limit of {limit / 1e6:g} MP; downscale it or raise the "
+                         "limit (--max-pixels)")
+
+
+def _decode(source, max_pixels: Optional[int], what: str) -> np.ndarray:
+    """Open (header only), check the pixel count, decode (reduced if huge) to RGB uint8."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    # Our limit, checked right after the header is read, replaces PIL's process-wide
+    # decompression-bomb check (a warning above 89 MP, an error above 179 MP), so the
+    # limit is the one the user set and the message names the image and its size.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # other threads
+            with Image.open(source) as im:
+                width, height = im.size
+                _check_pixels(width, height, max_pixels, what)
+                if width * height > REDUCE_ABOVE_PIXELS:
+                    factor = max(1, min(width, height) // REDUCED_MIN_SIDE)
+                    if im.format == "JPEG" and factor > 1:
+                        im.draft("RGB", (max(1, width // factor), max(1, height // factor)))
+                    im.load()
+                    if factor > 1 and im.size == (width, height):
+                        im = im.reduce(factor)
+                else:
+                    im.load()
+                rgb = im.convert("RGB")
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
+            EOFError, IndexError, struct_error()) as exc:
+        raise ImageError(f"cannot decode {what}: {' '.join(str(exc).split())}") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def struct_error():
+    import struct
+
+    return struct.error
+
+
+def load_image(path: Union[str, Path], max_pixels: Optional[int] = None) -> np.ndarray:
+    """Read an image file as an RGB uint8 array (H, W, 3); ImageError if unreadable.
+
+    ``max_pixels`` (default DEFAULT_MAX_PIXELS; 0 = no limit) is checked from the header
+    before decoding; images above REDUCE_ABOVE_PIXELS are decoded at reduced size.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"image file is empty (0 bytes): {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode image {path}: {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8)
+    return _decode(path, max_pixels, f"image {path}")
 
 
-def decode_image_bytes(data: bytes, what: str = "image") -> np.ndarray:
-    """Decode compressed image bytes (JPEG, PNG, ...) to RGB uint8; ImageError if corrupt."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode_image_bytes(data: bytes, what: str = "image",
+                       max_pixels: Optional[int] = None) -> np.ndarray:
+    """Decode compressed image bytes (JPEG, PNG, ...) to RGB uint8; ImageError if corrupt
+    or above ``max_pixels`` (as in load_image)."""
     if not data:
         raise ImageError(f"{what}: no data (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{what}: cannot decode compressed image: {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8)
+    return _decode(io.BytesIO(bytes(data)), max_pixels, f"{what} (compressed image)")
 
 
 def to_rgb_uint8(image: np.ndarray, color_order: str = "rgb") -> np.ndarray:

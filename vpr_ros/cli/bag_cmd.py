@@ -6,6 +6,9 @@ import json
 from typing import Iterator, List
 
 
+from .common import add_image_args, non_negative_float, positive_float, positive_int
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("bag", help="write image sequences as bags, inspect bags",
                               description="rosbag2 helpers (no ROS installation needed).")
@@ -31,11 +34,11 @@ def register(subparsers) -> None:
                    help="write sensor_msgs/CompressedImage (JPEG) instead of raw Image")
     f.add_argument("--encoding", default="rgb8",
                    help="raw Image encoding (rgb8, bgr8, mono8, bayer_rggb8, yuv422, ...)")
-    f.add_argument("--rate", type=float, default=None, metavar="HZ",
+    f.add_argument("--rate", type=positive_float, default=None, metavar="HZ",
                    help="frame rate of the stamps (default: timing from the poses' t_s)")
-    f.add_argument("--start-time", type=float, default=None, metavar="S",
+    f.add_argument("--start-time", type=non_negative_float, default=None, metavar="S",
                    help="stamp of the first frame in seconds (with --rate; default 1.0)")
-    f.add_argument("--max-frames", type=int, default=None, metavar="N",
+    f.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
                    help="write only the first N images")
     f.add_argument("--image-topic", default="/camera/image_raw")
     f.add_argument("--pose-topic", default="/ground_truth/pose",
@@ -44,6 +47,7 @@ def register(subparsers) -> None:
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     f.add_argument("--json", action="store_true",
                    help="print one JSON object on the last line of stdout")
+    add_image_args(f)
     f.set_defaults(func=run_from_images)
 
     i = sub.add_parser("info", help="topics, types, counts and duration of a bag")
@@ -58,11 +62,11 @@ def entries_from_args(args) -> List:
     from ..maps import benchmark_source, folder_source
 
     if args.dataset:
-        entries = benchmark_source(args.dataset, args.split)
+        entries = benchmark_source(args.dataset, args.split, max_pixels=args.max_pixels)
     else:
         if not args.poses:
             raise DatasetError("--images needs --poses CSV (image name and position per row)")
-        entries = folder_source(args.images, args.poses)
+        entries = folder_source(args.images, args.poses, max_pixels=args.max_pixels)
     if args.max_frames is not None:
         entries = entries[:max(0, args.max_frames)]
     if not entries:

@@ -11,9 +11,78 @@ objects from them.
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import math
+from typing import Callable, Optional
 
-from ..constants import PRECISIONS, RERANK_COMPUTES  # torch-free, so --help stays light
+from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS  # torch-free (--help stays light)
+from ..constants import PRECISIONS, RERANK_COMPUTES
+
+
+# --------------------------------------------------------------------------- argument types
+# argparse types: a bad value is refused while parsing, before any model or file is
+# touched, with argparse's one-line usage error (exit status 2).
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = _number(text, int, f"expected an integer >= {low}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer>={low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+             high_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high] (``*_open``: that end excluded)."""
+    lo = ("(" if low_open else "[") + f"{low:g}"
+    hi = f"{high:g}" + (")" if high_open else "]")
+    what = f"expected a number in {lo}, {hi}"
+
+    def parse(text: str) -> float:
+        value = _number(text, float, what)
+        if value < low or value > high or (low_open and value == low) or (
+                high_open and value == high):
+            raise argparse.ArgumentTypeError(f"{what}, got {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+positive_float = float_in(0.0, low_open=True)
+non_negative_float = float_in(0.0)
+probability = float_in(0.0, 1.0)
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    """``--max-pixels N``: refuse image files above N pixels (read from the header)."""
+    parser.add_argument("--max-pixels", type=non_negative_int, default=DEFAULT_MAX_PIXELS,
+                        metavar="N",
+                        help=f"refuse images with more than N pixels, checked from the file "
+                             f"header before decoding (default {DEFAULT_MAX_PIXELS:,}; "
+                             "0 = no limit)")
+
+
+def add_lock_arg(parser: argparse.ArgumentParser) -> None:
+    """``--wait-lock S``: wait for another writer of the same map instead of failing."""
+    parser.add_argument("--wait-lock", type=non_negative_float, default=0.0, metavar="S",
+                        help="when another process is writing the same map, wait up to S "
+                             "seconds for it (default 0: fail at once, naming its PID)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None:
@@ -31,7 +100,7 @@ def add_model_args(parser: argparse.ArgumentParser, local: bool = False) -> None
                        help="fp32 (exact), bf16 (CPU: bf16 weights; CUDA: autocast), fp16 "
                             "(CUDA only) or int8 (CPU only: int8 Linear layers, per-token scales); "
                             "see docs/fast_paths.md")
-    group.add_argument("--batch-size", type=int, default=8, metavar="N",
+    group.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                        help="images per forward pass (default 8)")
     if local:
         group.add_argument("--local-model", metavar="CARD", default=None,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text, check_writable
 from ..errors import ImageError
-from .common import add_model_args, describer_from_args
+from .common import add_image_args, add_model_args, describer_from_args
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary (files, count, dim, model, fingerprint) on the last line")
     add_model_args(p)
+    add_image_args(p)
     p.set_defaults(func=run)
 
 
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         out = out.with_name(out.name + ".npy")
+    check_writable(out)                     # a read-only --out fails before the model loads
     describer = describer_from_args(args)
     log.info("model %s (%s), dim %d, device %s, %s", describer.card.name, describer.fingerprint[:23],
              describer.dim, describer.device, describer.precision)
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=len(paths), desc="describe", unit="img") as bar:
         for start in range(0, len(paths), bs):
             chunk = paths[start:start + bs]
-            images = [load_image(p) for p in chunk]
+            images = [load_image(p, max_pixels=args.max_pixels) for p in chunk]
             result[start:start + len(chunk)] = describer.describe(images)
             bar.update(len(chunk))
     with atomic_path(out, suffix=".npy") as tmp:

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 
 
 def register(eval_subparsers) -> None:
-    from .common import add_model_args
+    from .common import add_model_args, positive_float, positive_int, probability
     from .map_cmd import add_rerank_model_args
 
     p = eval_subparsers.add_parser(
@@ -38,24 +38,24 @@ def register(eval_subparsers) -> None:
     add_rerank_model_args(p)
     p.add_argument("--rerank", action="store_true",
                    help="re-rank with SelaVPR local features (the map must store them)")
-    p.add_argument("--rerank-k", type=int, default=20, metavar="K")
-    p.add_argument("--top-k", type=int, default=20, metavar="K",
+    p.add_argument("--rerank-k", type=positive_int, default=20, metavar="K")
+    p.add_argument("--top-k", type=positive_int, default=20, metavar="K",
                    help="candidates per frame (Recall@N up to N=K; default 20)")
-    p.add_argument("--confidence-threshold", type=float, default=0.5, metavar="C",
+    p.add_argument("--confidence-threshold", type=probability, default=0.5, metavar="C",
                    help="confident at confidence >= C (default 0.5)")
     from .eval_cmd import add_stream_args
 
     add_stream_args(p, bag=True)
-    p.add_argument("--radius", type=float, default=RADIUS_M, metavar="M",
+    p.add_argument("--radius", type=positive_float, default=RADIUS_M, metavar="M",
                    help="a match is correct within this distance (default %(default)s m)")
-    p.add_argument("--max-gap", type=float, default=MAX_POSE_GAP_S, metavar="S",
+    p.add_argument("--max-gap", type=positive_float, default=MAX_POSE_GAP_S, metavar="S",
                    help="interpolate ground truth only across pose gaps up to S s "
                         "(default %(default)s)")
-    p.add_argument("--max-frames", type=int, default=None, metavar="N",
+    p.add_argument("--max-frames", type=positive_int, default=None, metavar="N",
                    help="use only the first N frames")
     p.add_argument("--realtime", action="store_true",
                    help="replay through the live ROS 2 node with the recorded timing")
-    p.add_argument("--rate", type=float, default=1.0,
+    p.add_argument("--rate", type=positive_float, default=1.0,
                    help="replay speed factor for --realtime (2.0 = twice as fast)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="write report.json, trajectory.png, route_over_time.png, "

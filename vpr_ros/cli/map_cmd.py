@@ -10,6 +10,8 @@ import sys
 
 from ..constants import MAX_POSE_GAP_S
 from ..errors import ConfigError
+from .common import (add_image_args, add_lock_arg, non_negative_float, positive_float,
+                     positive_int)
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +31,16 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-topic", metavar="TOPIC", help="image topic in --bag")
     g.add_argument("--pose-topic", metavar="TOPIC",
                    help="pose topic in --bag (Odometry, PoseStamped, PoseWithCovarianceStamped)")
-    g.add_argument("--max-pose-gap", type=float, default=MAX_POSE_GAP_S, metavar="S",
+    g.add_argument("--max-pose-gap", type=positive_float, default=MAX_POSE_GAP_S, metavar="S",
                    help="bag frames in a pose gap longer than S are dropped "
                         "(default %(default)s s)")
     k = p.add_argument_group("keyframes")
-    k.add_argument("--min-distance", type=float, default=0.0, metavar="M",
+    k.add_argument("--min-distance", type=non_negative_float, default=0.0, metavar="M",
                    help="keep an image only this far (m) from the last kept one (default 0)")
-    k.add_argument("--min-interval", type=float, default=0.0, metavar="S",
+    k.add_argument("--min-interval", type=non_negative_float, default=0.0, metavar="S",
                    help="keep an image only this long (s) after the last kept one (default 0)")
+    add_image_args(p)
+    add_lock_arg(p)
 
 
 def add_rerank_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,11 +65,11 @@ def source_from_args(args):
     if args.images:
         if not args.poses:
             raise ConfigError("--images needs --poses CSV (one pose row per image)")
-        entries = folder_source(args.images, args.poses)
+        entries = folder_source(args.images, args.poses, max_pixels=args.max_pixels)
         what = f"{args.images} + {args.poses}"
         info = {"type": "images+csv", "images": str(args.images), "poses": str(args.poses)}
     elif args.dataset:
-        entries = benchmark_source(args.dataset, args.split)
+        entries = benchmark_source(args.dataset, args.split, max_pixels=args.max_pixels)
         what = f"{args.dataset} ({args.split})"
         info = {"type": "benchmark", "dataset": str(args.dataset), "split": args.split}
     else:
@@ -112,7 +116,7 @@ def register(subparsers) -> None:
     b.add_argument("--index", default="Flat", metavar="FACTORY",
                    help="FAISS factory string: Flat (exact, default), PCA256,Flat, HNSW32, "
                         "IVF1024,PQ64, ...")
-    b.add_argument("--pca-dim", type=int, default=None, metavar="N",
+    b.add_argument("--pca-dim", type=positive_int, default=None, metavar="N",
                    help="shortcut: project descriptors to N dimensions with PCA first")
     b.add_argument("--descriptor-dtype", default="float32", choices=("float32", "float16"),
                    help="storage type of descriptors.npy (default float32)")
@@ -167,6 +171,15 @@ def _local_extractor(args, force: bool):
 
 
 def run_build(args) -> int:
+    from ..atomic import write_lock
+
+    # The writer lock first: another writer, or a read-only folder, is reported before
+    # the model loads.  build_map takes the same lock again (re-entrant).
+    with write_lock(args.out, wait_s=args.wait_lock, what=f"map {args.out}"):
+        return _run_build(args)
+
+
+def _run_build(args) -> int:
     from ..maps import build_map
     from .common import describer_from_args
 
@@ -179,7 +192,7 @@ def run_build(args) -> int:
                          pca_dim=args.pca_dim, frame_id=args.frame_id, overwrite=args.overwrite,
                          batch_size=args.batch_size, descriptor_dtype=args.descriptor_dtype,
                          command=_command_line(), total=total, source_info=info,
-                         local_storage=args.local_storage)
+                         local_storage=args.local_storage, wait_lock=args.wait_lock)
     if bag is not None:
         print(f"bag frames: {bag.frames}, dropped without pose: {bag.dropped}")
     print(f"map {args.out}: {manifest['counts']['places']} places, index "
@@ -201,6 +214,13 @@ def _model_for_map(args, map_path):
 
 
 def run_add(args) -> int:
+    from ..atomic import write_lock
+
+    with write_lock(args.map, wait_s=args.wait_lock, what=f"map {args.map}"):
+        return _run_add(args)
+
+
+def _run_add(args) -> int:
     from ..maps import add_to_map
     from .common import describer_from_args, local_extractor_from_args
 
@@ -210,7 +230,7 @@ def run_add(args) -> int:
     local = local_extractor_from_args(args)
     manifest = add_to_map(args.map, entries, describer, local_extractor=local,
                           batch_size=args.batch_size, command=_command_line(), total=total,
-                          source_info=info)
+                          source_info=info, wait_lock=args.wait_lock)
     added = manifest["updates"][-1]["added_places"]
     print(f"map {args.map}: added {added} places from {what}, now "
           f"{manifest['counts']['places']} places")

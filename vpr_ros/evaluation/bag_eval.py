@@ -410,7 +410,7 @@ def evaluate_bag(bag, place_map, settings: BagEvalSettings, describer=None,
               "mode": "realtime" if settings.realtime else "offline",
               "image_topic": settings.image_topic, "ground_truth": gt_source,
               "radius_m": settings.radius_m,
-              "settings": asdict(settings),
+              "settings": asdict(settings),      # asdict recurses into stream_config
               "model": place_map.manifest.get("model"),
               "frames": {"total": int(total), "bad": int(bad), "localized": len(frames),
                          "with_ground_truth": int(gt_valid.sum())}}

@@ -16,7 +16,7 @@ from typing import Iterable, List, Optional
 import numpy as np
 
 from .. import __version__
-from ..atomic import atomic_directory, atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json, write_lock
 from ..errors import DatasetError, MapError
 from . import format as fmt
 from .index import DEFAULT_FACTORY, build_index, write_index
@@ -169,8 +169,12 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
               descriptor_dtype: str = "float32", progress: bool = True,
               command: Optional[str] = None, total: Optional[int] = None,
               confidence: Optional[dict] = None, source_info=None,
-              local_storage: str = "float16") -> dict:
+              local_storage: str = "float16", wait_lock: float = 0.0) -> dict:
     """Describe every place and write a complete map to ``out_dir`` atomically.
+
+    Writers of one map exclude each other (vpr_ros.atomic.write_lock): another writer
+    makes this one fail at once with LockedError naming its PID, or wait up to
+    ``wait_lock`` seconds.
 
     ``places`` is any iterable of MapEntry (lists, or a streaming BagSource).  With a
     ``local_extractor`` (SelaVPR LocalFeatureExtractor) the dense local features needed for
@@ -184,6 +188,18 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
     if descriptor_dtype not in ("float32", "float16"):
         raise MapError(f"descriptor dtype must be float32 or float16, got {descriptor_dtype!r}")
     local_storage = check_local_storage(local_storage)
+    with write_lock(out_dir, wait_s=wait_lock, what=f"map {out_dir}"):
+        return _build_locked(places, out_dir, describer, local_extractor, index, pca_dim,
+                             frame_id, overwrite, batch_size, descriptor_dtype, progress,
+                             command, total, confidence, source_info, local_storage)
+
+
+def _build_locked(places, out_dir: Path, describer, local_extractor, index, pca_dim, frame_id,
+                  overwrite, batch_size, descriptor_dtype, progress, command, total,
+                  confidence, source_info, local_storage) -> dict:
+    from ..atomic import clean_leftovers
+
+    clean_leftovers(out_dir)          # a map left missing by a killed swap comes back first
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MapError(f"{out_dir} already exists; pass --overwrite to replace it or choose "
                        "another folder")
@@ -211,11 +227,23 @@ def build_map(places: Iterable[MapEntry], out_dir, describer, local_extractor=No
 def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=None,
                batch_size: int = DEFAULT_BATCH, progress: bool = True,
                command: Optional[str] = None, total: Optional[int] = None,
-               verify="full", source_info=None) -> dict:
+               verify="full", source_info=None, wait_lock: float = 0.0) -> dict:
     """Append places to an existing map: only the new images are described, with the map's
     own model (a different model is refused), and the index is rebuilt with the map's
-    factory string.  Atomic like build_map.  Returns the new manifest."""
+    factory string.  Atomic like build_map; the writer lock is held from reading the old
+    map to swapping in the new one, so two concurrent adds never lose an update.
+    Returns the new manifest."""
     map_dir = Path(map_dir)
+    with write_lock(map_dir, wait_s=wait_lock, what=f"map {map_dir}"):
+        return _add_locked(map_dir, places, describer, local_extractor, batch_size, progress,
+                           command, total, verify, source_info)
+
+
+def _add_locked(map_dir: Path, places, describer, local_extractor, batch_size, progress,
+                command, total, verify, source_info) -> dict:
+    from ..atomic import clean_leftovers
+
+    clean_leftovers(map_dir)
     old = PlaceMap.open_for(map_dir, describer, verify=verify, device="cpu")
     has_local = old.has_local_features
     if has_local and local_extractor is None:
@@ -252,15 +280,18 @@ def add_to_map(map_dir, places: Iterable[MapEntry], describer, local_extractor=N
 
 def set_confidence_params(map_dir, params: dict) -> None:
     """Store fitted confidence calibration in the map's manifest (atomic; data untouched)."""
-    manifest = fmt.read_manifest(map_dir)
-    manifest["confidence"] = params
-    atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
-    fmt.usual_permissions(Path(map_dir))
+    _update_manifest(map_dir, "confidence", params)
 
 
 def set_stream_calibration(map_dir, params: dict) -> None:
     """Store the stream localizer's fitted calibration (``stream_calibration``), as above."""
-    manifest = fmt.read_manifest(map_dir)
-    manifest["stream_calibration"] = params
-    atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
-    fmt.usual_permissions(Path(map_dir))
+    _update_manifest(map_dir, "stream_calibration", params)
+
+
+def _update_manifest(map_dir, key: str, value) -> None:
+    """Set one manifest key under the map's writer lock (atomic; data files untouched)."""
+    with write_lock(map_dir, what=f"map {map_dir}"):
+        manifest = fmt.read_manifest(map_dir)
+        manifest[key] = value
+        atomic_write_json(Path(map_dir) / fmt.MANIFEST, manifest)
+        fmt.usual_permissions(Path(map_dir))

@@ -103,27 +103,56 @@ class PlaceTable:
     def read(cls, folder: Path) -> "PlaceTable":
         folder = Path(folder)
         ids, names, frame_ids = [], [], set()
+        csv_path = folder / PLACES_CSV
         try:
-            with open(folder / PLACES_CSV, newline="", encoding="utf-8") as fh:
+            with open(csv_path, newline="", encoding="utf-8") as fh:
                 reader = csv.reader(fh)
                 header = next(reader, None)
                 if header is None or tuple(header) != PLACE_COLUMNS:
-                    raise MapError(f"{folder / PLACES_CSV}: unexpected header {header}")
+                    raise MapError(f"map {folder}: {PLACES_CSV} is corrupt (unexpected header "
+                                   f"{header}); {REBUILD}")
                 for row in reader:
                     ids.append(int(row[0]))
                     names.append(row[1])
                     frame_ids.add(row[10])
-            poses = np.load(folder / POSES_NPY, allow_pickle=False)
-            stamps = np.load(folder / STAMPS_NPY, allow_pickle=False)
-        except FileNotFoundError as exc:
-            raise MapError(f"map {folder} is incomplete: {Path(exc.filename).name} is missing") from None
-        except (ValueError, IndexError, OSError) as exc:
-            raise MapError(f"map {folder}: places table is corrupt ({exc})") from None
+        except FileNotFoundError:
+            raise MapError(f"map {folder} is incomplete: {PLACES_CSV} is missing; {REBUILD}") from None
+        except (ValueError, IndexError, UnicodeDecodeError, csv.Error) as exc:
+            raise MapError(f"map {folder}: {PLACES_CSV} is corrupt ({one_line(exc)}); "
+                           f"{REBUILD}") from None
+        poses = np.array(load_npy(folder, POSES_NPY))
+        stamps = np.array(load_npy(folder, STAMPS_NPY))
         if poses.shape != (len(ids), 7) or stamps.shape != (len(ids),):
             raise MapError(f"map {folder}: places.csv has {len(ids)} rows but poses.npy "
-                           f"{poses.shape} / stamps.npy {stamps.shape}")
+                           f"{poses.shape} / stamps.npy {stamps.shape}; {REBUILD}")
         frame_id = frame_ids.pop() if len(frame_ids) == 1 else "map"
         return cls(np.array(ids, np.int64), names, poses[:, :3], poses[:, 3:], stamps, frame_id)
+
+
+REBUILD = "rebuild the map with `vpr map build`"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and its message with whitespace squeezed."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_npy(folder: PathLike, name: str, mmap_mode: Optional[str] = "r") -> np.ndarray:
+    """Open a map's .npy file (memory-mapped by default), never pickles.
+
+    Any failure, including a corrupt header (which numpy reports as SyntaxError,
+    tokenize.TokenError, ValueError, ...), becomes one MapError naming the file.  A header
+    claiming more data than the file holds is caught by the memory map before anything
+    is allocated.
+    """
+    folder = Path(folder)
+    try:
+        return np.load(folder / name, mmap_mode=mmap_mode, allow_pickle=False)
+    except FileNotFoundError:
+        raise MapError(f"map {folder} is incomplete: {name} is missing; {REBUILD}") from None
+    except Exception as exc:      # numpy's header parser raises many unrelated types
+        raise MapError(f"map {folder}: {name} is corrupt ({one_line(exc)}); {REBUILD}") from None
 
 
 # --------------------------------------------------------------------------- checksums
@@ -162,7 +191,7 @@ def verify_files(folder: Path, files: Dict[str, dict], mode: str = "full") -> No
     for name, info in files.items():
         path = folder / name
         if not path.is_file():
-            raise MapError(f"map {folder} is incomplete: {name} is missing")
+            raise MapError(f"map {folder} is incomplete: {name} is missing; {REBUILD}")
         size = path.stat().st_size
         if size != info["bytes"]:
             raise MapError(f"map {folder}: {name} is corrupt (size {size} bytes, manifest says "
@@ -173,18 +202,27 @@ def verify_files(folder: Path, files: Dict[str, dict], mode: str = "full") -> No
 
 
 def read_manifest(folder: PathLike) -> dict:
+    from ..atomic import recover
+
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() and not recover(folder):      # a killed two-rename swap
         raise MapError(f"map folder not found: {folder} (build one with `vpr map build`)")
+    if not folder.is_dir():
+        raise MapError(f"map path {folder} is not a folder; pass the folder `vpr map build` wrote")
     path = folder / MANIFEST
     if not path.is_file():
-        raise MapError(f"{folder} is not a vpr_ros map: {MANIFEST} is missing")
+        raise MapError(f"{folder} is not a vpr_ros map: {MANIFEST} is missing; {REBUILD}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MapError(f"map {folder}: {MANIFEST} is corrupt ({exc})") from None
+    except (ValueError, OSError) as exc:   # JSONDecodeError and UnicodeDecodeError included
+        raise MapError(f"map {folder}: {MANIFEST} is corrupt ({one_line(exc)}); {REBUILD}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
-        raise MapError(f"map {folder}: {MANIFEST} has no format_version")
+        raise MapError(f"map {folder}: {MANIFEST} is corrupt (no format_version); {REBUILD}")
+    files = manifest.get("files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int)
+            and isinstance(v.get("sha256"), str) for v in files.values())):
+        raise MapError(f"map {folder}: {MANIFEST} is corrupt (bad files section); {REBUILD}")
     return manifest
 
 

@@ -158,9 +158,22 @@ def tune_search(index, nprobe: int = DEFAULT_NPROBE, ef_search: int = DEFAULT_EF
 
 
 def write_index(index, path: Path) -> None:
+    """faiss.write_index; its write errors (a RuntimeError) become one OutputError line."""
     import faiss
+    import shutil
 
-    faiss.write_index(_to_cpu(index), str(path))
+    from ..errors import OutputError
+
+    try:
+        faiss.write_index(_to_cpu(index), str(path))
+    except RuntimeError as exc:
+        try:
+            free = f"{shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        reason = (str(exc).strip().splitlines() or ["write error"])[-1]
+        raise OutputError(f"cannot write {path}: FAISS write failed ({reason}; {free}); the "
+                          "disk may be full or the folder not writable") from None
 
 
 def read_index(path: Path, mmap: Optional[bool] = None):
@@ -168,6 +181,9 @@ def read_index(path: Path, mmap: Optional[bool] = None):
     import faiss
 
     path = Path(path)
+    if not path.is_file():
+        raise MapError(f"map {path.parent} is incomplete: {path.name} is missing; rebuild the "
+                       "map with `vpr map build`")
     if mmap is None:
         mmap = path.stat().st_size >= MMAP_MIN_BYTES
     try:
@@ -178,9 +194,10 @@ def read_index(path: Path, mmap: Optional[bool] = None):
                 index = faiss.read_index(str(path))
         else:
             index = faiss.read_index(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1]
-        raise MapError(f"cannot read the map index {path}: {reason}") from None
+    except (RuntimeError, MemoryError, OverflowError) as exc:
+        reason = " ".join(((str(exc).strip().splitlines() or ["unreadable"])[-1]).split())
+        raise MapError(f"map {path.parent}: {path.name} is corrupt (FAISS: {reason}); rebuild "
+                       "the map with `vpr map build`") from None
     tune_search(index)
     return index
 

@@ -192,12 +192,8 @@ def open_local_features(folder: Path, section: dict, n_places: int) -> LocalFeat
     """Memory-map a map's local features as described by its manifest section."""
     folder = Path(folder)
     storage = check_local_storage(section.get("storage", "float16"))
-    try:
-        values = np.load(folder / fmt.LOCAL_FEATURES_NPY, mmap_mode="r", allow_pickle=False)
-        scales = (np.load(folder / fmt.LOCAL_SCALES_NPY, mmap_mode="r", allow_pickle=False)
-                  if storage == "int8" else None)
-    except (ValueError, OSError) as exc:
-        raise MapError(f"map {folder}: local features are missing or corrupt ({exc})") from None
+    values = fmt.load_npy(folder, fmt.LOCAL_FEATURES_NPY)
+    scales = fmt.load_npy(folder, fmt.LOCAL_SCALES_NPY) if storage == "int8" else None
     if values.dtype != np.dtype(storage):
         raise MapError(f"map {folder}: {fmt.LOCAL_FEATURES_NPY} holds {values.dtype}, the "
                        f"manifest says {storage} storage")

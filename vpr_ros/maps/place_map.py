@@ -94,22 +94,19 @@ class PlaceMap:
         for required in (fmt.PLACES_CSV, fmt.POSES_NPY, fmt.STAMPS_NPY, fmt.DESCRIPTORS_NPY,
                          fmt.INDEX_FAISS):
             if required not in files:
-                raise MapError(f"map {path}: manifest lists no {required}")
+                raise MapError(f"map {path}: {fmt.MANIFEST} lists no {required}; {fmt.REBUILD}")
         fmt.verify_files(path, files, mode)
         places = fmt.PlaceTable.read(path)
-        try:
-            descriptors = np.load(path / fmt.DESCRIPTORS_NPY, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise MapError(f"map {path}: {fmt.DESCRIPTORS_NPY} is corrupt ({exc})") from None
+        descriptors = fmt.load_npy(path, fmt.DESCRIPTORS_NPY)
         n = len(places)
         dim = model.get("descriptor_dim")
         if descriptors.shape != (n, dim):
             raise MapError(f"map {path}: descriptors.npy has shape {descriptors.shape}, expected "
-                           f"({n}, {dim}) from places.csv and the manifest")
+                           f"({n}, {dim}) from places.csv and the manifest; {fmt.REBUILD}")
         index = read_index(path / fmt.INDEX_FAISS, mmap=mmap_index)
         if index.ntotal != n:
             raise MapError(f"map {path}: index.faiss holds {index.ntotal} vectors, the map has "
-                           f"{n} places")
+                           f"{n} places; {fmt.REBUILD}")
         local = None
         lf = manifest.get("local_features") or {}
         if lf.get("present"):

@@ -22,7 +22,6 @@ lists a few of each.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from dataclasses import dataclass, field
@@ -58,13 +57,14 @@ class MapEntry:
     stamp_ns: int = -1
     path: Optional[Path] = None               # image file, loaded on demand
     image: Optional[np.ndarray] = None        # or the decoded RGB image itself
+    max_pixels: Optional[int] = None          # pixel limit of the file (None: the default)
 
     def load(self) -> np.ndarray:
         if self.image is not None:
             return self.image
         if self.path is None:
             raise DatasetError(f"place {self.name!r} has neither an image nor an image path")
-        return load_image(self.path)
+        return load_image(self.path, max_pixels=self.max_pixels)
 
 
 # --------------------------------------------------------------------------- CSV helpers
@@ -103,12 +103,12 @@ def read_poses_csv(csv_path: PathLike, need_names: bool = True) -> PoseRows:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"poses CSV not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames:
-            raise DatasetError(f"{csv_path} is empty (expected a header row)")
-        hm = {h.strip().lower(): h for h in reader.fieldnames}
-        rows = list(reader)
+    from ..datasets import read_csv_dicts
+
+    fieldnames, rows = read_csv_dicts(csv_path, "poses CSV")
+    if not fieldnames:
+        raise DatasetError(f"{csv_path} is empty (expected a header row)")
+    hm = {h.strip().lower(): h for h in fieldnames}
     if not rows:
         raise DatasetError(f"{csv_path} has a header but no rows")
     c_name = _pick(hm, NAME_COLUMNS, need_names, "image name", csv_path)
@@ -159,8 +159,10 @@ def read_poses_csv(csv_path: PathLike, need_names: bool = True) -> PoseRows:
 
 # --------------------------------------------------------------------------- sources
 
-def folder_source(images_dir: PathLike, poses_csv: PathLike) -> List[MapEntry]:
-    """Images in a folder with their poses in a CSV (rows keep the CSV's order)."""
+def folder_source(images_dir: PathLike, poses_csv: PathLike,
+                  max_pixels: Optional[int] = None) -> List[MapEntry]:
+    """Images in a folder with their poses in a CSV (rows keep the CSV's order);
+    ``max_pixels`` is the pixel limit of each image file (preprocess.load_image)."""
     from ..datasets import IMAGE_EXTENSIONS
 
     images_dir = Path(images_dir)
@@ -181,11 +183,12 @@ def folder_source(images_dir: PathLike, poses_csv: PathLike) -> List[MapEntry]:
                          f"(e.g. {', '.join(extra[:3])})")
         raise DatasetError("; ".join(parts) + ". Every image needs exactly one pose row.")
     return [MapEntry(name=n, position=rows.positions[i], orientation=rows.orientations[i],
-                     stamp_ns=int(rows.stamps_ns[i]), path=files[n])
+                     stamp_ns=int(rows.stamps_ns[i]), path=files[n], max_pixels=max_pixels)
             for i, n in enumerate(rows.names)]
 
 
-def benchmark_source(dataset_dir: PathLike, split: str = "database") -> List[MapEntry]:
+def benchmark_source(dataset_dir: PathLike, split: str = "database",
+                     max_pixels: Optional[int] = None) -> List[MapEntry]:
     """A split of a benchmark-layout dataset (positions from names or poses_<split>.csv)."""
     from ..datasets import read_split
 
@@ -194,7 +197,7 @@ def benchmark_source(dataset_dir: PathLike, split: str = "database") -> List[Map
     for i, p in enumerate(data.paths):
         q = yaw_to_quaternion(data.yaw_deg[i]) if data.yaw_known[i] else (0.0, 0.0, 0.0, 1.0)
         out.append(MapEntry(name=p.name, position=data.positions[i], orientation=np.array(q),
-                            stamp_ns=int(data.stamps_ns[i]), path=p))
+                            stamp_ns=int(data.stamps_ns[i]), path=p, max_pixels=max_pixels))
     return out
 
 

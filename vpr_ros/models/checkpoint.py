@@ -41,6 +41,7 @@ import hashlib
 import logging
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -159,7 +160,11 @@ def _read_torch(path: Path) -> Dict[str, torch.Tensor]:
     try:
         # mmap (zip files only): optimiser state in training files is never read into memory.
         mmap = zipfile.is_zipfile(path)
-        with torch.serialization.safe_globals(official_numpy_globals()):
+        with torch.serialization.safe_globals(official_numpy_globals()), \
+                warnings.catch_warnings():
+            # A raw pickle of protocol > 2 makes torch warn before refusing it; the refusal
+            # (below) is the one line the user needs.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else "unpickling failed"
