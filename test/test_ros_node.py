@@ -271,6 +271,12 @@ def test_corrupt_jpeg_is_skipped(harness_factory, tiny_map, query_images):
     wait_for(lambda: h.node.stats.bad_frames == 1, 30, "the corrupt JPEG to be counted")
     h.jpeg_pub.publish(rgb_to_compressed_msg(query_images[2], ns_to_stamp(2 * SEC), "cam"))
     wait_for(lambda: len(h.matches) == 1, 60, "the good frame")
+    # a frame above the pixel limit is a counted bad frame, never decoded
+    limit = query_images[2].shape[0] * query_images[2].shape[1] - 1
+    assert h.node.set_parameters([Parameter("max_pixels", value=limit)])[0].successful
+    h.jpeg_pub.publish(rgb_to_compressed_msg(query_images[2], ns_to_stamp(3 * SEC), "cam"))
+    wait_for(lambda: h.node.stats.bad_frames == 2, 30, "the oversized frame to be counted")
+    assert "pixels" in h.node.stats.last_error and len(h.matches) == 1
 
     def warn_diag():
         for arr in list(h.diags):

@@ -21,7 +21,7 @@ Conversions (documented in docs/ros.md):
 from __future__ import annotations
 
 import io
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -210,15 +210,16 @@ def _image_fields_to_rgb(encoding: str, height: int, width: int, step: int,
     return _demosaic(np.ascontiguousarray(raw).reshape(h, w), pattern)
 
 
-def compressed_to_rgb(fmt: str, data: Buffer) -> np.ndarray:
+def compressed_to_rgb(fmt: str, data: Buffer, max_pixels: Optional[int] = None) -> np.ndarray:
     """Decode a sensor_msgs/CompressedImage (JPEG, PNG, ...) to RGB uint8.
 
     ``format`` is informative only ("jpeg", "png", "bgr8; jpeg compressed bgr8", ...): the
-    bytes themselves say what they are.  Corrupt or empty data -> ImageError.
+    bytes themselves say what they are.  Corrupt or empty data, or more than ``max_pixels``
+    pixels (read from the header; default as decode_image_bytes) -> ImageError.
     """
     what = f"compressed image ({fmt or 'no format'})"
     raw = _as_bytes_array(data)
-    return decode_image_bytes(raw.tobytes(), what=what)
+    return decode_image_bytes(raw.tobytes(), what=what, max_pixels=max_pixels)
 
 
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:

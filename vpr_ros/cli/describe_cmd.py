@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                    help="image files, or folders (their images are taken in sorted order)")
     p.add_argument("--out", required=True, metavar="FILE.npy", help="output .npy file")
     p.add_argument("--json", action="store_true",
-                   help="print a JSON summary (files, count, dim, model, fingerprint) on the last line")
+                   help="print a JSON summary (files, count, dim, model, fingerprint) on the "
+                        "last line")
     add_model_args(p)
     add_image_args(p)
     p.set_defaults(func=run)
@@ -40,7 +41,8 @@ def expand_images(items) -> list:
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise ImageError(f"folder {p} contains no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                kinds = ", ".join(sorted(IMAGE_SUFFIXES))
+                raise ImageError(f"folder {p} contains no images ({kinds})")
             paths.extend(found)
         elif p.is_file():
             paths.append(p)
@@ -60,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_name(out.name + ".npy")
     check_writable(out)                     # a read-only --out fails before the model loads
     describer = describer_from_args(args)
-    log.info("model %s (%s), dim %d, device %s, %s", describer.card.name, describer.fingerprint[:23],
-             describer.dim, describer.device, describer.precision)
+    log.info("model %s (%s), dim %d, device %s, %s", describer.card.name,
+             describer.fingerprint[:23], describer.dim, describer.device, describer.precision)
     result = np.empty((len(paths), describer.dim), dtype=np.float32)
     bs = describer.batch_size
     with tqdm(total=len(paths), desc="describe", unit="img") as bar:

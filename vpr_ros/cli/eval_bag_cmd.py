@@ -71,10 +71,10 @@ def _pct(x) -> str:
 
 def print_summary(rep: dict) -> None:
     fr = rep["frames"]
+    dropped = (f", {fr.get('frames_dropped', 0)} dropped by the node"
+               if rep["mode"] == "realtime" else "")
     print(f"bag {rep['bag']} ({rep['mode']}): {fr['total']} frames, {fr['localized']} localized, "
-          f"{fr['bad']} bad" + (f", {fr.get('frames_dropped', 0)} dropped by the node"
-                               if rep["mode"] == "realtime" else "")
-          + f"; ground truth {rep['ground_truth']}")
+          f"{fr['bad']} bad{dropped}; ground truth {rep['ground_truth']}")
     rec = rep.get("recall") or {}
     print("recall:  " + "  ".join(f"R@{n} {_pct(v)}%" for n, v in rec.items()))
     gate = rep.get("confidence_gate")
@@ -90,7 +90,8 @@ def print_summary(rep: dict) -> None:
               f"max {err['max']:.1f} m")
     lat = (rep.get("latency_ms") or {}).get("total")
     if lat:
-        print(f"latency: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95, {lat['max']:.1f} ms max")
+        print(f"latency: {lat['mean']:.1f} ms mean, {lat['p95']:.1f} ms p95, "
+              f"{lat['max']:.1f} ms max")
     st = rep.get("stream")
     if st:
         from .eval_cmd import print_stream_summary

@@ -18,6 +18,8 @@ def add_stream_args(p, bag: bool = False) -> None:
     """Stream localizer options shared by `vpr eval recall` and `vpr eval bag`."""
     import argparse
 
+    from .common import float_in, positive_int
+
     g = p.add_argument_group("stream localizer (sequence matching over the frames in order)")
     g.add_argument("--no-stream", dest="stream", action="store_false",
                    help="score single frames only")
@@ -33,34 +35,11 @@ def add_stream_args(p, bag: bool = False) -> None:
         g.add_argument("--odometry", metavar="CSV", default=None,
                        help="the robot's odometry at the queries (columns filename|t_s, x, "
                             "y[, z]); default: images alone")
-    g.add_argument("--target-precision", type=_fraction, default=0.99, metavar="P",
+    g.add_argument("--target-precision", type=float_in(0.0, 1.0, True, True), default=0.99,
+                   metavar="P",
                    help="precision the published-pose threshold is fitted for (default 0.99)")
-    g.add_argument("--stream-candidates", type=_positive_int, default=50, metavar="K",
+    g.add_argument("--stream-candidates", type=positive_int, default=50, metavar="K",
                    help="retrieval candidates per frame used as stream evidence (default 50)")
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return v
 
 
 def stream_config_from_args(args):
@@ -70,7 +49,8 @@ def stream_config_from_args(args):
 
 
 def register(subparsers) -> None:
-    from .common import add_model_args, add_rerank_compute_arg
+    from .common import (add_model_args, add_rerank_compute_arg, non_negative_int,
+                         positive_float, positive_int)
     from .map_cmd import add_rerank_model_args
 
     p = subparsers.add_parser("eval", help="evaluate recall on datasets (and bags)",
@@ -99,17 +79,17 @@ def register(subparsers) -> None:
                    help="re-rank with SelaVPR local features (model from --rerank-model; "
                         "default: the card of --map's local features, else the shipped demo "
                         "re-ranker, else selavpr_tiny_random); implied by --rerank-model")
-    r.add_argument("--rerank-k", type=int, default=20, metavar="K",
+    r.add_argument("--rerank-k", type=positive_int, default=20, metavar="K",
                    help="candidates re-ranked per query (default 20)")
     add_rerank_compute_arg(r)
-    r.add_argument("--radius", type=float, default=25.0, metavar="M",
+    r.add_argument("--radius", type=positive_float, default=25.0, metavar="M",
                    help="a match is correct within this distance (default 25 m)")
     r.add_argument("--index", default="Flat", metavar="FACTORY",
                    help="FAISS factory string for the map built here (default Flat)")
-    r.add_argument("--max-queries", type=int, default=None, metavar="N",
+    r.add_argument("--max-queries", type=positive_int, default=None, metavar="N",
                    help="evaluate only the first N queries")
     add_stream_args(r)
-    r.add_argument("--latency-queries", type=int, default=20, metavar="N",
+    r.add_argument("--latency-queries", type=non_negative_int, default=20, metavar="N",
                    help="queries timed one by one through the Localizer (default 20)")
     r.add_argument("--out", metavar="REPORT_DIR", default=None,
                    help="write report.json, recall_at_n.png, pr_curve.png, examples.png (and "

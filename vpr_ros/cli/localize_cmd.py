@@ -10,7 +10,8 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
-    from .common import add_model_args, add_rerank_compute_arg
+    from .common import (add_image_args, add_model_args, add_rerank_compute_arg,
+                         non_negative_int, positive_int, probability)
     from .map_cmd import add_rerank_model_args
 
     p = subparsers.add_parser(
@@ -23,9 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--map", required=True, metavar="MAP", help="map folder (vpr map build)")
     add_model_args(p, local=True)
     add_rerank_model_args(p)
-    p.add_argument("--top-k", type=int, default=5, metavar="K",
+    p.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                    help="candidates to report (default 5)")
-    p.add_argument("--rerank-k", type=int, default=None, metavar="K",
+    p.add_argument("--rerank-k", type=non_negative_int, default=None, metavar="K",
                    help="re-rank the first K candidates with SelaVPR local features (default: "
                         "20 when the map has local features, with the map's re-ranking card "
                         "unless --rerank-model is given; 0 turns re-ranking off)")
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--odometry", metavar="CSV", default=None,
                    help="with --sequence: the robot's odometry at the images (columns "
                         "filename|t_s, x, y[, z]; by file name)")
-    p.add_argument("--confidence-threshold", type=float, default=0.5, metavar="C",
+    p.add_argument("--confidence-threshold", type=probability, default=0.5, metavar="C",
                    help="confident = confidence >= C (default 0.5)")
+    add_image_args(p)
     p.add_argument("--verify", default="full", choices=("full", "size", "none"),
                    help="map checksum check (default full sha256)")
     p.add_argument("--json", action="store_true",
@@ -96,7 +98,7 @@ def run(args) -> int:
         stamp = i * 1_000_000_000 if stream is not None else None
         if odometry is not None and np.isfinite(odometry[i]).all():
             stream.add_odometry(stamp, odometry[i])
-        r = loc.localize(load_image(path), stamp_ns=stamp)
+        r = loc.localize(load_image(path, max_pixels=args.max_pixels), stamp_ns=stamp)
         d = r.to_dict()
         d["query"] = str(path)
         results.append(d)

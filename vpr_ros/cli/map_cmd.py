@@ -261,15 +261,18 @@ def run_info(args) -> int:
                                   f"{(lf.get('model') or {}).get('card')}" if lf.get("present")
                                   else "none (no re-ranking)"))
         conf = s["confidence"]
-        print("confidence:   " + ("fitted " + json.dumps(conf) if conf else "defaults (not fitted)"))
+        print("confidence:   "
+              + ("fitted " + json.dumps(conf) if conf else "defaults (not fitted)"))
         src = place_map.manifest.get("source")
         if src:
             print("source:       " + ", ".join(f"{k}={v}" for k, v in src.items()))
         c = s["created"] or {}
-        print(f"created:      {c.get('utc')} on {c.get('host')} by vpr_ros {c.get('vpr_ros_version')}")
+        print(f"created:      {c.get('utc')} on {c.get('host')} by vpr_ros "
+              f"{c.get('vpr_ros_version')}")
         print(f"              {c.get('command')}")
         for u in s["updates"]:
-            print(f"updated:      {u.get('utc')} +{u.get('added_places')} places: {u.get('command')}")
+            print(f"updated:      {u.get('utc')} +{u.get('added_places')} places: "
+                  f"{u.get('command')}")
         total = sum(s["files"].values())
         print(f"files:        {len(s['files'])} files, {total / 1e6:.2f} MB, checksums "
               f"{'verified' if args.verify == 'full' else args.verify + ' check'}")

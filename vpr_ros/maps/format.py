@@ -116,7 +116,8 @@ class PlaceTable:
                     names.append(row[1])
                     frame_ids.add(row[10])
         except FileNotFoundError:
-            raise MapError(f"map {folder} is incomplete: {PLACES_CSV} is missing; {REBUILD}") from None
+            raise MapError(f"map {folder} is incomplete: {PLACES_CSV} is missing; "
+                           f"{REBUILD}") from None
         except (ValueError, IndexError, UnicodeDecodeError, csv.Error) as exc:
             raise MapError(f"map {folder}: {PLACES_CSV} is corrupt ({one_line(exc)}); "
                            f"{REBUILD}") from None
@@ -215,7 +216,8 @@ def read_manifest(folder: PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:   # JSONDecodeError and UnicodeDecodeError included
-        raise MapError(f"map {folder}: {MANIFEST} is corrupt ({one_line(exc)}); {REBUILD}") from None
+        raise MapError(f"map {folder}: {MANIFEST} is corrupt ({one_line(exc)}); "
+                       f"{REBUILD}") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise MapError(f"map {folder}: {MANIFEST} is corrupt (no format_version); {REBUILD}")
     files = manifest.get("files")

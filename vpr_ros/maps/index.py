@@ -47,7 +47,8 @@ def normalized_factory(factory: str, pca_dim: Optional[int] = None) -> str:
         if pca_dim < 1:
             raise MapError(f"--pca-dim must be >= 1, got {pca_dim}")
         if any(_PCA_RE.match(p) for p in parts):
-            raise MapError(f"--pca-dim {pca_dim} given but the factory {factory!r} already has a PCA step")
+            raise MapError(f"--pca-dim {pca_dim} given but the factory {factory!r} already "
+                           "has a PCA step")
         parts.insert(0, f"PCA{pca_dim}")
     out = []
     for i, part in enumerate(parts):
@@ -71,7 +72,8 @@ def _min_training_vectors(factory: str) -> Tuple[int, str]:
                 need, why = 2 ** bits, f"{part} trains {2 ** bits} centroids per sub-quantizer"
         m = _PCA_RE.match(part)
         if m and int(m.group(2)) > need:
-            need, why = int(m.group(2)), f"{part} needs at least {m.group(2)} vectors for its components"
+            need = int(m.group(2))
+            why = f"{part} needs at least {m.group(2)} vectors for its components"
     return need, why
 
 
@@ -237,7 +239,8 @@ def place_index_on_device(index, device: str = "auto"):
     except ImportError:
         cuda = False
     if want_gpu and not cuda:
-        raise DeviceError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        raise DeviceError(f"device {device!r} requested but CUDA is not available; "
+                          "use --device cpu")
     if cuda and faiss_has_gpu():
         gpu_id = int(device.split(":")[1]) if ":" in device else 0
         res = faiss.StandardGpuResources()

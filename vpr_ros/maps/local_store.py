@@ -197,7 +197,8 @@ def open_local_features(folder: Path, section: dict, n_places: int) -> LocalFeat
     if values.dtype != np.dtype(storage):
         raise MapError(f"map {folder}: {fmt.LOCAL_FEATURES_NPY} holds {values.dtype}, the "
                        f"manifest says {storage} storage")
-    if values.shape[0] != n_places or list(values.shape) != list(section.get("shape", values.shape)):
+    expected = list(section.get("shape", values.shape))
+    if values.shape[0] != n_places or list(values.shape) != expected:
         raise MapError(f"map {folder}: {fmt.LOCAL_FEATURES_NPY} has shape {values.shape}, the "
                        f"manifest says {section.get('shape')} for {n_places} places")
     if scales is None:

@@ -89,7 +89,8 @@ class PlaceMap:
                 f"model in use gives {expect_dim}; rebuild the map with this model")
         mode = VERIFY_MODES.get(verify)
         if mode is None:
-            raise ValueError(f"verify must be True, False, 'full', 'size' or 'none', got {verify!r}")
+            raise ValueError("verify must be True, False, 'full', 'size' or 'none', got "
+                             f"{verify!r}")
         files = manifest.get("files") or {}
         for required in (fmt.PLACES_CSV, fmt.POSES_NPY, fmt.STAMPS_NPY, fmt.DESCRIPTORS_NPY,
                          fmt.INDEX_FAISS):

@@ -75,14 +75,14 @@ def image_msg_to_rgb(msg: Image) -> np.ndarray:
                                msg.is_bigendian, msg.data)
 
 
-def compressed_msg_to_rgb(msg: CompressedImage) -> np.ndarray:
-    """sensor_msgs/CompressedImage -> RGB uint8 (H, W, 3)."""
-    return compressed_to_rgb(msg.format, msg.data)
+def compressed_msg_to_rgb(msg: CompressedImage, max_pixels=None) -> np.ndarray:
+    """sensor_msgs/CompressedImage -> RGB uint8 (H, W, 3); ImageError above max_pixels."""
+    return compressed_to_rgb(msg.format, msg.data, max_pixels=max_pixels)
 
 
-def msg_to_rgb(msg) -> np.ndarray:
+def msg_to_rgb(msg, max_pixels=None) -> np.ndarray:
     if isinstance(msg, CompressedImage):
-        return compressed_msg_to_rgb(msg)
+        return compressed_msg_to_rgb(msg, max_pixels)
     if isinstance(msg, Image):
         return image_msg_to_rgb(msg)
     raise ImageError(f"not an image message: {type(msg).__name__}")

@@ -50,7 +50,7 @@ from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from ..constants import PRECISIONS, RERANK_COMPUTES
+from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS, PRECISIONS, RERANK_COMPUTES
 from ..errors import ConfigError, ImageError, VprError
 from .conversions import msg_to_rgb, pose_from_arrays, rgb_to_image_msg, stamp_to_ns
 from .latest_slot import LatestSlot
@@ -145,6 +145,9 @@ PARAMETERS = {
                             None),
     "map_images_dir": ("", "folder holding the map's images by name (debug image only)", LIVE,
                        None),
+    "max_pixels": (DEFAULT_MAX_PIXELS, "compressed frames above this many pixels (read from "
+                                       "the header) are bad frames, never decoded; 0 = no "
+                                       "limit", LIVE, (0, 2_000_000_000, 1)),
     "queue_depth": (1, "subscription queue depth (sensor-data QoS, best effort)", ACTIVATE,
                     (1, 100, 1)),
     "position_sigma_m": (10.0, "position std-dev (m) of ~/pose at confidence 1", LIVE,
@@ -701,7 +704,7 @@ class LocalizerNode(LifecycleNode):
         t0 = time.monotonic()
         timings = {"queue": (t0 - received) * 1e3}
         try:
-            rgb = msg_to_rgb(msg)
+            rgb = msg_to_rgb(msg, int(self.p("max_pixels")))
         except ImageError as exc:
             self.stats.bad(f"{cam.resolved_topic}: {exc}")
             self.get_logger().warning(f"skipping bad frame on {cam.resolved_topic}: {exc}",
