@@ -51,6 +51,7 @@ SLOW_TESTS = {
     "test_eval_recall.py::test_eval_recall_with_reranking_and_with_a_given_map",
     "test_eval_recall.py::test_queries_without_driving_order_are_scored_as_single_frames",
     "test_eval_recall.py::test_eval_recall_with_an_odometry_file",
+    "test_eval_recall.py::test_grief_says_the_stream_prior_does_not_fit",
     "test_bag_eval.py::test_offline_bag_eval_on_the_map_drive_is_perfect",
     "test_bag_eval.py::test_cli_bag_from_images_info_and_eval_bag",
     "test_bag_eval.py::test_poses_csv_by_order_and_missing_ground_truth",

@@ -145,3 +145,17 @@ def test_eval_recall_with_an_odometry_file(small_dataset, tmp_path, capsys):
                  "--device", "cpu", "--odometry", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "odometry file" in err and "Traceback" not in err
+
+
+def test_grief_says_the_stream_prior_does_not_fit(grief_dir, capsys):
+    """Five separate places visited in turn: the stream falls back to single frames, says
+    so, and publishes nothing (a single frame is never what the robot should trust)."""
+    assert main(["eval", "recall", "--dataset", str(grief_dir), "--latency-queries", "0",
+                 "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    st = res["stream"]
+    assert st["recall"]["1"] >= res["recall"]["1"]
+    assert st["motion_prior_fits"] is False and st["stream_answered_fraction"] < 0.5
+    assert st["published_fraction"] == 0.0
+    assert "stream prior does not fit" in out

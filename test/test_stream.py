@@ -163,8 +163,9 @@ def test_calibration_threshold_reaches_the_target_precision():
     rng = np.random.default_rng(0)
     raw = rng.random(400)
     correct = rng.random(400) < raw ** 0.5
-    params = fit_calibration(raw, np.zeros(400), correct, target_precision=0.95)
-    conf = calibrated_confidence(raw, np.zeros(400), params)
+    fits = np.full(400, 5.0)                  # the stream prior fits on every frame
+    params = fit_calibration(raw, fits, correct, target_precision=0.95)
+    conf = calibrated_confidence(raw, fits, params)
     accepted = conf >= params["threshold"]
     assert params["fitted"] and accepted.any()
     assert correct[accepted].mean() >= 0.95
@@ -175,6 +176,10 @@ def test_calibration_threshold_reaches_the_target_precision():
                                    0.99) == pytest.approx(0.9)
     # nothing reaches the target: the threshold is above every confidence
     assert threshold_for_precision(np.array([0.9]), np.array([False]), 0.99) > 0.9
+    # where the stream prior does not fit, the frame's own answer is never trusted
+    assert calibrated_confidence(np.array([0.999]), np.array([0.5]), params)[0] == 0.0
+    unfit = fit_calibration(raw, np.zeros(400), correct, target_precision=0.95)
+    assert unfit["threshold"] > 0.0
 
 
 def test_reset_forgets_and_localizes_globally_again(sample):

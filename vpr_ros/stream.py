@@ -140,30 +140,41 @@ class StreamEstimate:
                 "hypotheses": int(self.hypotheses), "method": self.method}
 
 
-def calibrated_confidence(raw, prior_fit, params: Optional[dict] = None):
-    """Calibrated probability from the raw mixed mass and the prior-fit factor."""
+def calibrated_confidence(raw, prior_fit, params: Optional[dict] = None,
+                          fit_margin: float = StreamConfig.fit_margin):
+    """Calibrated probability from the raw mixed mass and the prior-fit factor.
+
+    Zero while the stream prior does not fit (prior fit <= ``fit_margin``): the answer is
+    then the frame's own, and a single frame is never what the robot should trust.
+    """
     p = params or DEFAULT_CALIBRATION
     raw = np.clip(np.asarray(raw, dtype=np.float64), 1e-12, 1 - 1e-12)
+    fit = np.asarray(prior_fit, dtype=np.float64)
     z = (p["bias"] + p["w_mass"] * np.log(raw / (1 - raw))
-         + p.get("w_fit", 0.0) * np.clip(np.asarray(prior_fit, dtype=np.float64), -20, 20))
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+         + p.get("w_fit", 0.0) * np.clip(fit, -20, 20))
+    return np.where(fit > fit_margin, 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60))), 0.0)
 
 
 def fit_calibration(raw: np.ndarray, prior_fit: np.ndarray, correct: np.ndarray,
                     target_precision: float = 0.99, l2: float = 1e-2,
-                    min_each: int = 5, quiet: bool = False) -> dict:
+                    min_each: int = 5, quiet: bool = False,
+                    fit_margin: float = StreamConfig.fit_margin) -> dict:
     """Logistic regression of ``correct`` on (logit raw mass, prior fit) plus the threshold.
 
-    The threshold is the lowest calibrated confidence whose accepted set reaches
-    ``target_precision`` on these data (the highest confidence of all when none does, so
-    nothing is published).  With fewer than ``min_each`` right or wrong frames the
-    defaults are kept (and said in the log).
+    The regression uses the frames where the stream prior fits (the others have confidence
+    0, see calibrated_confidence).  The threshold is the lowest calibrated confidence whose
+    accepted set reaches ``target_precision`` on these data (above every confidence when
+    none does, so nothing is published); it is always above 0.  With fewer than
+    ``min_each`` right or wrong frames the defaults are kept (and said in the log).
     """
     from scipy.optimize import minimize
 
     raw = np.clip(np.asarray(raw, np.float64), 1e-12, 1 - 1e-12)
-    x = np.stack([np.log(raw / (1 - raw)), np.clip(np.asarray(prior_fit, np.float64), -20, 20)], 1)
-    y = np.asarray(correct, dtype=np.float64)
+    x_all = np.stack([np.log(raw / (1 - raw)),
+                      np.clip(np.asarray(prior_fit, np.float64), -20, 20)], 1)
+    y_all = np.asarray(correct, dtype=np.float64)
+    use = np.asarray(prior_fit, np.float64) > fit_margin
+    x, y = x_all[use], y_all[use]
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     if min(n_pos, n_neg) < min_each:
         (log.debug if quiet else log.warning)(
@@ -185,8 +196,9 @@ def fit_calibration(raw: np.ndarray, prior_fit: np.ndarray, correct: np.ndarray,
         params = {"model": "logistic", "bias": float(w[0] - np.sum(wr * mu)),
                   "w_mass": float(wr[0]), "w_fit": float(wr[1]), "fitted": True,
                   "fitted_on_frames": int(len(y)), "target_precision": float(target_precision)}
-    conf = calibrated_confidence(raw, x[:, 1], params)
-    params["threshold"] = threshold_for_precision(conf, y.astype(bool), target_precision)
+    conf = calibrated_confidence(raw, x_all[:, 1], params, fit_margin)
+    threshold = threshold_for_precision(conf, y_all.astype(bool), target_precision)
+    params["threshold"] = max(threshold, 1e-9)
     return params
 
 
@@ -668,7 +680,8 @@ class StreamLocalizer:
             if m > best_mass:
                 best, best_mass = p, m
         raw = float(np.clip(best_mass, 0.0, 1.0))
-        conf = float(calibrated_confidence(raw, self._fit, self.calibration))
+        conf = float(calibrated_confidence(raw, self._fit, self.calibration,
+                                           self.config.fit_margin))
         confident = (not degenerate) and conf >= self.threshold
         if not degenerate:
             self.localized = confident

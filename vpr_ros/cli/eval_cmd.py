@@ -175,7 +175,7 @@ def run_recall(args) -> int:
 
 STREAM_KEYS = ("recall", "recall_at_100_precision", "precision_of_published",
                "published_fraction", "method", "odometry", "motion_prior_fits",
-               "target_precision")
+               "stream_answered_fraction", "target_precision")
 
 
 def stream_summary(stream: dict) -> dict:
@@ -193,7 +193,7 @@ def print_stream_summary(st: dict) -> None:
           f"published (target precision {100 * st['target_precision']:.0f}%): "
           f"{100 * st['published_fraction']:.1f}% of frames at precision "
           + ("   -  " if prec is None else f"{100 * prec:.1f}%"))
-    if st.get("motion_prior_fits") is False:
+    if st.get("motion_prior_fits") is False or st.get("stream_answered_fraction", 1.0) < 0.5:
         print("note: the queries are not one continuous drive, so the stream prior does not fit; "
               f"the stream answered from sequence evidence on "
               f"{100 * st.get('stream_answered_fraction', 0):.0f}% of frames and fell back to "

@@ -219,7 +219,8 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     spacing = _map_spacing(place_map.places.positions)
     # A continuous drive moves a few place spacings per frame at most; a set of separate
     # places (e.g. GRIEF) does not (scored from ground truth, for the report only).
-    prior_fits = bool(from_csv) and median_step <= 4 * spacing + 1e-6
+    jumps = float(np.mean(steps > 3 * spacing)) if len(steps) else 0.0
+    prior_fits = bool(from_csv) and median_step <= 4 * spacing + 1e-6 and jumps <= 0.05
     stream_rep = None
     if stream_cfg is not None:
         from .stream_eval import run_stream, stream_report
@@ -241,6 +242,7 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
                                    odometry_given=odometry is not None)
         stream_rep["queries_in_driving_order"] = bool(from_csv)
         stream_rep["median_query_step_m"] = median_step
+        stream_rep["query_jumps_fraction"] = jumps
         stream_rep["map_spacing_m"] = spacing
         stream_rep["degenerate_frames"] = int(degenerate.sum())
         stream_rep["settings"] = {k: v for k, v in vars(stream_cfg).items()}

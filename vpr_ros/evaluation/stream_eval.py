@@ -85,7 +85,7 @@ def ranked_with_answer(answer: np.ndarray, single_ranked: np.ndarray) -> np.ndar
 
 
 def cross_fitted(raw: np.ndarray, fit: np.ndarray, correct: np.ndarray,
-                 target_precision: float):
+                 target_precision: float, fit_margin: float = StreamConfig.fit_margin):
     """Confidence and acceptance of each frame from the calibration of the other half."""
     q = len(raw)
     conf = np.zeros(q)
@@ -96,8 +96,8 @@ def cross_fitted(raw: np.ndarray, fit: np.ndarray, correct: np.ndarray,
         if not test.any():
             continue
         params = fit_calibration(raw[train], fit[train], correct[train], target_precision,
-                                 quiet=True)
-        conf[test] = calibrated_confidence(raw[test], fit[test], params)
+                                 quiet=True, fit_margin=fit_margin)
+        conf[test] = calibrated_confidence(raw[test], fit[test], params, fit_margin)
         accepted[test] = conf[test] >= params["threshold"]
     return conf, accepted
 
@@ -110,8 +110,10 @@ def stream_report(run: Dict, single_ranked: np.ndarray, positives: Sequence[np.n
     answer = run["answer"]
     ranked = ranked_with_answer(answer, single_ranked)
     correct = np.array([a in set(p.tolist()) for a, p in zip(answer, positives)], dtype=bool)
-    calibration = fit_calibration(run["raw"], run["fit"], correct, target_precision)
-    conf, accepted = cross_fitted(run["raw"], run["fit"], correct, target_precision)
+    margin = run["config"].fit_margin
+    calibration = fit_calibration(run["raw"], run["fit"], correct, target_precision,
+                                  fit_margin=margin)
+    conf, accepted = cross_fitted(run["raw"], run["fit"], correct, target_precision, margin)
     pr = precision_recall(conf, correct)
     published = int(accepted.sum())
     k = single_ranked.shape[1]
