@@ -28,3 +28,11 @@ RADIUS_M = 25.0
 # preprocess.load_image / decode_image_bytes ``max_pixels``).  Cameras give at most a few
 # tens of megapixels; "decompression bombs" claim billions.
 MAX_IMAGE_PIXELS = 50_000_000
+
+# Single-frame confidence (0..1) at or above which a match counts as confident (the pose is
+# published when the stream localizer is off).  The stream localizer's threshold comes
+# from its calibration in the map manifest instead.
+CONFIDENCE_THRESHOLD = 0.5
+
+# Precision the stream localizer's published-pose threshold is fitted for.
+TARGET_PRECISION = 0.99

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .constants import CONFIDENCE_THRESHOLD
 from .errors import ConfigError, MapError
 from .preprocess import preprocess, to_rgb_uint8
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIDENCE = {"model": "logistic", "bias": -2.0, "w_similarity": 0.0,
                       "w_margin": 40.0, "radius_m": 25.0, "fitted": False}
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = CONFIDENCE_THRESHOLD
 
 
 @dataclass

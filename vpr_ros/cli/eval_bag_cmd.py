@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ..constants import MAX_POSE_GAP_S, RADIUS_M
+from ..constants import CONFIDENCE_THRESHOLD, MAX_POSE_GAP_S, RADIUS_M
 from ..errors import ConfigError
 
 
@@ -41,7 +41,8 @@ def register(eval_subparsers) -> None:
     p.add_argument("--rerank-k", type=positive_int, default=20, metavar="K")
     p.add_argument("--top-k", type=positive_int, default=20, metavar="K",
                    help="candidates per frame (Recall@N up to N=K; default 20)")
-    p.add_argument("--confidence-threshold", type=probability, default=0.5, metavar="C",
+    p.add_argument("--confidence-threshold", type=probability, default=CONFIDENCE_THRESHOLD,
+                   metavar="C",
                    help="confident at confidence >= C (default 0.5)")
     from .eval_cmd import add_stream_args
 

@@ -9,6 +9,7 @@ import logging
 import shlex
 import sys
 
+from ..constants import TARGET_PRECISION
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,8 @@ def add_stream_args(p, bag: bool = False) -> None:
         g.add_argument("--odometry", metavar="CSV", default=None,
                        help="the robot's odometry at the queries (columns filename|t_s, x, "
                             "y[, z]); default: images alone")
-    g.add_argument("--target-precision", type=float_in(0.0, 1.0, True, True), default=0.99,
-                   metavar="P",
+    g.add_argument("--target-precision", type=float_in(0.0, 1.0, True, True),
+                   default=TARGET_PRECISION, metavar="P",
                    help="precision the published-pose threshold is fitted for (default 0.99)")
     g.add_argument("--stream-candidates", type=positive_int, default=50, metavar="K",
                    help="retrieval candidates per frame used as stream evidence (default 50)")

@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 
+from ..constants import CONFIDENCE_THRESHOLD
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--odometry", metavar="CSV", default=None,
                    help="with --sequence: the robot's odometry at the images (columns "
                         "filename|t_s, x, y[, z]; by file name)")
-    p.add_argument("--confidence-threshold", type=probability, default=0.5, metavar="C",
+    p.add_argument("--confidence-threshold", type=probability, default=CONFIDENCE_THRESHOLD,
+                   metavar="C",
                    help="confident = confidence >= C (default 0.5)")
     add_image_args(p)
     p.add_argument("--verify", default="full", choices=("full", "size", "none"),

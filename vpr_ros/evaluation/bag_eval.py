@@ -38,7 +38,7 @@ import numpy as np
 
 from ..atomic import atomic_directory
 from ..bags import POSE_TYPES, PoseTrack, bag_topics, read_images, read_poses
-from ..constants import MAX_POSE_GAP_S
+from ..constants import CONFIDENCE_THRESHOLD, MAX_POSE_GAP_S, TARGET_PRECISION
 from ..errors import BagError, DatasetError
 from .metrics import positives_within, precision_recall, recall_at_n
 
@@ -56,11 +56,11 @@ class BagEvalSettings:
     max_gap_s: float = MAX_POSE_GAP_S
     top_k: int = 20
     rerank_k: int = 0
-    confidence_threshold: float = 0.5
+    confidence_threshold: float = CONFIDENCE_THRESHOLD
     stream: bool = True
     stream_config: Optional[object] = None   # vpr_ros.stream.StreamConfig
     odometry_topic: Optional[str] = None     # the robot's odometry (never ground truth)
-    target_precision: float = 0.99
+    target_precision: float = TARGET_PRECISION
     realtime: bool = False
     rate: float = 1.0
     max_frames: Optional[int] = None

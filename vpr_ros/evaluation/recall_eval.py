@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..atomic import atomic_directory
+from ..constants import TARGET_PRECISION
 from ..maps.format import usual_permissions
 from ..errors import DatasetError
 from ..localizer import (DEFAULT_CONFIDENCE, Localizer, confidence_features,
@@ -43,7 +44,7 @@ class RecallSettings:
     stream: bool = True
     stream_config: Optional[object] = None   # vpr_ros.stream.StreamConfig (default settings)
     odometry_csv: Optional[str] = None       # the robot's odometry at the queries (never GT)
-    target_precision: float = 0.99
+    target_precision: float = TARGET_PRECISION
     examples: int = 6
     chunk: int = 64
 

@@ -50,7 +50,8 @@ from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS, PRECISIONS, RERANK_COMPUTES
+from ..constants import CONFIDENCE_THRESHOLD, PRECISIONS, RERANK_COMPUTES
+from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS
 from ..errors import ConfigError, ImageError, VprError
 from .conversions import msg_to_rgb, pose_from_arrays, rgb_to_image_msg, stamp_to_ns
 from .latest_slot import LatestSlot
@@ -96,8 +97,8 @@ PARAMETERS = {
     "rerank_k": (20, "candidates re-ranked when rerank is true", LIVE, (1, 200, 1)),
     "rerank_compute": ("fp32", "re-ranking similarity matmul: fp32 (exact official counts) or "
                                "bf16 (faster, approximate counts)", LIVE, RERANK_COMPUTES),
-    "confidence_threshold": (0.5, "a match is confident (pose published) at confidence >= this",
-                             LIVE, (0.0, 1.0, 0.0)),
+    "confidence_threshold": (CONFIDENCE_THRESHOLD, "a match is confident (pose published) at "
+                                                   "confidence >= this", LIVE, (0.0, 1.0, 0.0)),
     "temporal_filter": (False, "Bayes filter over places along each camera's image stream",
                         CONFIGURE, None),
     "stream": (True, "stream localizer per camera (vpr_ros.stream: route structure, odometry, "
