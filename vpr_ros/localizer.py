@@ -339,6 +339,10 @@ class Localizer:
 
     def _result(self, sims, idx, scores, reranked, stamp_ns, timings) -> LocalizationResult:
         places = self.place_map.places
+        # the single-frame candidates: the stream may have searched more (its evidence), but
+        # the single-frame answer and its confidence use the first max(top_k, rerank_k)
+        k = max(self.top_k, self.rerank_k)
+        sims, idx = sims[:k], idx[:k]
         cands = [Candidate(int(i), int(places.ids[i]), places.names[i], places.positions[i],
                            float(s), None if scores is None or not np.isfinite(scores[j])
                            else float(scores[j]))
