@@ -6,8 +6,8 @@ positions (REP-105 ``map``-frame metres) and, when the map was built from a driv
 build order (place index order, the order ``vpr map build`` wrote them in).  It never looks at
 file names.
 
-* **Spacing** ``spacing_m``: the typical distance between neighbouring places (median distance
-  to the nearest other place).
+* **Spacing** ``spacing_m``: the typical distance between neighbouring places
+  (:func:`place_spacing`: median distance to the nearest other place).
 * **Drive order.**  When consecutive places in build order are close (their median distance is
   at most ``drive_factor`` times the spacing), the map is a drive: each place gets a unit
   tangent ``(p[i+1] - p[i-1])`` and motion gets a direction (with or against the build order).
@@ -30,6 +30,25 @@ from typing import Tuple
 import numpy as np
 
 
+def place_spacing(positions, minimum: float = 1e-3, sample: int = 5000, seed: int = 0,
+                  tree=None) -> float:
+    """Median distance (m) from a place to its nearest other place, at least ``minimum``
+    (also for maps of fewer than two distinct places).  At most ``sample`` places are
+    queried (against all of them), so a 1M-place map costs as little as a 5000-place one."""
+    from scipy.spatial import cKDTree
+
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    pos = pos[np.all(np.isfinite(pos), axis=1)]
+    if len(pos) < 2:
+        return float(minimum)
+    tree = cKDTree(pos) if tree is None else tree
+    if len(pos) > sample:
+        pos = pos[np.random.default_rng(seed).choice(len(pos), sample, replace=False)]
+    nearest = tree.query(pos, k=2)[0][:, 1]
+    nearest = nearest[nearest > 1e-9]
+    return max(float(np.median(nearest)), float(minimum)) if len(nearest) else float(minimum)
+
+
 @dataclass
 class RouteGraph:
     positions: np.ndarray         # (N, 3) float64
@@ -50,14 +69,7 @@ class RouteGraph:
             raise ValueError("place positions must be finite")
         n = len(p)
         tree = cKDTree(p)
-        if n > 1:
-            dist, _ = tree.query(p, k=2)
-            nn = dist[:, 1]
-            positive = nn[nn > 1e-9]
-            spacing = float(np.median(positive)) if len(positive) else 1.0
-        else:
-            spacing = 1.0
-        spacing = max(spacing, 1e-3)
+        spacing = place_spacing(p, tree=tree)
         tangents = np.zeros_like(p)
         directed = False
         if n >= 3:

@@ -352,25 +352,12 @@ class StreamLocalizer:
         return True
 
     # ------------------------------------------------------------------ one frame
-    def update(self, result, degenerate: bool = False):
-        """Stream answer for one frame's LocalizationResult (a new result; the input is kept).
-
-        The returned result's place, pose, similarity and confidence are the stream's;
-        ``confident`` means confident at the calibrated threshold; ``result.stream`` holds
-        the :class:`StreamEstimate` and ``raw_place_index`` the single-frame answer.
-        """
-        idx = np.array([c.place_index for c in result.candidates], dtype=np.int64)
-        sims = np.array([c.similarity for c in result.candidates], dtype=np.float64)
-        rr = None
-        if result.reranked:
-            rr = np.array([np.nan if c.rerank_score is None else c.rerank_score
-                           for c in result.candidates], dtype=np.float64)
-        est = self.observe(idx, sims, descriptor=getattr(result, "descriptor", None),
-                           stamp_ns=result.stamp_ns, rerank_scores=rr, degenerate=degenerate)
-        return self.apply(result, est)
-
     def apply(self, result, est: StreamEstimate):
-        """A copy of ``result`` answering with the stream estimate ``est``."""
+        """A copy of ``result`` (a LocalizationResult) answering with the stream estimate
+        ``est``: the stream's place, pose, similarity and confidence; ``confident`` at the
+        calibrated threshold; ``result.stream`` = ``est``; ``single_frame`` and
+        ``raw_place_index`` = the frame's own answer.  (``Localizer`` calls observe() with
+        all the searched candidates, then this.)"""
         b = est.place_index
         places = self._places_table
         cand = {c.place_index: c for c in result.candidates}

@@ -217,7 +217,9 @@ def _evaluate(place_map, describer, local_extractor, rerank_k, q_paths, q_pos, s
     # Stream localizer over the queries in their order (driving order with a poses CSV).
     steps = np.linalg.norm(np.diff(np.asarray(q_pos)[:, :2], axis=0), axis=1)
     median_step = float(np.median(steps)) if len(steps) else 0.0
-    spacing = _map_spacing(place_map.places.positions)
+    from ..route import place_spacing
+
+    spacing = place_spacing(place_map.places.positions)
     # A continuous drive moves a few place spacings per frame at most; a set of separate
     # places (e.g. GRIEF) does not (scored from ground truth, for the report only).
     jumps = float(np.mean(steps > 3 * spacing)) if len(steps) else 0.0
@@ -271,12 +273,6 @@ def _pr_json(pr: dict) -> dict:
             "precision": [round(float(v), 5) for v in pr["precision"]],
             "recall": [round(float(v), 5) for v in pr["recall"]],
             "thresholds": [round(float(v), 6) for v in pr["thresholds"]]}
-
-
-def _map_spacing(positions: np.ndarray) -> float:
-    from ..route import RouteGraph
-
-    return float(RouteGraph.from_positions(positions).spacing_m)
 
 
 def public_report(report: dict) -> dict:

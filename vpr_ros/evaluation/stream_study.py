@@ -74,8 +74,8 @@ def _score(answers, conf, positives) -> Dict[str, float]:
 
 
 def run_methods(db_desc, db_pos, q_desc, q_pos, methods=METHODS, k: int = 50) -> dict:
-    from ..stream import StreamLocalizer
     from ..temporal import PlaceBeliefFilter
+    from .stream_eval import run_stream
 
     sims = q_desc @ db_desc.T
     k = min(k, sims.shape[1])
@@ -94,17 +94,10 @@ def run_methods(db_desc, db_pos, q_desc, q_pos, methods=METHODS, k: int = 50) ->
     for name, odo in (("stream", None), ("stream+odometry", simulated_odometry(q_pos))):
         if name not in methods:
             continue
-        st = StreamLocalizer(db_pos, descriptors=db_desc)
-        answers, raw, ms = [], [], []
-        for i in range(len(top)):
-            stamp = i * 1_000_000_000
-            if odo is not None:
-                st.add_odometry(stamp, odo[i])
-            e = st.observe(top[i], top_s[i], descriptor=q_desc[i], stamp_ns=stamp)
-            answers.append(e.place_index)
-            raw.append(e.raw_confidence)
-            ms.append(e.timings_ms["stream"])
-        out[name] = dict(_score(answers, raw, positives), ms=round(float(np.median(ms)), 2))
+        run = run_stream(db_pos, top, top_s, map_descriptors=db_desc, query_descriptors=q_desc,
+                         odometry=odo)
+        out[name] = dict(_score(run["answer"], run["raw"], positives),
+                         ms=round(float(np.median(run["ms"])), 2))
     return out
 
 

@@ -51,25 +51,11 @@ def covariance_from_confidence(confidence: float, position_sigma_m: float,
 
 
 def place_spacing(positions: np.ndarray, seed: int = 0) -> float:
-    """Median distance (m) from a place to its nearest other place (a sample of at most 5000
-    places against all of them); MIN_SPACING_M for maps of fewer than two distinct places."""
-    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-    pos = pos[np.all(np.isfinite(pos), axis=1)]
-    if len(pos) < 2:
-        return MIN_SPACING_M
-    from scipy.spatial import cKDTree
+    """The map's place spacing (vpr_ros.route.place_spacing), at least MIN_SPACING_M: the
+    scale of markers and of the /initialpose covariance."""
+    from ..route import place_spacing as spacing
 
-    tree = cKDTree(pos)
-    rng = np.random.default_rng(seed)
-    sample = pos
-    if len(pos) > SPACING_SAMPLE:
-        sample = pos[rng.choice(len(pos), SPACING_SAMPLE, replace=False)]
-    dist, _ = tree.query(sample, k=2)
-    nearest = dist[:, 1]
-    nearest = nearest[nearest > 0]
-    if not len(nearest):
-        return MIN_SPACING_M
-    return max(float(np.median(nearest)), MIN_SPACING_M)
+    return spacing(positions, minimum=MIN_SPACING_M, sample=SPACING_SAMPLE, seed=seed)
 
 
 def score_colour(scores: Sequence[float]) -> np.ndarray:
