@@ -193,6 +193,42 @@ def test_switch_maps_without_restart(rig_factory, two_maps, images):
     assert m["frame_id"] == "world"
 
 
+def test_acceleration_switches_are_node_parameters(rig_factory, two_maps, images, tmp_path):
+    """native_kernels / integer_attention / kernel_cache are parameters (unconfigured): off
+    runs int8 on torch ops; on builds the kernels into kernel_cache at configure; the
+    diagnostics say what the switches came to."""
+    cache = tmp_path / "kernels"
+    rig = rig_factory({"map_path": str(two_maps[0]), "device": "cpu", "precision": "int8",
+                       "autostart": False, "stream": False, "native_kernels": "off",
+                       "integer_attention": "off", "kernel_cache": str(cache)})
+    assert rig.transition(Transition.TRANSITION_CONFIGURE)
+    assert rig.transition(Transition.TRANSITION_ACTIVATE)
+    pub = rig.publisher(Image, "/camera/image_raw")
+    m = rig.frame(pub, rgb_to_image_msg(images[3], ns_to_stamp(SEC), "cam"), 0)
+    first_off = m["place_ids"][0]
+    wait_for(lambda: rig.diag_values().get("native_kernels") == "off", 10, "diagnostics")
+    assert rig.diag_values()["integer_attention"] == "off"
+    assert not cache.exists() or not any(cache.rglob("*.so"))      # nothing was built
+
+    refused = rig.set_params(native_kernels="on")[0]
+    assert not refused.successful and "unconfigured" in refused.reason
+    assert rig.transition(Transition.TRANSITION_DEACTIVATE)
+    assert rig.transition(Transition.TRANSITION_CLEANUP)
+    bad = rig.set_params(native_kernels="fast")[0]
+    assert not bad.successful and "auto, on, off" in bad.reason
+    results = rig.set_params(native_kernels="on", integer_attention="on")
+    assert all(r.successful for r in results), [r.reason for r in results]
+    assert rig.transition(Transition.TRANSITION_CONFIGURE)
+    assert any(cache.rglob("*.so")), "the kernels are built into kernel_cache at configure"
+    assert rig.transition(Transition.TRANSITION_ACTIVATE)
+    wait_for(lambda: pub.get_subscription_count() > 0, 30, "resubscription")
+    time.sleep(0.5)
+    m = rig.frame(pub, rgb_to_image_msg(images[3], ns_to_stamp(2 * SEC), "cam"), 1)
+    assert m["place_ids"][0] == first_off
+    wait_for(lambda: rig.diag_values().get("native_kernels") == "on", 10, "diagnostics")
+    assert rig.diag_values()["integer_attention"] == "on"
+
+
 def test_relocalize_initialpose_markers_and_lost_state(rig_factory, two_maps, images):
     map_a, _ = two_maps
     rig = rig_factory({"map_path": str(map_a), "device": "cpu", "confidence_threshold": 0.0,

@@ -62,6 +62,7 @@ from .outputs import (covariance_from_confidence, initialpose_msg, map_markers, 
 NODE_NAME = "vpr_localizer"
 TRANSPORTS = ("raw", "compressed")
 VERIFY_MODES = ("full", "size", "none")
+SWITCHES = ("auto", "on", "off")   # acceleration switches: auto = override / default
 DEFAULT_FRAME = "map"
 ODOMETRY_QUEUE = 2000      # odometry messages held per camera between two processed frames
 
@@ -92,6 +93,15 @@ PARAMETERS = {
     "device": ("auto", "torch device: auto, cpu, cuda, cuda:N", CONFIGURE, None),
     "precision": ("fp32", "inference precision: fp32, bf16, fp16 (CUDA only), int8 (CPU only)",
                   CONFIGURE, PRECISIONS),
+    "native_kernels": ("auto", "C kernels built on first use (fused int8 passes, integer "
+                               "attention, verified exact re-ranking): auto (on where a C "
+                               "compiler exists; override VPR_ROS_NATIVE_KERNELS), on, off "
+                               "(torch ops: same results, slower)", CONFIGURE, SWITCHES),
+    "integer_attention": ("auto", "int8 models: int16 integer attention (auto = on; override "
+                                  "VPR_ROS_INTEGER_ATTENTION), on, or off (float32 SDPA)",
+                          CONFIGURE, SWITCHES),
+    "kernel_cache": ("", "folder of the compiled kernels; empty = ~/.cache/vpr_ros/kernels "
+                         "(override VPR_ROS_KERNEL_CACHE)", CONFIGURE, None),
     "top_k": (10, "number of candidates published on ~/candidates and ~/matches", LIVE,
               (1, 100, 1)),
     "rerank_k": (20, "candidates re-ranked when rerank is true", LIVE, (1, 200, 1)),
@@ -424,8 +434,10 @@ class LocalizerNode(LifecycleNode):
         manifest = read_manifest(map_path)
         card = self.p("model") or (manifest.get("model") or {}).get("card")
         device, precision = self.p("device"), self.p("precision")
+        accel = self.accel_options()
         describer = GlobalDescriber(card=card, weights=self.p("weights") or None,
-                                    device=device, precision=precision, batch_size=1)
+                                    device=device, precision=precision, batch_size=1,
+                                    accel=accel)
         local = None
         if self.p("rerank"):
             lf = (manifest.get("local_features") or {}).get("model") or {}
@@ -434,7 +446,8 @@ class LocalizerNode(LifecycleNode):
                 raise ConfigError(f"rerank is true but map {map_path} has no local features; "
                                   "rebuild the map with local features or set rerank:=false")
             local = LocalFeatureExtractor(card=rcard, weights=self.p("rerank_weights") or None,
-                                          device=device, precision=precision, batch_size=1)
+                                          device=device, precision=precision, batch_size=1,
+                                          accel=accel)
         verify = {"none": False}.get(self.p("map_verify"), self.p("map_verify"))
         place_map = PlaceMap.open_for(map_path, describer, local, verify=verify, device=device)
         temporal = bool(self.p("temporal_filter"))
@@ -453,10 +466,40 @@ class LocalizerNode(LifecycleNode):
         info = {"map": str(map_path), "map_size": len(place_map), "model": describer.card.name,
                 "fingerprint": describer.fingerprint, "device": str(describer.device),
                 "precision": describer.precision,
+                **self._accel_state(accel, describer, local),
                 "rerank_model": local.card.name if local is not None else "",
                 "map_frame_id": place_map.places.frame_id,
                 "stream": "on" if localizer.stream is not None else "off"}
         return localizer, make_localizer, info
+
+    def accel_options(self):
+        """AccelOptions from the native_kernels / integer_attention / kernel_cache parameters
+        (auto = the documented environment override, else the default)."""
+        from ..accel.options import AccelOptions
+
+        switch = {"auto": None, "on": True, "off": False}
+        return AccelOptions(native_kernels=switch[self.p("native_kernels")],
+                            integer_attention=switch[self.p("integer_attention")],
+                            kernel_cache=self.p("kernel_cache") or None)
+
+    @staticmethod
+    def _accel_state(accel, describer, local) -> Dict[str, str]:
+        """What the acceleration switches came to (diagnostics): the kernels are built here,
+        at configure, where a model or the re-ranking uses them, not at the first frame."""
+        if describer.device.type != "cpu":
+            return {"native_kernels": "unused (not on the CPU)", "integer_attention": "unused"}
+        uses = describer.precision == "int8" or local is not None
+        if not uses:
+            return {"native_kernels": "unused (fp32, no re-ranking)",
+                    "integer_attention": "unused"}
+        from ..accel.int8_kernels import native_kernels
+
+        built = native_kernels(accel.native_kernels, accel.kernel_cache) is not None
+        state = "on" if built else ("off" if accel.use_native_kernels() is False
+                                    else "unavailable (no C compiler; see the log)")
+        attention = ("on" if built and accel.use_integer_attention() else "off") \
+            if describer.precision == "int8" else "unused"
+        return {"native_kernels": state, "integer_attention": attention}
 
     def _make_stream(self, place_map):
         """A stream localizer for one camera (route and calibration from the map), or None."""
