@@ -41,9 +41,15 @@ def _official(query: torch.Tensor, cands) -> list:
 
 
 def _both(query, cands):
+    """(verified, plain) counts and the verified path's stats; the fused path and the
+    automatic choice must give the plain counts too."""
     stats = {}
-    fast = mutual_nn_counts(query, cands, stats=stats)
+    fast = mutual_nn_counts(query, cands, stats=stats, path="verified")
     plain = mutual_nn_counts(query, cands, native=False)
+    fused_stats = {}
+    fused = mutual_nn_counts(query, cands, stats=fused_stats, path="fused")
+    assert fused.tolist() == plain.tolist()
+    assert mutual_nn_counts(query, cands).tolist() == plain.tolist()
     return fast, plain, stats
 
 
@@ -165,6 +171,8 @@ def test_exact_recomputation_equals_blas_bit_for_bit(kernels):
                                values=True)
     np.testing.assert_array_equal(gen[1], full.max(1)[::9])
     assert R._blas_is_fma_chain(kernels)
+    m = kernels.fma_matrix(a[:50], b[:300])
+    np.testing.assert_array_equal(m, full[:50, :300])
 
 
 def test_native_false_and_disabled_kernels_use_the_plain_path(monkeypatch):

@@ -163,8 +163,11 @@ class NativeKernels:
             "vpr_point_norms": [vp, _I64, _I64, vp, vp, i32],
             "vpr_pack_panels": [vp, _I64, _I64, vp],
             "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
+            "vpr_mnn_exact_counts": [vp, vp, _I64, vp, _I64, _I64, _I64, vp, i32, i32],
+            "vpr_fma_matrix": [vp, _I64, vp, _I64, _I64, vp, i32],
         }
-        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int}
+        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
+                   "vpr_mnn_exact_counts": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -368,6 +371,46 @@ class NativeKernels:
                                        sel.ctypes.data, sel.size, out.ctypes.data,
                                        best.ctypes.data, int(generic), torch.get_num_threads())
         return (out, best) if values else out
+
+    def mnn_exact_counts(self, candidates, q: "Panels", splits: int = 1,
+                         generic: bool = False) -> np.ndarray:
+        """Exact mutual-nearest-neighbour counts of the packed query ``q`` against each of
+        ``candidates`` (C-contiguous (n_x, c) float32 arrays, finite, small enough that no
+        product overflows), fused: every similarity one in-order FMA chain (the BLAS value,
+        as :meth:`exact_argmax`), both argmaxes first index on ties, the matrix never stored.
+        ``splits``: ranges of candidate points per candidate (work items for the threads
+        when there are few candidates).  ``vpr_mnn_exact_counts`` in ``int8_kernels.c``."""
+        c = q.data.shape[1]
+        for x in candidates:
+            self._check_np(x, np.float32, "candidate")
+            if x.shape[1] != c:
+                raise ValueError(f"candidate {x.shape} and the packed query ({q.n}, {c}) "
+                                 "do not fit")
+        counts = np.zeros(len(candidates), dtype=np.int64)
+        if not len(candidates) or q.n == 0:
+            return counts
+        ptrs = np.array([x.ctypes.data for x in candidates], dtype=np.int64)
+        n_x = np.array([x.shape[0] for x in candidates], dtype=np.int64)
+        status = self._lib.vpr_mnn_exact_counts(ptrs.ctypes.data, n_x.ctypes.data, len(ptrs),
+                                                q.data.ctypes.data, q.n, c, int(splits),
+                                                counts.ctypes.data, int(generic),
+                                                torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("mnn_exact_counts: could not allocate its scratch memory")
+        return counts
+
+
+    def fma_matrix(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a @ b.T`` (float32) with every dot product one in-order FMA chain (plain C):
+        what the exact re-ranking paths compute, to check numpy's BLAS against."""
+        self._check_np(a, np.float32, "a")
+        self._check_np(b, np.float32, "b")
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"a {a.shape} and b {b.shape} do not fit")
+        out = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
+        self._lib.vpr_fma_matrix(a.ctypes.data, a.shape[0], b.ctypes.data, b.shape[0],
+                                 a.shape[1], out.ctypes.data, torch.get_num_threads())
+        return out
 
 
 class Panels:
