@@ -813,8 +813,9 @@ void vpr_exact_argmax(const float *a, const float *b_panels, int64_t n_b, int64_
                 __m512 acc[4][2];
                 for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
                 for (int64_t k = 0; k < c; ++k) {
-                    const __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
-                    const __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
+                    __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    __asm__("" : "+v"(b0), "+v"(b1));     /* one load each, not 4 */
                     for (int r = 0; r < 4; ++r) {
                         const __m512 xk = _mm512_set1_ps(x[r][k]);
                         acc[r][0] = _mm512_fmadd_ps(xk, b0, acc[r][0]);
@@ -944,8 +945,11 @@ static void mnn_exact_range(const float *x, int64_t j_begin, int64_t j_end, cons
                 __m512 acc[FUSED_ROWS][2];
                 for (int r = 0; r < FUSED_ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
                 for (int64_t k = 0; k < c; ++k) {
-                    const __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
-                    const __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
+                    __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    /* keep b in registers: folded into each FMA it is loaded 4 times, and
+                     * one 512-bit load per cycle then bounds the loop */
+                    __asm__("" : "+v"(b0), "+v"(b1));
                     for (int r = 0; r < FUSED_ROWS; ++r) {
                         const __m512 xk = _mm512_set1_ps(xr[r][k]);
                         acc[r][0] = _mm512_fmadd_ps(xk, b0, acc[r][0]);
