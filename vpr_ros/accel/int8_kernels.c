@@ -1092,3 +1092,234 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
             out[i * n_b + j] = acc;
         }
 }
+
+/* ------------------------------------------------------------------------------------
+ * rrspeed: int8 candidate lists for exact re-ranking of large maps (vpr_mnn_topm8).
+ *
+ * Codes: the candidate map as u8 = code + 128 (rows of c4 = c rounded up to 4, n_x
+ * rounded up to 4 rows, padding code 0 = byte 128), the query as s8 codes in the layout
+ * [n_q_pad/16][c4/4][16][4] (n_q_pad a multiple of 64, padding 0) with q_sum[i] = the sum
+ * of query point i's codes.  vpdpbusd (u8 x s8, int32 sums, no saturation) gives
+ * sum (code_x + 128) code_q, and minus 128 q_sum[i] the exact code dot product I[j][i]
+ * (|I| <= c 127 127: no overflow).  No matrix is stored: tiles of 4 candidate points x
+ * 64 query points update
+ *   per candidate point j, its TOPM largest values over the query points with their
+ *     indices (row_v/row_i [n_x][TOPM], descending, INT32_MIN / -1 where fewer);
+ *   per query point i, per thread t, its TOPM largest over the candidate points of
+ *     thread t's range (col_v/col_i [t][TOPM][n_q_pad]).
+ * A value enters a list only when strictly larger than the list's last, so an entry left
+ * out is never larger than the last kept one: the caller proves from these lists which
+ * entries may be the float32 argmax and recomputes only those exactly.
+ * Returns 0, or -1 when scratch memory could not be allocated.
+ * ------------------------------------------------------------------------------------ */
+#define TOPM 8
+#define T8_GROUP 64
+
+static inline void topm_insert(int32_t *v, int32_t *ix, int64_t stride, int32_t value,
+                               int32_t index) {
+    /* v[0] >= v[stride] >= ... (TOPM entries); value > v[(TOPM-1) stride] */
+    int p = TOPM - 1;
+    while (p > 0 && value > v[(p - 1) * stride]) {
+        v[p * stride] = v[(p - 1) * stride];
+        ix[p * stride] = ix[(p - 1) * stride];
+        --p;
+    }
+    v[p * stride] = value;
+    ix[p * stride] = index;
+}
+
+static __attribute__((noinline)) void topm8_tile(const uint8_t *x, int64_t c4,
+                                                  const int8_t *qg, const int32_t *zero,
+                                                  int32_t tile[4][T8_GROUP], int generic) {
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        /* 16 named accumulators and vpdpbusd through asm: with an array and GCC's
+         * intrinsic the accumulators are copied or kept in memory on every step */
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+        __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00;
+        __m512i a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        const int64_t groups = c4 / 4, block = groups * 64;      /* bytes per 16 points */
+        const uint8_t *x0 = x, *x1 = x + c4, *x2 = x + 2 * c4, *x3 = x + 3 * c4;
+#define T8_DP(acc, row, col) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
+        for (int64_t g = 0; g < groups; ++g) {
+            int32_t f0, f1, f2, f3;
+            memcpy(&f0, x0 + 4 * g, 4);
+            memcpy(&f1, x1 + 4 * g, 4);
+            memcpy(&f2, x2 + 4 * g, 4);
+            memcpy(&f3, x3 + 4 * g, 4);
+            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
+            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
+            const int8_t *qq = qg + g * 64;
+            __m512i col = _mm512_load_si512((const void *)qq);
+            T8_DP(a00, r0, col); T8_DP(a10, r1, col); T8_DP(a20, r2, col); T8_DP(a30, r3, col);
+            col = _mm512_load_si512((const void *)(qq + block));
+            T8_DP(a01, r0, col); T8_DP(a11, r1, col); T8_DP(a21, r2, col); T8_DP(a31, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 2 * block));
+            T8_DP(a02, r0, col); T8_DP(a12, r1, col); T8_DP(a22, r2, col); T8_DP(a32, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 3 * block));
+            T8_DP(a03, r0, col); T8_DP(a13, r1, col); T8_DP(a23, r2, col); T8_DP(a33, r3, col);
+        }
+#undef T8_DP
+        const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                   {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        for (int l = 0; l < 4; ++l) {          /* zero point of the u8 codes: 128 q_sum */
+            const __m512i z = _mm512_loadu_si512((const void *)(zero + l * 16));
+            for (int r = 0; r < 4; ++r)
+                _mm512_store_si512((void *)&tile[r][l * 16], _mm512_sub_epi32(acc[r][l], z));
+        }
+        return;
+    }
+#endif
+    (void)generic;
+    const int64_t groups = c4 / 4, block = groups * 64;
+    for (int r = 0; r < 4; ++r)
+        for (int e = 0; e < T8_GROUP; ++e) {
+            const int8_t *qb = qg + (e / 16) * block + (e % 16) * 4;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < groups; ++g)
+                for (int b = 0; b < 4; ++b)
+                    acc += (int32_t)x[r * c4 + 4 * g + b] * (int32_t)qb[g * 64 + b];
+            tile[r][e] = acc - zero[e];
+        }
+}
+
+int vpr_mnn_topm8(const uint8_t *x, int64_t n_x, const int8_t *q, const int32_t *q_sum,
+                  int64_t n_q, int64_t c4, int32_t *row_v, int32_t *row_i, int32_t *col_v,
+                  int32_t *col_i, int64_t col_threads, int generic, int num_threads) {
+    const int64_t n_q_pad = (n_q + T8_GROUP - 1) / T8_GROUP * T8_GROUP;
+    const int64_t groups = n_q_pad / T8_GROUP, group_bytes = T8_GROUP * c4;
+    if (num_threads > col_threads) num_threads = (int)col_threads;
+    if (num_threads < 1) num_threads = 1;
+    for (int64_t e = 0; e < n_x * TOPM; ++e) {
+        row_v[e] = INT32_MIN;
+        row_i[e] = -1;
+    }
+    for (int64_t e = 0; e < col_threads * TOPM * n_q_pad; ++e) {
+        col_v[e] = INT32_MIN;
+        col_i[e] = -1;
+    }
+    int32_t *zero = malloc((size_t)n_q_pad * sizeof(int32_t));
+    if (!zero) return -1;
+    for (int64_t i = 0; i < n_q_pad; ++i) zero[i] = 128 * q_sum[i];
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t per = round_up((n_x + nt - 1) / nt, 4);
+        const int64_t j_start = t * per < n_x ? t * per : n_x;
+        const int64_t j_end = j_start + per < n_x ? j_start + per : n_x;
+        int32_t *cv = col_v + (int64_t)t * TOPM * n_q_pad, *ci = col_i + (int64_t)t * TOPM * n_q_pad;
+        int32_t tile[4][T8_GROUP] __attribute__((aligned(64)));
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const int8_t *qg = q + gi * group_bytes;
+            const int64_t i0 = gi * T8_GROUP;
+            const int valid = (int)(n_q - i0 < T8_GROUP ? n_q - i0 : T8_GROUP);
+            for (int64_t j0 = j_start; j0 < j_end; j0 += 4) {
+                const int rows = (int)(j_end - j0 < 4 ? j_end - j0 : 4);
+                topm8_tile(x + j0 * c4, c4, qg, zero + i0, tile, generic);
+                for (int r = 0; r < rows; ++r) {              /* rows: rare insertions */
+                    int32_t *rv = row_v + (j0 + r) * TOPM, *ri = row_i + (j0 + r) * TOPM;
+                    const int32_t last = rv[TOPM - 1];
+#if VPR_HAVE_VNNI
+                    if (!generic) {     /* visit only the lanes above the list's last */
+                        const __m512i thr = _mm512_set1_epi32(last);
+                        for (int l = 0; l < 4; ++l) {
+                            uint32_t m = _mm512_cmpgt_epi32_mask(
+                                _mm512_load_si512((const void *)&tile[r][l * 16]), thr);
+                            while (m) {
+                                const int e = l * 16 + __builtin_ctz(m);
+                                m &= m - 1;
+                                if (e < valid && tile[r][e] > rv[TOPM - 1])
+                                    topm_insert(rv, ri, 1, tile[r][e], (int32_t)(i0 + e));
+                            }
+                        }
+                        continue;
+                    }
+#endif
+                    for (int e = 0; e < valid; ++e)
+                        if (tile[r][e] > rv[TOPM - 1])
+                            topm_insert(rv, ri, 1, tile[r][e], (int32_t)(i0 + e));
+                }
+                /* columns: the rows of the tile in order; rare insertions */
+                for (int e0 = 0; e0 < T8_GROUP; e0 += 16) {
+#if VPR_HAVE_VNNI
+                    if (!generic) {     /* rows in order; only the lanes above the last */
+                        const __m512i thr = _mm512_loadu_si512(
+                            (const void *)(cv + (TOPM - 1) * n_q_pad + i0 + e0));
+                        for (int r = 0; r < rows; ++r) {
+                            uint32_t m = _mm512_cmpgt_epi32_mask(
+                                _mm512_load_si512((const void *)&tile[r][e0]), thr);
+                            while (m) {
+                                const int64_t i = i0 + e0 + __builtin_ctz(m);
+                                const int32_t v = tile[r][i - i0];
+                                m &= m - 1;
+                                if (v > cv[(TOPM - 1) * n_q_pad + i])
+                                    topm_insert(cv + i, ci + i, n_q_pad, v, (int32_t)(j0 + r));
+                            }
+                        }
+                        continue;
+                    }
+#endif
+                    for (int r = 0; r < rows; ++r)
+                        for (int e = e0; e < e0 + 16; ++e) {
+                            const int64_t i = i0 + e;
+                            if (tile[r][e] > cv[(TOPM - 1) * n_q_pad + i])
+                                topm_insert(cv + i, ci + i, n_q_pad, tile[r][e], (int32_t)(j0 + r));
+                        }
+                }
+            }
+        }
+    }
+    free(zero);
+    return 0;
+}
+
+/* out[t] = dot(a[ia[t]], b[ib[t]]) for t < n, each one chain of fused multiply-adds in
+ * channel order from 0 (the BLAS value, as vpr_exact_argmax); 8 pairs at a time so that
+ * 8 independent chains fill the FMA pipes. */
+void vpr_exact_pairs(const float *a, const float *b, int64_t c, const int64_t *ia,
+                     const int64_t *ib, int64_t n, float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int nr = (int)(n - t0 < 8 ? n - t0 : 8);
+        const float *pa[8], *pb[8];
+        float acc[8];
+        for (int r = 0; r < 8; ++r) {
+            const int64_t t = t0 + (r < nr ? r : 0);
+            pa[r] = a + ia[t] * c;
+            pb[r] = b + ib[t] * c;
+            acc[r] = 0.0f;
+        }
+        for (int64_t k = 0; k < c; ++k)
+            for (int r = 0; r < 8; ++r) acc[r] = fmaf(pa[r][k], pb[r][k], acc[r]);
+        for (int r = 0; r < nr; ++r) out[t0 + r] = acc[r];
+    }
+}
+
+/* int8 codes of x with one scale: code = rint(x / scale) clamped to [-127, 127], stored
+ * with offset (code + offset: 128 gives the u8 codes of vpr_mnn_topm8, 0 the s8 ones) in
+ * rows of c_pad (padding: offset); err[j] = |x_j - scale code_j|, hat[j] = |scale code_j|,
+ * sum[j] = the sum of the codes, in double / int32. */
+void vpr_codes8(const float *x, int64_t n, int64_t c, int64_t c_pad, double scale, int offset,
+                uint8_t *codes, double *err, double *hat, int32_t *sum, int num_threads) {
+    const double inv = 1.0 / scale;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        uint8_t *q = codes + j * c_pad;
+        double e = 0.0, h = 0.0;
+        int32_t s = 0;
+        for (int64_t k = 0; k < c; ++k) {
+            double code = rint((double)p[k] * inv);
+            code = code > 127.0 ? 127.0 : code < -127.0 ? -127.0 : code;
+            q[k] = (uint8_t)(int8_t)(code + 0.0) + (uint8_t)offset;
+            s += (int32_t)code;
+            const double r = scale * code, d = (double)p[k] - r;
+            e += d * d;
+            h += r * r;
+        }
+        for (int64_t k = c; k < c_pad; ++k) q[k] = (uint8_t)offset;
+        err[j] = sqrt(e);
+        hat[j] = sqrt(h);
+        sum[j] = s;
+    }
+}

@@ -430,6 +430,116 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
     return int(np.count_nonzero(best_query[best_cand] == np.arange(n_q)))
 
 
+# ----------------------------------------------------------- int8 candidate-list path
+#
+# Large maps: int8 codes (one scale per map, u8 x s8 with a zero-point correction, exact in
+# int32 through vpdpbusd: twice the int16 rate) keep per row and per column a list of the
+# TOPM largest code similarities (``vpr_mnn_topm8``).  With the bound B of the verified
+# path (quantisation + float32 rounding, now for 8-bit codes), an entry whose code value
+# is more than B below the best of its list is strictly smaller in float32 than the best
+# entry, and so is every entry left out of the list when the list's last value is.  So
+# only the listed entries within B of the best are recomputed exactly (a few dot products,
+# ``vpr_exact_pairs``, FMA chains = the BLAS values), first index on ties among them; a
+# row or column whose last listed value is still within B is recomputed whole.
+
+
+class _Codes8:
+    """int8 codes of one map with one scale (u8 with offset 128 for candidates), with the
+    per-point bounds of :class:`_Codes`."""
+
+    __slots__ = ("codes", "scale", "err", "hat", "norm", "sums", "n")
+
+    def __init__(self, kernels, points: np.ndarray, rows: int, offset: int):
+        n, c = points.shape
+        norm, absmax = kernels.point_norms(points)
+        scale = absmax / 127.0 if absmax > 0 else 1.0
+        if not (np.isfinite(scale) and 1e-30 < scale < 1e30):
+            raise _Unverifiable("features too large or too small for int8 codes")
+        self.codes, err, hat, self.sums = kernels.codes8(points, scale, rows, -(-c // 4) * 4,
+                                                         offset)
+        self.err = err * _MARGIN + 1e-12 * norm
+        self.hat, self.norm = hat * _MARGIN, norm * _MARGIN
+        self.scale, self.n = scale, n
+
+
+def _resolve(values: np.ndarray, index: np.ndarray, last: np.ndarray, scale: float,
+             bound: np.ndarray):
+    """Candidate lists (n, L) (values descending per thread part, index -1 where empty),
+    each list's unknown bound ``last`` (the largest value an entry left out can have,
+    INT32_MIN if none was left out) -> (decided index (n,), -1 where exact work is
+    needed; mask (n, L) of entries to recompute; rows to recompute whole)."""
+    best_pos = np.argmax(values, axis=1)
+    n = values.shape[0]
+    best = values[np.arange(n), best_pos].astype(np.float64)
+    near = ((best[:, None] - values) * scale * (1 - 1e-9) <= bound[:, None]) & (index >= 0)
+    whole = (last != np.iinfo(np.int32).min) & ~(
+        (best - last.astype(np.float64)) * scale * (1 - 1e-9) > bound)
+    decided = np.where(near.sum(axis=1) == 1, index[np.arange(n), best_pos], -1)
+    decided[whole] = -1
+    near[whole] = False
+    return decided, near, np.flatnonzero(whole)
+
+
+def _first_max(points: np.ndarray, near: np.ndarray, index: np.ndarray, exact: np.ndarray):
+    """Per point with several near entries: the first index of the largest exact value."""
+    rows = np.flatnonzero(near.any(axis=1))
+    vals = np.full(near.shape, -np.inf, dtype=np.float64)
+    vals[near] = exact
+    vals = vals[rows]
+    idx = np.where(near[rows], index[rows], np.iinfo(np.int64).max)
+    top = vals.max(axis=1, keepdims=True)
+    return rows, np.where(vals == top, idx, np.iinfo(np.int64).max).min(axis=1)
+
+
+def _topm8_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes8", q_layout, q_sum,
+                 q_panels, gamma: float, stats: Optional[dict]) -> int:
+    """Mutual nearest-neighbour count of one candidate map, identical to
+    :func:`mutual_count` of its float32 similarities (see the comment above)."""
+    xc = _Codes8(kernels, cand, -(-cand.shape[0] // 4) * 4, 128)
+    n_x, n_q = cand.shape[0], q.shape[0]
+    row_v, row_i, col_v, col_i = kernels.mnn_topm8(xc.codes, n_x, q_layout, q_sum, n_q)
+    scale = xc.scale * qc.scale
+    q_norm = float(qc.norm.max())
+    row_bound = 2.0 * (xc.err * q_norm + xc.hat * float(qc.err.max())
+                       + gamma * xc.norm * q_norm)
+    col_bound = 2.0 * (float(xc.err.max()) * qc.norm + float(xc.hat.max()) * qc.err
+                       + gamma * float(xc.norm.max()) * qc.norm)
+    imin = np.iinfo(np.int32).min
+    row_last = np.where(row_i[:, -1] >= 0, row_v[:, -1], imin)
+    r_dec, r_near, r_whole = _resolve(row_v, row_i, row_last, scale, row_bound)
+    threads, m, _ = col_v.shape
+    cv = col_v[:, :, :n_q].transpose(2, 0, 1).reshape(n_q, threads * m)
+    ci = col_i[:, :, :n_q].transpose(2, 0, 1).reshape(n_q, threads * m)
+    full = col_i[:, -1, :n_q] >= 0
+    col_last = np.where(full, col_v[:, -1, :n_q], imin).max(axis=0)
+    c_dec, c_near, c_whole = _resolve(cv, ci, col_last, scale, col_bound)
+    # the near entries of both directions, exactly, in one call
+    rj, rk = np.nonzero(r_near)
+    cj, ck = np.nonzero(c_near)
+    exact = kernels.exact_pairs(cand, q, np.concatenate([rj, ci[cj, ck]]),
+                                np.concatenate([row_i[rj, rk], cj]))
+    best_query = r_dec.astype(np.int64)
+    best_cand = c_dec.astype(np.int64)
+    if len(rj):
+        pts, first = _first_max(cand, r_near, row_i.astype(np.int64), exact[:len(rj)])
+        best_query[pts] = first
+    if len(cj):
+        pts, first = _first_max(q, c_near, ci.astype(np.int64), exact[len(rj):])
+        best_cand[pts] = first
+    if len(r_whole):
+        best_query[r_whole] = kernels.exact_argmax(cand, q_panels, r_whole)
+    if len(c_whole):
+        best_cand[c_whole] = kernels.exact_argmax(q, kernels.pack_panels(cand), c_whole)
+    if stats is not None:
+        stats["rows"] = stats.get("rows", 0) + n_x
+        stats["cols"] = stats.get("cols", 0) + n_q
+        stats["rows_recomputed"] = stats.get("rows_recomputed", 0) + len(r_whole)
+        stats["cols_recomputed"] = stats.get("cols_recomputed", 0) + len(c_whole)
+        stats["pairs_recomputed"] = stats.get("pairs_recomputed", 0) + len(exact)
+        stats["topm8"] = stats.get("topm8", 0) + 1
+    return int(np.count_nonzero(best_query[best_cand] == np.arange(n_q)))
+
+
 _FMA_CHECK: dict = {}
 
 
