@@ -643,9 +643,47 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
 
 static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int rows,
                      int32_t tile[ROWS][MNN_GROUP], int generic) {
-    /* the attention's product: 4 rows x 4 blocks of 16 query points; exact (every partial
-     * sum of a code dot product is bounded like the whole one, by Cauchy-Schwarz) */
+    /* 4 rows x 4 blocks of 16 query points, the attention's product (s16_product) in
+     * other registers; exact (every partial sum of a code dot product is bounded like the
+     * whole one, by Cauchy-Schwarz) */
     (void)rows;
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        /* 16 named accumulators, each query load in a register serving 4 rows, vpdpwssd
+         * through asm: GCC folds the loads into every vpdpwssd (4 loads of each query
+         * vector, 20 512-bit loads per 16 products: load-bound) */
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+        __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00;
+        __m512i a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        const int64_t k2 = c_pad / 2, block = k2 * 32;          /* int16 per 16 points */
+        const int16_t *x0 = x, *x1 = x + c_pad, *x2 = x + 2 * c_pad, *x3 = x + 3 * c_pad;
+#define MNN_DP(acc, row, col) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
+        for (int64_t g = 0; g < k2; ++g) {
+            int32_t f0, f1, f2, f3;
+            memcpy(&f0, x0 + 2 * g, 4);
+            memcpy(&f1, x1 + 2 * g, 4);
+            memcpy(&f2, x2 + 2 * g, 4);
+            memcpy(&f3, x3 + 2 * g, 4);
+            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
+            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
+            const int16_t *qq = qg + g * 32;
+            __m512i col = _mm512_load_si512((const void *)qq);
+            MNN_DP(a00, r0, col); MNN_DP(a10, r1, col); MNN_DP(a20, r2, col); MNN_DP(a30, r3, col);
+            col = _mm512_load_si512((const void *)(qq + block));
+            MNN_DP(a01, r0, col); MNN_DP(a11, r1, col); MNN_DP(a21, r2, col); MNN_DP(a31, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 2 * block));
+            MNN_DP(a02, r0, col); MNN_DP(a12, r1, col); MNN_DP(a22, r2, col); MNN_DP(a32, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 3 * block));
+            MNN_DP(a03, r0, col); MNN_DP(a13, r1, col); MNN_DP(a23, r2, col); MNN_DP(a33, r3, col);
+        }
+#undef MNN_DP
+        const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                   {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        for (int r = 0; r < 4; ++r)
+            for (int l = 0; l < 4; ++l) _mm512_store_si512((void *)&tile[r][l * 16], acc[r][l]);
+        return;
+    }
+#endif
     s16_product(x, c_pad, qg, (c_pad / 2) * 32, MNN_GROUP / ATT_BLOCK, c_pad / 2, &tile[0][0],
                 MNN_GROUP, generic);
 }
