@@ -1130,3 +1130,275 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
             out[i * n_b + j] = acc;
         }
 }
+
+/* ------------------------------------------------------------------------------------
+ * rrspeed: int8 near-candidate collection for exact re-ranking of large maps
+ * (vpr_mnn_near8).
+ *
+ * Codes: the candidate map as u8 = code + 128 (rows of c4 = c rounded up to 4, n_x
+ * rounded up to 4 rows, padding code 0 = byte 128), the query as s8 codes in the layout
+ * [n_q_pad/16][c4/4][16][4] (n_q_pad a multiple of 64, padding 0), zero[i] = 128 x the
+ * sum of query point i's codes.  vpdpbusd (u8 x s8, exact int32 sums, no saturation)
+ * gives sum (code_x + 128) code_q; minus zero[i] the exact code dot product I[j][i].
+ * No matrix is stored.  Each candidate point j (row) keeps its running maximum over the
+ * query points and appends to its buffer every (value, index) not below that running
+ * maximum minus its tolerance row_tol[j] (the caller's proven error bound in code
+ * units); each query point i (column) does the same over the candidate points of the
+ * thread's range.  An entry never appended was below the final maximum minus the
+ * tolerance, so the caller recomputes exactly only the buffered entries within the
+ * tolerance of the final maximum.  A full buffer drops the entries that fell out of the
+ * tolerance; when none did, the point is marked overflowed (count = -1): the caller
+ * recomputes it whole.  One test per tile (all 4 x 64 values against both thresholds)
+ * keeps the common case branch-free.  Returns 0, or -1 when scratch memory could not be
+ * allocated.
+ * ------------------------------------------------------------------------------------ */
+#define NEAR_CAP 64
+#define N8_GROUP 64
+
+static __attribute__((noinline)) void near8_tile(const uint8_t *x, int64_t c4,
+                                                 const int8_t *qg, const int32_t *zero,
+                                                 int32_t tile[4][N8_GROUP], int generic) {
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        /* 16 named accumulators and vpdpbusd through asm: with an array and GCC's
+         * intrinsic the accumulators are copied or kept in memory on every step */
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+        __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00;
+        __m512i a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        const int64_t groups = c4 / 4, block = groups * 64;      /* bytes per 16 points */
+        const uint8_t *x0 = x, *x1 = x + c4, *x2 = x + 2 * c4, *x3 = x + 3 * c4;
+#define N8_DP(acc, row, col) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
+        for (int64_t g = 0; g < groups; ++g) {
+            int32_t f0, f1, f2, f3;
+            memcpy(&f0, x0 + 4 * g, 4);
+            memcpy(&f1, x1 + 4 * g, 4);
+            memcpy(&f2, x2 + 4 * g, 4);
+            memcpy(&f3, x3 + 4 * g, 4);
+            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
+            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
+            const int8_t *qq = qg + g * 64;
+            __m512i col = _mm512_load_si512((const void *)qq);
+            N8_DP(a00, r0, col); N8_DP(a10, r1, col); N8_DP(a20, r2, col); N8_DP(a30, r3, col);
+            col = _mm512_load_si512((const void *)(qq + block));
+            N8_DP(a01, r0, col); N8_DP(a11, r1, col); N8_DP(a21, r2, col); N8_DP(a31, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 2 * block));
+            N8_DP(a02, r0, col); N8_DP(a12, r1, col); N8_DP(a22, r2, col); N8_DP(a32, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 3 * block));
+            N8_DP(a03, r0, col); N8_DP(a13, r1, col); N8_DP(a23, r2, col); N8_DP(a33, r3, col);
+        }
+#undef N8_DP
+        const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                   {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        for (int l = 0; l < 4; ++l) {          /* zero point of the u8 codes */
+            const __m512i z = _mm512_loadu_si512((const void *)(zero + l * 16));
+            for (int r = 0; r < 4; ++r)
+                _mm512_store_si512((void *)&tile[r][l * 16], _mm512_sub_epi32(acc[r][l], z));
+        }
+        return;
+    }
+#endif
+    (void)generic;
+    const int64_t groups = c4 / 4, block = groups * 64;
+    for (int r = 0; r < 4; ++r)
+        for (int e = 0; e < N8_GROUP; ++e) {
+            const int8_t *qb = qg + (e / 16) * block + (e % 16) * 4;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < groups; ++g)
+                for (int b = 0; b < 4; ++b)
+                    acc += (int32_t)x[r * c4 + 4 * g + b] * (int32_t)qb[g * 64 + b];
+            tile[r][e] = acc - zero[e];
+        }
+}
+
+/* one value for a point's state: update the running maximum, append when near it */
+static inline void near_add(int32_t v, int32_t index, int32_t tol, int32_t *max,
+                            int32_t *count, int32_t *buf_v, int32_t *buf_i, int64_t stride) {
+    if (*count < 0) return;                                  /* overflowed: whole */
+    if (v > *max) *max = v;
+    if ((int64_t)v < (int64_t)*max - tol) return;
+    if (*count == NEAR_CAP) {                                /* compact, else overflow */
+        int32_t kept = 0;
+        for (int32_t e = 0; e < NEAR_CAP; ++e)
+            if ((int64_t)buf_v[e * stride] >= (int64_t)*max - tol) {
+                buf_v[kept * stride] = buf_v[e * stride];
+                buf_i[kept * stride] = buf_i[e * stride];
+                ++kept;
+            }
+        if (kept == NEAR_CAP) {
+            *count = -1;
+            return;
+        }
+        *count = kept;
+    }
+    buf_v[*count * stride] = v;
+    buf_i[*count * stride] = index;
+    ++*count;
+}
+
+int vpr_mnn_near8(const uint8_t *x, int64_t n_x, const int8_t *q, const int32_t *zero,
+                  int64_t n_q, int64_t c4, const int32_t *row_tol, const int32_t *col_tol,
+                  int32_t *row_max, int32_t *row_cnt, int32_t *row_v, int32_t *row_i,
+                  int32_t *col_max, int32_t *col_cnt, int32_t *col_v, int32_t *col_i,
+                  int64_t col_threads, int generic, int num_threads) {
+    /* row_v/row_i: [n_x][NEAR_CAP]; col_*: [col_threads][NEAR_CAP][n_q_pad] (values and
+     * indices), col_max/col_cnt: [col_threads][n_q_pad] */
+    const int64_t n_q_pad = (n_q + N8_GROUP - 1) / N8_GROUP * N8_GROUP;
+    const int64_t groups = n_q_pad / N8_GROUP, group_bytes = N8_GROUP * c4;
+    if (num_threads > col_threads) num_threads = (int)col_threads;
+    if (num_threads < 1) num_threads = 1;
+    int32_t *ctol = malloc((size_t)n_q_pad * sizeof(int32_t));
+    if (!ctol) return -1;
+    for (int64_t i = 0; i < n_q_pad; ++i) ctol[i] = i < n_q ? col_tol[i] : 0;
+    for (int64_t j = 0; j < n_x; ++j) {
+        row_max[j] = INT32_MIN;
+        row_cnt[j] = 0;
+    }
+    for (int64_t e = 0; e < col_threads * n_q_pad; ++e) {
+        col_max[e] = INT32_MIN;
+        col_cnt[e] = 0;
+    }
+#pragma omp parallel num_threads(num_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t per = round_up((n_x + nt - 1) / nt, 4);
+        const int64_t j_start = t * per < n_x ? t * per : n_x;
+        const int64_t j_end = j_start + per < n_x ? j_start + per : n_x;
+        int32_t *cm = col_max + (int64_t)t * n_q_pad, *cc = col_cnt + (int64_t)t * n_q_pad;
+        int32_t *cv = col_v + (int64_t)t * NEAR_CAP * n_q_pad;
+        int32_t *ci = col_i + (int64_t)t * NEAR_CAP * n_q_pad;
+        int32_t tile[4][N8_GROUP] __attribute__((aligned(64)));
+        for (int64_t gi = 0; gi < groups; ++gi) {
+            const int8_t *qg = q + gi * group_bytes;
+            const int64_t i0 = gi * N8_GROUP;
+            const int valid = (int)(n_q - i0 < N8_GROUP ? n_q - i0 : N8_GROUP);
+            for (int64_t j0 = j_start; j0 < j_end; j0 += 4) {
+                const int rows = (int)(j_end - j0 < 4 ? j_end - j0 : 4);
+                near8_tile(x + j0 * c4, c4, qg, zero + i0, tile, generic);
+                int slow = generic || rows < 4 || valid < N8_GROUP;
+#if VPR_HAVE_VNNI
+                if (!slow) {   /* one test per tile: anything at or above a threshold? */
+                    __mmask16 any = 0;
+                    for (int l = 0; l < 4; ++l) {
+                        /* column threshold max - tol (saturating: max starts at INT32_MIN) */
+                        const __m512i cthr = _mm512_sub_epi32(
+                            _mm512_max_epi32(_mm512_loadu_si512((const void *)(cm + i0 + l * 16)),
+                                             _mm512_set1_epi32(INT32_MIN / 2)),
+                            _mm512_loadu_si512((const void *)(ctol + i0 + l * 16)));
+                        for (int r = 0; r < 4; ++r) {
+                            const int64_t j = j0 + r;
+                            const int32_t rm = row_max[j] > INT32_MIN / 2 ? row_max[j] : INT32_MIN / 2;
+                            const __m512i v = _mm512_load_si512((const void *)&tile[r][l * 16]);
+                            any |= _mm512_cmpge_epi32_mask(v, cthr);
+                            any |= _mm512_cmpge_epi32_mask(v, _mm512_set1_epi32(rm - row_tol[j]));
+                        }
+                    }
+                    slow = any != 0;
+                }
+#else
+                slow = 1;
+#endif
+                if (!slow) continue;
+#if VPR_HAVE_VNNI
+                if (!generic && rows == 4 && valid == N8_GROUP) {
+                    /* only the lanes at or above a threshold (the order of near_add calls
+                     * does not matter: a maximum only grows) */
+                    for (int l = 0; l < 4; ++l)
+                        for (int r = 0; r < 4; ++r) {
+                            const int64_t j = j0 + r;
+                            const __m512i v = _mm512_load_si512((const void *)&tile[r][l * 16]);
+                            const int32_t rm = row_max[j] > INT32_MIN / 2 ? row_max[j]
+                                                                          : INT32_MIN / 2;
+                            uint32_t m = _mm512_cmpge_epi32_mask(
+                                v, _mm512_set1_epi32(rm - row_tol[j]));
+                            while (m) {
+                                const int e = l * 16 + __builtin_ctz(m);
+                                m &= m - 1;
+                                near_add(tile[r][e], (int32_t)(i0 + e), row_tol[j], row_max + j,
+                                         row_cnt + j, row_v + j * NEAR_CAP,
+                                         row_i + j * NEAR_CAP, 1);
+                            }
+                            const __m512i cthr = _mm512_sub_epi32(
+                                _mm512_max_epi32(_mm512_loadu_si512((const void *)(cm + i0 + l * 16)),
+                                                 _mm512_set1_epi32(INT32_MIN / 2)),
+                                _mm512_loadu_si512((const void *)(ctol + i0 + l * 16)));
+                            m = _mm512_cmpge_epi32_mask(v, cthr);
+                            while (m) {
+                                const int e = l * 16 + __builtin_ctz(m);
+                                const int64_t i = i0 + e;
+                                m &= m - 1;
+                                near_add(tile[r][e], (int32_t)j, ctol[i], cm + i, cc + i,
+                                         cv + i, ci + i, n_q_pad);
+                            }
+                        }
+                    continue;
+                }
+#endif
+                for (int r = 0; r < rows; ++r) {               /* rows: their query points */
+                    const int64_t j = j0 + r;
+                    for (int e = 0; e < valid; ++e)
+                        near_add(tile[r][e], (int32_t)(i0 + e), row_tol[j], row_max + j,
+                                 row_cnt + j, row_v + j * NEAR_CAP, row_i + j * NEAR_CAP, 1);
+                }
+                for (int r = 0; r < rows; ++r)                  /* columns: rows in order */
+                    for (int e = 0; e < valid; ++e) {
+                        const int64_t i = i0 + e;
+                        near_add(tile[r][e], (int32_t)(j0 + r), ctol[i], cm + i, cc + i,
+                                 cv + i, ci + i, n_q_pad);
+                    }
+            }
+        }
+    }
+    free(ctol);
+    return 0;
+}
+
+/* int8 codes of x with one scale (rrspeed, for vpr_mnn_near8): code = rint(x / scale) clamped
+ * to [-127, 127], stored as code + offset (128: u8 candidate codes, 0: s8 query codes) in
+ * rows of c_pad (padding: offset); err[j] = |x_j - scale code_j|, hat[j] = |scale code_j|
+ * (double), sum[j] = the sum of the codes. */
+void vpr_codes8(const float *x, int64_t n, int64_t c, int64_t c_pad, double scale, int offset,
+                uint8_t *codes, double *err, double *hat, int32_t *sum, int num_threads) {
+    const double inv = 1.0 / scale;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        uint8_t *q = codes + j * c_pad;
+        double e = 0.0, h = 0.0;
+        int32_t s = 0;
+        for (int64_t k = 0; k < c; ++k) {
+            double code = rint((double)p[k] * inv);
+            code = code > 127.0 ? 127.0 : code < -127.0 ? -127.0 : code;
+            q[k] = (uint8_t)(int8_t)(code + 0.0) + (uint8_t)offset;
+            s += (int32_t)code;
+            const double r = scale * code, d = (double)p[k] - r;
+            e += d * d;
+            h += r * r;
+        }
+        for (int64_t k = c; k < c_pad; ++k) q[k] = (uint8_t)offset;
+        err[j] = sqrt(e);
+        hat[j] = sqrt(h);
+        sum[j] = s;
+    }
+}
+
+/* out[t] = dot(a[ia[t]], b[ib[t]]) for t < n, each one chain of fused multiply-adds in
+ * channel order from 0 (the BLAS value, as vpr_exact_argmax); 8 pairs at a time so that
+ * 8 independent chains fill the FMA pipes. */
+void vpr_exact_pairs(const float *a, const float *b, int64_t c, const int64_t *ia,
+                     const int64_t *ib, int64_t n, float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        const int nr = (int)(n - t0 < 8 ? n - t0 : 8);
+        const float *pa[8], *pb[8];
+        float acc[8];
+        for (int r = 0; r < 8; ++r) {
+            const int64_t t = t0 + (r < nr ? r : 0);
+            pa[r] = a + ia[t] * c;
+            pb[r] = b + ib[t] * c;
+            acc[r] = 0.0f;
+        }
+        for (int64_t k = 0; k < c; ++k)
+            for (int r = 0; r < 8; ++r) acc[r] = fmaf(pa[r][k], pb[r][k], acc[r]);
+        for (int r = 0; r < nr; ++r) out[t0 + r] = acc[r];
+    }
+}

@@ -430,6 +430,125 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
     return int(np.count_nonzero(best_query[best_cand] == np.arange(n_q)))
 
 
+# ------------------------------------------------------------ int8 near-candidate path
+#
+# Large maps: int8 codes (one scale per map; u8 x s8 products with a zero-point
+# correction, exact in int32 through vpdpbusd at twice the int16 rate).  With the bound B
+# of the verified path (quantisation + float32 rounding, here for 8-bit codes) in code
+# units, ``vpr_mnn_near8`` keeps for every row and column its maximum and buffers the
+# entries that were within B of the running maximum when computed; every entry it left
+# out is more than B below the final maximum, so strictly smaller in float32 than the
+# maximal entry.  Only the buffered entries within B of the final maximum are recomputed
+# exactly (a few dot products, ``vpr_exact_pairs``: FMA chains, the BLAS values), first
+# index on ties among them; a row or column with more near entries than its buffer holds
+# is recomputed whole (``vpr_exact_argmax``).
+
+
+class _Codes8:
+    """int8 codes of one map with one scale (u8 with offset 128 for candidates), with the
+    per-point bounds of :class:`_Codes`."""
+
+    __slots__ = ("codes", "scale", "err", "hat", "norm", "sums", "n")
+
+    def __init__(self, kernels, points: np.ndarray, rows: int, offset: int):
+        n, c = points.shape
+        norm, absmax = kernels.point_norms(points)
+        scale = absmax / 127.0 if absmax > 0 else 1.0
+        if not (np.isfinite(scale) and 1e-30 < scale < 1e30):
+            raise _Unverifiable("features too large or too small for int8 codes")
+        self.codes, err, hat, self.sums = kernels.codes8(points, scale, rows, -(-c // 4) * 4,
+                                                         offset)
+        self.err = err * _MARGIN + 1e-12 * norm
+        self.hat, self.norm = hat * _MARGIN, norm * _MARGIN
+        self.scale, self.n = scale, n
+
+
+_TOL_MAX = 1 << 28          # tolerances beyond this many code units: everything is near
+
+
+def _tolerance(bound: np.ndarray, scale: float) -> np.ndarray:
+    """Bounds -> int32 tolerances t with (t + 1) scale > bound (a margin for rounding)."""
+    t = np.ceil(bound / scale * (1 + 1e-9)) + 1
+    return np.minimum(np.nan_to_num(t, nan=_TOL_MAX, posinf=_TOL_MAX), _TOL_MAX).astype(np.int32)
+
+
+def _near_entries(maxv: np.ndarray, cnt: np.ndarray, vals: np.ndarray, idx: np.ndarray,
+                  tol: np.ndarray):
+    """Buffers (n, L) of the points -> (decided index (n,) or -1, near mask (n, L), whole
+    (n,) bool).  ``cnt`` (n, L/cap parts as a mask already applied), see the callers."""
+    near = cnt & (vals.astype(np.int64) >= (maxv.astype(np.int64) - tol)[:, None])
+    n_near = near.sum(axis=1)
+    first = np.argmax(near, axis=1)
+    decided = np.where(n_near == 1, idx[np.arange(len(idx)), first], -1)
+    return decided, near
+
+
+def _first_of_max(near: np.ndarray, index: np.ndarray, exact: np.ndarray):
+    """Points with several near entries -> (points, first index of the largest exact value)."""
+    pts = np.flatnonzero(near.sum(axis=1) > 1)
+    vals = np.full(near.shape, -np.inf)
+    vals[near] = exact
+    vals, idx = vals[pts], index[pts].astype(np.int64)
+    big = np.iinfo(np.int64).max
+    return pts, np.where(vals == vals.max(axis=1, keepdims=True), idx, big).min(axis=1)
+
+
+def _near8_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes8", q_layout, q_zero,
+                 q_panels, gamma: float, stats: Optional[dict]) -> int:
+    """Mutual nearest-neighbour count of one candidate map, identical to
+    :func:`mutual_count` of its float32 similarities (see the comment above)."""
+    from ..accel.int8_kernels import NEAR_CAP
+
+    n_x, n_q = cand.shape[0], q.shape[0]
+    xc = _Codes8(kernels, cand, -(-n_x // 4) * 4, 128)
+    scale = xc.scale * qc.scale
+    q_norm = float(qc.norm.max())
+    row_bound = 2.0 * (xc.err * q_norm + xc.hat * float(qc.err.max())
+                       + gamma * xc.norm * q_norm)
+    col_bound = 2.0 * (float(xc.err.max()) * qc.norm + float(xc.hat.max()) * qc.err
+                       + gamma * float(xc.norm.max()) * qc.norm)
+    row_tol, col_tol = _tolerance(row_bound, scale), _tolerance(col_bound, scale)
+    (r_max, r_cnt, r_v, r_i), (c_max, c_cnt, c_v, c_i) = kernels.mnn_near8(
+        xc.codes, n_x, q_layout, q_zero, n_q, row_tol, col_tol)
+    slots = np.arange(NEAR_CAP)
+    r_whole = r_cnt < 0
+    r_dec, r_near = _near_entries(r_max, (slots < r_cnt[:, None]) & ~r_whole[:, None],
+                                  r_v, r_i, row_tol.astype(np.int64))
+    threads = c_v.shape[0]
+    cmax = c_max[:, :n_q].max(axis=0)
+    ccnt = c_cnt[:, :n_q]                                              # (T, n_q)
+    c_whole = (ccnt < 0).any(axis=0)
+    present = (slots[None, :, None] < ccnt[:, None, :]) & ~c_whole[None, None, :]
+    to_points = (lambda a: a[:, :, :n_q].transpose(2, 0, 1).reshape(n_q, threads * NEAR_CAP))
+    cv, ci = to_points(c_v), to_points(c_i)
+    c_dec, c_near = _near_entries(cmax, to_points(present), cv, ci, col_tol.astype(np.int64))
+    multi_r = r_near & (r_near.sum(axis=1) > 1)[:, None]
+    multi_c = c_near & (c_near.sum(axis=1) > 1)[:, None]
+    rj, rk = np.nonzero(multi_r)
+    cj, ck = np.nonzero(multi_c)
+    exact = kernels.exact_pairs(cand, q, np.concatenate([rj, ci[cj, ck]]),
+                                np.concatenate([r_i[rj, rk], cj]))
+    best_query = r_dec.astype(np.int64)
+    best_cand = c_dec.astype(np.int64)
+    if len(rj):
+        pts, first = _first_of_max(multi_r, r_i, exact[:len(rj)])
+        best_query[pts] = first
+    if len(cj):
+        pts, first = _first_of_max(multi_c, ci, exact[len(rj):])
+        best_cand[pts] = first
+    whole_rows, whole_cols = np.flatnonzero(r_whole), np.flatnonzero(c_whole)
+    if len(whole_rows):
+        best_query[whole_rows] = kernels.exact_argmax(cand, q_panels, whole_rows)
+    if len(whole_cols):
+        best_cand[whole_cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), whole_cols)
+    if stats is not None:
+        for key, v in (("rows", n_x), ("cols", n_q), ("rows_recomputed", len(whole_rows)),
+                       ("cols_recomputed", len(whole_cols)), ("pairs_recomputed", len(exact)),
+                       ("near8", 1)):
+            stats[key] = stats.get(key, 0) + v
+    return int(np.count_nonzero(best_query[best_cand] == np.arange(n_q)))
+
+
 _FMA_CHECK: dict = {}
 
 
