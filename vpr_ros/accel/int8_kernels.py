@@ -165,14 +165,9 @@ class NativeKernels:
             "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
             "vpr_mnn_exact_counts": [vp, vp, _I64, vp, _I64, _I64, _I64, vp, i32, i32],
             "vpr_fma_matrix": [vp, _I64, vp, _I64, _I64, vp, i32],
-            "vpr_mnn_near8": [vp, _I64, vp, vp, _I64, _I64, vp, vp, vp, vp, vp, vp, vp, vp, vp,
-                              vp, _I64, i32, i32],
-            "vpr_exact_pairs": [vp, vp, _I64, vp, vp, _I64, vp, i32],
-            "vpr_codes8": [vp, _I64, _I64, _I64, ctypes.c_double, i32, vp, vp, vp, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
-                   "vpr_mnn_exact_counts": ctypes.c_int,
-                   "vpr_mnn_near8": ctypes.c_int}
+                   "vpr_mnn_exact_counts": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -418,79 +413,6 @@ class NativeKernels:
         return out
 
 
-    def codes8(self, x: np.ndarray, scale: float, rows: int, c_pad: int, offset: int):
-        """int8 codes ``clip(rint(x / scale), -127, 127) + offset`` as bytes (offset 128: the
-        u8 candidate codes of :meth:`mnn_topm8`, 0: s8 query codes) in ``rows`` x ``c_pad``
-        (padding: code 0), and per point ``|x - scale code|``, ``|scale code|`` (float64)
-        and the sum of the codes (int32)."""
-        self._check_np(x, np.float32, "x")
-        n, c = x.shape
-        if rows < n or c_pad < c:
-            raise ValueError("codes8: the padded shape is smaller than x")
-        codes = np.full((rows, c_pad), offset, dtype=np.uint8)
-        err, hat = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
-        total = np.empty(n, dtype=np.int32)
-        self._lib.vpr_codes8(x.ctypes.data, n, c, c_pad, float(scale), int(offset),
-                             codes.ctypes.data, err.ctypes.data, hat.ctypes.data,
-                             total.ctypes.data, torch.get_num_threads())
-        return codes, err, hat, total
-
-    def mnn_near8(self, x_u8: np.ndarray, n_x: int, q_layout: np.ndarray, zero: np.ndarray,
-                  n_q: int, row_tol: np.ndarray, col_tol: np.ndarray, generic: bool = False):
-        """Near-candidate buffers of the int8 code similarities (``vpr_mnn_near8``).
-
-        ``row_tol`` (n_x,) / ``col_tol`` (n_q,) int32: tolerances in code units.  Returns
-        ``(row_max, row_cnt, row_v, row_i)`` with shapes (n_x,), (n_x,), (n_x, NEAR_CAP)
-        x2, and ``(col_max, col_cnt, col_v, col_i)`` per thread: (T, n_q_pad) x2 and
-        (T, NEAR_CAP, n_q_pad) x2; a count of -1 marks an overflowed point."""
-        c4 = x_u8.shape[1]
-        n_q_pad = -(-n_q // N8_GROUP) * N8_GROUP
-        if (x_u8.dtype != np.uint8 or not x_u8.flags.c_contiguous or c4 % 4
-                or x_u8.shape[0] != -(-n_x // 4) * 4):
-            raise ValueError(f"x_u8: expected C-contiguous uint8 rows padded to a multiple of 4 "
-                             f"of a multiple of 4 channels, got {x_u8.shape} {x_u8.dtype}")
-        if (q_layout.dtype != np.int8 or q_layout.size != n_q_pad * c4 or q_layout.ctypes.data % 64
-                or not q_layout.flags.c_contiguous or zero.dtype != np.int32
-                or zero.size != n_q_pad):
-            raise ValueError("q_layout / zero: expected the layout of near8_query_layout")
-        row_tol = np.ascontiguousarray(row_tol, dtype=np.int32)
-        col_tol = np.ascontiguousarray(col_tol, dtype=np.int32)
-        if row_tol.shape != (n_x,) or col_tol.shape != (n_q,) or (row_tol < 0).any() \
-                or (col_tol < 0).any():
-            raise ValueError("row_tol / col_tol: one non-negative tolerance per point")
-        t = max(1, torch.get_num_threads())
-        rows = (np.empty(n_x, np.int32), np.empty(n_x, np.int32),
-                np.empty((n_x, NEAR_CAP), np.int32), np.empty((n_x, NEAR_CAP), np.int32))
-        cols = (np.empty((t, n_q_pad), np.int32), np.empty((t, n_q_pad), np.int32),
-                np.empty((t, NEAR_CAP, n_q_pad), np.int32),
-                np.empty((t, NEAR_CAP, n_q_pad), np.int32))
-        status = self._lib.vpr_mnn_near8(x_u8.ctypes.data, n_x, q_layout.ctypes.data,
-                                         zero.ctypes.data, n_q, c4, row_tol.ctypes.data,
-                                         col_tol.ctypes.data, *(a.ctypes.data for a in rows),
-                                         *(a.ctypes.data for a in cols), t, int(generic), t)
-        if status != 0:
-            raise MemoryError("mnn_near8: could not allocate its scratch memory")
-        return rows, cols
-
-    def exact_pairs(self, a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray):
-        """``dot(a[ia[t]], b[ib[t]])`` for every t, each one in-order FMA chain (float32)."""
-        self._check_np(a, np.float32, "a")
-        self._check_np(b, np.float32, "b")
-        ia = np.ascontiguousarray(ia, dtype=np.int64)
-        ib = np.ascontiguousarray(ib, dtype=np.int64)
-        if a.shape[1] != b.shape[1] or ia.shape != ib.shape:
-            raise ValueError("exact_pairs: shapes do not fit")
-        if ia.size and (ia.min() < 0 or ia.max() >= a.shape[0] or ib.min() < 0
-                        or ib.max() >= b.shape[0]):
-            raise ValueError("exact_pairs: index out of range")
-        out = np.empty(ia.size, dtype=np.float32)
-        if ia.size:
-            self._lib.vpr_exact_pairs(a.ctypes.data, b.ctypes.data, a.shape[1], ia.ctypes.data,
-                                      ib.ctypes.data, ia.size, out.ctypes.data,
-                                      torch.get_num_threads())
-        return out
-
-
 class Panels:
     """Points packed for :meth:`NativeKernels.exact_argmax` (``data``: [panels][c][32])."""
 
@@ -501,8 +423,6 @@ class Panels:
 
 
 EXACT_PANEL = 32    # points per panel (EXACT_PANEL in int8_kernels.c)
-NEAR_CAP = 64       # near-candidate buffer per point of vpr_mnn_near8 (NEAR_CAP in the C)
-N8_GROUP = 64       # query points per tile of vpr_mnn_near8
 MNN_ROWS = 4        # candidate points per tile (ROWS in int8_kernels.c)
 MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
 
@@ -518,21 +438,6 @@ def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
     out = aligned_empty((n_pad // 16, c_pad // 2, 16, 2), np.int16)
     out[...] = padded.reshape(n_pad // 16, 16, c_pad // 2, 2).transpose(0, 2, 1, 3)
     return out
-
-
-def near8_query_layout(codes: np.ndarray, sums: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(n_q, c4) s8 query codes (bytes) and their sums -> the layout of ``vpr_mnn_near8``,
-    [n_q_pad/16][c4/4][16][4] int8 (n_q rounded up to 64 with zero points), and the
-    zero-point corrections 128 x sum (0 for the padding)."""
-    n_q, c4 = codes.shape
-    n_pad = -(-n_q // N8_GROUP) * N8_GROUP
-    padded = np.zeros((n_pad, c4), dtype=np.int8)
-    padded[:n_q] = codes.view(np.int8)
-    out = aligned_empty((n_pad // 16, c4 // 4, 16, 4), np.int8)
-    out[...] = padded.reshape(n_pad // 16, 16, c4 // 4, 4).transpose(0, 2, 1, 3)
-    zero = np.zeros(n_pad, dtype=np.int32)
-    zero[:n_q] = 128 * sums.astype(np.int32)
-    return out, zero
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -574,7 +479,6 @@ def native_kernels(enabled: Optional[bool] = None,
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "near8_query_layout", "NEAR_CAP",
-           "N8_GROUP", "MNN_ROWS", "MNN_GROUP",
+__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP",
            "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
            "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]
