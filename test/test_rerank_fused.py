@@ -174,3 +174,43 @@ def test_blas_check_is_per_shape(kernels):
 def test_invalid_path_errors():
     with pytest.raises(ValueError, match="unknown exact re-ranking path"):
         mutual_nn_counts(torch.zeros(2, 3), torch.zeros(1, 2, 3), path="fast")
+
+
+def test_auto_switches_near_tie_large_maps_to_fused(kernels):
+    """Maps above the fused size start on the verified path; near-collapsed features make
+    it recompute most rows, so the remaining candidates go to the fused path: same counts."""
+    g = torch.Generator().manual_seed(11)
+    n, c = 2100, 32                                  # n * n * c > FUSED_MAX_MACS
+    assert not R._fused_first(n, n, c)
+    common = torch.randn(c, generator=g)
+    q = F.normalize(common + 0.002 * torch.randn(n, c, generator=g), dim=-1)
+    cands = F.normalize(common + 0.002 * torch.randn(3, n, c, generator=g), dim=-1)
+    stats = {}
+    got = mutual_nn_counts(q, cands, stats=stats)
+    assert got.tolist() == mutual_nn_counts(q, cands, native=False).tolist()
+    assert stats["rows"] == n and stats["fused"] == 2
+
+
+def test_verified_candidates_one_per_thread(kernels):
+    """With several threads the verified path runs the candidates one per thread; the ones
+    it cannot take (another shape, NaN, overflowing values) go the other ways; same counts."""
+    g = torch.Generator().manual_seed(12)
+    q = F.normalize(torch.randn(21, 19, 16, generator=g), dim=-1)
+    cands = [F.normalize(torch.randn(21, 19, 16, generator=g), dim=-1).numpy()
+             for _ in range(6)]
+    cands[2] = cands[2].copy()
+    cands[2][0, 0, 0] = float("nan")
+    cands[3] = F.normalize(torch.randn(11, 7, 16, generator=g), dim=-1).numpy()
+    cands[4] = q.numpy().copy()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        stats = {}
+        got = mutual_nn_counts(q, cands, path="verified", stats=stats)
+    finally:
+        torch.set_num_threads(before)
+    want = mutual_nn_counts(q, cands, native=False).tolist()
+    assert got.tolist() == want
+    finite = [i for i in range(6) if i != 2]
+    assert [want[i] for i in finite] == _official(q, [cands[i] for i in finite])
+    assert stats["rows"] == 21 * 19 * 4 + 11 * 7        # all but the NaN map verified

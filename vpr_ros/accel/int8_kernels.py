@@ -286,7 +286,7 @@ class NativeKernels:
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
-                 generic: bool = False) -> Tuple[np.ndarray, ...]:
+                 generic: bool = False, threads: Optional[int] = None) -> Tuple[np.ndarray, ...]:
         """Fused top-2 of the int16 code similarities ``x_codes @ q_codes.T``, never stored.
 
         ``x_codes``: (n_x rounded up to a multiple of 4, c_pad) int16, zero rows at the end;
@@ -295,7 +295,8 @@ class NativeKernels:
         candidate point (row) the largest code similarity over the query points, the first
         index where it occurs and the largest of the rest, and the same per query point
         (column) over the candidate points.  An exact tie shows as ``second == best``.
-        ``vpr_mnn_top2`` in ``int8_kernels.c``.
+        ``vpr_mnn_top2`` in ``int8_kernels.c``.  ``threads``: OpenMP threads (default
+        torch's count), as for the other re-ranking kernels.
         """
         c_pad = x_codes.shape[1]
         if (x_codes.dtype != np.int16 or not x_codes.flags.c_contiguous
@@ -310,21 +311,22 @@ class NativeKernels:
         cols = [np.empty(n_q, dtype=np.int32) for _ in range(3)]
         status = self._lib.vpr_mnn_top2(x_codes.ctypes.data, n_x, q_vnni.ctypes.data, n_q, c_pad,
                                         *(a.ctypes.data for a in rows + cols), int(generic),
-                                        torch.get_num_threads())
+                                        _threads(threads))
         if status != 0:
             raise MemoryError("mnn_top2: could not allocate its scratch memory")
         return tuple(rows + cols)
 
-    def point_norms(self, x: np.ndarray) -> Tuple[np.ndarray, float]:
+    def point_norms(self, x: np.ndarray, threads: Optional[int] = None) -> Tuple[np.ndarray, float]:
         """(n, c) float32 -> (the points' norms (n,) float64, the largest |component|)."""
         self._check_np(x, np.float32, "x")
         norm = np.empty(x.shape[0], dtype=np.float64)
         amax = np.zeros(1, dtype=np.float64)
         self._lib.vpr_point_norms(x.ctypes.data, x.shape[0], x.shape[1], norm.ctypes.data,
-                                  amax.ctypes.data, torch.get_num_threads())
+                                  amax.ctypes.data, _threads(threads))
         return norm, float(amax[0])
 
-    def codes16(self, x: np.ndarray, scale: float, rows: int, c_pad: int):
+    def codes16(self, x: np.ndarray, scale: float, rows: int, c_pad: int,
+                threads: Optional[int] = None):
         """int16 codes ``rint(x / scale)`` in ``rows`` (>= n) rows of ``c_pad`` (zero padding),
         and per point ``|x - scale * code|`` and ``|scale * code|`` in float64."""
         self._check_np(x, np.float32, "x")
@@ -334,7 +336,7 @@ class NativeKernels:
         codes = np.zeros((rows, c_pad), dtype=np.int16)
         err, hat = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
         self._lib.vpr_codes16(x.ctypes.data, n, c, c_pad, float(scale), codes.ctypes.data,
-                              err.ctypes.data, hat.ctypes.data, torch.get_num_threads())
+                              err.ctypes.data, hat.ctypes.data, _threads(threads))
         return codes, err, hat
 
     @staticmethod
@@ -352,7 +354,8 @@ class NativeKernels:
         return Panels(out, n_b)
 
     def exact_argmax(self, a: np.ndarray, b: "Panels", selected: np.ndarray,
-                     generic: bool = False, values: bool = False):
+                     generic: bool = False, values: bool = False,
+                     threads: Optional[int] = None):
         """For each selected row s of ``a`` (n_a, c): the first index of the largest float32
         dot product of ``a[s]`` with the points of ``b`` (:meth:`pack_panels`), each one chain
         of fused multiply-adds in channel order (``vpr_exact_argmax`` in ``int8_kernels.c``).
@@ -369,7 +372,7 @@ class NativeKernels:
         if sel.size:
             self._lib.vpr_exact_argmax(a.ctypes.data, b.data.ctypes.data, b.n, a.shape[1],
                                        sel.ctypes.data, sel.size, out.ctypes.data,
-                                       best.ctypes.data, int(generic), torch.get_num_threads())
+                                       best.ctypes.data, int(generic), _threads(threads))
         return (out, best) if values else out
 
     def mnn_exact_counts(self, candidates, q: "Panels", splits: int = 1,
@@ -411,6 +414,11 @@ class NativeKernels:
         self._lib.vpr_fma_matrix(a.ctypes.data, a.shape[0], b.ctypes.data, b.shape[0],
                                  a.shape[1], out.ctypes.data, torch.get_num_threads())
         return out
+
+
+def _threads(threads: Optional[int]) -> int:
+    """OpenMP threads of a kernel call: the given count, else torch's."""
+    return int(threads) if threads is not None else torch.get_num_threads()
 
 
 class Panels:

@@ -200,8 +200,10 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
       never stored, the K candidates as one batch of work items for the threads;
     * the *verified* path below (large maps): int16 code similarities with a fused top-2,
       exact float32 re-computation of the ambiguous rows and columns only.  When it has to
-      recompute more than :data:`FUSED_SWITCH_FRACTION` of the rows and columns (near-tie
-      features), the remaining candidates go to the fused path.
+      recompute more than :data:`FUSED_SWITCH_FRACTION` of the rows and columns of the
+      first candidate (near-tie features), the remaining candidates go to the fused path;
+      otherwise, with several threads, the remaining candidates run one per thread
+      (:func:`_verified_pooled`).
 
     Both give the counts of the plain path.  ``path`` ("fused", "verified", "plain")
     forces one of them where it can run (benchmarks, tests); "auto" chooses.  Otherwise (``native=False``, no compiler,
@@ -252,7 +254,15 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
                 stats["fused"] = stats.get("fused", 0) + len(batch)
         batch, batch_pos, batch_bytes = [], [], 0
 
+    done: dict = {}
     for i in range(k):
+        if (i == 1 and verified is not None and not fused and k > 2
+                and torch.get_num_threads() > 1):
+            done = _verified_pooled(kernels, candidates, range(1, k), q, verified, first.shape,
+                                    q_absmax, stats)
+        if i in done:
+            counts[i] = done[i]
+            continue
         cand = first if i == 0 else _points_np(candidates[i], "candidate")
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
@@ -291,6 +301,37 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         counts[i] = mutual_count(sim) if sim.size else 0
     flush()
     return torch.from_numpy(counts)
+
+
+def _verified_pooled(kernels, candidates, indices, q: np.ndarray, verified: tuple,
+                     shape: tuple, q_absmax: float, stats: Optional[dict]) -> dict:
+    """The verified path over several candidates, one candidate per thread (torch's count
+    of threads, each kernel on one): no OpenMP barrier per kernel call, and a thread that
+    the OS takes away stalls only its own candidate.  -> {index: count} of the candidates
+    it took; the others (another shape, non-finite, unverifiable) are left to the caller.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i):
+        cand = _points_np(candidates[i], "candidate")
+        if cand.shape == shape and _fusable(cand, q_absmax):
+            local: dict = {}
+            try:
+                return i, _verified_count(kernels, cand, q, *verified, local, threads=1), local
+            except _Unverifiable:
+                pass
+        return i, None, None
+
+    done = {}
+    with ThreadPoolExecutor(min(torch.get_num_threads(), len(indices))) as pool:
+        for i, count, local in pool.map(work, indices):
+            if count is None:
+                continue
+            done[i] = count
+            if stats is not None:
+                for key, value in local.items():
+                    stats[key] = stats.get(key, 0) + value
+    return done
 
 
 # ------------------------------------------------------------------------ fused exact path
@@ -368,10 +409,11 @@ class _Codes:
 
     __slots__ = ("codes", "scale", "err", "hat", "norm", "n")
 
-    def __init__(self, kernels, points: np.ndarray, pad_rows: int):
+    def __init__(self, kernels, points: np.ndarray, pad_rows: int,
+                 threads: Optional[int] = None):
         n, c = points.shape
         c_pad = c + (c % 2)
-        norm, absmax = kernels.point_norms(points)
+        norm, absmax = kernels.point_norms(points, threads)
         # the largest norm and the largest component both fit:
         # |round(x / s)| <= |x / s| + sqrt(c_pad) / 2 <= _CODE_NORM - 1, components <= 32766
         scale = max(float(norm.max(initial=0.0)) / (_CODE_NORM - 1.0 - 0.5 * np.sqrt(c_pad)),
@@ -380,7 +422,7 @@ class _Codes:
         if not (np.isfinite(scale) and 1e-30 < scale < 1e30):
             raise _Unverifiable("features too large or too small for int16 codes")
         rows = -(-n // pad_rows) * pad_rows
-        self.codes, err, hat = kernels.codes16(points, scale, rows, c_pad)
+        self.codes, err, hat = kernels.codes16(points, scale, rows, c_pad, threads)
         # err is a difference: its float64 rounding is relative to |x|, not to err itself
         self.err = err * _MARGIN + 1e-12 * norm
         self.hat, self.norm = hat * _MARGIN, norm * _MARGIN
@@ -398,15 +440,17 @@ def _ambiguous(best: np.ndarray, second: np.ndarray, scale: float, bound: np.nda
 
 
 def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
-                    q_layout: np.ndarray, q_panels, gamma: float, stats: Optional[dict]) -> int:
+                    q_layout: np.ndarray, q_panels, gamma: float, stats: Optional[dict],
+                    threads: Optional[int] = None) -> int:
     """Mutual nearest-neighbour count of one candidate map, identical to :func:`mutual_count`
-    of its float32 similarities (see the comment above)."""
+    of its float32 similarities (see the comment above).  ``threads``: OpenMP threads of
+    its kernels (default torch's count)."""
     from ..accel.int8_kernels import MNN_ROWS
 
-    xc = _Codes(kernels, cand, MNN_ROWS)
+    xc = _Codes(kernels, cand, MNN_ROWS, threads)
     n_x, n_q = cand.shape[0], q.shape[0]
     row_best, row_idx, row_second, col_best, col_idx, col_second = kernels.mnn_top2(
-        xc.codes, n_x, q_layout, n_q)
+        xc.codes, n_x, q_layout, n_q, threads=threads)
     scale = xc.scale * qc.scale
     q_norm = float(qc.norm.max())
     row_bound = 2.0 * (xc.err * q_norm + xc.hat * float(qc.err.max())
@@ -419,9 +463,10 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
     best_query = row_idx.astype(np.int64)
     best_cand = col_idx.astype(np.int64)
     if len(rows):                                  # candidate points, exactly
-        best_query[rows] = kernels.exact_argmax(cand, q_panels, rows)
+        best_query[rows] = kernels.exact_argmax(cand, q_panels, rows, threads=threads)
     if len(cols):                                  # query points, exactly
-        best_cand[cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), cols)
+        best_cand[cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), cols,
+                                               threads=threads)
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + n_x
         stats["cols"] = stats.get("cols", 0) + n_q
