@@ -5,12 +5,15 @@ point i *matches* if its best candidate point j = argmax_j S[j, i] has i as its 
 best query point (argmax_i S[j, i] == i): mutual nearest neighbours.  ``argmax`` takes
 the first index on exact ties, as ``torch.argmax`` does in the official code.
 
-* :func:`mutual_nn_counts` - number of matches per candidate.  On the CPU the candidates
-  go one at a time.  Where the native kernels of :mod:`vpr_ros.accel` build (and
-  ``native`` is not False), ``compute="fp32"`` takes the *verified* path: int16 code
-  similarities with a fused top-2 that never stores the matrix, and an exact float32
-  re-computation of every row and column whose margin is within the proven error bound
-  (see the comment above :class:`_Codes`): the same counts as the plain path.  The plain
+* :func:`mutual_nn_counts` - number of matches per candidate.  Where the native kernels
+  of :mod:`vpr_ros.accel` build (and ``native`` is not False), ``compute="fp32"`` on the
+  CPU takes one of two exact native paths (:func:`_counts_cpu`): the *fused* path for
+  small maps (every float32 similarity computed as the BLAS computes it, both argmaxes in
+  the same pass, the K candidates as one batch of work) and the *verified* path for large
+  ones (int16 code similarities with a fused top-2 that never stores the matrix, and an
+  exact float32 re-computation of every row and column whose margin is within the proven
+  error bound, see the comment above :class:`_Codes`).  Both give the counts of the plain
+  path, which runs otherwise.  The plain
   path runs one reused similarity buffer (55 MB for 61x61 maps): the
   matmul through numpy's BLAS, the best query point of every candidate point with
   numpy's contiguous argmax, the best candidate point of every query point with
