@@ -15,17 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.accel.int8_kernels import mnn_query_layout, native_kernels
+from vpr_ros.accel.int8_kernels import mnn_query_layout
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    k = native_kernels(enabled=True)
-    if k is None:
-        pytest.skip("no C compiler: the native kernels cannot be built here")
-    return k
 
 
 def _official(query: torch.Tensor, cands) -> list:
@@ -68,6 +60,9 @@ def test_reference_sets_exact_and_verified_path_ran(reference, kernels):
             # the query itself is a candidate: its self-matches tie at the top of nothing,
             # but near-duplicate points make some rows ambiguous; most are decided in int16
             assert 0 < stats["rows_recomputed"] < 0.2 * stats["rows"]
+            fused_stats = {}
+            mutual_nn_counts(feats[i], feats, path="fused", stats=fused_stats)
+            assert fused_stats.get("fused") == feats.shape[0]      # the fused path ran
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -402,7 +402,6 @@ class NativeKernels:
             raise MemoryError("mnn_exact_counts: could not allocate its scratch memory")
         return counts
 
-
     def fma_matrix(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """``a @ b.T`` (float32) with every dot product one in-order FMA chain (plain C):
         what the exact re-ranking paths compute, to check numpy's BLAS against."""

@@ -209,101 +209,143 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
       (:func:`_verified_pooled`).
 
     Both give the counts of the plain path.  ``path`` ("fused", "verified", "plain")
-    forces one of them where it can run (benchmarks, tests); "auto" chooses.  Otherwise (``native=False``, no compiler,
-    non-finite features) the plain path: the similarity matmul through numpy's BLAS
-    (OpenBLAS in the numpy wheels: about 1.7x faster than ``torch.mm`` for this
-    3721x128x3721 shape on the CPUs measured, and bit-identical on them) into one reused
-    buffer, then both argmaxes.  ``compute="bf16"`` runs the matmul in bfloat16 with torch
-    and widens the product into the same buffer.  The candidates are read one by one (the
-    fused path holds at most :data:`FUSED_BATCH_BYTES` of them as float32 at a time), so
-    ``candidates`` may be a memory-mapped array or any sequence that gives one map per
-    index (e.g. a dequantising view of int8 storage).
+    forces one of them where it can run (benchmarks, tests); "auto" chooses.  Otherwise
+    (``native=False``, no compiler, non-finite features) the plain path: the similarity
+    matmul through numpy's BLAS (OpenBLAS in the numpy wheels: about 1.7x faster than
+    ``torch.mm`` for this 3721x128x3721 shape on the CPUs measured, and bit-identical on
+    them) into one reused buffer, then both argmaxes.  ``compute="bf16"`` runs the matmul
+    in bfloat16 with torch and widens the product into the same buffer.  The candidates
+    are read one by one (the fused path holds at most :data:`FUSED_BATCH_BYTES` of them
+    as float32 at a time), so ``candidates`` may be a memory-mapped array or any sequence
+    that gives one map per index (e.g. a dequantising view of int8 storage).
     """
     q = _points_np(query, "query")
     k = len(candidates)
     counts = np.zeros(k, dtype=np.int64)
-    q_t = np.ascontiguousarray(q.T)
     if path not in EXACT_PATHS:
         raise ValueError(f"unknown exact re-ranking path {path!r}: use one of "
                          f"{', '.join(EXACT_PATHS)}")
     first = _points_np(candidates[0], "candidate") if k else None
     kernels = (_native_kernels(native, q.shape[1], first.shape[0], q.shape[0])
                if compute == "fp32" and k and q.shape[0] and path != "plain" else None)
-    verified = q_panels = None
-    fused = False
-    if kernels is not None and np.isfinite(q).all():
-        q_panels = kernels.pack_panels(q)
-        q_absmax = float(np.abs(q).max(initial=0.0))
-        fused = path == "fused" or (path == "auto" and _fused_first(first.shape[0], q.shape[0],
-                                                                     q.shape[1]))
-        if not fused:
-            from ..accel.int8_kernels import mnn_query_layout
-
-            try:
-                qc = _Codes(kernels, q, 1)
-                verified = (qc, mnn_query_layout(qc.codes), q_panels, _gamma(q.shape[1]))
-            except _Unverifiable:
-                verified = None
-    q_t_bf16 = torch.from_numpy(q_t).to(torch.bfloat16) if compute == "bf16" else None
-    sim = mm_buf = None
-    batch, batch_pos, batch_bytes = [], [], 0
-
-    def flush():
-        nonlocal batch, batch_pos, batch_bytes
-        if batch:
-            counts[batch_pos] = kernels.mnn_exact_counts(
-                batch, q_panels, _fused_splits(len(batch), batch[0].shape[0]))
-            if stats is not None:
-                stats["fused"] = stats.get("fused", 0) + len(batch)
-        batch, batch_pos, batch_bytes = [], [], 0
-
+    fast = (_NativeCounter(kernels, q, first.shape, path, counts)
+            if kernels is not None and np.isfinite(q).all() else None)
+    plain = _PlainCounter(q, compute)
     done: dict = {}
     for i in range(k):
-        if (i == 1 and verified is not None and not fused and k > 2
-                and torch.get_num_threads() > 1):
-            done = _verified_pooled(kernels, candidates, range(1, k), q, verified, first.shape,
-                                    q_absmax, stats)
+        if i == 1 and fast is not None and fast.pool_rest(k):
+            done = _verified_pooled(kernels, candidates, range(1, k), q, fast.verified,
+                                    first.shape, fast.q_absmax, fast.stats)
         if i in done:
             counts[i] = done[i]
             continue
         cand = first if i == 0 else _points_np(candidates[i], "candidate")
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
-        if (q_panels is not None and cand.shape[0] and _fusable(cand, q_absmax)
-                and (cand.shape[0] == first.shape[0]
-                     or _blas_is_fma_chain(kernels, q.shape[1], cand.shape[0], q.shape[0]))):
-            if fused:
-                batch.append(cand)
-                batch_pos.append(i)
-                batch_bytes += cand.nbytes
-                if batch_bytes >= FUSED_BATCH_BYTES:
-                    flush()
-                continue
-            if verified is not None:
-                try:
-                    counts[i] = _verified_count(kernels, cand, q, *verified, stats)
-                    recomputed = _recomputed_fraction(stats)
-                    fused = (path == "auto" and recomputed is not None
-                             and recomputed > FUSED_SWITCH_FRACTION)
-                    continue
-                except _Unverifiable:
-                    pass
-            counts[i] = kernels.mnn_exact_counts([cand], q_panels,
-                                                 _fused_splits(1, cand.shape[0]))[0]
-            continue
-        if sim is None or sim.shape[0] != cand.shape[0]:
-            sim = np.empty((cand.shape[0], q.shape[0]), dtype=np.float32)
-            mm_buf = None
-        if compute == "fp32":
-            np.matmul(cand, q_t, out=sim)
-        else:
-            if mm_buf is None:
-                mm_buf = torch.empty(sim.shape, dtype=torch.bfloat16)
-            torch.mm(torch.from_numpy(cand).to(torch.bfloat16), q_t_bf16, out=mm_buf)
-            torch.from_numpy(sim).copy_(mm_buf)            # exact widening of bf16 values
-        counts[i] = mutual_count(sim) if sim.size else 0
-    flush()
+        if fast is None or not fast.count(i, cand):
+            counts[i] = plain.count(cand)
+    if fast is not None:
+        fast.flush()
+        if stats is not None:
+            for key, value in fast.stats.items():
+                stats[key] = stats.get(key, 0) + value
     return torch.from_numpy(counts)
+
+
+class _PlainCounter:
+    """The plain path: the similarity matmul (numpy's BLAS; bf16 through torch) into one
+    reused buffer, then both argmaxes."""
+
+    def __init__(self, q: np.ndarray, compute: str):
+        self.q_t = np.ascontiguousarray(q.T)
+        self.compute = compute
+        self.q_t_bf16 = (torch.from_numpy(self.q_t).to(torch.bfloat16) if compute == "bf16"
+                         else None)
+        self.sim = self.mm_buf = None
+
+    def count(self, cand: np.ndarray) -> int:
+        if self.sim is None or self.sim.shape[0] != cand.shape[0]:
+            self.sim = np.empty((cand.shape[0], self.q_t.shape[1]), dtype=np.float32)
+            self.mm_buf = None
+        if self.compute == "fp32":
+            np.matmul(cand, self.q_t, out=self.sim)
+        else:
+            if self.mm_buf is None:
+                self.mm_buf = torch.empty(self.sim.shape, dtype=torch.bfloat16)
+            torch.mm(torch.from_numpy(cand).to(torch.bfloat16), self.q_t_bf16, out=self.mm_buf)
+            torch.from_numpy(self.sim).copy_(self.mm_buf)    # exact widening of bf16 values
+        return mutual_count(self.sim) if self.sim.size else 0
+
+
+class _NativeCounter:
+    """The fused and verified paths of one query (:func:`_counts_cpu`): fused candidates
+    are batched (at most :data:`FUSED_BATCH_BYTES` of them held), verified ones counted at
+    once; ``stats`` collects what ran."""
+
+    def __init__(self, kernels, q: np.ndarray, first_shape: tuple, path: str,
+                 counts: np.ndarray):
+        self.kernels, self.q, self.path, self.counts = kernels, q, path, counts
+        self.first_shape = first_shape
+        self.q_panels = kernels.pack_panels(q)
+        self.q_absmax = float(np.abs(q).max(initial=0.0))
+        self.fused = path == "fused" or (path == "auto" and _fused_first(
+            first_shape[0], q.shape[0], q.shape[1]))
+        self.verified = None
+        self.stats: dict = {}
+        if not self.fused:
+            from ..accel.int8_kernels import mnn_query_layout
+
+            try:
+                qc = _Codes(kernels, q, 1)
+                self.verified = (qc, mnn_query_layout(qc.codes), self.q_panels,
+                                 _gamma(q.shape[1]))
+            except _Unverifiable:
+                self.verified = None
+        self.batch, self.batch_pos, self.batch_bytes = [], [], 0
+
+    def pool_rest(self, k: int) -> bool:
+        """Run the candidates after the first one per thread (verified path, 3+ of them)?"""
+        return (self.verified is not None and not self.fused and k > 2
+                and torch.get_num_threads() > 1)
+
+    def count(self, i: int, cand: np.ndarray) -> bool:
+        """Count candidate i into ``counts`` (now or at the next flush); False: not taken
+        (empty, non-finite, overflowing, or a shape numpy's BLAS sums otherwise)."""
+        q = self.q
+        if not (cand.shape[0] and _fusable(cand, self.q_absmax)
+                and (cand.shape == self.first_shape
+                     or _blas_is_fma_chain(self.kernels, q.shape[1], cand.shape[0],
+                                           q.shape[0]))):
+            return False
+        if self.fused:
+            self.batch.append(cand)
+            self.batch_pos.append(i)
+            self.batch_bytes += cand.nbytes
+            if self.batch_bytes >= FUSED_BATCH_BYTES:
+                self.flush()
+            return True
+        if self.verified is not None:
+            try:
+                self.counts[i] = _verified_count(self.kernels, cand, q, *self.verified,
+                                                 self.stats)
+                recomputed = _recomputed_fraction(self.stats)
+                self.fused = (self.path == "auto" and recomputed is not None
+                              and recomputed > FUSED_SWITCH_FRACTION)
+                return True
+            except _Unverifiable:
+                pass
+        self.counts[i] = self.kernels.mnn_exact_counts([cand], self.q_panels,
+                                                       _fused_splits(1, cand.shape[0]))[0]
+        self.stats["fused"] = self.stats.get("fused", 0) + 1
+        return True
+
+    def flush(self) -> None:
+        if self.batch:
+            self.counts[self.batch_pos] = self.kernels.mnn_exact_counts(
+                self.batch, self.q_panels, _fused_splits(len(self.batch),
+                                                         self.batch[0].shape[0]))
+            self.stats["fused"] = self.stats.get("fused", 0) + len(self.batch)
+        self.batch, self.batch_pos, self.batch_bytes = [], [], 0
 
 
 def _verified_pooled(kernels, candidates, indices, q: np.ndarray, verified: tuple,
