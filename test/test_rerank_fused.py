@@ -193,3 +193,23 @@ def test_verified_candidates_one_per_thread(kernels):
     finite = [i for i in range(6) if i != 2]
     assert [want[i] for i in finite] == _official(q, [cands[i] for i in finite])
     assert stats["rows"] == 21 * 19 * 4 + 11 * 7        # all but the NaN map verified
+
+
+def test_shipped_demo_reranker_features_exact(kernels, sample_dir):
+    """Real features of the shipped (trained) demo re-ranker on sample images, whatever its
+    map size: every path and the automatic choice give the official counts, and the
+    automatic choice is the fused path (its maps are small)."""
+    from vpr_ros.inference import LocalFeatureExtractor
+    from vpr_ros.preprocess import load_image
+
+    paths = sorted((sample_dir / "images").rglob("*.jpg"))[::37][:8]
+    _, local = LocalFeatureExtractor("demo_tiny_selavpr", device="cpu").extract(
+        [load_image(p) for p in paths])
+    local = np.asarray(local)
+    for qi in (0, 3):
+        want = _official(local[qi], local)
+        stats = {}
+        assert mutual_nn_counts(local[qi], local, stats=stats).tolist() == want
+        assert stats.get("fused") == len(local)
+        for path in ("fused", "verified", "plain"):
+            assert mutual_nn_counts(local[qi], local, path=path).tolist() == want, path
