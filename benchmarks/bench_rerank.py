@@ -33,6 +33,14 @@ re-ranked order is not trivial.
 
 The benchmark *asserts* that the package's counts are identical to both baselines'.
 
+Small maps (``small_maps`` in the output, issue 17): the shipped demo re-ranker
+(``demo_tiny_selavpr``, trained; 29x29x32 maps when this was written, whatever its card
+says now) extracts the local features of sample images; one query against K = 10 and
+20 candidates through each exact CPU path (``mutual_nn_counts(path=...)``: ``auto`` as
+shipped, ``fused``, ``verified``, ``plain``) and the official per-candidate loop, timed
+interleaved with the shipped demo descriptor (``demo_tiny``, one image) in the same run,
+so the re-ranking/descriptor ratio is of one machine state.  Counts asserted identical.
+
 Run: ``python benchmarks/bench_rerank.py [--quick]``
 """
 
@@ -302,8 +310,54 @@ def run(quick: bool) -> dict:
     bytes_per_place = {"float32": H * W * C * 4, "float16": H * W * C * 2,
                        "int8 + fp16 scale per point": H * W * C + H * W * 2,
                        "PCA-64 float16": H * W * 64 * 2}
-    return {"shape": [H, W, C], "results": results,
+    return {"shape": [H, W, C], "results": results, "small_maps": run_small(quick),
             "mb_per_place": {k: v / 2 ** 20 for k, v in bytes_per_place.items()}}
+
+
+SMALL_PATHS = ("auto", "fused", "verified", "plain")
+
+
+def run_small(quick: bool) -> dict:
+    """The shipped demo re-ranker's maps (trained features: near ties everywhere)."""
+    import torch
+
+    from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
+    from vpr_ros.models.rerank import mutual_nn_counts
+    from vpr_ros.preprocess import load_image
+    set_threads(2)
+    root = Path(__file__).resolve().parents[1] / "samples" / "nordland_mini" / "images"
+    paths = sorted(root.rglob("*.jpg"))[:21]
+    images = [load_image(p) for p in paths]
+    extractor = LocalFeatureExtractor("demo_tiny_selavpr", device="cpu")
+    _, local = extractor.extract(images)
+    describer = GlobalDescriber("demo_tiny", device="cpu", batch_size=1)
+    c = local.shape[-1]
+    query = torch.from_numpy(np.asarray(local[0]).reshape(-1, c))
+    out = {"map_shape": list(local.shape[1:]), "card": "demo_tiny_selavpr", "results": {}}
+    reps = 5 if quick else 15
+    for k in (10, 20):
+        cands = np.ascontiguousarray(np.asarray(local[1:1 + k]).reshape(k, -1, c))
+        want = official_style_counts(query.float(), torch.from_numpy(cands))
+        stats = {}
+        for path in SMALL_PATHS:
+            got = mutual_nn_counts(query, cands, path=path,
+                                   stats=stats if path == "verified" else None)
+            assert torch.equal(got, want), f"{path} counts differ: {got} vs {want}"
+        fns = {"describe (demo_tiny, 1 image)": lambda: describer.describe(images[:1]),
+               "official per-candidate loop": lambda: official_style_counts(
+                   query.float(), torch.from_numpy(cands))}
+        for path in SMALL_PATHS:
+            fns[f"package {path}"] = (lambda p=path: mutual_nn_counts(query, cands, path=p))
+        times = {n: median(t) for n, t in interleaved_times(fns, reps, warmup=2).items()}
+        desc = times["describe (demo_tiny, 1 image)"]
+        out["results"][f"top{k}"] = {
+            "latency_s": times, "vs_describe": {n: v / desc for n, v in times.items()},
+            "verified_recomputed_fraction": {
+                "rows": stats["rows_recomputed"] / stats["rows"],
+                "cols": stats["cols_recomputed"] / stats["cols"]}}
+        print(f"[rerank] small maps top-{k}: "
+              + ", ".join(f"{n} {v * 1e3:.2f} ms" for n, v in times.items()), flush=True)
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -332,6 +386,20 @@ def markdown(res: dict) -> str:
                          fmt(f["reranked_order_identical"], 2)])
     lines.append(md_table(["candidates", "variant", "mean |dcount|", "max |dcount|",
                            "mean rel. diff", "Spearman rho", "top-1 same", "order same"], rows))
+    small = res.get("small_maps")
+    if small:
+        lines += ["", f"Small maps: the shipped demo re-ranker ({small['card']}, maps "
+                  f"{'x'.join(str(v) for v in small['map_shape'])}, trained features of sample "
+                  "images), one query, 2 threads, timed interleaved with the demo descriptor "
+                  "of one image; counts asserted identical:", ""]
+        rows = []
+        for key, e in small["results"].items():
+            for n, v in e["latency_s"].items():
+                rows.append([key, n, fmt(v * 1e3, 2), fmt(e["vs_describe"][n], 2)])
+            rec = e["verified_recomputed_fraction"]
+            rows.append([key, "(verified path: rows / columns recomputed)",
+                         f"{rec['rows']:.0%} / {rec['cols']:.0%}", ""])
+        lines.append(md_table(["candidates", "variant", "ms/query", "x describe time"], rows))
     lines += ["", "Storage per place: "
               + ", ".join(f"{k} {v:.2f} MB" for k, v in res["mb_per_place"].items())]
     return "\n".join(lines)

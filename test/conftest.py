@@ -154,6 +154,16 @@ def reference() -> Path:
 
 
 @pytest.fixture(scope="session")
+def kernels():
+    """The native kernels (re-ranking tests); skipped where no C compiler exists."""
+    from vpr_ros.accel.int8_kernels import native_kernels
+    k = native_kernels(enabled=True)
+    if k is None:
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    return k
+
+
+@pytest.fixture(scope="session")
 def nordland_dir() -> Path:
     return _require(shared_dir() / "data" / "nordland64_summer_winter_part1")
 

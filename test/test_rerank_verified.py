@@ -15,17 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.accel.int8_kernels import mnn_query_layout, native_kernels
+from vpr_ros.accel.int8_kernels import mnn_query_layout
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    k = native_kernels(enabled=True)
-    if k is None:
-        pytest.skip("no C compiler: the native kernels cannot be built here")
-    return k
 
 
 def _official(query: torch.Tensor, cands) -> list:
@@ -41,9 +33,15 @@ def _official(query: torch.Tensor, cands) -> list:
 
 
 def _both(query, cands):
+    """(verified, plain) counts and the verified path's stats; the fused path and the
+    automatic choice must give the plain counts too."""
     stats = {}
-    fast = mutual_nn_counts(query, cands, stats=stats)
+    fast = mutual_nn_counts(query, cands, stats=stats, path="verified")
     plain = mutual_nn_counts(query, cands, native=False)
+    fused_stats = {}
+    fused = mutual_nn_counts(query, cands, stats=fused_stats, path="fused")
+    assert fused.tolist() == plain.tolist()
+    assert mutual_nn_counts(query, cands).tolist() == plain.tolist()
     return fast, plain, stats
 
 
@@ -62,6 +60,9 @@ def test_reference_sets_exact_and_verified_path_ran(reference, kernels):
             # the query itself is a candidate: its self-matches tie at the top of nothing,
             # but near-duplicate points make some rows ambiguous; most are decided in int16
             assert 0 < stats["rows_recomputed"] < 0.2 * stats["rows"]
+            fused_stats = {}
+            mutual_nn_counts(feats[i], feats, path="fused", stats=fused_stats)
+            assert fused_stats.get("fused") == feats.shape[0]      # the fused path ran
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -165,6 +166,8 @@ def test_exact_recomputation_equals_blas_bit_for_bit(kernels):
                                values=True)
     np.testing.assert_array_equal(gen[1], full.max(1)[::9])
     assert R._blas_is_fma_chain(kernels)
+    m = kernels.fma_matrix(a[:50], b[:300])
+    np.testing.assert_array_equal(m, full[:50, :300])
 
 
 def test_native_false_and_disabled_kernels_use_the_plain_path(monkeypatch):

@@ -643,9 +643,47 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
 
 static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int rows,
                      int32_t tile[ROWS][MNN_GROUP], int generic) {
-    /* the attention's product: 4 rows x 4 blocks of 16 query points; exact (every partial
-     * sum of a code dot product is bounded like the whole one, by Cauchy-Schwarz) */
+    /* 4 rows x 4 blocks of 16 query points, the attention's product (s16_product) in
+     * other registers; exact (every partial sum of a code dot product is bounded like the
+     * whole one, by Cauchy-Schwarz) */
     (void)rows;
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        /* 16 named accumulators, each query load in a register serving 4 rows, vpdpwssd
+         * through asm: GCC folds the loads into every vpdpwssd (4 loads of each query
+         * vector, 20 512-bit loads per 16 products: load-bound) */
+        __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
+        __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00;
+        __m512i a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        const int64_t k2 = c_pad / 2, block = k2 * 32;          /* int16 per 16 points */
+        const int16_t *x0 = x, *x1 = x + c_pad, *x2 = x + 2 * c_pad, *x3 = x + 3 * c_pad;
+#define MNN_DP(acc, row, col) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
+        for (int64_t g = 0; g < k2; ++g) {
+            int32_t f0, f1, f2, f3;
+            memcpy(&f0, x0 + 2 * g, 4);
+            memcpy(&f1, x1 + 2 * g, 4);
+            memcpy(&f2, x2 + 2 * g, 4);
+            memcpy(&f3, x3 + 2 * g, 4);
+            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
+            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
+            const int16_t *qq = qg + g * 32;
+            __m512i col = _mm512_load_si512((const void *)qq);
+            MNN_DP(a00, r0, col); MNN_DP(a10, r1, col); MNN_DP(a20, r2, col); MNN_DP(a30, r3, col);
+            col = _mm512_load_si512((const void *)(qq + block));
+            MNN_DP(a01, r0, col); MNN_DP(a11, r1, col); MNN_DP(a21, r2, col); MNN_DP(a31, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 2 * block));
+            MNN_DP(a02, r0, col); MNN_DP(a12, r1, col); MNN_DP(a22, r2, col); MNN_DP(a32, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 3 * block));
+            MNN_DP(a03, r0, col); MNN_DP(a13, r1, col); MNN_DP(a23, r2, col); MNN_DP(a33, r3, col);
+        }
+#undef MNN_DP
+        const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                   {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        for (int r = 0; r < 4; ++r)
+            for (int l = 0; l < 4; ++l) _mm512_store_si512((void *)&tile[r][l * 16], acc[r][l]);
+        return;
+    }
+#endif
     s16_product(x, c_pad, qg, (c_pad / 2) * 32, MNN_GROUP / ATT_BLOCK, c_pad / 2, &tile[0][0],
                 MNN_GROUP, generic);
 }
@@ -813,8 +851,9 @@ void vpr_exact_argmax(const float *a, const float *b_panels, int64_t n_b, int64_
                 __m512 acc[4][2];
                 for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
                 for (int64_t k = 0; k < c; ++k) {
-                    const __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
-                    const __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
+                    __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    __asm__("" : "+v"(b0), "+v"(b1));     /* one load each, not 4 */
                     for (int r = 0; r < 4; ++r) {
                         const __m512 xk = _mm512_set1_ps(x[r][k]);
                         acc[r][0] = _mm512_fmadd_ps(xk, b0, acc[r][0]);
@@ -893,4 +932,201 @@ void vpr_codes16(const float *x, int64_t n, int64_t c, int64_t c_pad, double sca
         err[j] = sqrt(e);
         hat[j] = sqrt(h);
     }
+}
+
+/* ------------------------------------------------------------------------------------
+ * rrspeed: exact fused mutual nearest neighbours in float32 (vpr_mnn_exact_counts).
+ *
+ * For K candidate maps x_k (n_x[k] x c float32, row-major, addresses in cand[k]) and one
+ * query map (n_q x c, packed by vpr_pack_panels), counts[k] = the number of query points
+ * i whose best candidate point j (first index of the largest similarity over j) has i as
+ * its best query point (first index over i): the official mutual-nearest-neighbour count.
+ * Every similarity is one chain of fused multiply-adds in channel order from 0, the value
+ * the BLAS sgemm gives (as vpr_exact_argmax; the caller checks the equality once per
+ * process), and the matrix is never stored: tiles of 4 candidate points x 32 query points
+ * update, in registers, each candidate point's best (value, index) per lane over the
+ * query panels (strict >, so the first panel per lane; the lanes are reduced at the end
+ * to the smallest index of the maximum = the first index), and each query point's best
+ * (value, index) over the candidate points in row order (strict >: first index).  Work
+ * items are (candidate, range of candidate points); the column states of a candidate's
+ * ranges are merged in range order, so the first index wins across them too.  The caller
+ * guarantees finite features whose products cannot overflow (no NaN can arise).
+ * Returns 0, or -1 when scratch memory could not be allocated.
+ * ------------------------------------------------------------------------------------ */
+#define FUSED_ROWS 4
+
+static void mnn_exact_range(const float *x, int64_t j_begin, int64_t j_end, const float *qp,
+                            int64_t n_q, int64_t c, int32_t *row_idx, float *col_best,
+                            int32_t *col_idx, int generic) {
+    const int64_t panels = (n_q + EXACT_PANEL - 1) / EXACT_PANEL;
+    for (int64_t i = 0; i < panels * EXACT_PANEL; ++i) {
+        col_best[i] = -INFINITY;
+        col_idx[i] = (int32_t)j_begin;
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += FUSED_ROWS) {
+        const int nr = (int)(j_end - j0 < FUSED_ROWS ? j_end - j0 : FUSED_ROWS);
+        const float *xr[FUSED_ROWS];
+        for (int r = 0; r < FUSED_ROWS; ++r) xr[r] = x + (j0 + (r < nr ? r : 0)) * c;
+#if VPR_HAVE_VNNI
+        if (!generic) {
+            __m512 rb[FUSED_ROWS][2];
+            __m512i ri[FUSED_ROWS][2];
+            const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                   13, 14, 15);
+            for (int r = 0; r < FUSED_ROWS; ++r)
+                for (int h = 0; h < 2; ++h) {
+                    rb[r][h] = _mm512_set1_ps(-INFINITY);
+                    ri[r][h] = _mm512_setzero_si512();
+                }
+            for (int64_t p = 0; p < panels; ++p) {
+                const float *bp = qp + p * c * EXACT_PANEL;
+                __m512 acc[FUSED_ROWS][2];
+                for (int r = 0; r < FUSED_ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < c; ++k) {
+                    __m512 b0 = _mm512_load_ps(bp + k * EXACT_PANEL);
+                    __m512 b1 = _mm512_load_ps(bp + k * EXACT_PANEL + 16);
+                    /* keep b in registers: folded into each FMA it is loaded 4 times, and
+                     * one 512-bit load per cycle then bounds the loop */
+                    __asm__("" : "+v"(b0), "+v"(b1));
+                    for (int r = 0; r < FUSED_ROWS; ++r) {
+                        const __m512 xk = _mm512_set1_ps(xr[r][k]);
+                        acc[r][0] = _mm512_fmadd_ps(xk, b0, acc[r][0]);
+                        acc[r][1] = _mm512_fmadd_ps(xk, b1, acc[r][1]);
+                    }
+                }
+                const int64_t left = n_q - p * EXACT_PANEL;
+                const __mmask16 valid[2] = {
+                    left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u),
+                    left >= 32 ? (__mmask16)0xFFFF
+                               : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1u)};
+                for (int h = 0; h < 2; ++h) {
+                    const __m512i index = _mm512_add_epi32(
+                        lane, _mm512_set1_epi32((int32_t)(p * EXACT_PANEL + h * 16)));
+                    /* rows: lane-wise running best over the panels */
+                    for (int r = 0; r < FUSED_ROWS; ++r) {
+                        const __mmask16 gt = _mm512_mask_cmp_ps_mask(valid[h], acc[r][h],
+                                                                     rb[r][h], _CMP_GT_OQ);
+                        rb[r][h] = _mm512_mask_mov_ps(rb[r][h], gt, acc[r][h]);
+                        ri[r][h] = _mm512_mask_mov_epi32(ri[r][h], gt, index);
+                    }
+                    /* columns: the rows of this tile in order */
+                    float *cbp = col_best + p * EXACT_PANEL + h * 16;
+                    int32_t *cip = col_idx + p * EXACT_PANEL + h * 16;
+                    __m512 cb = _mm512_loadu_ps(cbp);
+                    __m512i ci = _mm512_loadu_si512((const void *)cip);
+                    for (int r = 0; r < nr; ++r) {
+                        const __mmask16 gt = _mm512_cmp_ps_mask(acc[r][h], cb, _CMP_GT_OQ);
+                        cb = _mm512_mask_mov_ps(cb, gt, acc[r][h]);
+                        ci = _mm512_mask_mov_epi32(ci, gt, _mm512_set1_epi32((int32_t)(j0 + r)));
+                    }
+                    _mm512_storeu_ps(cbp, cb);
+                    _mm512_storeu_si512((void *)cip, ci);
+                }
+            }
+            for (int r = 0; r < nr; ++r) {
+                const __m512 m = _mm512_max_ps(rb[r][0], rb[r][1]);
+                const float best = _mm512_reduce_max_ps(m);
+                const __m512 bv = _mm512_set1_ps(best);
+                const __mmask16 e0 = _mm512_cmp_ps_mask(rb[r][0], bv, _CMP_EQ_OQ);
+                const __mmask16 e1 = _mm512_cmp_ps_mask(rb[r][1], bv, _CMP_EQ_OQ);
+                const __m512i big = _mm512_set1_epi32(INT32_MAX);
+                const __m512i i0 = _mm512_mask_mov_epi32(big, e0, ri[r][0]);
+                const __m512i i1 = _mm512_mask_mov_epi32(big, e1, ri[r][1]);
+                row_idx[j0 + r] = _mm512_reduce_min_epi32(_mm512_min_epi32(i0, i1));
+            }
+            continue;
+        }
+#endif
+        for (int r = 0; r < nr; ++r) {
+            float best = -INFINITY;
+            int32_t bi = 0;
+            for (int64_t i = 0; i < n_q; ++i) {
+                const float *b = qp + (i / EXACT_PANEL) * c * EXACT_PANEL + i % EXACT_PANEL;
+                float acc = 0.0f;
+                for (int64_t k = 0; k < c; ++k) acc = fmaf(xr[r][k], b[k * EXACT_PANEL], acc);
+                if (acc > best || i == 0) {
+                    best = acc;
+                    bi = (int32_t)i;
+                }
+                if (acc > col_best[i] || j0 + r == j_begin) {
+                    col_best[i] = acc;
+                    col_idx[i] = (int32_t)(j0 + r);
+                }
+            }
+            row_idx[j0 + r] = bi;
+        }
+    }
+}
+
+int vpr_mnn_exact_counts(const int64_t *cand, const int64_t *n_x, int64_t n_cand,
+                         const float *q_panels, int64_t n_q, int64_t c, int64_t splits,
+                         int64_t *counts, int generic, int num_threads) {
+    if (num_threads < 1) num_threads = 1;
+    if (splits < 1) splits = 1;
+    const int64_t n_q_pad = (n_q + EXACT_PANEL - 1) / EXACT_PANEL * EXACT_PANEL;
+    int64_t max_x = 0;
+    for (int64_t k = 0; k < n_cand; ++k) max_x = n_x[k] > max_x ? n_x[k] : max_x;
+    const int64_t items = n_cand * splits;
+    int32_t *row_idx = malloc((size_t)(n_cand * max_x + 1) * sizeof(int32_t));
+    float *col_best = malloc((size_t)(items * n_q_pad + 1) * sizeof(float));
+    int32_t *col_idx = malloc((size_t)(items * n_q_pad + 1) * sizeof(int32_t));
+    if (!row_idx || !col_best || !col_idx) {
+        free(row_idx);
+        free(col_best);
+        free(col_idx);
+        return -1;
+    }
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < items; ++w) {
+            const int64_t k = w / splits, s = w % splits;
+            const int64_t per = round_up((n_x[k] + splits - 1) / splits, FUSED_ROWS);
+            const int64_t j0 = s * per < n_x[k] ? s * per : n_x[k];
+            const int64_t j1 = j0 + per < n_x[k] ? j0 + per : n_x[k];
+            mnn_exact_range((const float *)(intptr_t)cand[k], j0, j1, q_panels, n_q, c,
+                            row_idx + k * max_x, col_best + w * n_q_pad, col_idx + w * n_q_pad,
+                            generic);
+        }
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < n_cand; ++k) {
+            int64_t count = 0;
+            for (int64_t i = 0; i < n_q && n_x[k] > 0; ++i) {
+                float best = -INFINITY;
+                int32_t bj = 0;
+                int first = 1;
+                for (int64_t s = 0; s < splits; ++s) {
+                    const int64_t w = k * splits + s;
+                    const int64_t per = round_up((n_x[k] + splits - 1) / splits, FUSED_ROWS);
+                    if (s * per >= n_x[k]) break;          /* empty range */
+                    const float v = col_best[w * n_q_pad + i];
+                    if (first || v > best) {
+                        best = v;
+                        bj = col_idx[w * n_q_pad + i];
+                        first = 0;
+                    }
+                }
+                count += row_idx[k * max_x + bj] == (int32_t)i;
+            }
+            counts[k] = count;
+        }
+    }
+    free(row_idx);
+    free(col_best);
+    free(col_idx);
+    return 0;
+}
+
+/* out[i][j] = dot(a[i], b[j]) as one chain of fused multiply-adds in channel order from 0
+ * (a: n_a x c, b: n_b x c, row-major): the definition the exact re-ranking paths rely on,
+ * in plain scalar code, for the per-shape check against numpy's BLAS. */
+void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, int64_t c,
+                    float *out, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t i = 0; i < n_a; ++i)
+        for (int64_t j = 0; j < n_b; ++j) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < c; ++k) acc = fmaf(a[i * c + k], b[j * c + k], acc);
+            out[i * n_b + j] = acc;
+        }
 }

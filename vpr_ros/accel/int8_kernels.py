@@ -163,8 +163,11 @@ class NativeKernels:
             "vpr_point_norms": [vp, _I64, _I64, vp, vp, i32],
             "vpr_pack_panels": [vp, _I64, _I64, vp],
             "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
+            "vpr_mnn_exact_counts": [vp, vp, _I64, vp, _I64, _I64, _I64, vp, i32, i32],
+            "vpr_fma_matrix": [vp, _I64, vp, _I64, _I64, vp, i32],
         }
-        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int}
+        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
+                   "vpr_mnn_exact_counts": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -283,7 +286,7 @@ class NativeKernels:
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
-                 generic: bool = False) -> Tuple[np.ndarray, ...]:
+                 generic: bool = False, threads: Optional[int] = None) -> Tuple[np.ndarray, ...]:
         """Fused top-2 of the int16 code similarities ``x_codes @ q_codes.T``, never stored.
 
         ``x_codes``: (n_x rounded up to a multiple of 4, c_pad) int16, zero rows at the end;
@@ -292,7 +295,8 @@ class NativeKernels:
         candidate point (row) the largest code similarity over the query points, the first
         index where it occurs and the largest of the rest, and the same per query point
         (column) over the candidate points.  An exact tie shows as ``second == best``.
-        ``vpr_mnn_top2`` in ``int8_kernels.c``.
+        ``vpr_mnn_top2`` in ``int8_kernels.c``.  ``threads``: OpenMP threads (default
+        torch's count), as for the other re-ranking kernels.
         """
         c_pad = x_codes.shape[1]
         if (x_codes.dtype != np.int16 or not x_codes.flags.c_contiguous
@@ -307,21 +311,22 @@ class NativeKernels:
         cols = [np.empty(n_q, dtype=np.int32) for _ in range(3)]
         status = self._lib.vpr_mnn_top2(x_codes.ctypes.data, n_x, q_vnni.ctypes.data, n_q, c_pad,
                                         *(a.ctypes.data for a in rows + cols), int(generic),
-                                        torch.get_num_threads())
+                                        _threads(threads))
         if status != 0:
             raise MemoryError("mnn_top2: could not allocate its scratch memory")
         return tuple(rows + cols)
 
-    def point_norms(self, x: np.ndarray) -> Tuple[np.ndarray, float]:
+    def point_norms(self, x: np.ndarray, threads: Optional[int] = None) -> Tuple[np.ndarray, float]:
         """(n, c) float32 -> (the points' norms (n,) float64, the largest |component|)."""
         self._check_np(x, np.float32, "x")
         norm = np.empty(x.shape[0], dtype=np.float64)
         amax = np.zeros(1, dtype=np.float64)
         self._lib.vpr_point_norms(x.ctypes.data, x.shape[0], x.shape[1], norm.ctypes.data,
-                                  amax.ctypes.data, torch.get_num_threads())
+                                  amax.ctypes.data, _threads(threads))
         return norm, float(amax[0])
 
-    def codes16(self, x: np.ndarray, scale: float, rows: int, c_pad: int):
+    def codes16(self, x: np.ndarray, scale: float, rows: int, c_pad: int,
+                threads: Optional[int] = None):
         """int16 codes ``rint(x / scale)`` in ``rows`` (>= n) rows of ``c_pad`` (zero padding),
         and per point ``|x - scale * code|`` and ``|scale * code|`` in float64."""
         self._check_np(x, np.float32, "x")
@@ -331,7 +336,7 @@ class NativeKernels:
         codes = np.zeros((rows, c_pad), dtype=np.int16)
         err, hat = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
         self._lib.vpr_codes16(x.ctypes.data, n, c, c_pad, float(scale), codes.ctypes.data,
-                              err.ctypes.data, hat.ctypes.data, torch.get_num_threads())
+                              err.ctypes.data, hat.ctypes.data, _threads(threads))
         return codes, err, hat
 
     @staticmethod
@@ -349,7 +354,8 @@ class NativeKernels:
         return Panels(out, n_b)
 
     def exact_argmax(self, a: np.ndarray, b: "Panels", selected: np.ndarray,
-                     generic: bool = False, values: bool = False):
+                     generic: bool = False, values: bool = False,
+                     threads: Optional[int] = None):
         """For each selected row s of ``a`` (n_a, c): the first index of the largest float32
         dot product of ``a[s]`` with the points of ``b`` (:meth:`pack_panels`), each one chain
         of fused multiply-adds in channel order (``vpr_exact_argmax`` in ``int8_kernels.c``).
@@ -366,8 +372,52 @@ class NativeKernels:
         if sel.size:
             self._lib.vpr_exact_argmax(a.ctypes.data, b.data.ctypes.data, b.n, a.shape[1],
                                        sel.ctypes.data, sel.size, out.ctypes.data,
-                                       best.ctypes.data, int(generic), torch.get_num_threads())
+                                       best.ctypes.data, int(generic), _threads(threads))
         return (out, best) if values else out
+
+    def mnn_exact_counts(self, candidates, q: "Panels", splits: int = 1,
+                         generic: bool = False) -> np.ndarray:
+        """Exact mutual-nearest-neighbour counts of the packed query ``q`` against each of
+        ``candidates`` (C-contiguous (n_x, c) float32 arrays, finite, small enough that no
+        product overflows), fused: every similarity one in-order FMA chain (the BLAS value,
+        as :meth:`exact_argmax`), both argmaxes first index on ties, the matrix never stored.
+        ``splits``: ranges of candidate points per candidate (work items for the threads
+        when there are few candidates).  ``vpr_mnn_exact_counts`` in ``int8_kernels.c``."""
+        c = q.data.shape[1]
+        for x in candidates:
+            self._check_np(x, np.float32, "candidate")
+            if x.shape[1] != c:
+                raise ValueError(f"candidate {x.shape} and the packed query ({q.n}, {c}) "
+                                 "do not fit")
+        counts = np.zeros(len(candidates), dtype=np.int64)
+        if not len(candidates) or q.n == 0:
+            return counts
+        ptrs = np.array([x.ctypes.data for x in candidates], dtype=np.int64)
+        n_x = np.array([x.shape[0] for x in candidates], dtype=np.int64)
+        status = self._lib.vpr_mnn_exact_counts(ptrs.ctypes.data, n_x.ctypes.data, len(ptrs),
+                                                q.data.ctypes.data, q.n, c, int(splits),
+                                                counts.ctypes.data, int(generic),
+                                                torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("mnn_exact_counts: could not allocate its scratch memory")
+        return counts
+
+    def fma_matrix(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """``a @ b.T`` (float32) with every dot product one in-order FMA chain (plain C):
+        what the exact re-ranking paths compute, to check numpy's BLAS against."""
+        self._check_np(a, np.float32, "a")
+        self._check_np(b, np.float32, "b")
+        if a.shape[1] != b.shape[1]:
+            raise ValueError(f"a {a.shape} and b {b.shape} do not fit")
+        out = np.empty((a.shape[0], b.shape[0]), dtype=np.float32)
+        self._lib.vpr_fma_matrix(a.ctypes.data, a.shape[0], b.ctypes.data, b.shape[0],
+                                 a.shape[1], out.ctypes.data, torch.get_num_threads())
+        return out
+
+
+def _threads(threads: Optional[int]) -> int:
+    """OpenMP threads of a kernel call: the given count, else torch's."""
+    return int(threads) if threads is not None else torch.get_num_threads()
 
 
 class Panels:

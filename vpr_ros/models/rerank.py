@@ -5,12 +5,15 @@ point i *matches* if its best candidate point j = argmax_j S[j, i] has i as its 
 best query point (argmax_i S[j, i] == i): mutual nearest neighbours.  ``argmax`` takes
 the first index on exact ties, as ``torch.argmax`` does in the official code.
 
-* :func:`mutual_nn_counts` - number of matches per candidate.  On the CPU the candidates
-  go one at a time.  Where the native kernels of :mod:`vpr_ros.accel` build (and
-  ``native`` is not False), ``compute="fp32"`` takes the *verified* path: int16 code
-  similarities with a fused top-2 that never stores the matrix, and an exact float32
-  re-computation of every row and column whose margin is within the proven error bound
-  (see the comment above :class:`_Codes`): the same counts as the plain path.  The plain
+* :func:`mutual_nn_counts` - number of matches per candidate.  Where the native kernels
+  of :mod:`vpr_ros.accel` build (and ``native`` is not False), ``compute="fp32"`` on the
+  CPU takes one of two exact native paths (:func:`_counts_cpu`): the *fused* path for
+  small maps (every float32 similarity computed as the BLAS computes it, both argmaxes in
+  the same pass, the K candidates as one batch of work) and the *verified* path for large
+  ones (int16 code similarities with a fused top-2 that never stores the matrix, and an
+  exact float32 re-computation of every row and column whose margin is within the proven
+  error bound, see the comment above :class:`_Codes`).  Both give the counts of the plain
+  path, which runs otherwise.  The plain
   path runs one reused similarity buffer (55 MB for 61x61 maps): the
   matmul through numpy's BLAS, the best query point of every candidate point with
   numpy's contiguous argmax, the best candidate point of every query point with
@@ -184,60 +187,238 @@ def _points_np(x, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
-                stats: Optional[dict] = None) -> torch.LongTensor:
-    """CPU path: one candidate at a time.
+EXACT_PATHS = ("auto", "fused", "verified", "plain")
 
-    ``compute="fp32"`` with the native kernels (the default where a C compiler exists):
-    the verified path below - int16 code similarities with a fused top-2, exact float32
-    re-computation of the ambiguous rows and columns - whose counts are those of the
-    plain path.  Otherwise (``native=False``, no compiler, non-finite features) the plain
-    path: the similarity matmul through numpy's BLAS (OpenBLAS in the numpy wheels: about
-    1.7x faster than ``torch.mm`` for this 3721x128x3721 shape on the CPUs measured, and
-    bit-identical on them) into one reused buffer, then both argmaxes.  ``compute="bf16"``
-    runs the matmul in bfloat16 with torch and widens the product into the same buffer.
-    The candidates are read one by one, so ``candidates`` may be a memory-mapped array or
-    any sequence that gives one map per index (e.g. a dequantising view of int8 storage).
+
+def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
+                stats: Optional[dict] = None, path: str = "auto") -> torch.LongTensor:
+    """CPU path.
+
+    ``compute="fp32"`` with the native kernels (the default where a C compiler exists)
+    takes one of two exact native paths, chosen per query (:func:`_fused_first`):
+
+    * the *fused* path (small maps, e.g. the demo re-ranker's 29x29x32, and maps the
+      verified path cannot decide): every float32 similarity computed as the BLAS does
+      (one in-order FMA chain) with both argmaxes in the same pass over tiles, the matrix
+      never stored, the K candidates as one batch of work items for the threads;
+    * the *verified* path below (large maps): int16 code similarities with a fused top-2,
+      exact float32 re-computation of the ambiguous rows and columns only.  When it has to
+      recompute more than :data:`FUSED_SWITCH_FRACTION` of the rows and columns of the
+      first candidate (near-tie features), the remaining candidates go to the fused path;
+      otherwise, with several threads, the remaining candidates run one per thread
+      (:func:`_verified_pooled`).
+
+    Both give the counts of the plain path.  ``path`` ("fused", "verified", "plain")
+    forces one of them where it can run (benchmarks, tests); "auto" chooses.  Otherwise
+    (``native=False``, no compiler, non-finite features) the plain path: the similarity
+    matmul through numpy's BLAS (OpenBLAS in the numpy wheels: about 1.7x faster than
+    ``torch.mm`` for this 3721x128x3721 shape on the CPUs measured, and bit-identical on
+    them) into one reused buffer, then both argmaxes.  ``compute="bf16"`` runs the matmul
+    in bfloat16 with torch and widens the product into the same buffer.  The candidates
+    are read one by one (the fused path holds at most :data:`FUSED_BATCH_BYTES` of them
+    as float32 at a time), so ``candidates`` may be a memory-mapped array or any sequence
+    that gives one map per index (e.g. a dequantising view of int8 storage).
     """
     q = _points_np(query, "query")
     k = len(candidates)
     counts = np.zeros(k, dtype=np.int64)
-    q_t = np.ascontiguousarray(q.T)
-    kernels = _native_kernels(native) if compute == "fp32" and k and q.shape[0] else None
-    verified = None
-    if kernels is not None and np.isfinite(q).all():
-        from ..accel.int8_kernels import mnn_query_layout
-
-        try:
-            qc = _Codes(kernels, q, 1)
-            verified = (qc, mnn_query_layout(qc.codes), kernels.pack_panels(q),
-                        _gamma(q.shape[1]))
-        except _Unverifiable:
-            verified = None
-    q_t_bf16 = torch.from_numpy(q_t).to(torch.bfloat16) if compute == "bf16" else None
-    sim = mm_buf = None
+    if path not in EXACT_PATHS:
+        raise ValueError(f"unknown exact re-ranking path {path!r}: use one of "
+                         f"{', '.join(EXACT_PATHS)}")
+    first = _points_np(candidates[0], "candidate") if k else None
+    kernels = (_native_kernels(native, q.shape[1], first.shape[0], q.shape[0])
+               if compute == "fp32" and k and q.shape[0] and path != "plain" else None)
+    fast = (_NativeCounter(kernels, q, first.shape, path, counts)
+            if kernels is not None and np.isfinite(q).all() else None)
+    plain = _PlainCounter(q, compute)
+    done: dict = {}
     for i in range(k):
-        cand = _points_np(candidates[i], "candidate")
+        if i == 1 and fast is not None and fast.pool_rest(k):
+            done = _verified_pooled(kernels, candidates, range(1, k), q, fast.verified,
+                                    first.shape, fast.q_absmax, fast.stats)
+        if i in done:
+            counts[i] = done[i]
+            continue
+        cand = first if i == 0 else _points_np(candidates[i], "candidate")
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
-        if verified is not None and cand.shape[0] and np.isfinite(cand).all():
+        if fast is None or not fast.count(i, cand):
+            counts[i] = plain.count(cand)
+    if fast is not None:
+        fast.flush()
+        if stats is not None:
+            for key, value in fast.stats.items():
+                stats[key] = stats.get(key, 0) + value
+    return torch.from_numpy(counts)
+
+
+class _PlainCounter:
+    """The plain path: the similarity matmul (numpy's BLAS; bf16 through torch) into one
+    reused buffer, then both argmaxes."""
+
+    def __init__(self, q: np.ndarray, compute: str):
+        self.q_t = np.ascontiguousarray(q.T)
+        self.compute = compute
+        self.q_t_bf16 = (torch.from_numpy(self.q_t).to(torch.bfloat16) if compute == "bf16"
+                         else None)
+        self.sim = self.mm_buf = None
+
+    def count(self, cand: np.ndarray) -> int:
+        if self.sim is None or self.sim.shape[0] != cand.shape[0]:
+            self.sim = np.empty((cand.shape[0], self.q_t.shape[1]), dtype=np.float32)
+            self.mm_buf = None
+        if self.compute == "fp32":
+            np.matmul(cand, self.q_t, out=self.sim)
+        else:
+            if self.mm_buf is None:
+                self.mm_buf = torch.empty(self.sim.shape, dtype=torch.bfloat16)
+            torch.mm(torch.from_numpy(cand).to(torch.bfloat16), self.q_t_bf16, out=self.mm_buf)
+            torch.from_numpy(self.sim).copy_(self.mm_buf)    # exact widening of bf16 values
+        return mutual_count(self.sim) if self.sim.size else 0
+
+
+class _NativeCounter:
+    """The fused and verified paths of one query (:func:`_counts_cpu`): fused candidates
+    are batched (at most :data:`FUSED_BATCH_BYTES` of them held), verified ones counted at
+    once; ``stats`` collects what ran."""
+
+    def __init__(self, kernels, q: np.ndarray, first_shape: tuple, path: str,
+                 counts: np.ndarray):
+        self.kernels, self.q, self.path, self.counts = kernels, q, path, counts
+        self.first_shape = first_shape
+        self.q_panels = kernels.pack_panels(q)
+        self.q_absmax = float(np.abs(q).max(initial=0.0))
+        self.fused = path == "fused" or (path == "auto" and _fused_first(
+            first_shape[0], q.shape[0], q.shape[1]))
+        self.verified = None
+        self.stats: dict = {}
+        if not self.fused:
+            from ..accel.int8_kernels import mnn_query_layout
+
             try:
-                counts[i] = _verified_count(kernels, cand, q, *verified, stats)
-                continue
+                qc = _Codes(kernels, q, 1)
+                self.verified = (qc, mnn_query_layout(qc.codes), self.q_panels,
+                                 _gamma(q.shape[1]))
+            except _Unverifiable:
+                self.verified = None
+        self.batch, self.batch_pos, self.batch_bytes = [], [], 0
+
+    def pool_rest(self, k: int) -> bool:
+        """Run the candidates after the first one per thread (verified path, 3+ of them)?"""
+        return (self.verified is not None and not self.fused and k > 2
+                and torch.get_num_threads() > 1)
+
+    def count(self, i: int, cand: np.ndarray) -> bool:
+        """Count candidate i into ``counts`` (now or at the next flush); False: not taken
+        (empty, non-finite, overflowing, or a shape numpy's BLAS sums otherwise)."""
+        q = self.q
+        if not (cand.shape[0] and _fusable(cand, self.q_absmax)
+                and (cand.shape == self.first_shape
+                     or _blas_is_fma_chain(self.kernels, q.shape[1], cand.shape[0],
+                                           q.shape[0]))):
+            return False
+        if self.fused:
+            self.batch.append(cand)
+            self.batch_pos.append(i)
+            self.batch_bytes += cand.nbytes
+            if self.batch_bytes >= FUSED_BATCH_BYTES:
+                self.flush()
+            return True
+        if self.verified is not None:
+            try:
+                self.counts[i] = _verified_count(self.kernels, cand, q, *self.verified,
+                                                 self.stats)
+                recomputed = _recomputed_fraction(self.stats)
+                self.fused = (self.path == "auto" and recomputed is not None
+                              and recomputed > FUSED_SWITCH_FRACTION)
+                return True
             except _Unverifiable:
                 pass
-        if sim is None or sim.shape[0] != cand.shape[0]:
-            sim = np.empty((cand.shape[0], q.shape[0]), dtype=np.float32)
-            mm_buf = None
-        if compute == "fp32":
-            np.matmul(cand, q_t, out=sim)
-        else:
-            if mm_buf is None:
-                mm_buf = torch.empty(sim.shape, dtype=torch.bfloat16)
-            torch.mm(torch.from_numpy(cand).to(torch.bfloat16), q_t_bf16, out=mm_buf)
-            torch.from_numpy(sim).copy_(mm_buf)            # exact widening of bf16 values
-        counts[i] = mutual_count(sim) if sim.size else 0
-    return torch.from_numpy(counts)
+        self.counts[i] = self.kernels.mnn_exact_counts([cand], self.q_panels,
+                                                       _fused_splits(1, cand.shape[0]))[0]
+        self.stats["fused"] = self.stats.get("fused", 0) + 1
+        return True
+
+    def flush(self) -> None:
+        if self.batch:
+            self.counts[self.batch_pos] = self.kernels.mnn_exact_counts(
+                self.batch, self.q_panels, _fused_splits(len(self.batch),
+                                                         self.batch[0].shape[0]))
+            self.stats["fused"] = self.stats.get("fused", 0) + len(self.batch)
+        self.batch, self.batch_pos, self.batch_bytes = [], [], 0
+
+
+def _verified_pooled(kernels, candidates, indices, q: np.ndarray, verified: tuple,
+                     shape: tuple, q_absmax: float, stats: Optional[dict]) -> dict:
+    """The verified path over several candidates, one candidate per thread (torch's count
+    of threads, each kernel on one): no OpenMP barrier per kernel call, and a thread that
+    the OS takes away stalls only its own candidate.  -> {index: count} of the candidates
+    it took; the others (another shape, non-finite, unverifiable) are left to the caller.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i):
+        cand = _points_np(candidates[i], "candidate")
+        if cand.shape == shape and _fusable(cand, q_absmax):
+            local: dict = {}
+            try:
+                return i, _verified_count(kernels, cand, q, *verified, local, threads=1), local
+            except _Unverifiable:
+                pass
+        return i, None, None
+
+    done = {}
+    with ThreadPoolExecutor(min(torch.get_num_threads(), len(indices))) as pool:
+        for i, count, local in pool.map(work, indices):
+            if count is None:
+                continue
+            done[i] = count
+            if stats is not None:
+                for key, value in local.items():
+                    stats[key] = stats.get(key, 0) + value
+    return done
+
+
+# ------------------------------------------------------------------------ fused exact path
+#
+# ``vpr_mnn_exact_counts`` (int8_kernels.c) computes every float32 similarity as one
+# in-order FMA chain - the BLAS value (:func:`_blas_is_fma_chain`) - and both argmaxes
+# (first index on ties) in the same pass over tiles of 4 candidate points x 32 query
+# points.  It does all the work of the plain path but never writes the matrix, never
+# reads it back for the two argmaxes, and has no per-candidate Python overhead; the
+# verified path does less arithmetic but pays per candidate for the codes, the bounds and
+# the re-computations, which on small or near-tie maps costs more than it saves
+# (docs/fast_paths.md, section 1).
+
+FUSED_MAX_MACS = 1 << 27          # maps up to this many products per candidate: fused
+FUSED_SWITCH_FRACTION = 0.5       # verified path recomputing more than this: fused
+FUSED_BATCH_BYTES = 64 << 20      # float32 candidate maps held at once by the fused path
+_OVERFLOW_SAFE = 1e36             # channels x max|x| x max|q| below this: no inf, no NaN
+
+
+def _fused_first(n_x: int, n_q: int, channels: int) -> bool:
+    """Start with the fused path (True) or the verified one (False) for maps of this size."""
+    return n_x * n_q * channels <= FUSED_MAX_MACS
+
+
+def _fused_splits(n_cand: int, n_x: int) -> int:
+    """Ranges of candidate points per candidate: at least two work items per thread."""
+    want = -(-2 * torch.get_num_threads() // max(n_cand, 1))
+    return int(max(1, min(want, -(-n_x // 4))))
+
+
+def _fusable(cand: np.ndarray, q_absmax: float) -> bool:
+    """Finite candidate features whose similarities (and every partial sum) stay finite."""
+    if not np.isfinite(cand).all():
+        return False
+    return cand.shape[1] * float(np.abs(cand).max(initial=0.0)) * q_absmax < _OVERFLOW_SAFE
+
+
+def _recomputed_fraction(stats: Optional[dict]) -> Optional[float]:
+    if not stats or not stats.get("rows"):
+        return None
+    return ((stats["rows_recomputed"] + stats["cols_recomputed"])
+            / (stats["rows"] + stats["cols"]))
 
 
 # --------------------------------------------------------------------- verified fast path
@@ -273,10 +454,11 @@ class _Codes:
 
     __slots__ = ("codes", "scale", "err", "hat", "norm", "n")
 
-    def __init__(self, kernels, points: np.ndarray, pad_rows: int):
+    def __init__(self, kernels, points: np.ndarray, pad_rows: int,
+                 threads: Optional[int] = None):
         n, c = points.shape
         c_pad = c + (c % 2)
-        norm, absmax = kernels.point_norms(points)
+        norm, absmax = kernels.point_norms(points, threads)
         # the largest norm and the largest component both fit:
         # |round(x / s)| <= |x / s| + sqrt(c_pad) / 2 <= _CODE_NORM - 1, components <= 32766
         scale = max(float(norm.max(initial=0.0)) / (_CODE_NORM - 1.0 - 0.5 * np.sqrt(c_pad)),
@@ -285,7 +467,7 @@ class _Codes:
         if not (np.isfinite(scale) and 1e-30 < scale < 1e30):
             raise _Unverifiable("features too large or too small for int16 codes")
         rows = -(-n // pad_rows) * pad_rows
-        self.codes, err, hat = kernels.codes16(points, scale, rows, c_pad)
+        self.codes, err, hat = kernels.codes16(points, scale, rows, c_pad, threads)
         # err is a difference: its float64 rounding is relative to |x|, not to err itself
         self.err = err * _MARGIN + 1e-12 * norm
         self.hat, self.norm = hat * _MARGIN, norm * _MARGIN
@@ -303,15 +485,17 @@ def _ambiguous(best: np.ndarray, second: np.ndarray, scale: float, bound: np.nda
 
 
 def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
-                    q_layout: np.ndarray, q_panels, gamma: float, stats: Optional[dict]) -> int:
+                    q_layout: np.ndarray, q_panels, gamma: float, stats: Optional[dict],
+                    threads: Optional[int] = None) -> int:
     """Mutual nearest-neighbour count of one candidate map, identical to :func:`mutual_count`
-    of its float32 similarities (see the comment above)."""
+    of its float32 similarities (see the comment above).  ``threads``: OpenMP threads of
+    its kernels (default torch's count)."""
     from ..accel.int8_kernels import MNN_ROWS
 
-    xc = _Codes(kernels, cand, MNN_ROWS)
+    xc = _Codes(kernels, cand, MNN_ROWS, threads)
     n_x, n_q = cand.shape[0], q.shape[0]
     row_best, row_idx, row_second, col_best, col_idx, col_second = kernels.mnn_top2(
-        xc.codes, n_x, q_layout, n_q)
+        xc.codes, n_x, q_layout, n_q, threads=threads)
     scale = xc.scale * qc.scale
     q_norm = float(qc.norm.max())
     row_bound = 2.0 * (xc.err * q_norm + xc.hat * float(qc.err.max())
@@ -324,9 +508,10 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
     best_query = row_idx.astype(np.int64)
     best_cand = col_idx.astype(np.int64)
     if len(rows):                                  # candidate points, exactly
-        best_query[rows] = kernels.exact_argmax(cand, q_panels, rows)
+        best_query[rows] = kernels.exact_argmax(cand, q_panels, rows, threads=threads)
     if len(cols):                                  # query points, exactly
-        best_cand[cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), cols)
+        best_cand[cols] = kernels.exact_argmax(q, kernels.pack_panels(cand), cols,
+                                               threads=threads)
     if stats is not None:
         stats["rows"] = stats.get("rows", 0) + n_x
         stats["cols"] = stats.get("cols", 0) + n_q
@@ -338,61 +523,73 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
 _FMA_CHECK: dict = {}
 
 
-def _blas_is_fma_chain(kernels) -> bool:
-    """Does numpy's float32 matmul of map-sized operands give, bit for bit, one in-order
-    fused multiply-add chain per dot product (what the exact recomputation computes)?
-    Checked once per process on random data; False sends re-ranking to the plain path."""
-    key = id(kernels)
+def _check_shape(n_x: int, n_q: int, channels: int) -> Tuple[int, int]:
+    """The shape on which :func:`_blas_is_fma_chain` checks maps of n_x x n_q points: the
+    maps' own where small (BLAS libraries take other kernels for small matrices: OpenBLAS
+    on Zen 4 sums 85x85x32 differently), else one with the same remainders modulo 64
+    (the edge tiles) that is still large."""
+    if n_x * n_q * channels <= FUSED_MAX_MACS:
+        return n_x, n_q
+    return 256 + n_x % 64, 256 + n_q % 64
+
+
+def _blas_is_fma_chain(kernels, channels: int = 128, n_x: int = 320, n_q: int = 320) -> bool:
+    """Does numpy's float32 matmul of maps this size give, bit for bit, one in-order
+    fused multiply-add chain per dot product (what the exact recomputation and the fused
+    path compute)?  Checked once per process and shape (:func:`_check_shape`) on random
+    data, every value; False sends re-ranking to the plain path."""
+    rows, cols = _check_shape(max(int(n_x), 1), max(int(n_q), 1), int(channels))
+    key = (id(kernels), int(channels), rows, cols)
     if key not in _FMA_CHECK:
         rng = np.random.default_rng(12345)
-        a = rng.standard_normal((256, 128)).astype(np.float32)
-        b = rng.standard_normal((320, 128)).astype(np.float32)
-        full = np.matmul(a, np.ascontiguousarray(b.T))
-        rows = np.arange(a.shape[0])
-        index, value = kernels.exact_argmax(a, kernels.pack_panels(b), rows, values=True)
-        ok = (np.array_equal(index, full.argmax(axis=1))
-              and np.array_equal(value, full.max(axis=1)))
-        for i in range(0, b.shape[0], 16):          # every value of some columns
-            _, value = kernels.exact_argmax(a, kernels.pack_panels(b[i:i + 1]), rows,
-                                            values=True)
-            ok = ok and np.array_equal(value, full[:, i])
+        a = rng.standard_normal((rows, channels)).astype(np.float32)
+        b = rng.standard_normal((cols, channels)).astype(np.float32)
+        ok = np.array_equal(np.matmul(a, np.ascontiguousarray(b.T)), kernels.fma_matrix(a, b))
         _FMA_CHECK[key] = bool(ok)
         if not ok:
             import logging
-            logging.getLogger(__name__).warning(
-                "numpy's BLAS does not compute float32 dot products as in-order FMA chains; "
-                "exact re-ranking runs the plain float32 path")
+            logging.getLogger(__name__).info(
+                "numpy's BLAS does not compute float32 dot products of %dx%dx%d maps as "
+                "in-order FMA chains; exact re-ranking runs the plain float32 path",
+                rows, cols, channels)
     return _FMA_CHECK[key]
 
 
-def _native_kernels(native: Optional[bool]):
-    """The native kernels for the verified path, or None (plain float32 path)."""
-    if native is False:
+def _native_kernels(native: Optional[bool], channels: int = 128, n_x: int = 320,
+                    n_q: int = 320):
+    """The native kernels for the fused and verified paths, or None (plain float32 path)."""
+    if native is False or channels < 1:
         return None
     from ..accel.int8_kernels import native_kernels
 
     kernels = native_kernels(enabled=native)
-    return kernels if kernels is not None and _blas_is_fma_chain(kernels) else None
+    return kernels if kernels is not None and _blas_is_fma_chain(kernels, channels, n_x,
+                                                                 n_q) else None
 
 
 def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.device, None] = None,
                      max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
                      compute: str = "fp32", native: Optional[bool] = None,
-                     stats: Optional[dict] = None) -> torch.LongTensor:
+                     stats: Optional[dict] = None, path: str = "auto") -> torch.LongTensor:
     """Mutual nearest-neighbour counts of one query map against K candidate maps -> (K,).
 
     ``compute``: "fp32" (exact, the official counts) or "bf16" (bfloat16 similarity
     matmul, float32 argmaxes).  On the CPU candidates go one at a time through one
     reused similarity buffer (``candidates`` may then be any sequence of maps, e.g. a
     memory-mapped array); on a GPU they are batched in chunks of at most
-    ``max_chunk_bytes`` of similarity work space.
+    ``max_chunk_bytes`` of similarity work space.  ``native``: False runs the plain
+    float32 path on the CPU (no native kernels).  ``path``: which exact CPU path
+    ("auto" chooses; "fused", "verified", "plain" force one where it can run, for
+    benchmarks and tests; see :func:`_counts_cpu`).  ``stats``: a dict that collects how
+    many candidates went through the fused path and how many rows and columns the
+    verified path recomputed.
     """
     compute = check_compute(compute)
     if device is None:
         device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cpu":
-        return _counts_cpu(query, candidates, compute, native, stats)
+        return _counts_cpu(query, candidates, compute, native, stats, path)
     mm_dtype = _COMPUTE_DTYPES[compute]
     if len(candidates) == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
