@@ -213,3 +213,19 @@ def test_shipped_demo_reranker_features_exact(kernels, sample_dir):
         assert stats.get("fused") == len(local)
         for path in ("fused", "verified", "plain"):
             assert mutual_nn_counts(local[qi], local, path=path).tolist() == want, path
+
+
+def test_kernel_cache_option_reaches_the_reranking(tmp_path):
+    """``kernel_cache`` (AccelOptions, node parameter, --kernel-cache) is where the re-ranking
+    builds its kernels too, not only the int8 models."""
+    from vpr_ros.accel.int8_kernels import native_kernels
+
+    if native_kernels() is None:
+        pytest.skip("no C compiler: the native kernels do not build here")
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((64, 16)).astype(np.float32)
+    cands = rng.standard_normal((3, 64, 16)).astype(np.float32)
+    cache = tmp_path / "kernels"
+    got = mutual_nn_counts(q, cands, kernel_cache=str(cache))
+    assert any(cache.rglob("*.so"))
+    assert got.tolist() == mutual_nn_counts(q, cands, native=False).tolist()

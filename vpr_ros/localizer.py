@@ -332,7 +332,8 @@ class Localizer:
         accel = getattr(self.local_extractor, "accel", None)    # the extractor's switches
         counts = mutual_nn_counts(torch.from_numpy(np.asarray(query_local)),
                                   PlaceSubset(feats, indices), compute=self.rerank_compute,
-                                  native=None if accel is None else accel.native_kernels)
+                                  native=None if accel is None else accel.native_kernels,
+                                  kernel_cache=None if accel is None else accel.kernel_cache)
         scores = official_scores(counts)
         order = np.asarray(rerank_order(scores))
         return order, scores.detach().cpu().numpy().astype(np.float64)

@@ -191,7 +191,8 @@ EXACT_PATHS = ("auto", "fused", "verified", "plain")
 
 
 def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
-                stats: Optional[dict] = None, path: str = "auto") -> torch.LongTensor:
+                stats: Optional[dict] = None, path: str = "auto",
+                kernel_cache: Optional[str] = None) -> torch.LongTensor:
     """CPU path.
 
     ``compute="fp32"`` with the native kernels (the default where a C compiler exists)
@@ -226,7 +227,7 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         raise ValueError(f"unknown exact re-ranking path {path!r}: use one of "
                          f"{', '.join(EXACT_PATHS)}")
     first = _points_np(candidates[0], "candidate") if k else None
-    kernels = (_native_kernels(native, q.shape[1], first.shape[0], q.shape[0])
+    kernels = (_native_kernels(native, q.shape[1], first.shape[0], q.shape[0], kernel_cache)
                if compute == "fp32" and k and q.shape[0] and path != "plain" else None)
     fast = (_NativeCounter(kernels, q, first.shape, path, counts)
             if kernels is not None and np.isfinite(q).all() else None)
@@ -556,13 +557,13 @@ def _blas_is_fma_chain(kernels, channels: int = 128, n_x: int = 320, n_q: int = 
 
 
 def _native_kernels(native: Optional[bool], channels: int = 128, n_x: int = 320,
-                    n_q: int = 320):
+                    n_q: int = 320, cache: Optional[str] = None):
     """The native kernels for the fused and verified paths, or None (plain float32 path)."""
     if native is False or channels < 1:
         return None
     from ..accel.int8_kernels import native_kernels
 
-    kernels = native_kernels(enabled=native)
+    kernels = native_kernels(enabled=native, cache=cache)
     return kernels if kernels is not None and _blas_is_fma_chain(kernels, channels, n_x,
                                                                  n_q) else None
 
@@ -570,7 +571,8 @@ def _native_kernels(native: Optional[bool], channels: int = 128, n_x: int = 320,
 def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.device, None] = None,
                      max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
                      compute: str = "fp32", native: Optional[bool] = None,
-                     stats: Optional[dict] = None, path: str = "auto") -> torch.LongTensor:
+                     stats: Optional[dict] = None, path: str = "auto",
+                     kernel_cache: Optional[str] = None) -> torch.LongTensor:
     """Mutual nearest-neighbour counts of one query map against K candidate maps -> (K,).
 
     ``compute``: "fp32" (exact, the official counts) or "bf16" (bfloat16 similarity
@@ -582,14 +584,15 @@ def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.devi
     ("auto" chooses; "fused", "verified", "plain" force one where it can run, for
     benchmarks and tests; see :func:`_counts_cpu`).  ``stats``: a dict that collects how
     many candidates went through the fused path and how many rows and columns the
-    verified path recomputed.
+    verified path recomputed.  ``kernel_cache``: folder of the compiled kernels
+    (``AccelOptions.kernel_cache``; None = override / default).
     """
     compute = check_compute(compute)
     if device is None:
         device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cpu":
-        return _counts_cpu(query, candidates, compute, native, stats, path)
+        return _counts_cpu(query, candidates, compute, native, stats, path, kernel_cache)
     mm_dtype = _COMPUTE_DTYPES[compute]
     if len(candidates) == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
