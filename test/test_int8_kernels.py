@@ -525,3 +525,18 @@ def test_int8_conv_transpose_close_shapes_and_batch_invariant():
     convert_to_int8(model)
     assert isinstance(model[0], Int8ConvTranspose2d)
     assert type(model[2]) is nn.ConvTranspose2d               # grouped: left in float32
+
+
+@pytest.mark.parametrize("b,n,h,d,bias", [(1, 257, 12, 64, True), (2, 37, 4, 16, False),
+                                          (3, 5, 2, 24, True)])
+def test_integer_attention_from_int32_sums_is_dequantise_then_attention(kernels, b, n, h, d,
+                                                                         bias):
+    acc, s, cs, bi = _acc(b * n, 40, 3 * h * d, seed=n)
+    bi = bi if bias else None
+    kept = acc.clone()
+    for generic in (False, True):
+        ref = kernels.integer_attention(kernels.dequantize_(acc.clone(), s, cs, bi), b, n, h, d,
+                                        0.125, generic=generic)
+        got = kernels.integer_attention_acc(acc, s, cs, bi, b, n, h, d, 0.125, generic=generic)
+        assert torch.equal(got, ref)
+    assert torch.equal(acc, kept)                     # the sums are only read

@@ -227,11 +227,12 @@ def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c:
     m, c = rows.shape
     kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
     acc = _int_mm(q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
-    qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
     mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
-    if integer and n <= MAX_ATTENTION_TOKENS:
-        kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+    if integer and n <= MAX_ATTENTION_TOKENS:    # dequantised head by head in the kernel
+        kernels.integer_attention_acc(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias, b, n,
+                                      attn.num_heads, attn.head_dim, attn.scale, out=mixed)
     else:
+        qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
         mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))

@@ -169,8 +169,11 @@ class NativeKernels:
             "vpr_dequantize_quantize": [vp, _I64, _I64, vp, vp, vp, i32, vp, vp, i32],
             "vpr_dequantize_pair_residual": [vp, vp, _I64, _I64, vp, vp, vp, vp, vp, vp,
                                              ctypes.c_float, vp, vp, i32],
+            "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
+                                          ctypes.c_float, vp, i32, i32],
         }
-        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int}
+        returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
+                   "vpr_integer_attention_acc": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -369,6 +372,33 @@ class NativeKernels:
         status = self._lib.vpr_integer_attention(qkv.data_ptr(), batch, tokens, heads, head_dim,
                                                  float(scale), out.data_ptr(), int(generic),
                                                  torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("integer attention: could not allocate its scratch memory")
+        return out
+
+    def integer_attention_acc(self, acc: torch.Tensor, row_scale: torch.Tensor,
+                              col_scale: torch.Tensor, bias: Optional[torch.Tensor], batch: int,
+                              tokens: int, heads: int, head_dim: int, scale: float,
+                              out: Optional[torch.Tensor] = None,
+                              generic: bool = False) -> torch.Tensor:
+        """:meth:`integer_attention` of the qkv layer's int32 sums ``acc`` (dequantised with
+        ``row_scale``, ``col_scale``, ``bias`` head by head inside the kernel): the bits of
+        ``integer_attention(dequantize_(acc, ...))`` without the float qkv matrix.  ``acc``
+        is not written."""
+        m, width = batch * tokens, heads * head_dim
+        self._check(acc, torch.int32, "acc", m * 3 * width)
+        if out is None:
+            out = torch.empty((m, width), dtype=torch.float32)
+        self._check(out, torch.float32, "out", m * width)
+        if m == 0:
+            return out
+        if tokens > MAX_ATTENTION_TOKENS:
+            raise ValueError(f"integer attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
+        status = self._lib.vpr_integer_attention_acc(
+            acc.data_ptr(), self._check(row_scale, torch.float32, "row_scale", m),
+            self._check(col_scale, torch.float32, "col_scale", 3 * width),
+            self._opt(bias, 3 * width, "bias"), batch, tokens, heads, head_dim, float(scale),
+            out.data_ptr(), int(generic), torch.get_num_threads())
         if status != 0:
             raise MemoryError("integer attention: could not allocate its scratch memory")
         return out
