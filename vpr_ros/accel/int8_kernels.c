@@ -1039,10 +1039,10 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
             for (int64_t t = 0; t < n; ++t) {
                 const int64_t row = img * n + t;
                 const int32_t *src = acc + row * width + head * d;
-                if (t + 4 < n)
+                if (t + 16 < n)
                     for (int part = 0; part < 3; ++part)
                         for (int64_t c = 0; c < d; c += 16)
-                            __builtin_prefetch(src + 4 * width + part * h * d + c);
+                            __builtin_prefetch(src + 16 * width + part * h * d + c);
                 const float rs = row_scale[row];
                 for (int part = 0; part < 3; ++part) {
                     const int64_t off = part * h * d + head * d;
