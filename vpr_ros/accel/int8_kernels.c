@@ -59,9 +59,8 @@ void vpr_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *s
 
 /* acc (int32) -> float in the same memory: ((float)acc * row_scale) * col_scale + bias,
  * one rounding per operation as the torch path does it. */
-static inline void dequantize_row(int32_t *acc, int64_t n, float rs, const float *cs,
-                                  const float *bias) {
-    float *out = (float *)acc;   /* same element size; each element read before written */
+static inline void dequantize_to(const int32_t *acc, float *out, int64_t n, float rs,
+                                 const float *cs, const float *bias) {
     if (bias) {
         for (int64_t j = 0; j < n; ++j) {
             float v = (float)acc[j] * rs;
@@ -74,6 +73,12 @@ static inline void dequantize_row(int32_t *acc, int64_t n, float rs, const float
             out[j] = v * cs[j];
         }
     }
+}
+
+static inline void dequantize_row(int32_t *acc, int64_t n, float rs, const float *cs,
+                                  const float *bias) {
+    /* same element size; each element read before written */
+    dequantize_to(acc, (float *)acc, n, rs, cs, bias);
 }
 
 void vpr_dequantize(int32_t *acc, int64_t m, int64_t n, const float *row_scale,
@@ -1046,22 +1051,8 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
                 const float rs = row_scale[row];
                 for (int part = 0; part < 3; ++part) {
                     const int64_t off = part * h * d + head * d;
-                    const int32_t *a = src + part * h * d;
-                    const float *cs = col_scale + off;
-                    float *dst = f + (part * n + t) * d;
-                    if (bias) {
-                        const float *bi = bias + off;
-                        for (int64_t c = 0; c < d; ++c) {
-                            float v = (float)a[c] * rs;
-                            v = v * cs[c];
-                            dst[c] = v + bi[c];
-                        }
-                    } else {
-                        for (int64_t c = 0; c < d; ++c) {
-                            const float v = (float)a[c] * rs;
-                            dst[c] = v * cs[c];
-                        }
-                    }
+                    dequantize_to(src + part * h * d, f + (part * n + t) * d, d, rs,
+                                  col_scale + off, bias ? bias + off : NULL);
                 }
             }
             attention_quantize(&w, f, f + n * d, f + 2 * n * d, d, generic);

@@ -360,21 +360,32 @@ class NativeKernels:
         loops instead of the AVX512-VNNI ones (same result).  At most
         ``MAX_ATTENTION_TOKENS`` tokens.
         """
-        m, width = batch * tokens, heads * head_dim
-        self._check(qkv, torch.float32, "qkv", m * 3 * width)
+        out = self._attention_output(qkv, torch.float32, "qkv", batch, tokens, heads * head_dim,
+                                     out)
+        if out.numel():
+            self._attention_status(self._lib.vpr_integer_attention(
+                qkv.data_ptr(), batch, tokens, heads, head_dim, float(scale), out.data_ptr(),
+                int(generic), torch.get_num_threads()))
+        return out
+
+    @staticmethod
+    def _attention_output(src: torch.Tensor, dtype: torch.dtype, name: str, batch: int,
+                          tokens: int, width: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """Check an attention input (batch * tokens, 3 * width) and its output buffer (new if
+        None); refuses more than MAX_ATTENTION_TOKENS tokens (unless there are no rows)."""
+        m = batch * tokens
+        NativeKernels._check(src, dtype, name, m * 3 * width)
         if out is None:
             out = torch.empty((m, width), dtype=torch.float32)
-        self._check(out, torch.float32, "out", m * width)
-        if m == 0:
-            return out
-        if tokens > MAX_ATTENTION_TOKENS:
+        NativeKernels._check(out, torch.float32, "out", m * width)
+        if m and tokens > MAX_ATTENTION_TOKENS:
             raise ValueError(f"integer attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
-        status = self._lib.vpr_integer_attention(qkv.data_ptr(), batch, tokens, heads, head_dim,
-                                                 float(scale), out.data_ptr(), int(generic),
-                                                 torch.get_num_threads())
+        return out
+
+    @staticmethod
+    def _attention_status(status: int) -> None:
         if status != 0:
             raise MemoryError("integer attention: could not allocate its scratch memory")
-        return out
 
     def integer_attention_acc(self, acc: torch.Tensor, row_scale: torch.Tensor,
                               col_scale: torch.Tensor, bias: Optional[torch.Tensor], batch: int,
@@ -386,21 +397,13 @@ class NativeKernels:
         ``integer_attention(dequantize_(acc, ...))`` without the float qkv matrix.  ``acc``
         is not written."""
         m, width = batch * tokens, heads * head_dim
-        self._check(acc, torch.int32, "acc", m * 3 * width)
-        if out is None:
-            out = torch.empty((m, width), dtype=torch.float32)
-        self._check(out, torch.float32, "out", m * width)
-        if m == 0:
-            return out
-        if tokens > MAX_ATTENTION_TOKENS:
-            raise ValueError(f"integer attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
-        status = self._lib.vpr_integer_attention_acc(
-            acc.data_ptr(), self._check(row_scale, torch.float32, "row_scale", m),
-            self._check(col_scale, torch.float32, "col_scale", 3 * width),
-            self._opt(bias, 3 * width, "bias"), batch, tokens, heads, head_dim, float(scale),
-            out.data_ptr(), int(generic), torch.get_num_threads())
-        if status != 0:
-            raise MemoryError("integer attention: could not allocate its scratch memory")
+        out = self._attention_output(acc, torch.int32, "acc", batch, tokens, width, out)
+        if m:
+            self._attention_status(self._lib.vpr_integer_attention_acc(
+                acc.data_ptr(), self._check(row_scale, torch.float32, "row_scale", m),
+                self._check(col_scale, torch.float32, "col_scale", 3 * width),
+                self._opt(bias, 3 * width, "bias"), batch, tokens, heads, head_dim,
+                float(scale), out.data_ptr(), int(generic), torch.get_num_threads()))
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
