@@ -6,10 +6,10 @@ dequantise passes, and the LayerNorms, GELU and residual adds between them are s
 torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
 pass per row for everything between two integer matmuls:
 
-    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> integer attention
-    -> quantise -> int8 proj -> dequantise + bias + residual
-    -> LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
-    -> int8 fc2 -> dequantise + bias + residual
+    LayerNorm + quantise -> int8 qkv -> integer attention (dequantising the int32 sums
+    head by head) -> quantise -> int8 proj -> dequantise + bias + residual + LayerNorm +
+    quantise -> int8 fc1 -> dequantise + bias + GELU + quantise -> int8 fc2
+    -> dequantise + bias + residual
 
 The attention (``NativeKernels.integer_attention``) computes the scores Q K^T from int16
 codes of Q and K (one scale per token and head), the softmax in float32, and the
