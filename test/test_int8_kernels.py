@@ -396,3 +396,163 @@ def test_adapted_block_fused_close_and_batch_invariant(kernels):
         assert F.cosine_similarity(got.reshape(-1, 64), plain.reshape(-1, 64)).min() >= 0.9999
         alone = fused(x[1:2])
     assert torch.equal(alone[0], got[1])
+
+
+# -- fused block steps (residual + LayerScale + LayerNorm, ReLU, MLP + adapter) -----------
+
+@pytest.mark.parametrize("skip,gamma,norm", [(False, False, True), (True, True, True),
+                                             (True, False, False), (False, True, False)])
+def test_residual_layer_norm_quantize_is_the_unfused_chain(kernels, skip, gamma, norm):
+    """Bit for bit: dequantise (+ skip) (* gamma) + residual, then LayerNorm + quantise, as
+    the separate kernels and torch ops compute them; the row scales may be the output
+    scales (read before written), the residual and skip are only read."""
+    acc, s, cs, b = _acc(61, 48, 200, seed=5)
+    g = torch.Generator().manual_seed(6)
+    residual, skip_t = torch.randn(61, 200, generator=g), torch.randn(61, 200, generator=g)
+    gamma_t = torch.rand(200, generator=g) + 0.5
+    ln = (torch.rand(200, generator=g) + 0.5, torch.randn(200, generator=g), 1e-6)
+    kept = (residual.clone(), skip_t.clone())
+
+    ref = kernels.dequantize_(acc.clone(), s, cs, b)
+    if skip:
+        ref = ref + skip_t
+    if gamma:
+        ref = ref * gamma_t
+    ref = residual + ref
+    scale = s.clone()                      # aliased: the input row scales become the output's
+    q = torch.empty(61, 200, dtype=torch.int8)
+    out = kernels.residual_layer_norm_quantize(
+        acc.clone(), scale, cs, b, residual, skip=skip_t if skip else None,
+        gamma=gamma_t if gamma else None, norm=ln if norm else None, q=q, scale=scale)
+    assert torch.equal(out, ref)
+    if norm:
+        q_ref, s_ref = kernels.layer_norm_quantize(ref, *ln)
+        assert torch.equal(q, q_ref) and torch.equal(scale, s_ref)
+    assert torch.equal(residual, kept[0]) and torch.equal(skip_t, kept[1])
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_dequantize_quantize_is_the_unfused_chain(kernels, relu):
+    acc, s, cs, b = _acc(45, 64, 130, seed=7)
+    ref = kernels.dequantize_(acc.clone(), s, cs, b)
+    if relu:
+        torch.relu_(ref)
+    q_ref, s_ref = kernels.quantize_rows(ref)
+    h, q, scale = kernels.dequantize_quantize(acc.clone(), s, cs, b, relu)
+    assert torch.equal(h, ref) and torch.equal(q, q_ref) and torch.equal(scale, s_ref)
+    if relu:
+        assert float(h.min()) >= 0.0
+
+
+def test_dequantize_pair_residual_is_the_mlp_and_adapter_sum(kernels):
+    acc, s, cs, b = _acc(33, 64, 96, seed=8)
+    side, s2, cs2, b2 = _acc(33, 40, 96, seed=9)
+    g = torch.Generator().manual_seed(10)
+    residual, gamma = torch.randn(33, 96, generator=g), torch.rand(96, generator=g) + 0.5
+    mlp = kernels.dequantize_(acc.clone(), s, cs, b)
+    adapter = kernels.dequantize_(side.clone(), s2, cs2, b2)
+    for gam in (gamma, None):
+        ref = mlp + 0.2 * adapter
+        ref = residual + (ref * gam if gam is not None else ref)
+        out = kernels.dequantize_pair_residual(acc.clone(), side.clone(), (s, cs, b),
+                                               (s2, cs2, b2), 0.2, gam, residual)
+        # mlp + 0.2 * adapter is one fused multiply-add in the kernel (as torch's add with
+        # alpha): within one float32 rounding of the two-step form
+        assert torch.allclose(out, ref, rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="side"):
+        kernels.dequantize_pair_residual(acc.clone(), side[:5].clone(), (s, cs, b),
+                                         (s2, cs2, b2), 0.2, None, residual)
+
+
+def test_adapted_block_fused_is_the_unfused_int8_chain(kernels):
+    """With the integer attention in both, the fused adapted block gives the bits of the same
+    block computed step by step with the separate kernels and torch ops."""
+    import copy
+
+    from vpr_ros.accel.int8_block import WORKSPACE, Int8AdaptedBlock, _layer_scale
+
+    fp32 = _adapted_block(seed=3)
+    fused = nn.Sequential(copy.deepcopy(fp32))
+    convert_to_int8(fused)
+    assert isinstance(fused[0], Int8AdaptedBlock)
+    blk = fused[0].block
+    x = torch.randn(2, 29, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = fused(x)
+        # the chain by hand: Int8Linear layers (native path: same bits as the kernels)
+        rows = x.reshape(-1, 64)
+        h, hs = kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        qkv = kernels.dequantize_(integer_matmul(h, blk.attn.qkv.weight_int8), hs,
+                                  blk.attn.qkv.weight_scale, blk.attn.qkv.bias)
+        mixed = kernels.integer_attention(qkv, 2, 29, blk.attn.num_heads, blk.attn.head_dim,
+                                          blk.attn.scale)
+        a = blk.attn.proj(mixed)
+        t = blk.adapter1.fc2(torch.relu(blk.adapter1.fc1(a))) + a
+        x1 = rows + t * _layer_scale(blk.ls1)
+        h2 = blk.norm2(x1)
+        side = blk.adapter2.fc2(torch.relu(blk.adapter2.fc1(h2)))
+        mlp = blk.mlp.fc2(F.gelu(blk.mlp.fc1(h2)))
+        ref = x1 + (mlp + blk.adapter_scale * side) * _layer_scale(blk.ls2)
+    cos = F.cosine_similarity(got.reshape(-1, 64), ref, dim=1).min()
+    # the hand chain's norm2 is torch's LayerNorm and its GELU torch's (the kernels differ
+    # by float32 rounding): close, not equal
+    assert cos >= 0.99999, cos
+    assert WORKSPACE.buffers                         # the block ran through the kernels
+
+
+@pytest.mark.parametrize("compute", ["bf16", "int8"])
+def test_gemm_conv_transpose_close_shapes_and_batch_invariant(compute):
+    """A transposed convolution as matmul + col2im: the float layer's output shape (odd
+    strides, output padding, dilation, no bias), close to it per pixel, and with int8 an
+    image's output is the same alone or in a batch."""
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+
+    torch.manual_seed(11)
+    cases = [dict(kernel_size=3, stride=2, padding=1),                       # LocalAdapt
+             dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2)),
+             dict(kernel_size=3, stride=1, padding=2, dilation=2, bias=False)]
+    for kw in cases:
+        conv = nn.ConvTranspose2d(48, 24, **kw).eval()
+        q = GemmConvTranspose2d(conv, compute)
+        x = torch.randn(3, 48, 9, 7)
+        with torch.no_grad():
+            ref, got = conv(x), q(x)
+            alone = q(x[2:3])
+        assert got.shape == ref.shape, (kw, got.shape, ref.shape)
+        cos = F.cosine_similarity(got.permute(0, 2, 3, 1).reshape(-1, 24),
+                                  ref.permute(0, 2, 3, 1).reshape(-1, 24), dim=1)
+        assert cos.min() >= (0.9999 if compute == "bf16" else 0.999), (kw, cos.min())
+        if compute == "int8":
+            assert torch.equal(alone[0], got[2])
+        else:
+            assert torch.allclose(alone[0], got[2], rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match="compute"):
+        GemmConvTranspose2d(nn.ConvTranspose2d(4, 4, 3), "fp8")
+
+
+def test_convert_swaps_plain_conv_transposes_only():
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+
+    model = nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, 1), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 4, 3, 2, 1, groups=2))
+    convert_to_int8(model)
+    assert isinstance(model[0], GemmConvTranspose2d) and model[0].compute == "bf16"
+    assert type(model[2]) is nn.ConvTranspose2d               # grouped: left in float32
+    other = convert_to_int8(nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, 1)),
+                            conv_transpose="int8")
+    assert other[0].compute == "int8" and isinstance(other[0].linear, Int8Linear)
+
+
+@pytest.mark.parametrize("b,n,h,d,bias", [(1, 257, 12, 64, True), (2, 37, 4, 16, False),
+                                          (3, 5, 2, 24, True)])
+def test_integer_attention_from_int32_sums_is_dequantise_then_attention(
+        kernels, b, n, h, d, bias):
+    acc, s, cs, bi = _acc(b * n, 40, 3 * h * d, seed=n)
+    bi = bi if bias else None
+    kept = acc.clone()
+    for generic in (False, True):
+        ref = kernels.integer_attention(kernels.dequantize_(acc.clone(), s, cs, bi), b, n, h, d,
+                                        0.125, generic=generic)
+        got = kernels.integer_attention_acc(acc, s, cs, bi, b, n, h, d, 0.125, generic=generic)
+        assert torch.equal(got, ref)
+    assert torch.equal(acc, kept)                     # the sums are only read

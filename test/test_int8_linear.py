@@ -247,3 +247,19 @@ def test_int8_needs_the_cpu():
     with pytest.raises(DeviceError):     # no CUDA here: the device itself is refused first
         GlobalDescriber("scicevpr_tiny_random", device="cuda", precision="int8")
     assert resolve_precision("int8", torch.device("cpu")) == torch.qint8
+
+
+def test_int8_local_features_bit_identical_alone_and_in_batch(sample_images):
+    """SelaVPR local features of the int8 model: the backbone gives an image the same bits
+    alone or in a batch, and so do the LocalAdapt transposed convolutions (bf16 matmul +
+    col2im per image) at this size."""
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+    from vpr_ros.inference import LocalFeatureExtractor
+    from vpr_ros.preprocess import preprocess
+
+    e = LocalFeatureExtractor(None, device="cpu", precision="int8", batch_size=3)
+    assert sum(isinstance(m, GemmConvTranspose2d) for m in e.model.modules()) == 2
+    x = preprocess(sample_images[:3], e.input_size)
+    _, local = e.extract_tensor(x)
+    _, alone = e.extract_tensor(x[1:2])
+    assert torch.equal(alone[0], local[1])

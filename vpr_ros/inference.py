@@ -24,7 +24,8 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   so a whole batch runs in one forward and the int8 layers give an image the same bits
   alone or in a batch (SciceVPR int8 descriptors are bit-identical; checked in
   test/test_int8_linear.py).  LayerNorm, GELU, the patch embedding, GeM and the
-  SciceVPR region encoder compute in float32.  The passes between two int8 matmuls
+  SciceVPR region encoder compute in float32; SelaVPR's LocalAdapt transposed
+  convolutions run as a bf16 matmul + col2im.  The passes between two int8 matmuls
   (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in small C
   kernels compiled on first use (:mod:`vpr_ros.accel.int8_kernels`), and with them the
   ViT blocks' attention runs on int16 codes of Q, K, V and the softmax weights

@@ -12,16 +12,21 @@ import torch.nn as nn
 
 from .int8_block import (IntegerAttention, Int8AdaptedBlock, Int8TransformerBlock,
                          fuse_transformer_blocks)
-from .int8_linear import (Int8Linear, Int8PointwiseConv2d, fold_block_layer_scales,
-                          is_pointwise_conv, use_inplace_activation)
+from .int8_linear import (GemmConvTranspose2d, Int8Linear, Int8PointwiseConv2d,
+                          fold_block_layer_scales, is_plain_conv_transpose, is_pointwise_conv,
+                          use_inplace_activation)
 from .options import AccelOptions
 
 
 def convert_to_int8(model: nn.Module,
                     keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
                     fold_layer_scales: bool = True, fuse_blocks: bool = True,
-                    options: Optional[AccelOptions] = None) -> nn.Module:
-    """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` in place; return it.
+                    options: Optional[AccelOptions] = None,
+                    conv_transpose: str = "bf16") -> nn.Module:
+    """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` for int8 layers, and
+    every ``nn.ConvTranspose2d`` (groups 1) for a matmul + col2im in ``conv_transpose``
+    precision (``"bf16"`` or ``"int8"``; :class:`~vpr_ros.accel.int8_linear.GemmConvTranspose2d`),
+    in place; return it.
 
     Subtrees whose type is in ``keep_float`` stay untouched (by default
     ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
@@ -43,10 +48,13 @@ def convert_to_int8(model: nn.Module,
                 setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
             elif is_pointwise_conv(child):
                 setattr(parent, name, Int8PointwiseConv2d.from_conv(child).to(child.weight.device))
+            elif is_plain_conv_transpose(child):
+                setattr(parent, name,
+                        GemmConvTranspose2d(child, conv_transpose).to(child.weight.device))
             else:
                 convert(child)
 
-    if type(model) is nn.Linear or is_pointwise_conv(model):
+    if type(model) is nn.Linear or is_pointwise_conv(model) or is_plain_conv_transpose(model):
         raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
                          "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
     convert(model)

@@ -6,10 +6,10 @@ dequantise passes, and the LayerNorms, GELU and residual adds between them are s
 torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chain, one
 pass per row for everything between two integer matmuls:
 
-    LayerNorm + quantise -> int8 qkv -> dequantise + bias -> integer attention
-    -> quantise -> int8 proj -> dequantise + bias + residual
-    -> LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
-    -> int8 fc2 -> dequantise + bias + residual
+    LayerNorm + quantise -> int8 qkv -> integer attention (dequantising the int32 sums
+    head by head) -> quantise -> int8 proj -> dequantise + bias + residual + LayerNorm +
+    quantise -> int8 fc1 -> dequantise + bias + GELU + quantise -> int8 fc2
+    -> dequantise + bias + residual
 
 The attention (``NativeKernels.integer_attention``) computes the scores Q K^T from int16
 codes of Q and K (one scale per token and head), the softmax in float32, and the
@@ -135,16 +135,41 @@ def adapted_fusable(block: nn.Module) -> bool:
             and _mlp_fusable(block.mlp, dim)
             and _adapter_fusable(block.adapter1, dim, True)
             and _adapter_fusable(block.adapter2, dim, False)
+            and all(_layer_scale_fusable(getattr(block, n, None), dim) for n in ("ls1", "ls2"))
             and all(_is_identity(getattr(block, n, None)) for n in ("drop_path1", "drop_path2")))
 
 
+def _layer_scale(module: nn.Module) -> Optional[torch.Tensor]:
+    """The per-channel factor of a timm ``LayerScale`` (None for an identity)."""
+    return None if _is_identity(module) else module.gamma
+
+
+def _layer_scale_fusable(module: Optional[nn.Module], dim: int) -> bool:
+    from timm.models.vision_transformer import LayerScale
+
+    if _is_identity(module):
+        return True
+    gamma = getattr(module, "gamma", None)
+    return (type(module) is LayerScale and isinstance(gamma, torch.Tensor)
+            and gamma.dtype == torch.float32 and gamma.is_contiguous()
+            and gamma.numel() == dim)
+
+
 class Workspace(threading.local):
-    """Scratch buffers by role, one set per thread, grown to the largest request seen."""
+    """Scratch buffers by role, one set per thread, grown to the largest request seen.
+
+    The views handed out are cached by (role, shape, dtype): a ViT forward asks ~100
+    times, and slicing and viewing a tensor costs more Python time than a dict lookup."""
 
     def __init__(self):
         self.buffers = {}
+        self.views = {}
 
     def get(self, role: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (role, shape, dtype)
+        view = self.views.get(key)
+        if view is not None:
+            return view
         numel = 1
         for size in shape:
             numel *= int(size)
@@ -153,10 +178,15 @@ class Workspace(threading.local):
             with torch.inference_mode(False):    # a normal tensor: writable in and out of it
                 buf = torch.empty(numel, dtype=dtype)
             self.buffers[role] = buf
-        return buf[:numel].view(shape)
+            self.views = {k: v for k, v in self.views.items() if k[0] != role}
+        with torch.inference_mode(False):
+            view = buf[:numel].view(shape)
+        self.views[key] = view
+        return view
 
     def release(self) -> None:
         self.buffers.clear()
+        self.views.clear()
 
 
 WORKSPACE = Workspace()
@@ -197,11 +227,12 @@ def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c:
     m, c = rows.shape
     kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
     acc = _int_mm(q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
-    qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
     mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
-    if integer and n <= MAX_ATTENTION_TOKENS:
-        kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+    if integer and n <= MAX_ATTENTION_TOKENS:    # dequantised head by head in the kernel
+        kernels.integer_attention_acc(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias, b, n,
+                                      attn.num_heads, attn.head_dim, attn.scale, out=mixed)
     else:
+        qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
         mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))
@@ -240,15 +271,17 @@ class Int8TransformerBlock(nn.Module):
         b, n, c = x.shape
         rows, q_c, s_a, s_b = _block_buffers(x)
 
-        # attention: LayerNorm + quantise, qkv, integer attention, proj + residual
+        # attention: LayerNorm + quantise, qkv, integer attention, proj + residual, and
+        # the MLP's LayerNorm + quantise in the same pass
         mixed = _attention(kernels, blk, rows, b, n, q_c, s_a,
                            integer_attention_enabled(self.accel))
         kernels.quantize_rows(mixed, q_c, s_a)
         acc = _int_mm(q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
-        rows = kernels.dequantize_add_(acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows)
+        rows = kernels.residual_layer_norm_quantize(
+            acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows,
+            norm=(blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
 
-        # MLP: LayerNorm + quantise, fc1 + GELU + quantise, fc2 + residual (a fresh output)
-        kernels.layer_norm_quantize(rows, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
+        # MLP: fc1 + GELU + quantise, fc2 + residual (a fresh output)
         acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
         out = kernels.dequantize_add_(acc, s_b, mlp.fc2.weight_scale, mlp.fc2.bias, rows)
         return out.reshape(b, n, c)
@@ -257,11 +290,18 @@ class Int8TransformerBlock(nn.Module):
 class Int8AdaptedBlock(nn.Module):
     """Inference-only stand-in for a SelaVPR adapted block (see :func:`adapted_fusable`):
 
-    ``x = x + ls1(a + adapter1(a))`` with ``a = attn(norm1(x))``, then
-    ``x = x + ls2(mlp(h) + s * adapter2(h))`` with ``h = norm2(x)``, where LayerNorm +
-    quantise, the integer attention, dequantise + GELU + quantise and dequantise + residual
-    are the fused kernels, and ``h`` is quantised once for both the MLP and the parallel
-    adapter.  The adapters' ReLU and the LayerScales run as torch ops.
+    ``x1 = x + ls1(a + adapter1(a))`` with ``a = attn(norm1(x))``, then
+    ``out = x1 + ls2(mlp(h) + s * adapter2(h))`` with ``h = norm2(x1)``, as this chain of
+    integer matmuls and one-pass kernels (``h`` quantised once for the MLP and the
+    parallel adapter):
+
+        LayerNorm + quantise -> int8 qkv -> integer attention -> quantise -> int8 proj
+        -> dequantise + quantise (a) -> int8 adapter1.fc1 -> dequantise + ReLU + quantise
+        -> int8 adapter1.fc2 -> dequantise + skip (a) + LayerScale + residual (x1)
+           + LayerNorm + quantise (h)
+        -> int8 fc1 -> dequantise + GELU + quantise -> int8 fc2 ---------------------.
+        -> int8 adapter2.fc1 -> dequantise + ReLU + quantise -> int8 adapter2.fc2 -> both
+           dequantised, s * adapter + MLP, LayerScale, residual (x1): the output
     """
 
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
@@ -272,18 +312,6 @@ class Int8AdaptedBlock(nn.Module):
             raise ValueError("not a fusable int8 adapted block (convert_to_int8 it first)")
         self.block = block
 
-    @staticmethod
-    def _adapter(kernels, q: torch.Tensor, scale: torch.Tensor, adapter: nn.Module,
-                 residual: Optional[torch.Tensor]) -> torch.Tensor:
-        fc1, fc2 = adapter.fc1, adapter.fc2
-        hidden = kernels.dequantize_(_int_mm(q, fc1, None), scale, fc1.weight_scale, fc1.bias)
-        torch.relu_(hidden)
-        q_h, s_h = kernels.quantize_rows(hidden)
-        acc = _int_mm(q_h, fc2, None)
-        if residual is None:
-            return kernels.dequantize_(acc, s_h, fc2.weight_scale, fc2.bias)
-        return kernels.dequantize_add_(acc, s_h, fc2.weight_scale, fc2.bias, residual)
-
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
@@ -291,26 +319,38 @@ class Int8AdaptedBlock(nn.Module):
                 or x.shape[1] > MAX_ATTENTION_TOKENS):
             return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
         blk = self.block
-        attn, mlp = blk.attn, blk.mlp
+        attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
         b, n, c = x.shape
+        m, hidden = b * n, ad1.fc1.out_features
         rows, q_c, s_a, s_b = _block_buffers(x)
+        ws = WORKSPACE
+        q_ad, s_ad = ws.get("q_ad", (m, hidden), torch.int8), ws.get("s_ad", (m, 1), torch.float32)
+        acc_ad = ws.get("acc_ad", (m, hidden), torch.int32)
 
-        # attention, then the serial adapter with its skip: t = a + adapter1(a)
+        # attention, then the serial adapter with its skip, LayerScale and residual:
+        # x1 = x + ls1(a + adapter1(a)), and h = norm2(x1) quantised in the same pass
         mixed = _attention(kernels, blk, rows, b, n, q_c, s_a, True)
         kernels.quantize_rows(mixed, q_c, s_a)
-        a = kernels.dequantize_(_int_mm(q_c, attn.proj, None), s_a, attn.proj.weight_scale,
-                                attn.proj.bias)                     # fresh (m, c)
-        q_a, s_q = kernels.quantize_rows(a)
-        t = self._adapter(kernels, q_a, s_q, blk.adapter1, residual=a)
-        x1 = blk.ls1(t).add_(rows)
+        acc = _int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
+        a, _, _ = kernels.dequantize_quantize(acc, s_a, attn.proj.weight_scale, attn.proj.bias,
+                                              False, q_c, s_b)
+        kernels.dequantize_quantize(_int_mm(q_c, ad1.fc1, acc_ad), s_b, ad1.fc1.weight_scale,
+                                    ad1.fc1.bias, True, q_ad, s_ad)
+        x1 = kernels.residual_layer_norm_quantize(
+            _int_mm(q_ad, ad1.fc2, ws.get("acc_x1", (m, c), torch.int32)), s_ad,
+            ad1.fc2.weight_scale, ad1.fc2.bias, rows, skip=a, gamma=_layer_scale(blk.ls1),
+            norm=(blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
 
-        # MLP and parallel adapter on one quantised norm2(x1)
-        kernels.layer_norm_quantize(x1, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps, q_c, s_a)
-        out = kernels.dequantize_(_mlp_acc(kernels, mlp, q_c, s_a, s_b), s_b,
-                                  mlp.fc2.weight_scale, mlp.fc2.bias)   # fresh (m, c)
-        side = self._adapter(kernels, q_c, s_a, blk.adapter2, residual=None)
-        out.add_(side, alpha=blk.adapter_scale)
-        return blk.ls2(out).add_(x1).reshape(b, n, c)
+        # MLP and parallel adapter on h, LayerScale, residual: a fresh output
+        acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
+        kernels.dequantize_quantize(_int_mm(q_c, ad2.fc1, acc_ad), s_a, ad2.fc1.weight_scale,
+                                    ad2.fc1.bias, True, q_ad, s_ad)
+        side = _int_mm(q_ad, ad2.fc2, ws.get("acc_c", (m, c), torch.int32))
+        out = kernels.dequantize_pair_residual(
+            acc, side, (s_b, mlp.fc2.weight_scale, mlp.fc2.bias),
+            (s_ad, ad2.fc2.weight_scale, ad2.fc2.bias), blk.adapter_scale,
+            _layer_scale(blk.ls2), x1)
+        return out.reshape(b, n, c)
 
 
 class IntegerAttention(nn.Module):

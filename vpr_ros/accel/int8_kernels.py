@@ -165,18 +165,29 @@ class NativeKernels:
             "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
             "vpr_mnn_exact_counts": [vp, vp, _I64, vp, _I64, _I64, _I64, vp, i32, i32],
             "vpr_fma_matrix": [vp, _I64, vp, _I64, _I64, vp, i32],
+            # fused block steps (int8_block.py)
+            "vpr_residual_layer_norm_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, vp, vp,
+                                                 vp, ctypes.c_float, vp, vp, vp, i32],
+            "vpr_dequantize_quantize": [vp, _I64, _I64, vp, vp, vp, i32, vp, vp, i32],
+            "vpr_dequantize_pair_residual": [vp, vp, _I64, _I64, vp, vp, vp, vp, vp, vp,
+                                             ctypes.c_float, vp, vp, i32],
+            "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
+                                          ctypes.c_float, vp, i32, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
-                   "vpr_mnn_exact_counts": ctypes.c_int}
+                   "vpr_mnn_exact_counts": ctypes.c_int,
+                   "vpr_integer_attention_acc": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
         self._lib = lib
+        self._tls = threading.local()
 
     # -- checks ---------------------------------------------------------------------
     @staticmethod
     def _check(t: torch.Tensor, dtype: torch.dtype, name: str, numel: Optional[int] = None) -> int:
-        if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        # is_cpu, not device.type: this runs ~20 times per ViT block (a few us per forward)
+        if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous CPU {dtype} tensor, got "
                              f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
         if numel is not None and t.numel() != numel:
@@ -247,13 +258,96 @@ class NativeKernels:
         m, k = x.shape
         threads = torch.get_num_threads()
         q, scale = self._outputs(m, k, q, scale)
-        scratch = torch.empty((threads, k), dtype=torch.float32)
+        scratch = self._scratch(k, threads)
         self._lib.vpr_layer_norm_quantize(
             self._check(x, torch.float32, "x"), m, k,
             self._check(weight, torch.float32, "weight", k),
             self._check(bias, torch.float32, "bias", k), float(eps),
             q.data_ptr(), scale.data_ptr(), scratch.data_ptr(), threads)
         return q, scale
+
+    # -- fused block steps (int8_block.py) -------------------------------------------
+    def _scratch(self, n: int, threads: int) -> torch.Tensor:
+        """Per-thread float rows for the LayerNorm kernels, reused (one set per thread)."""
+        buf = getattr(self._tls, "scratch", None)
+        if buf is None or buf.numel() < threads * n:
+            with torch.inference_mode(False):
+                buf = torch.empty(threads * n, dtype=torch.float32)
+            self._tls.scratch = buf
+        return buf
+
+    def residual_layer_norm_quantize(
+            self, acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+            bias: Optional[torch.Tensor], residual: torch.Tensor,
+            skip: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None,
+            norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+            q: Optional[torch.Tensor] = None,
+            scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x = residual + gamma * (dequantise(acc) + skip)`` (gamma, skip optional), written
+        into ``acc`` as float32 and returned; with ``norm = (weight, bias, eps)`` also the
+        int8 codes of ``LayerNorm(x)`` into ``q`` / ``scale`` (same bits as
+        :meth:`dequantize_add_` (+ the torch ops) then :meth:`layer_norm_quantize`).
+        ``row_scale`` may be ``scale`` itself (each row's scale is read before it is written)."""
+        m, n = acc.shape
+        threads = torch.get_num_threads()
+        ln_w = ln_b = q_ptr = s_ptr = tmp = None
+        eps = 0.0
+        if norm is not None:
+            ln_w = self._check(norm[0], torch.float32, "norm weight", n)
+            ln_b = self._check(norm[1], torch.float32, "norm bias", n)
+            eps = float(norm[2])
+            q, scale = self._outputs(m, n, q, scale)
+            q_ptr, s_ptr = q.data_ptr(), scale.data_ptr()
+            tmp = self._scratch(n, threads).data_ptr()
+        self._lib.vpr_residual_layer_norm_quantize(
+            self._check(acc, torch.int32, "acc"), m, n,
+            self._check(row_scale, torch.float32, "row_scale", m),
+            self._check(col_scale, torch.float32, "col_scale", n), self._opt(bias, n, "bias"),
+            self._opt(skip, m * n, "skip"), self._opt(gamma, n, "gamma"),
+            self._check(residual, torch.float32, "residual", m * n), ln_w, ln_b, eps,
+            q_ptr, s_ptr, tmp, threads)
+        return acc.view(torch.float32)
+
+    def dequantize_quantize(self, acc: torch.Tensor, row_scale: torch.Tensor,
+                            col_scale: torch.Tensor, bias: Optional[torch.Tensor], relu: bool,
+                            q: Optional[torch.Tensor] = None,
+                            scale: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dequantise ``acc`` in place (+ ReLU if ``relu``) and quantise the rows: returns
+        (the float32 rows (``acc``'s memory), codes, scales); the bits of
+        :meth:`dequantize_` (+ ``relu_``) then :meth:`quantize_rows`."""
+        m, n = acc.shape
+        q, scale = self._outputs(m, n, q, scale)
+        self._lib.vpr_dequantize_quantize(
+            self._check(acc, torch.int32, "acc"), m, n,
+            self._check(row_scale, torch.float32, "row_scale", m),
+            self._check(col_scale, torch.float32, "col_scale", n), self._opt(bias, n, "bias"),
+            int(bool(relu)), q.data_ptr(), scale.data_ptr(), torch.get_num_threads())
+        return acc.view(torch.float32), q, scale
+
+    def dequantize_pair_residual(self, acc: torch.Tensor, side: torch.Tensor,
+                                 scales: Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
+                                 side_scales: Tuple[torch.Tensor, torch.Tensor,
+                                                    Optional[torch.Tensor]],
+                                 side_weight: float, gamma: Optional[torch.Tensor],
+                                 residual: torch.Tensor) -> torch.Tensor:
+        """``residual + gamma * (deq(acc) + side_weight * deq(side))`` into ``acc`` (float32,
+        returned); ``scales`` = (row scales, column scales, bias) of each accumulator.
+        ``side`` is overwritten."""
+        m, n = acc.shape
+        if tuple(side.shape) != (m, n):
+            raise ValueError(f"side: expected {(m, n)}, got {tuple(side.shape)}")
+        rs, cs, b = scales
+        srs, scs, sb = side_scales
+        self._lib.vpr_dequantize_pair_residual(
+            self._check(acc, torch.int32, "acc"), self._check(side, torch.int32, "side"), m, n,
+            self._check(rs, torch.float32, "row_scale", m),
+            self._check(cs, torch.float32, "col_scale", n), self._opt(b, n, "bias"),
+            self._check(srs, torch.float32, "side row_scale", m),
+            self._check(scs, torch.float32, "side col_scale", n), self._opt(sb, n, "side bias"),
+            float(side_weight), self._opt(gamma, n, "gamma"),
+            self._check(residual, torch.float32, "residual", m * n), torch.get_num_threads())
+        return acc.view(torch.float32)
 
     def integer_attention(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int,
                           head_dim: int, scale: float, out: Optional[torch.Tensor] = None,
@@ -269,20 +363,50 @@ class NativeKernels:
         loops instead of the AVX512-VNNI ones (same result).  At most
         ``MAX_ATTENTION_TOKENS`` tokens.
         """
-        m, width = batch * tokens, heads * head_dim
-        self._check(qkv, torch.float32, "qkv", m * 3 * width)
+        out = self._attention_output(qkv, torch.float32, "qkv", batch, tokens, heads * head_dim,
+                                     out)
+        if out.numel():
+            self._attention_status(self._lib.vpr_integer_attention(
+                qkv.data_ptr(), batch, tokens, heads, head_dim, float(scale), out.data_ptr(),
+                int(generic), torch.get_num_threads()))
+        return out
+
+    @staticmethod
+    def _attention_output(src: torch.Tensor, dtype: torch.dtype, name: str, batch: int,
+                          tokens: int, width: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """Check an attention input (batch * tokens, 3 * width) and its output buffer (new if
+        None); refuses more than MAX_ATTENTION_TOKENS tokens (unless there are no rows)."""
+        m = batch * tokens
+        NativeKernels._check(src, dtype, name, m * 3 * width)
         if out is None:
             out = torch.empty((m, width), dtype=torch.float32)
-        self._check(out, torch.float32, "out", m * width)
-        if m == 0:
-            return out
-        if tokens > MAX_ATTENTION_TOKENS:
+        NativeKernels._check(out, torch.float32, "out", m * width)
+        if m and tokens > MAX_ATTENTION_TOKENS:
             raise ValueError(f"integer attention: {tokens} tokens, at most {MAX_ATTENTION_TOKENS}")
-        status = self._lib.vpr_integer_attention(qkv.data_ptr(), batch, tokens, heads, head_dim,
-                                                 float(scale), out.data_ptr(), int(generic),
-                                                 torch.get_num_threads())
+        return out
+
+    @staticmethod
+    def _attention_status(status: int) -> None:
         if status != 0:
             raise MemoryError("integer attention: could not allocate its scratch memory")
+
+    def integer_attention_acc(self, acc: torch.Tensor, row_scale: torch.Tensor,
+                              col_scale: torch.Tensor, bias: Optional[torch.Tensor], batch: int,
+                              tokens: int, heads: int, head_dim: int, scale: float,
+                              out: Optional[torch.Tensor] = None,
+                              generic: bool = False) -> torch.Tensor:
+        """:meth:`integer_attention` of the qkv layer's int32 sums ``acc`` (dequantised with
+        ``row_scale``, ``col_scale``, ``bias`` head by head inside the kernel): the bits of
+        ``integer_attention(dequantize_(acc, ...))`` without the float qkv matrix.  ``acc``
+        is not written."""
+        m, width = batch * tokens, heads * head_dim
+        out = self._attention_output(acc, torch.int32, "acc", batch, tokens, width, out)
+        if m:
+            self._attention_status(self._lib.vpr_integer_attention_acc(
+                acc.data_ptr(), self._check(row_scale, torch.float32, "row_scale", m),
+                self._check(col_scale, torch.float32, "col_scale", 3 * width),
+                self._opt(bias, 3 * width, "bias"), batch, tokens, heads, head_dim,
+                float(scale), out.data_ptr(), int(generic), torch.get_num_threads()))
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,

@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .int8_kernels import native_kernels
 from .options import DEFAULT, AccelOptions
@@ -164,6 +165,79 @@ class Int8PointwiseConv2d(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
+class GemmConvTranspose2d(nn.Module):
+    """A ``ConvTranspose2d`` (groups 1, zero padding mode) as one matmul and col2im.
+
+    A transposed convolution scatters every input pixel: pixel (iy, ix) adds
+    ``x[:, iy, ix] @ W[:, co, ky, kx]`` to output (iy * stride - padding + ky * dilation, ...).
+    So the whole layer is one matmul of the pixels (rows) by the weight as
+    (C_in, C_out * kh * kw), then the overlapping contributions summed by ``F.fold``
+    (col2im) and the bias added, in float32.  ``compute``:
+
+    * ``"bf16"`` (what ``convert_to_int8`` uses): the matmul in bfloat16 (AVX512-BF16 here),
+      products accumulated in float32 by oneDNN, the result rounded to bfloat16 once;
+    * ``"int8"``: an :class:`Int8Linear` (one scale per pixel and per weight column),
+      exact int32 sums: faster, and an image's output never depends on the batch, but
+      ~10x the rounding error of bf16 (docs/fast_paths.md section 2: it changed a
+      re-ranked top-1 of the random-weight ViT-L on real images).
+
+    SelaVPR's LocalAdapt (two k3 s2 layers, 1024 -> 256 -> 128 channels) takes 0.46x
+    (bf16) / 0.22x (int8) the CPU time of float32 matmuls this way, and the float32 oneDNN
+    deconvolution runs at about the float32 matmul rate.
+    """
+
+    def __init__(self, conv: nn.ConvTranspose2d, compute: str = "bf16"):
+        super().__init__()
+        if not is_plain_conv_transpose(conv):
+            raise ValueError(f"not a plain transposed convolution: {conv}")
+        if compute not in ("bf16", "int8"):
+            raise ValueError(f"compute must be 'bf16' or 'int8', got {compute!r}")
+        self.compute = compute
+        weight = conv.weight.detach().float().reshape(conv.in_channels, -1)  # (C_in, C_out*k*k)
+        if compute == "int8":
+            q, scale = quantize_weight(weight.t())                           # one scale per column
+            self.linear = Int8Linear(q.t().contiguous(), scale)
+            self.register_buffer("weight_bf16", None)
+        else:
+            self.linear = None
+            self.register_buffer("weight_bf16", weight.to(torch.bfloat16).contiguous())
+        self.register_buffer("bias", None if conv.bias is None
+                             else conv.bias.detach().float().contiguous())
+        self.in_channels, self.out_channels = int(conv.in_channels), int(conv.out_channels)
+        self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.output_padding = tuple(conv.padding), tuple(conv.output_padding)
+        self.dilation = tuple(conv.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        (ph, pw), (oh, ow), (dh, dw) = self.padding, self.output_padding, self.dilation
+        rows = x.permute(0, 2, 3, 1).reshape(b, h * w, self.in_channels)
+        if self.linear is not None:
+            cols = self.linear(rows)                                    # (B, h*w, C_out*k*k)
+        else:
+            cols = torch.matmul(rows.to(torch.bfloat16), self.weight_bf16).float()
+        out_h = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1
+        out_w = (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
+        y = F.fold(cols.transpose(1, 2), (out_h, out_w), (kh, kw), dilation=(dh, dw),
+                   padding=(ph, pw), stride=(sh, sw))
+        if self.bias is not None:
+            y.add_(self.bias.view(1, -1, 1, 1))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, {self.compute} matmul + col2im")
+
+
+def is_plain_conv_transpose(module: nn.Module) -> bool:
+    """A 2-D transposed convolution :class:`Int8ConvTranspose2d` reproduces (groups 1,
+    zero padding mode, a non-negative integer padding)."""
+    return (type(module) is nn.ConvTranspose2d and module.groups == 1
+            and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+            and all(int(p) >= 0 for p in module.padding))
+
+
 class InplaceGELU(nn.Module):
     """GELU that overwrites its input: for the activation right after an :class:`Int8Linear`.
 
@@ -233,6 +307,7 @@ def count_int8_layers(model: nn.Module) -> int:
     return sum(isinstance(m, Int8Linear) for m in model.modules())
 
 
-__all__ = ["Int8Linear", "Int8PointwiseConv2d", "count_int8_layers",
+__all__ = ["Int8Linear", "Int8PointwiseConv2d", "GemmConvTranspose2d", "count_int8_layers",
+           "is_plain_conv_transpose",
            "fold_block_layer_scales", "use_inplace_activation", "InplaceGELU",
            "integer_matmul", "quantize_rows", "quantize_weight", "is_pointwise_conv"]
