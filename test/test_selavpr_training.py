@@ -176,7 +176,7 @@ def test_selavpr_trains_with_the_first_stage_and_validates_by_reranking(tmp_path
     hist = out["history"]
     assert all(h["triplets"] > 0 and 0.0 <= h["R@1"] <= 1.0 for h in hist)
     best = max(range(2), key=lambda e: (hist[e]["R@1"], -e))
-    assert out["best_epoch"] == best
+    assert out["best_epoch"] == best and out["best_val_metric"].startswith("re-ranked R@1")
     card = load_card(tmp_path / "run" / "model" / "run.yaml")
     assert card.head["local_upsample"] == 0 and card.local_shape == (8, 8, 8)
     with pytest.raises(ConfigError, match="mining.model 'nope'"):

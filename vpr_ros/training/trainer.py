@@ -626,6 +626,9 @@ class TrainingRun:
             "stage": stage.name, "card": stage.card.name, "finished": finished,
             "epochs_done": state["epoch"], "steps": state["step"],
             "best_epoch": state["best_epoch"], "best_val_R@5": state["best_r5"],
+            # what picked the epoch (eval.rerank_k: the re-ranked R@1, kept under that key)
+            "best_val_metric": (f"re-ranked R@1 (first stage top {self.cfg.eval.rerank_k})"
+                                if self.cfg.eval.rerank_k else "R@5"),
             "history": state["history"], "train_seconds": round(self.elapsed(), 1),
             "world_size": info.world_size, "device": str(info.device),
             "host": socket.gethostname(), "machine": machine_description(),
