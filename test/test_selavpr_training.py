@@ -13,7 +13,6 @@ from vpr_ros.errors import ConfigError, ModelCardError
 from vpr_ros.models.cards import card_from_dict, load_card
 from vpr_ros.models.factory import build_model
 from vpr_ros.models.rerank import mutual_nn_counts
-from vpr_ros.training.config import build_config
 from vpr_ros.training.first_stage import NeighbourBatchSampler
 from vpr_ros.training.losses import selavpr_losses, soft_mutual_nn_count, triplet_indices
 
