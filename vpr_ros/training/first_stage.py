@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, VprError
 from .data import PlaceBatchSampler, PlaceSet, ValidationSet
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class FirstStage:
                  val: Optional[ValidationSet], progress: bool = False):
         try:
             self.describer = first_stage_describer(model, weights)
-        except Exception as exc:  # noqa: BLE001 - a bad card/weights name is a config error
+        except VprError as exc:   # unknown card, missing or mismatched weights
             raise ConfigError(f"mining.model {model!r}: {exc}") from None
         if self.describer.card.architecture == "selavpr":
             raise ConfigError(f"mining.model {model!r} is a re-ranker; name the first-stage "
