@@ -64,7 +64,7 @@ def sample_csv(sample_dir: Path, folder: Path, n_places: int = 6, start: int = 0
 
 def fixed_batch(places, k: int, size, n: int):
     ds = PlaceImagesDataset(places, k, size, augment=None)
-    return collate_places([ds[(i, 1000 + i)] for i in range(n)])
+    return collate_places([ds[(i, 1000 + i)] for i in range(n)])[:2]
 
 
 def base_cfg(tmp_path, sample_dir, stage, model, **extra):
@@ -294,9 +294,9 @@ def test_augmented_batch_shapes_and_labels(tmp_path, sample_dir):
     places = places_from_csv(sample_csv(sample_dir, tmp_path, n_places=3))
     ds = PlaceImagesDataset(places, 2, (112, 112),
                             {"color_jitter": 0.4, "crop_scale": [0.6, 1.0], "rand_augment_ops": 2})
-    x, y = collate_places([ds[(0, 5)], ds[(2, 6)]])
+    x, y, _ = collate_places([ds[(0, 5)], ds[(2, 6)]])
     assert x.shape == (4, 3, 112, 112) and y.tolist() == [0, 0, 2, 2]
-    x2, _ = collate_places([ds[(0, 5)], ds[(2, 6)]])
+    x2, _, _ = collate_places([ds[(0, 5)], ds[(2, 6)]])
     assert torch.equal(x, x2)                       # same seed -> same augmentation
     plain = PlaceImagesDataset(places, 2, (112, 112))[(0, 5)][0]
     assert not torch.equal(x[:2], plain)

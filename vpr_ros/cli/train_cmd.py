@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         best = summary.get("best_val_R@5")
         print(f"{summary['stage']}: {summary['epochs_done']} epochs, {summary['steps']} steps, "
               f"{summary['train_seconds'] / 60:.1f} min"
-              + (f", best val R@5 {100 * best:.1f}%" if best is not None and best >= 0 else "")
+              + (f", best val {summary.get('best_val_metric', 'R@5')} {100 * best:.1f}%"
+                 if best is not None and best >= 0 else "")
               + (f"; model: {summary['model_card']}" if summary.get("model_card") else
                  " (not finished: --resume continues)"))
     return 0

@@ -33,6 +33,8 @@ FALLBACK_RERANK_CARD_NAME = "selavpr_tiny_random"
 _SCICE_HEAD_KEYS = {"out_indices", "mix_in_dim", "token_num", "token_ratio",
                     "encoder_layers", "encoder_heads", "encoder_ffn"}
 _SELA_HEAD_KEYS = {"adapter_dim", "adapter_scale", "local_hidden_dim", "local_dim"}
+# optional: LocalAdapt stride-2 stages (default 2 = official; fewer = smaller local maps)
+_SELA_OPTIONAL_HEAD_KEYS = {"local_upsample"}
 _CARD_KEYS = {"name", "architecture", "description", "input_size", "backbone", "head",
               "descriptor_dim", "weights", "random_init_seed", "notes", "official_files",
               "inferred"}
@@ -78,8 +80,11 @@ class ModelCard:
         """(H, W, C) of SelaVPR dense local features, None for other architectures."""
         if self.architecture != "selavpr":
             return None
+        from .selavpr import local_map_side
+
         gh, gw = self.grid
-        return 4 * gh - 3, 4 * gw - 3, int(self.head["local_dim"])
+        up = int(self.head.get("local_upsample", 2))
+        return local_map_side(gh, up), local_map_side(gw, up), int(self.head["local_dim"])
 
     @property
     def weights_path(self) -> Optional[Path]:
@@ -155,11 +160,16 @@ def card_from_dict(data: Dict[str, Any], path: Optional[Path] = None) -> ModelCa
     head = dict(data["head"] or {})
     needed = _SELA_HEAD_KEYS if arch == "selavpr" else _SCICE_HEAD_KEYS
     missing = needed - set(head)
-    extra = set(head) - needed
+    extra = set(head) - needed - (_SELA_OPTIONAL_HEAD_KEYS if arch == "selavpr" else set())
     if missing or extra:
         raise ModelCardError(f"model card{where}: head of a {arch} card needs exactly "
                              f"{sorted(needed)} (missing {sorted(missing)}, "
                              f"unknown {sorted(extra)})")
+    if "local_upsample" in head:
+        up = head["local_upsample"]
+        if isinstance(up, bool) or not isinstance(up, int) or up not in (0, 1, 2):
+            raise ModelCardError(f"model card{where}: head.local_upsample must be 0, 1 or 2 "
+                                 f"(LocalAdapt stride-2 stages), got {up!r}")
     if arch != "selavpr":
         head["out_indices"] = [int(i) for i in head["out_indices"]]
         bad = [i for i in head["out_indices"] if not 0 <= i < backbone.depth]

@@ -47,7 +47,8 @@ def _construct(card: ModelCard) -> nn.Module:
         return SelaVPR(**bb, adapter_dim=int(head["adapter_dim"]),
                        adapter_scale=float(head["adapter_scale"]),
                        local_hidden_dim=int(head["local_hidden_dim"]),
-                       local_dim=int(head["local_dim"]))
+                       local_dim=int(head["local_dim"]),
+                       local_upsample=int(head.get("local_upsample", 2)))
     backbone = DinoV2(**bb)
     return SciceVPR(backbone, out_indices=head["out_indices"], mix_in_dim=int(head["mix_in_dim"]),
                     token_num=int(head["token_num"]), token_ratio=float(head["token_ratio"]),

@@ -11,6 +11,9 @@ Global branch: patch tokens (final norm) as (B, D, h, w), L2-normalise every pat
 over channels, GeM with learned p, L2-normalise.  Local branch ("LocalAdapt"), on the
 *un-normalised* patch map: ConvTranspose2d(k3, s2, p1) -> ReLU -> ConvTranspose2d(k3,
 s2, p1), i.e. 16 -> 31 -> 61 cells, channels-last, L2-normalised per point.
+``local_upsample`` (card ``head.local_upsample``, default 2 = official) makes the last
+2 - n of the two convolutions stride 1 (k3, p1: same size), for smaller local maps:
+n = 1 gives 2h - 1 cells, n = 0 the token grid itself.
 """
 
 from __future__ import annotations
@@ -66,13 +69,26 @@ class AdaptedBlock(Block):
         return x
 
 
-class LocalAdapt(nn.Module):
-    """Two stride-2 transposed convolutions: (B, D, h, w) -> (B, C, 4h-3, 4w-3)."""
+def local_map_side(tokens: int, upsample: int = 2) -> int:
+    """Side of LocalAdapt's output for a token-grid side: 2s - 1 per stride-2 stage."""
+    for _ in range(upsample):
+        tokens = 2 * tokens - 1
+    return tokens
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+
+class LocalAdapt(nn.Module):
+    """Two transposed convolutions (k3, p1); the first ``upsample`` of them stride 2:
+    (B, D, h, w) -> (B, C, 4h-3, 4w-3) with the official two."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, upsample: int = 2):
         super().__init__()
-        self.upconv1 = nn.ConvTranspose2d(in_dim, hidden_dim, kernel_size=3, stride=2, padding=1)
-        self.upconv2 = nn.ConvTranspose2d(hidden_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        if upsample not in (0, 1, 2):
+            raise ValueError(f"LocalAdapt upsample must be 0, 1 or 2, got {upsample}")
+        self.upsample = upsample
+        self.upconv1 = nn.ConvTranspose2d(in_dim, hidden_dim, kernel_size=3,
+                                          stride=2 if upsample >= 1 else 1, padding=1)
+        self.upconv2 = nn.ConvTranspose2d(hidden_dim, out_dim, kernel_size=3,
+                                          stride=2 if upsample >= 2 else 1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.upconv2(F.relu(self.upconv1(x)))
@@ -82,7 +98,8 @@ class SelaVPR(nn.Module):
     def __init__(self, embed_dim: int, depth: int, num_heads: int, patch_size: int = 14,
                  mlp_ratio: float = 4.0, num_register_tokens: int = 0, pos_embed_grid: int = 37,
                  interpolate_offset: float = 0.1, adapter_dim: int = 512,
-                 adapter_scale: float = 0.2, local_hidden_dim: int = 256, local_dim: int = 128):
+                 adapter_scale: float = 0.2, local_hidden_dim: int = 256, local_dim: int = 128,
+                 local_upsample: int = 2):
         super().__init__()
 
         def factory(dim, heads, ratio):
@@ -93,7 +110,7 @@ class SelaVPR(nn.Module):
                                pos_embed_grid=pos_embed_grid,
                                interpolate_offset=interpolate_offset, block_factory=factory)
         self.gem = GeM(p=3.0)
-        self.local_adapt = LocalAdapt(embed_dim, local_hidden_dim, local_dim)
+        self.local_adapt = LocalAdapt(embed_dim, local_hidden_dim, local_dim, local_upsample)
         self.global_dim = embed_dim
         self.local_dim = local_dim
 

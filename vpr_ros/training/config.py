@@ -34,6 +34,7 @@ from ..errors import ConfigError
 STAGES = ("teacher", "student", "selavpr")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("step", "cosine", "constant")
+LOCAL_LOSSES = ("mutual_nn", "dual_softmax")
 
 SHARED_DIR_ENV = "VPR_SHARED_DIR"
 SHARED_DIR_TOKEN = "${" + SHARED_DIR_ENV + "}"
@@ -109,9 +110,24 @@ class LossConfig:
     triplet_margin: float = 0.1       # selavpr: global triplet margin (official 0.1)
     local_weight: float = 1.0         # selavpr: weight of the mutual-NN local loss
     negatives_per_anchor: int = 2     # selavpr: hardest in-batch negatives per anchor
+    # selavpr local loss: mutual_nn = official max(0, sim_n - sim_p) on the mean dot product
+    # of mutual-NN matches (plus local_margin); dual_softmax = max(0, local_margin - s_p +
+    # s_n) on the soft mutual-NN count (row-softmax x column-softmax at local_temperature,
+    # summed, / points), a differentiable stand-in for the count that re-ranking sorts by
+    local_loss: str = "mutual_nn"
+    local_margin: float = 0.0
+    local_temperature: float = 0.05
     # DDP: MS/distillation loss over the whole batch of all processes (as DataParallel
     # does), not per process
     gather_across_processes: bool = True
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """selavpr: what mines the triplets (see training/first_stage.py)."""
+    model: Optional[str] = None       # first-stage card (e.g. demo_tiny); null = own global
+    weights: Optional[str] = None     # its weights (default: the card's)
+    neighbour_places: int = 0         # >0: batches of first-stage neighbours (needs model)
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,9 @@ class EvalConfig:
     recall_ns: Tuple[int, ...] = (1, 5, 10, 20)
     batch_size: int = 32
     radius_m: float = RADIUS_M
+    # selavpr with mining.model: validate by re-ranking the first stage's top rerank_k
+    # (0 = the re-ranker's own global descriptor); the epoch is then picked by R@1
+    rerank_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,7 @@ class TrainConfig:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # not settable from YAML: where relative paths resolve, and the shared data folder
@@ -361,6 +381,19 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("optim.grad_accum must be >= 1")
     if o.lr <= 0:
         raise ConfigError("optim.lr must be > 0")
+    if cfg.loss.local_loss not in LOCAL_LOSSES:
+        raise ConfigError(f"loss.local_loss must be one of {LOCAL_LOSSES}, got "
+                          f"{cfg.loss.local_loss!r}")
+    if cfg.loss.local_temperature <= 0:
+        raise ConfigError("loss.local_temperature must be > 0")
+    m = cfg.mining
+    if m.neighbour_places < 0 or cfg.eval.rerank_k < 0:
+        raise ConfigError("mining.neighbour_places and eval.rerank_k must be >= 0")
+    if (m.neighbour_places or cfg.eval.rerank_k or m.weights) and not m.model:
+        raise ConfigError("mining.neighbour_places, mining.weights and eval.rerank_k need "
+                          "mining.model (the first-stage card, e.g. demo_tiny)")
+    if m.model and cfg.stage != "selavpr":
+        raise ConfigError("mining.model is a setting of stage selavpr")
     if cfg.stage == "student" and not cfg.teacher.weights:
         raise ConfigError("stage student needs teacher.weights (the trained Super-CricaVPR "
                           "teacher) and teacher.model (its card)")

@@ -476,7 +476,8 @@ class Augmenter:
 
 
 class PlaceImagesDataset(torch.utils.data.Dataset):
-    """Item ``(place_index, seed)`` -> (K, 3, H, W) model inputs and K labels."""
+    """Item ``(place_index, seed)`` -> (K, 3, H, W) model inputs, K labels and the K
+    images' indices in the whole set (place by place, as :func:`image_offsets`)."""
 
     def __init__(self, places: PlaceSet, images_per_place: int, input_size: Tuple[int, int],
                  augment: Optional[dict] = None):
@@ -484,6 +485,7 @@ class PlaceImagesDataset(torch.utils.data.Dataset):
         self.k = images_per_place
         self.input_size = tuple(input_size)
         self.augmenter = Augmenter(augment or {})
+        self.offsets = image_offsets(places)
 
     def __len__(self) -> int:
         return len(self.places)
@@ -494,6 +496,7 @@ class PlaceImagesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         chosen = rng.choice(len(place.images), size=self.k, replace=False)
         tensors = []
+        ids = [int(self.offsets[index]) + j for j in sorted(chosen.tolist())]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             for j in sorted(chosen.tolist()):
@@ -502,13 +505,23 @@ class PlaceImagesDataset(torch.utils.data.Dataset):
                 except ImageError as exc:
                     raise DatasetError(f"place {place.name}: {exc}") from None
                 tensors.append(preprocess(self.augmenter(img), self.input_size))
-        return torch.cat(tensors, 0), torch.full((self.k,), index, dtype=torch.long)
+        return (torch.cat(tensors, 0), torch.full((self.k,), index, dtype=torch.long),
+                torch.tensor(ids, dtype=torch.long))
+
+
+def image_offsets(places: PlaceSet) -> np.ndarray:
+    """Index of every place's first image when all images are listed place by place."""
+    sizes = [len(p.images) for p in places.places]
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else \
+        np.zeros(0, dtype=np.int64)
 
 
 def collate_places(items):
-    images = torch.cat([x for x, _ in items], 0)
-    labels = torch.cat([y for _, y in items], 0)
-    return images, labels
+    """(images, labels, image indices) of a batch of places."""
+    images = torch.cat([it[0] for it in items], 0)
+    labels = torch.cat([it[1] for it in items], 0)
+    ids = torch.cat([it[2] for it in items], 0)
+    return images, labels, ids
 
 
 def make_train_loader(places: PlaceSet, sampler: PlaceBatchSampler, images_per_place: int,

@@ -137,10 +137,32 @@ def triplet_indices(descriptors: torch.Tensor, labels: torch.Tensor, negatives: 
     return torch.tensor(out, dtype=torch.long, device=labels.device).view(-1, 3)
 
 
+def soft_mutual_nn_count(anchor: torch.Tensor, other: torch.Tensor,
+                         temperature: float = 0.05) -> torch.Tensor:
+    """Pairwise soft mutual-nearest-neighbour count of local maps, / points -> (B,).
+
+    anchor, other: (B, H, W, C) or (B, P, C), unit points.  With S the (P, P) dot
+    products, sum over (i, j) of softmax_j(S / t)[i, j] * softmax_i(S / t)[i, j] (the
+    "dual softmax"): as t -> 0 it is the number of mutual nearest neighbours, the count
+    re-ranking sorts by; divided by the anchor's number of points, in [0, 1].
+    """
+    a = anchor.float().flatten(1, -2)
+    o = other.float().flatten(1, -2)
+    sim = torch.bmm(a, o.transpose(1, 2)) / temperature
+    soft = torch.softmax(sim, dim=2) * torch.softmax(sim, dim=1)
+    return soft.sum(dim=(1, 2)) / a.shape[1]
+
+
 def selavpr_losses(global_desc: torch.Tensor, local_feats: torch.Tensor,
-                   triplets: torch.Tensor,
-                   margin: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(global triplet loss, local mutual-NN loss), each averaged over the triplets."""
+                   triplets: torch.Tensor, margin: float = 0.1, local: str = "mutual_nn",
+                   local_margin: float = 0.0,
+                   temperature: float = 0.05) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(global triplet loss, local loss), each averaged over the triplets.
+
+    ``local``: ``mutual_nn`` (official, ``local_margin`` 0): max(0, m + sim_n - sim_p)
+    on the mean dot product of mutual-NN matches; ``dual_softmax``: the same hinge on
+    :func:`soft_mutual_nn_count`.
+    """
     if len(triplets) == 0:
         zero = global_desc.sum() * 0.0
         return zero, zero
@@ -150,8 +172,14 @@ def selavpr_losses(global_desc: torch.Tensor, local_feats: torch.Tensor,
     from ..models.rerank import train_similarity
 
     feats = local_feats.float()
-    sim_p = train_similarity(feats[a], feats[p])
-    sim_n = train_similarity(feats[a], feats[n])
-    local_loss = torch.clamp(sim_n - sim_p, min=0.0).sum()
+    if local == "dual_softmax":
+        sim_p = soft_mutual_nn_count(feats[a], feats[p], temperature)
+        sim_n = soft_mutual_nn_count(feats[a], feats[n], temperature)
+    elif local == "mutual_nn":
+        sim_p = train_similarity(feats[a], feats[p])
+        sim_n = train_similarity(feats[a], feats[n])
+    else:
+        raise ValueError(f"unknown local loss {local!r}")
+    local_loss = torch.clamp(local_margin + sim_n - sim_p, min=0.0).sum()
     t = float(len(triplets))
     return global_loss / t, local_loss / t

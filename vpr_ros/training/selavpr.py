@@ -10,11 +10,15 @@ Difference from the official data pipeline: triplets are mined inside each P x K
 batch (anchor = first image of each place, positive = its nearest same-place image,
 negatives = the ``loss.negatives_per_anchor`` nearest other-place images) instead of
 from a cache of 1000 random negatives refreshed every 1000 queries.
+
+Options beyond the official recipe (defaults keep it): ``mining.model`` mines on the
+first-stage model's descriptors (training/first_stage.py); ``loss.local_loss:
+dual_softmax`` and ``loss.local_margin`` change the local loss (losses.py).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -36,11 +40,22 @@ class SelaVPRStage(Stage):
         self.margin = loss.triplet_margin
         self.local_weight = loss.local_weight
         self.negatives = loss.negatives_per_anchor
+        self.local = loss.local_loss
+        self.local_margin = loss.local_margin
+        self.temperature = loss.local_temperature
+        # mining.model: first-stage descriptors of every training image, indexed by the
+        # batch's image ids (set by the trainer: first_stage.FirstStage)
+        self.mining_descriptors: Optional[torch.Tensor] = None
 
     def compute_loss(self, outputs, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         global_desc, local_feats = outputs
-        triplets = triplet_indices(global_desc, labels, self.negatives)
-        g, loc = selavpr_losses(global_desc, local_feats, triplets, self.margin)
+        mine_on = global_desc
+        if self.mining_descriptors is not None:
+            ids = self.batch_image_ids
+            mine_on = self.mining_descriptors[ids.cpu()].to(global_desc.device)
+        triplets = triplet_indices(mine_on, labels, self.negatives)
+        g, loc = selavpr_losses(global_desc, local_feats, triplets, self.margin, self.local,
+                                self.local_margin, self.temperature)
         loss = g + self.local_weight * loc
         return loss, {"global_loss": float(g.detach()), "local_loss": float(loc.detach()),
                       "triplets": float(len(triplets))}

@@ -13,7 +13,7 @@ A stage (teacher, student, SelaVPR) exposes
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -81,6 +81,8 @@ class Stage:
     name = "stage"
     architecture = ""          # the card architecture this stage trains
     metric_names: Tuple[str, ...] = ()
+    # indices of the current batch's images in the training set (set by the trainer)
+    batch_image_ids: Optional[torch.Tensor] = None
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg

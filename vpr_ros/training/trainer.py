@@ -43,7 +43,7 @@ from ..atomic import atomic_directory, atomic_write_json, atomic_write_text
 from ..device import resolve_precision
 from ..errors import CheckpointError, ConfigError
 from ..preprocess import load_image, preprocess
-from .config import TrainConfig, dump_config, resolve_sources
+from .config import TrainConfig, dump_config, resolve_path, resolve_sources
 from .data import (PlaceBatchSampler, ValidationSet, load_train_places, load_validation_set,
                    make_train_loader)
 from .ddp import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, setup_distributed
@@ -375,9 +375,27 @@ class TrainingRun:
                  self.places.num_images,
                  f"{len(self.val.queries)} queries / {len(self.val.database)} database"
                  if self.val else "none")
-        self.sampler = PlaceBatchSampler(len(self.places), d.places_per_batch, cfg.seed,
-                                         d.batches_per_epoch, info.rank, info.world_size,
-                                         self.places.positions(), d.avoid_near_places_m)
+        self.first_stage = None
+        if cfg.mining.model:
+            from .first_stage import FirstStage
+
+            if info.enabled:
+                raise ConfigError("mining.model trains in one process (no torchrun)")
+            self.first_stage = FirstStage(cfg.mining.model, resolve_path(cfg, cfg.mining.weights)
+                                          if cfg.mining.weights else None, self.places,
+                                          self.val if cfg.eval.rerank_k else None,
+                                          self.progress)
+            self.stage.mining_descriptors = self.first_stage.images
+        sampler_args = (len(self.places), d.places_per_batch, cfg.seed, d.batches_per_epoch,
+                        info.rank, info.world_size, self.places.positions(),
+                        d.avoid_near_places_m)
+        if cfg.mining.neighbour_places:
+            from .first_stage import NeighbourBatchSampler
+
+            self.sampler = NeighbourBatchSampler(self.first_stage.places,
+                                                 cfg.mining.neighbour_places, *sampler_args)
+        else:
+            self.sampler = PlaceBatchSampler(*sampler_args)
         self.loader = make_train_loader(self.places, self.sampler, k,
                                         self.stage.card.input_size, d.augment.as_dict(),
                                         d.num_workers)
@@ -446,9 +464,10 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         micro = 0
         interrupted = False
-        for images, labels in self.loader:
+        for images, labels, image_ids in self.loader:
             last_micro = (micro + 1) % self.accum == 0
             lr = learning_rate(self.cfg, state["step"], self.steps_per_epoch)
+            self.stage.batch_image_ids = image_ids
             value = self.forward_backward(images, labels, lr, last_micro)
             micro += 1
             bar.update(1)
@@ -563,8 +582,18 @@ class TrainingRun:
         """Validation Recall@N on the main process, shared with all processes."""
         recalls: Dict[str, float] = {}
         if self.val is not None and self.info.is_main:
-            recalls = validate(self.stage, self.val, self.ns, self.cfg.eval.batch_size,
-                               self.precision, self.progress)
+            if self.cfg.eval.rerank_k:
+                from .first_stage import rerank_validate
+
+                fs = self.first_stage
+                recalls = rerank_validate(self.stage, self.val, fs.val_db, fs.val_q,
+                                          self.cfg.eval.rerank_k, self.ns,
+                                          self.cfg.eval.batch_size)
+                log.info("validation: first stage R@1 %.1f, re-ranked (K=%d) R@1 %.1f",
+                         100 * recalls["first_1"], self.cfg.eval.rerank_k, 100 * recalls["1"])
+            else:
+                recalls = validate(self.stage, self.val, self.ns, self.cfg.eval.batch_size,
+                                   self.precision, self.progress)
         return broadcast_object(self.info, recalls)
 
     def keep_best(self, epoch: int, recalls: Dict[str, float]) -> None:
@@ -573,6 +602,8 @@ class TrainingRun:
 
         state, ns = self.state, self.ns
         r5 = recalls.get("5", recalls.get(str(ns[min(1, len(ns) - 1)]), None))
+        if self.cfg.eval.rerank_k:   # re-ranking keeps R@K; what it changes is R@1
+            r5 = recalls.get("1")
         improved = self.val is None or (r5 is not None and r5 > state["best_r5"])
         if not improved:
             state["not_improved"] += 1
@@ -595,6 +626,9 @@ class TrainingRun:
             "stage": stage.name, "card": stage.card.name, "finished": finished,
             "epochs_done": state["epoch"], "steps": state["step"],
             "best_epoch": state["best_epoch"], "best_val_R@5": state["best_r5"],
+            # what picked the epoch (eval.rerank_k: the re-ranked R@1, kept under that key)
+            "best_val_metric": (f"re-ranked R@1 (first stage top {self.cfg.eval.rerank_k})"
+                                if self.cfg.eval.rerank_k else "R@5"),
             "history": state["history"], "train_seconds": round(self.elapsed(), 1),
             "world_size": info.world_size, "device": str(info.device),
             "host": socket.gethostname(), "machine": machine_description(),
