@@ -148,6 +148,33 @@ def test_selavpr_reranking_keeps_exact_self_match_first(rerank_map, describer, l
         assert r.candidates[3].rerank_score is None          # beyond rerank_k
 
 
+def test_warm_up_runs_every_stage_and_leaves_the_beliefs_alone(
+        rerank_map, describer, local, db):
+    """Localizer.warm_up (the node runs it at configure): the once-per-process costs (the
+    BLAS check of the re-ranking kernels for the map's shape) are paid, and a warmed-up
+    localizer answers a frame sequence exactly as a cold one: no belief was touched."""
+    from vpr_ros.accel.int8_kernels import native_kernels
+    from vpr_ros.models import rerank as R
+    from vpr_ros.stream import StreamConfig, StreamLocalizer
+
+    pm = PlaceMap.open_for(rerank_map, describer, local_extractor=local)
+
+    def make():
+        return Localizer(pm, describer, local_extractor=local, top_k=4, rerank_k=3,
+                         stream=StreamLocalizer.for_map(pm, StreamConfig()))
+
+    R._FMA_CHECK.clear()
+    warm, cold = make(), make()
+    assert warm.warm_up() > 0
+    if native_kernels() is not None:
+        assert R._FMA_CHECK, "the re-ranking kernels' BLAS check ran in the warm-up"
+    for i in (1, 2, 3, 5):
+        a, b = warm.localize(db[i].load(), stamp_ns=i), cold.localize(db[i].load(), stamp_ns=i)
+        assert a.place_index == b.place_index and a.confidence == b.confidence
+        a.stream.timings_ms = b.stream.timings_ms = {}
+        assert a.stream == b.stream
+
+
 def test_temporal_filter_in_the_localizer(place_map, describer, queries):
     filt = PlaceBeliefFilter(place_map.places.positions, sigma_m=30.0)
     loc = Localizer(place_map, describer, top_k=10, temporal_filter=filt)

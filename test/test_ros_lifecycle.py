@@ -227,6 +227,7 @@ def test_acceleration_switches_are_node_parameters(rig_factory, two_maps, images
     assert m["place_ids"][0] == first_off
     wait_for(lambda: rig.diag_values().get("native_kernels") == "on", 10, "diagnostics")
     assert rig.diag_values()["integer_attention"] == "on"
+    assert float(rig.diag_values()["warm_up_s"]) > 0     # one blank frame at configure
 
 
 def test_relocalize_initialpose_markers_and_lost_state(rig_factory, two_maps, images):

@@ -263,6 +263,24 @@ class Localizer:
         result.query_local = query_local
         return result
 
+    def warm_up(self) -> float:
+        """One mid-grey frame through every stage this localizer runs (describe, local
+        features, search, re-ranking) without touching any belief (stream, temporal
+        filter) or publishing anything -> seconds taken.  The once-per-process costs -
+        first-call allocations of the model, the native kernels' BLAS check for the map's
+        local-feature shape - are then paid here (the node calls it at configure), not by
+        the first camera frame."""
+        t = time.perf_counter()
+        size = tuple(getattr(self.describer, "input_size", (224, 224)))
+        rgb = np.full((int(size[0]), int(size[1]), 3), 128, dtype=np.uint8)
+        desc = np.asarray(self.describer.describe([rgb]), dtype=np.float32).reshape(1, -1)
+        _, idx = self.place_map.search(desc, max(1, self.rerank_k))
+        idx = idx[0][idx[0] >= 0]
+        if self.rerank_k > 0 and len(idx) and self.place_map.local_features is not None:
+            _, local = self.local_extractor.extract([rgb])
+            self.rerank(np.asarray(local[0]), idx[:self.rerank_k])
+        return time.perf_counter() - t
+
     def localize_descriptor(self, descriptor: np.ndarray, query_local: Optional[np.ndarray] = None,
                             stamp_ns: Optional[int] = None,
                             timings: Optional[Dict[str, float]] = None,

@@ -463,13 +463,15 @@ class LocalizerNode(LifecycleNode):
                              rerank_compute=self.p("rerank_compute"),
                              stream=self._make_stream(place_map))
         localizer = make_localizer()
+        warm_up_s = localizer.warm_up()      # first-call costs here, not on the first frame
         info = {"map": str(map_path), "map_size": len(place_map), "model": describer.card.name,
                 "fingerprint": describer.fingerprint, "device": str(describer.device),
                 "precision": describer.precision,
                 **self._accel_state(accel, describer, local),
                 "rerank_model": local.card.name if local is not None else "",
                 "map_frame_id": place_map.places.frame_id,
-                "stream": "on" if localizer.stream is not None else "off"}
+                "stream": "on" if localizer.stream is not None else "off",
+                "warm_up_s": round(warm_up_s, 3)}
         return localizer, make_localizer, info
 
     def accel_options(self):
