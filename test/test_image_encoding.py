@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import io
 
 import numpy as np
 import pytest
@@ -167,3 +168,22 @@ def test_corrupt_or_empty_compressed():
         compressed_to_rgb("jpeg", b"")
     with pytest.raises(ImageError):
         compressed_to_rgb("jpeg", b"not an image at all")
+
+
+def test_mono16_frame_is_the_same_raw_or_png_compressed(tmp_path):
+    """A mono16 camera frame (values far above 255) decodes alike as a raw Image message
+    and through the png compressed transport (a 16-bit PNG) and as a 16-bit PNG file:
+    scaled over the 16-bit range, never clipped to white."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    frame = rng.integers(0, 65536, size=(24, 32), dtype=np.uint16)
+    frame[0, :4] = (0, 4000, 32768, 65535)
+    raw = image_fields_to_rgb("mono16", 24, 32, 64, False, frame.astype("<u2").tobytes())
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    png = compressed_to_rgb("png", buf.getvalue())
+    (tmp_path / "f.png").write_bytes(buf.getvalue())
+    np.testing.assert_array_equal(png, raw)
+    np.testing.assert_array_equal(load_image(tmp_path / "f.png"), raw)
+    assert png[0, :4, 0].tolist() == [0, 16, 128, 255]

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from .errors import ImageError, UnsupportedEncodingError
-from .preprocess import decode_image_bytes
+from .preprocess import decode_image_bytes, scale_16_to_8
 
 Buffer = Union[bytes, bytearray, memoryview, np.ndarray, "array.array"]  # noqa: F821
 
@@ -111,11 +111,6 @@ def _rows(encoding: str, height: int, width: int, step: int, data: Buffer) -> np
 def _to_uint16(rows: np.ndarray, is_bigendian: bool) -> np.ndarray:
     dtype = np.dtype(">u2" if is_bigendian else "<u2")
     return np.ascontiguousarray(rows).view(dtype).astype(np.uint16)
-
-
-def scale_16_to_8(values: np.ndarray) -> np.ndarray:
-    """Full-range linear 16 -> 8 bit: round(v * 255 / 65535)."""
-    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def _yuv_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -78,13 +78,27 @@ def _decode(source, max_pixels: Optional[int], what: str) -> np.ndarray:
                         im = im.reduce(factor)
                 else:
                     im.load()
-                rgb = im.convert("RGB")
+                rgb = _wide_to_rgb8(im) if im.mode.startswith("I;16") else im.convert("RGB")
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
             EOFError, IndexError, struct_error()) as exc:
         raise ImageError(f"cannot decode {what}: {' '.join(str(exc).split())}") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def scale_16_to_8(values: np.ndarray) -> np.ndarray:
+    """Full-range linear 16 -> 8 bit: round(v * 255 / 65535) (as raw mono16/rgb16 frames)."""
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _wide_to_rgb8(im) -> np.ndarray:
+    """A 16-bit grey image (PIL mode I;16*: a 16-bit PNG or TIFF, e.g. a mono16 camera
+    frame sent through the png compressed transport) -> RGB uint8, scaled over the full
+    16-bit range like a raw mono16 message.  PIL's convert("RGB") would clip every value
+    above 255 to white."""
+    grey = scale_16_to_8(np.asarray(im).astype(np.uint16))
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def struct_error():
