@@ -152,8 +152,23 @@ def load_npy(folder: PathLike, name: str, mmap_mode: Optional[str] = "r") -> np.
         return np.load(folder / name, mmap_mode=mmap_mode, allow_pickle=False)
     except FileNotFoundError:
         raise MapError(f"map {folder} is incomplete: {name} is missing; {REBUILD}") from None
+    except (IsADirectoryError, PermissionError) as exc:    # a folder; unreadable
+        raise MapError(f"map {folder}: {name} {_unreadable(exc)}; {REBUILD}") from None
     except Exception as exc:      # numpy's header parser raises many unrelated types
         raise MapError(f"map {folder}: {name} is corrupt ({one_line(exc)}); {REBUILD}") from None
+
+
+def _unreadable(exc: OSError) -> str:
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not a file"
+    return f"cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def _sha256_of_map_file(folder: Path, name: str) -> str:
+    try:
+        return sha256_file(folder / name)
+    except OSError as exc:
+        raise MapError(f"map {folder}: {name} {_unreadable(exc)}; {REBUILD}") from None
 
 
 # --------------------------------------------------------------------------- checksums
@@ -192,12 +207,15 @@ def verify_files(folder: Path, files: Dict[str, dict], mode: str = "full") -> No
     for name, info in files.items():
         path = folder / name
         if not path.is_file():
+            if path.exists():
+                what = "is a folder, not a file" if path.is_dir() else "is not a regular file"
+                raise MapError(f"map {folder}: {name} {what}; {REBUILD}")
             raise MapError(f"map {folder} is incomplete: {name} is missing; {REBUILD}")
         size = path.stat().st_size
         if size != info["bytes"]:
             raise MapError(f"map {folder}: {name} is corrupt (size {size} bytes, manifest says "
                            f"{info['bytes']}); rebuild the map with `vpr map build`")
-        if mode == "full" and sha256_file(path) != info["sha256"]:
+        if mode == "full" and _sha256_of_map_file(folder, name) != info["sha256"]:
             raise MapError(f"map {folder}: {name} is corrupt (sha256 does not match the "
                            "manifest); rebuild the map with `vpr map build`")
 

@@ -196,14 +196,14 @@ def open_local_features(folder: Path, section: dict, n_places: int) -> LocalFeat
     scales = fmt.load_npy(folder, fmt.LOCAL_SCALES_NPY) if storage == "int8" else None
     if values.dtype != np.dtype(storage):
         raise MapError(f"map {folder}: {fmt.LOCAL_FEATURES_NPY} holds {values.dtype}, the "
-                       f"manifest says {storage} storage")
+                       f"manifest says {storage} storage; {fmt.REBUILD}")
     expected = list(section.get("shape", values.shape))
     if values.shape[0] != n_places or list(values.shape) != expected:
         raise MapError(f"map {folder}: {fmt.LOCAL_FEATURES_NPY} has shape {values.shape}, the "
-                       f"manifest says {section.get('shape')} for {n_places} places")
+                       f"manifest says {section.get('shape')} for {n_places} places; {fmt.REBUILD}")
     if scales is None:
         return values
     if scales.shape != values.shape[:-1] or scales.dtype != np.float16:
         raise MapError(f"map {folder}: {fmt.LOCAL_SCALES_NPY} has shape {scales.shape} "
-                       f"{scales.dtype}, expected {values.shape[:-1]} float16")
+                       f"{scales.dtype}, expected {values.shape[:-1]} float16; {fmt.REBUILD}")
     return Int8LocalFeatures(values, scales, unit_norm=bool(section.get("unit_norm", False)))
