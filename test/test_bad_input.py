@@ -6,7 +6,9 @@ errors), exactly one stderr line naming the file or parameter, no "Traceback", a
 data which existed before (a map, an output file) is byte-identical afterwards.
 
 Categories: parameters, images, poses CSVs, map files (each file deleted, truncated,
-bit-flipped, header-corrupted, under each --verify mode), weights (garbage, truncated,
+bit-flipped, header-corrupted, under each --verify mode), local features of a map
+(float16 and int8 storage: truncated, missing, a folder, lying .npy headers, bad int8
+scales, non-finite data under --verify size/none), weights (garbage, truncated,
 malicious pickles that must not run), devices, bags (an undecodable message is skipped
 and counted), disk full (a small tmpfs, root only), read-only folders (a read-only tmpfs,
 root only), concurrent writers, and a kill between the two renames of a map swap.
@@ -348,6 +350,216 @@ def test_corrupt_map_header_in_a_subprocess(tmp_path, small_map):
     corrupt(bad / "descriptors.npy", "header-corrupted")
     proc = run_vpr("map", "info", bad, "--verify", "size")
     assert_one_line_error(proc, "descriptors.npy is corrupt", "vpr map build")
+
+
+# --------------------------------------------------------------------------- local features
+# A map built with --local-features (float16 or int8 storage): its local_features.npy
+# (N,H,W,C) and, for int8, local_scales.npy (N,H,W) damaged in every way a disk or a copy
+# can, opened by `vpr localize` (which re-ranks with them) under each --verify mode.
+
+LOCAL_CARD = "selavpr_tiny_random"
+LOCAL_PLACES = 4
+LF, LS = "local_features.npy", "local_scales.npy"
+
+
+@pytest.fixture(scope="module")
+def local_maps(tmp_path_factory, entries):
+    from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
+
+    root = tmp_path_factory.mktemp("bad_local")
+    describer = GlobalDescriber(CARD, device="cpu")
+    local = LocalFeatureExtractor(LOCAL_CARD, device="cpu")
+    for storage in ("float16", "int8"):
+        build_map(entries[:LOCAL_PLACES], root / storage, describer, local_extractor=local,
+                  local_storage=storage, progress=False, command="pytest")
+    return root
+
+
+def rewrite_npy_header(path: Path, shape=None, dtype=None) -> None:
+    """Keep the data bytes, write a different (well-formed) header: a lying shape/dtype."""
+    from numpy.lib import format as npy_format
+
+    arr = np.load(path, mmap_mode="r")
+    with open(path, "rb") as fh:
+        npy_format.read_magic(fh)
+        npy_format.read_array_header_1_0(fh)
+        data = fh.read()
+    header = {"descr": npy_format.dtype_to_descr(np.dtype(dtype or arr.dtype)),
+              "fortran_order": False, "shape": tuple(shape or arr.shape)}
+    del arr
+    with open(path, "wb") as fh:
+        npy_format.write_array_header_1_0(fh, header)
+        fh.write(data)
+
+
+def damage_local(folder: Path, how: str) -> str:
+    """Damage a map's local feature files; returns the name of the damaged file."""
+    n, h, w, c = np.load(folder / LF, mmap_mode="r").shape
+    target = LS if how.startswith("scales-") else LF
+    path = folder / target
+    if how.endswith("truncated"):
+        path.write_bytes(path.read_bytes()[:-1000])
+    elif how.endswith("missing"):
+        path.unlink()
+    elif how == "folder":
+        path.unlink()
+        path.mkdir()
+    elif how == "n-plus-one":
+        rewrite_npy_header(path, (n + 1, h, w, c))
+    elif how == "n-minus-one":
+        rewrite_npy_header(path, (n - 1, h, w, c))
+    elif how == "wrong-c":
+        rewrite_npy_header(path, (n, h, w, c - 1))
+    elif how == "wrong-hw":
+        rewrite_npy_header(path, (n, h * w, 1, c))
+    elif how == "wrong-dtype":            # float16 <-> float32 / int8 <-> float16, same bytes
+        stored = np.load(path, mmap_mode="r").dtype
+        wide = np.float32 if stored == np.float16 else np.float16
+        rewrite_npy_header(path, (n, h, w, c * stored.itemsize // np.dtype(wide).itemsize),
+                           wide)
+    elif how == "scales-wrong-shape":
+        rewrite_npy_header(path, (n, h * w))
+    elif how == "scales-n-minus-one":
+        rewrite_npy_header(path, (n - 1, h, w))
+    elif how == "scales-wrong-dtype":
+        rewrite_npy_header(path, (n, h, w), np.float32)
+    elif how == "header-corrupted":
+        data = bytearray(path.read_bytes())
+        data[10:40] = b"(" * 30
+        path.write_bytes(bytes(data))
+    else:
+        raise AssertionError(how)
+    return target
+
+
+LOCAL_DAMAGE = ["truncated", "missing", "folder", "header-corrupted", "n-plus-one",
+                "n-minus-one", "wrong-c", "wrong-hw", "wrong-dtype"]
+SCALES_DAMAGE = ["scales-truncated", "scales-missing", "scales-wrong-shape",
+                 "scales-n-minus-one", "scales-wrong-dtype"]
+LOCAL_CASES = ([("float16", how) for how in LOCAL_DAMAGE]
+               + [("int8", how) for how in LOCAL_DAMAGE + SCALES_DAMAGE])
+
+
+def _localize_in_process(capfd, map_dir: Path, query: Path, verify: str) -> tuple:
+    from vpr_ros.cli.main import main
+
+    capfd.readouterr()
+    rc = main(["-q", "localize", "--map", str(map_dir), str(query), "--verify", verify,
+               "--json"])
+    cap = capfd.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+@pytest.mark.parametrize("storage, how", LOCAL_CASES,
+                         ids=[f"{s}-{h}" for s, h in LOCAL_CASES])
+def test_corrupt_local_features_are_named(storage, how, verify, tmp_path, local_maps, entries,
+                                          capfd):
+    """`vpr localize` (re-ranking by default on a map with local features) on a damaged
+    local_features.npy / local_scales.npy: exit 2, one line naming the file and what is
+    wrong, under every --verify mode (the .npy header and shapes are checked against the
+    manifest even with --verify none); the map is not touched."""
+    bad = tmp_path / "m"
+    shutil.copytree(local_maps / storage, bad)
+    name = damage_local(bad, how)
+    before = snapshot(bad)
+    rc, _, err = _localize_in_process(capfd, bad, entries[0].path, verify)
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("vpr localize: error: ") and name in line and str(bad) in line, line
+    assert "vpr map build" in line, line                    # and the fix
+    what = {"missing": ["missing"], "folder": ["folder"]}.get(
+        how.split("-")[-1], ["corrupt", "shape", "holds"])
+    assert any(word in line for word in what), line
+    assert snapshot(bad) == before
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+@pytest.mark.parametrize("storage, name", [("float16", LF), ("int8", LF), ("int8", LS)])
+def test_bit_flipped_local_features(storage, name, verify, tmp_path, local_maps, entries,
+                                    capfd):
+    """Data bytes damaged, header intact: --verify full names the file (sha256); size/none
+    cannot see it, so the map opens and re-ranking must stay sane: non-finite float16
+    values (NaN/inf, what a flipped exponent bit gives) or extreme int8 codes give finite,
+    bounded counts and no traceback."""
+    bad = tmp_path / "m"
+    shutil.copytree(local_maps / storage, bad)
+    arr = np.load(bad / name, mmap_mode="r+")
+    if arr.dtype == np.float16:
+        arr[1] = np.nan                           # a whole place
+        arr[2, 3, 3] = np.inf                     # one point of another
+    else:
+        arr[1] = -128                             # outside the symmetric int8 range
+    arr.flush()
+    del arr
+    before = snapshot(bad)
+    rc, out, err = _localize_in_process(capfd, bad, entries[1].path, verify)
+    assert "Traceback" not in err
+    if verify == "full":
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 2 and len(lines) == 1 and name in lines[0] and "sha256" in lines[0], err
+    else:
+        assert rc == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        result = result["results"][0] if "results" in result else result
+        h, w = np.load(bad / LF, mmap_mode="r").shape[1:3]
+        scores = [c["rerank_score"] for c in result["candidates"]]
+        assert len(scores) == LOCAL_PLACES, result
+        assert all(s is not None and 0 <= s <= h * w for s in scores), scores
+        assert result["place_id"] in [c["place_id"] for c in result["candidates"]]
+        assert np.isfinite(result["similarity"]) and 0 <= result["confidence"] <= 1
+    assert snapshot(bad) == before
+
+
+@pytest.mark.parametrize("verify", VERIFY)
+def test_local_features_open_for_names_the_file(verify, tmp_path, local_maps):
+    """The library path the node takes (PlaceMap.open_for with its map_verify): MapError
+    naming the file, for a header N off by one and a missing int8 scales file."""
+    from vpr_ros.errors import MapError
+    from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
+    from vpr_ros.maps import PlaceMap
+
+    describer = GlobalDescriber(CARD, device="cpu")
+    local = LocalFeatureExtractor(LOCAL_CARD, device="cpu")
+    for storage, how, name in [("float16", "n-minus-one", LF), ("int8", "scales-missing", LS)]:
+        bad = tmp_path / storage
+        shutil.copytree(local_maps / storage, bad)
+        damage_local(bad, how)
+        with pytest.raises(MapError, match=name) as info:
+            PlaceMap.open_for(bad, describer, local_extractor=local, verify=verify,
+                              device="cpu")
+        assert "\n" not in str(info.value) and str(bad) in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+@pytest.mark.parametrize("verify", VERIFY)
+def test_unreadable_local_features(verify, tmp_path, local_maps, entries, capfd):
+    bad = tmp_path / "m"
+    shutil.copytree(local_maps / "float16", bad)
+    (bad / LF).chmod(0)
+    try:
+        rc, _, err = _localize_in_process(capfd, bad, entries[0].path, verify)
+    finally:
+        (bad / LF).chmod(0o644)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and LF in lines[0], err
+    assert "cannot be read" in lines[0] or verify == "size", lines[0]
+
+
+def test_corrupt_local_features_eval_recall_in_a_subprocess(tmp_path, local_maps, sample_dir):
+    """`vpr eval recall --map M --rerank` end to end on an int8 map whose scales header
+    lies about N: exit 2, one line naming local_scales.npy, no report written."""
+    bad = tmp_path / "m"
+    shutil.copytree(local_maps / "int8", bad)
+    damage_local(bad, "scales-n-minus-one")
+    out = tmp_path / "report"
+    proc = run_vpr("eval", "recall", "--dataset", sample_dir, "--map", bad, "--rerank",
+                   "--rerank-model", LOCAL_CARD, "--device", "cpu", "--max-queries", "2",
+                   "--out", out)
+    assert_one_line_error(proc, LS, str(bad))
+    assert not (out / "report.json").exists()
 
 
 # --------------------------------------------------------------------------- weights
