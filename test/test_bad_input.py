@@ -502,6 +502,7 @@ def test_bit_flipped_local_features(storage, name, verify, tmp_path, local_maps,
         assert rc == 2 and len(lines) == 1 and name in lines[0] and "sha256" in lines[0], err
     else:
         assert rc == 0, err
+        assert "Warning" not in err, err          # a clean stderr on success
         result = json.loads(out.strip().splitlines()[-1])
         result = result["results"][0] if "results" in result else result
         h, w = np.load(bad / LF, mmap_mode="r").shape[1:3]

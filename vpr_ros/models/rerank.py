@@ -269,7 +269,8 @@ class _PlainCounter:
             self.sim = np.empty((cand.shape[0], self.q_t.shape[1]), dtype=np.float32)
             self.mm_buf = None
         if self.compute == "fp32":
-            np.matmul(cand, self.q_t, out=self.sim)
+            with np.errstate(invalid="ignore", over="ignore"):   # non-finite maps: their
+                np.matmul(cand, self.q_t, out=self.sim)         # counts, not a warning
         else:
             if self.mm_buf is None:
                 self.mm_buf = torch.empty(self.sim.shape, dtype=torch.bfloat16)
