@@ -207,6 +207,18 @@ def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: 
     return kernels
 
 
+def _integer_attention_kernels(x: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                               is_causal: bool, options: AccelOptions):
+    """The native kernels if this input runs the integer attention (:func:`_kernels_for`,
+    the switch on, at most MAX_ATTENTION_TOKENS tokens), else None: the wrapped module
+    then runs as it is."""
+    kernels = _kernels_for(x, attn_mask, is_causal, options)
+    if (kernels is None or not integer_attention_enabled(options)
+            or x.shape[1] > MAX_ATTENTION_TOKENS):
+        return None
+    return kernels
+
+
 def _block_buffers(x: torch.Tensor):
     """(b, n, c) input -> its (m, c) rows and the shared int8 / scale work buffers."""
     b, n, c = x.shape
@@ -314,9 +326,8 @@ class Int8AdaptedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
-        if (kernels is None or not integer_attention_enabled(self.accel)
-                or x.shape[1] > MAX_ATTENTION_TOKENS):
+        kernels = _integer_attention_kernels(x, attn_mask, is_causal, self.accel)
+        if kernels is None:
             return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
         blk = self.block
         attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
@@ -367,9 +378,8 @@ class IntegerAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
-        if (kernels is None or not integer_attention_enabled(self.accel)
-                or x.shape[1] > MAX_ATTENTION_TOKENS):
+        kernels = _integer_attention_kernels(x, attn_mask, is_causal, self.accel)
+        if kernels is None:
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
         attn = self.attn
         b, n, c = x.shape
