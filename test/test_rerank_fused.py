@@ -155,19 +155,32 @@ def test_invalid_path_errors():
         mutual_nn_counts(torch.zeros(2, 3), torch.zeros(1, 2, 3), path="fast")
 
 
-def test_auto_switches_near_tie_large_maps_to_fused(kernels):
-    """Maps above the fused size start on the verified path; near-collapsed features make
-    it recompute most rows, so the remaining candidates go to the fused path: same counts."""
+def test_auto_switches_near_tie_large_maps_to_fused(kernels, monkeypatch):
+    """Maps above the fused size start on a verified path; near-collapsed features make
+    the int16 path recompute most rows, so the remaining candidates go to the fused path,
+    and make the int8 path's candidate pairs exceed its limit, so it hands them back to
+    the fused path: same counts either way."""
     g = torch.Generator().manual_seed(11)
     n, c = 2100, 32                                  # n * n * c > FUSED_MAX_MACS
     assert not R._fused_first(n, n, c)
     common = torch.randn(c, generator=g)
     q = F.normalize(common + 0.002 * torch.randn(n, c, generator=g), dim=-1)
     cands = F.normalize(common + 0.002 * torch.randn(3, n, c, generator=g), dim=-1)
+    want = mutual_nn_counts(q, cands, native=False).tolist()
     stats = {}
-    got = mutual_nn_counts(q, cands, stats=stats)
-    assert got.tolist() == mutual_nn_counts(q, cands, native=False).tolist()
-    assert stats["rows"] == n and stats["fused"] == 2
+    assert mutual_nn_counts(q, cands, stats=stats, path="int8").tolist() == want
+    assert stats["fused"] == 3 and stats["int8_handed_back"] >= 1 and "int8" not in stats
+    stats = {}
+    assert mutual_nn_counts(q, cands, stats=stats, path="verified").tolist() == want
+    assert stats["rows"] == 3 * n and "fused" not in stats     # forced: no switch
+    for vnni in (True, False):          # what "auto" takes with and without AVX-512 VNNI
+        monkeypatch.setattr(kernels, "has_vnni", vnni)
+        stats = {}
+        assert mutual_nn_counts(q, cands, stats=stats).tolist() == want
+        if vnni:
+            assert stats["fused"] == 3 and stats["int8_handed_back"] >= 1
+        else:
+            assert stats["rows"] == n and stats["fused"] == 2
 
 
 def test_verified_candidates_one_per_thread(kernels):

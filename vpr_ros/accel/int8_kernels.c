@@ -1300,3 +1300,540 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
     return failed ? -1 : 0;
 }
 /* ====================== end of the fused block steps (vitfwd) ====================== */
+
+/* ------------------------------------------------------------------------------------
+ * Exact mutual-nearest-neighbour count of one large map from int8 code similarities
+ * (vpr_mnn_int8_count; issue 15: exact re-ranking at int8 speed).
+ *
+ * Codes: the candidate map as u8 = code + 128 (rows of c4 = c rounded up to 4, n_x
+ * rounded up to 4 rows, padding byte 128 = code 0), the query as s8 codes in the layout
+ * [n_q_pad/16][c4/4][16][4] (n_q_pad a multiple of 64, padding 0), q_zero[i] = 128 times
+ * the sum of query point i's codes.  vpdpbusd (u8 x s8, int32 sums, no saturation) gives
+ * sum (code_x + 128) code_q; minus q_zero[i] it is the exact code dot product I[j][i]
+ * (|I| <= c 127^2: no overflow).  One scale per map, so I is comparable across points.
+ *
+ * The caller bounds, per candidate point j (row) and per query point i (column), twice
+ * the distance between a code similarity and the float32 value of the official algorithm,
+ * in code units and rounded up: row_slack[j], col_slack[i] (see rerank.py).  Then an entry
+ * below (row maximum - row_slack) is strictly below the row's float32 maximum, and the
+ * same for columns.  So:
+ *   rows: after the 4 rows of a block are complete (all query points, the block kept in
+ *     a 4 x n_q_pad buffer, never the whole matrix), the entries >= max - slack are the
+ *     row's candidates; one candidate is the float32 argmax (strictly larger than every
+ *     other value: no tie rule involved), several go to the exact step;
+ *   columns: a running maximum per query point over the rows in order; every entry >=
+ *     running max - slack at its time is appended (a final candidate always is: the
+ *     running max only grows), and the list is filtered by the final maximum at the end;
+ *   exact step: the candidates of ambiguous rows and columns get their float32 value, one
+ *     chain of fused multiply-adds in channel order (the BLAS value, as in
+ *     vpr_exact_argmax), and the largest wins, first index on ties (candidates are kept
+ *     in index order, and every non-candidate is strictly smaller).
+ * Second and third levels (resolve_sets): the candidates of ambiguous rows and columns get
+ * their exact int16 code similarity (x16, q16: codes of norm < 46340, bounds row_slack16,
+ * col_slack16), and those still within that bound of the best their float32 value.
+ * out[0] = mutual pairs; out[1..5] = ambiguous rows, ambiguous columns, int16 products,
+ * float32 products, column entries appended.  One thread (the caller runs one candidate
+ * per thread).  Returns 0; 1 when the candidates exceed max_pairs (row candidates or
+ * final column candidates; 4 max_pairs running column entries): near-duplicate maps,
+ * where the caller's fused float32 path is cheaper; -1 when scratch memory could not be
+ * allocated.
+ * ------------------------------------------------------------------------------------ */
+#define I8_GROUP 64
+
+typedef struct {            /* a growing int32 array */
+    int32_t *v;
+    int64_t n, cap;
+} i8_list;
+
+static int i8_reserve(i8_list *l, int64_t more) {
+    if (l->n + more <= l->cap) return 0;
+    int64_t cap = l->cap ? l->cap : 4096;
+    while (cap < l->n + more) cap *= 2;
+    int32_t *v = realloc(l->v, (size_t)cap * sizeof(int32_t));
+    if (!v) return -1;
+    l->v = v;
+    l->cap = cap;
+    return 0;
+}
+
+typedef struct {            /* the column side: running maxima and near entries */
+    int32_t *max;           /* n_q_pad */
+    const int32_t *slack;   /* n_q */
+    i8_list i, j, v;        /* appended entries (query point, candidate point, value) */
+} i8_cols;
+
+static int i8_col_push(i8_cols *cs, int32_t i, int32_t j, int32_t v) {
+    if (i8_reserve(&cs->i, 1) || i8_reserve(&cs->j, 1) || i8_reserve(&cs->v, 1)) return -1;
+    cs->i.v[cs->i.n++] = i;
+    cs->j.v[cs->j.n++] = j;
+    cs->v.v[cs->v.n++] = v;
+    return 0;
+}
+
+#if VPR_HAVE_VNNI
+/* The epilogue of i8_tile: rows' lane maxima, the block buffer, the column step. */
+static inline __attribute__((always_inline)) int i8_epilogue(
+        const __m512i acc[4][4], const int nr, int32_t *out, int64_t out_stride, int64_t j0,
+        int64_t i0, int valid, int32_t *gmax, int64_t gmax_stride, i8_cols *cs) {
+    const __m512i lowest = _mm512_set1_epi32(INT32_MIN);
+    __m512i gm[4] = {lowest, lowest, lowest, lowest};
+    for (int l = 0; l < 4; ++l) {
+        const int left = valid - l * 16;
+        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF
+                                       : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+        for (int r = 0; r < 4; ++r)
+            _mm512_storeu_si512((void *)(out + r * out_stride + l * 16), acc[r][l]);
+        if (!m) continue;
+        /* padding rows (r >= nr) hold the values of row 0 of the next block or zeros:
+         * only the real rows count */
+        __m512i t = acc[0][l];
+        for (int r = 1; r < nr; ++r) t = _mm512_max_epi32(t, acc[r][l]);
+        for (int r = 0; r < nr; ++r) gm[r] = _mm512_mask_max_epi32(gm[r], m, gm[r], acc[r][l]);
+        /* columns: the running maximum after these rows; an entry within the slack of
+         * it is kept (a final candidate always is: the maximum only grows) */
+        const int64_t i = i0 + l * 16;
+        const __m512i cm = _mm512_max_epi32(_mm512_loadu_si512((const void *)(cs->max + i)), t);
+        _mm512_storeu_si512((void *)(cs->max + i), cm);
+        const __m512i sl = _mm512_maskz_loadu_epi32(m, cs->slack + i);
+        /* max - v <= slack for v = the tile's best: are there any? (no overflow: code sums) */
+        if (!_mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, t), sl)) continue;
+        for (int r = 0; r < nr; ++r) {
+            __mmask16 hit = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, acc[r][l]), sl);
+            while (hit) {
+                const int e = __builtin_ctz(hit);
+                hit &= (__mmask16)(hit - 1);
+                if (i8_col_push(cs, (int32_t)(i + e), (int32_t)(j0 + r),
+                                out[r * out_stride + l * 16 + e]))
+                    return -1;
+            }
+        }
+    }
+    for (int r = 0; r < 4; ++r) _mm512_storeu_si512((void *)(gmax + r * gmax_stride), gm[r]);
+    return 0;
+}
+#endif
+
+/* 4 candidate rows (j0.., nr of them real) x 64 query points (i0.., valid of them real) of
+ * exact code dot products into out[r][0..63]; per row, 16 lane maxima over these query
+ * points into gmax[r * gmax_stride + 0..15] (INT32_MIN where none); and the column step
+ * (running maximum, near entries appended). */
+static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const int8_t *qg, const int32_t *zero,
+                   int32_t *out, int64_t out_stride, int nr, int64_t j0, int64_t i0, int valid,
+                   int32_t *gmax, int64_t gmax_stride, i8_cols *cs, int generic) {
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        /* 16 named accumulators and vpdpbusd through asm: with an array and GCC's
+         * intrinsic the accumulators are copied or kept in memory on every step.  They
+         * start at -zero (the u8 codes' zero point), so they end as the code sums. */
+        const __m512i z0 = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                            _mm512_loadu_si512((const void *)zero));
+        const __m512i z1 = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                            _mm512_loadu_si512((const void *)(zero + 16)));
+        const __m512i z2 = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                            _mm512_loadu_si512((const void *)(zero + 32)));
+        const __m512i z3 = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                            _mm512_loadu_si512((const void *)(zero + 48)));
+        __m512i a00 = z0, a01 = z1, a02 = z2, a03 = z3, a10 = z0, a11 = z1, a12 = z2, a13 = z3;
+        __m512i a20 = z0, a21 = z1, a22 = z2, a23 = z3, a30 = z0, a31 = z1, a32 = z2, a33 = z3;
+        const int64_t groups = c4 / 4, block = groups * 64;      /* bytes per 16 points */
+        const uint8_t *x0 = x, *x1 = x + c4, *x2 = x + 2 * c4, *x3 = x + 3 * c4;
+#define I8_DP(acc, row, col) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
+        for (int64_t g = 0; g < groups; ++g) {
+            int32_t f0, f1, f2, f3;
+            memcpy(&f0, x0 + 4 * g, 4);
+            memcpy(&f1, x1 + 4 * g, 4);
+            memcpy(&f2, x2 + 4 * g, 4);
+            memcpy(&f3, x3 + 4 * g, 4);
+            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
+            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
+            const int8_t *qq = qg + g * 64;
+            __m512i col = _mm512_load_si512((const void *)qq);
+            I8_DP(a00, r0, col); I8_DP(a10, r1, col); I8_DP(a20, r2, col); I8_DP(a30, r3, col);
+            col = _mm512_load_si512((const void *)(qq + block));
+            I8_DP(a01, r0, col); I8_DP(a11, r1, col); I8_DP(a21, r2, col); I8_DP(a31, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 2 * block));
+            I8_DP(a02, r0, col); I8_DP(a12, r1, col); I8_DP(a22, r2, col); I8_DP(a32, r3, col);
+            col = _mm512_load_si512((const void *)(qq + 3 * block));
+            I8_DP(a03, r0, col); I8_DP(a13, r1, col); I8_DP(a23, r2, col); I8_DP(a33, r3, col);
+        }
+#undef I8_DP
+        const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                   {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+        /* a constant row count keeps the accumulators in registers */
+        return nr == 4 ? i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs)
+                       : i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs);
+    }
+#endif
+    const int64_t groups = c4 / 4, block = groups * 64;
+    for (int r = 0; r < 4; ++r)
+        for (int e = 0; e < I8_GROUP; ++e) {
+            const int8_t *qb = qg + (e / 16) * block + (e % 16) * 4;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < groups; ++g)
+                for (int b = 0; b < 4; ++b)
+                    acc += (int32_t)x[r * c4 + 4 * g + b] * (int32_t)qb[g * 64 + b];
+            out[r * out_stride + e] = acc - zero[e];
+        }
+    for (int r = 0; r < 4; ++r)
+        for (int e = 0; e < 16; ++e) gmax[r * gmax_stride + e] = INT32_MIN;
+    for (int e = 0; e < valid; ++e) {
+        const int64_t i = i0 + e;
+        for (int r = 0; r < nr; ++r) {
+            const int32_t v = out[r * out_stride + e];
+            gmax[r * gmax_stride] = v > gmax[r * gmax_stride] ? v : gmax[r * gmax_stride];
+            cs->max[i] = v > cs->max[i] ? v : cs->max[i];
+            if ((int64_t)cs->max[i] - v <= cs->slack[i] &&
+                i8_col_push(cs, (int32_t)i, (int32_t)(j0 + r), v))
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* The candidates of one complete row v[0..n_q) (entries >= best - slack) into rows
+ * (in index order), reading only the groups of 64 whose lane maxima gmax[g][0..15] reach
+ * the threshold; returns their number, or -1 when memory ran out. */
+static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *gmax,
+                                 int64_t groups, int32_t slack, i8_list *rows, int generic) {
+    int32_t best = INT32_MIN;
+    for (int64_t e = 0; e < groups * 16; ++e) best = gmax[e] > best ? gmax[e] : best;
+    const int64_t thr64 = (int64_t)best - slack;
+    const int32_t thr = thr64 < INT32_MIN ? INT32_MIN : (int32_t)thr64;
+    if (i8_reserve(rows, n_q)) return -1;
+    int32_t *o = rows->v + rows->n;
+    int64_t n = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+        int reach = 0;
+        for (int e = 0; e < 16; ++e) reach |= gmax[g * 16 + e] >= thr;
+        if (!reach) continue;
+        const int64_t end = (g + 1) * I8_GROUP < n_q ? (g + 1) * I8_GROUP : n_q;
+        int64_t i = g * I8_GROUP;
+#if VPR_HAVE_VNNI
+        if (!generic) {
+            const __m512i t = _mm512_set1_epi32(thr);
+            for (; i + 16 <= end; i += 16) {
+                __mmask16 hit = _mm512_cmpge_epi32_mask(_mm512_loadu_si512((const void *)(v + i)), t);
+                while (hit) {
+                    o[n++] = (int32_t)(i + __builtin_ctz(hit));
+                    hit &= (__mmask16)(hit - 1);
+                }
+            }
+        }
+#endif
+        for (; i < end; ++i)
+            if (v[i] >= thr) o[n++] = (int32_t)i;
+    }
+    rows->n += n;
+    return n;
+}
+
+/* The exact int32 dot product of two int16 code vectors of c_pad (even) channels whose
+ * norms keep every partial sum inside int32 (so wrap-around never happens in effect). */
+static inline int32_t dot16(const int16_t *a, const int16_t *b, int64_t c_pad, int generic) {
+    int64_t k = 0;
+    int32_t s = 0;
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        __m512i acc = _mm512_setzero_si512();
+        for (; k + 32 <= c_pad; k += 32)
+            acc = _mm512_dpwssd_epi32(acc, _mm512_loadu_si512((const void *)(a + k)),
+                                      _mm512_loadu_si512((const void *)(b + k)));
+        s = (int32_t)((uint32_t)_mm512_reduce_add_epi32(acc));
+    }
+#endif
+    for (; k < c_pad; ++k) s = (int32_t)((uint32_t)s + (uint32_t)((int32_t)a[k] * b[k]));
+    return s;
+}
+
+/* One float32 dot product as one chain of fused multiply-adds in channel order from 0:
+ * the value of the BLAS sgemm for these shapes (as vpr_exact_argmax; checked per shape by
+ * the caller). */
+static inline float dot_chain(const float *a, const float *b, int64_t c) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < c; ++k) acc = fmaf(a[k], b[k], acc);
+    return acc;
+}
+
+/* Resolve n_sets candidate sets: set s belongs to point owner[s] of the "own" map, its
+ * candidates are the points idx[start[s]..start[s+1]) of the "other" map in ascending
+ * order, one of which has the largest float32 similarity and every non-candidate is
+ * strictly below it.  Level 2: the exact int16 code similarities; candidates below the
+ * best by more than slack16[owner] are strictly below the float32 maximum too.  Level 3:
+ * the float32 values of the rest, first index on ties.  arg[s] = the argmax;
+ * stats[0] += int16 products, stats[1] += float32 products.  Returns 0 or -1 (memory). */
+static int resolve_sets(const int16_t *own16, const int16_t *other16, int64_t c_pad,
+                        const float *own, const float *other, int64_t c,
+                        const int32_t *owner, const int64_t *start, const int32_t *idx,
+                        int64_t n_sets, const int64_t *slack16, int32_t *arg, int64_t *stats,
+                        int generic) {
+    int64_t most = 1;
+    for (int64_t s = 0; s < n_sets; ++s)
+        most = start[s + 1] - start[s] > most ? start[s + 1] - start[s] : most;
+    int32_t *w = malloc((size_t)most * sizeof(int32_t));
+    if (!w) return -1;
+    for (int64_t s = 0; s < n_sets; ++s) {
+        const int64_t o = owner[s], b = start[s], n = start[s + 1] - b;
+        const int16_t *a16 = own16 + o * c_pad;
+        int32_t best = INT32_MIN;
+        for (int64_t t = 0; t < n; ++t) {
+            w[t] = dot16(a16, other16 + (int64_t)idx[b + t] * c_pad, c_pad, generic);
+            best = w[t] > best ? w[t] : best;
+        }
+        stats[0] += n;
+        const int64_t thr = (int64_t)best - slack16[o];
+        int64_t kept = 0, only = -1;
+        for (int64_t t = 0; t < n; ++t)
+            if ((int64_t)w[t] >= thr) {
+                ++kept;
+                only = idx[b + t];
+            }
+        if (kept == 1) {
+            arg[s] = (int32_t)only;
+            continue;
+        }
+        float bv = -INFINITY;
+        int first = 1;
+        for (int64_t t = 0; t < n; ++t) {
+            if ((int64_t)w[t] < thr) continue;
+            const int32_t k = idx[b + t];
+            const float v = dot_chain(own + o * c, other + (int64_t)k * c, c);
+            ++stats[1];
+            if (first || v > bv || (v == bv && k < arg[s])) {    /* first index on ties */
+                bv = v;
+                arg[s] = k;
+                first = 0;
+            }
+        }
+    }
+    free(w);
+    return 0;
+}
+
+int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *x, int64_t n_x,
+                       const int8_t *q_codes, const int32_t *q_zero, const int16_t *q16,
+                       const float *q, int64_t n_q, int64_t c, int64_t c4, int64_t c_pad,
+                       const int32_t *row_slack, const int32_t *col_slack,
+                       const int64_t *row_slack16, const int64_t *col_slack16,
+                       int64_t max_pairs, int64_t *out, int generic) {
+    const int64_t n_q_pad = round_up(n_q, I8_GROUP), groups = n_q_pad / I8_GROUP;
+    const int64_t group_bytes = I8_GROUP * c4;
+    int32_t *blk = aligned_alloc(64, (size_t)4 * n_q_pad * sizeof(int32_t));
+    int32_t *row_arg = malloc((size_t)(n_x + 1) * sizeof(int32_t));
+    int32_t *col_arg = malloc((size_t)(n_q + 1) * sizeof(int32_t));
+    i8_cols cs = {malloc((size_t)n_q_pad * sizeof(int32_t)), col_slack, {0}, {0}, {0}};
+    i8_list rows = {0}, amb = {0};          /* ambiguous rows' candidates; their rows */
+    int64_t *amb_start = malloc((size_t)(n_x + 1) * sizeof(int64_t));
+    int32_t *gmax = malloc((size_t)4 * groups * 16 * sizeof(int32_t));
+    int64_t stats[2] = {0, 0};
+    int too_many = 0;
+    int failed = !blk || !row_arg || !col_arg || !cs.max || !amb_start || !gmax;
+    for (int64_t i = 0; i < n_q_pad && !failed; ++i) cs.max[i] = INT32_MIN;
+    /* blocks of 4 rows in bit-reversed order: the first blocks sample the whole map, so
+     * the running column maxima are near their final values early and few entries are
+     * appended on the way (on smooth maps, 3x fewer than in row order) */
+    const int64_t blocks = (n_x + 3) / 4;
+    int bits = 0;
+    while (((int64_t)1 << bits) < blocks) ++bits;
+    for (int64_t seq = 0; seq < ((int64_t)1 << bits) && !failed; ++seq) {
+        int64_t blk_index = 0;
+        for (int bit = 0; bit < bits; ++bit) blk_index |= ((seq >> bit) & 1) << (bits - 1 - bit);
+        if (blk_index >= blocks) continue;
+        const int64_t j0 = blk_index * 4;
+        const int nr = (int)(n_x - j0 < 4 ? n_x - j0 : 4);
+        for (int64_t gi = 0; gi < groups && !failed; ++gi) {
+            const int64_t i0 = gi * I8_GROUP;
+            failed = i8_tile(x_codes + j0 * c4, c4, q_codes + gi * group_bytes,
+                             q_zero + i0, blk + i0, n_q_pad, nr, j0, i0,
+                             (int)(n_q - i0 < I8_GROUP ? n_q - i0 : I8_GROUP), gmax + gi * 16,
+                             groups * 16, &cs, generic);
+        }
+        for (int r = 0; r < nr && !failed; ++r) {
+            const int64_t before = rows.n;
+            const int64_t n = i8_row_candidates(blk + r * n_q_pad, n_q, gmax + r * groups * 16,
+                                                groups, row_slack[j0 + r], &rows, generic);
+            if (n < 0) {
+                failed = 1;
+            } else if (n == 1) {                    /* the one candidate: the argmax */
+                row_arg[j0 + r] = rows.v[before];
+                rows.n = before;
+            } else if (i8_reserve(&amb, 1)) {
+                failed = 1;
+            } else {
+                amb_start[amb.n] = before;
+                amb.v[amb.n++] = (int32_t)(j0 + r);
+            }
+        }
+        if (rows.n > max_pairs || cs.j.n > 4 * max_pairs) too_many = failed = 1;
+    }
+    int64_t count = 0, n_amb_cols = 0;
+    int64_t *cstart = NULL;
+    int32_t *cj = NULL, *arg = NULL;
+    if (!failed) {          /* the ambiguous rows: candidate points against query points */
+        amb_start[amb.n] = rows.n;
+        arg = malloc((size_t)(amb.n > n_q ? amb.n : n_q) * sizeof(int32_t) + 4);
+        failed = !arg || resolve_sets(x16, q16, c_pad, x, q, c, amb.v, amb_start, rows.v, amb.n,
+                                      row_slack16, arg, stats, generic);
+        for (int64_t s = 0; s < amb.n && !failed; ++s) row_arg[amb.v[s]] = arg[s];
+    }
+    if (!failed) {
+        /* columns: keep the final candidates, bucket them by query point (row order kept) */
+        cstart = calloc((size_t)(n_q + 1), sizeof(int64_t));
+        failed = !cstart;
+        int64_t kept = 0;
+        for (int64_t t = 0; t < cs.i.n && !failed; ++t) {
+            const int32_t i = cs.i.v[t];
+            if ((int64_t)cs.v.v[t] >= (int64_t)cs.max[i] - col_slack[i]) {
+                cs.i.v[kept] = i;
+                cs.j.v[kept++] = cs.j.v[t];
+                ++cstart[i + 1];
+            }
+        }
+        int64_t *fill = NULL;
+        if (kept > max_pairs) too_many = failed = 1;
+        if (!failed) {
+            for (int64_t i = 0; i < n_q; ++i) cstart[i + 1] += cstart[i];
+            cj = malloc((size_t)(kept + 1) * sizeof(int32_t));
+            fill = malloc((size_t)(n_q + 1) * sizeof(int64_t));
+            failed = !cj || !fill;
+        }
+        if (!failed) {
+            memcpy(fill, cstart, (size_t)n_q * sizeof(int64_t));
+            for (int64_t t = 0; t < kept; ++t) cj[fill[cs.i.v[t]]++] = cs.j.v[t];
+            /* one candidate: the argmax; the others compacted into sets (owners in cs.i) */
+            int64_t w = 0, n_sets = 0;
+            for (int64_t i = 0; i < n_q; ++i) {
+                const int64_t b = cstart[i], e = cstart[i + 1];
+                if (e - b == 1) {
+                    col_arg[i] = cj[b];
+                    continue;
+                }
+                fill[n_sets] = w;
+                cs.i.v[n_sets++] = (int32_t)i;
+                for (int64_t t = b; t < e; ++t) cj[w++] = cj[t];
+            }
+            fill[n_sets] = w;
+            n_amb_cols = n_sets;
+            failed = resolve_sets(q16, x16, c_pad, q, x, c, cs.i.v, fill, cj, n_sets, col_slack16,
+                                  arg, stats, generic);
+            for (int64_t s = 0; s < n_sets && !failed; ++s) col_arg[cs.i.v[s]] = arg[s];
+        }
+        free(fill);
+    }
+    if (!failed)
+        for (int64_t i = 0; i < n_q; ++i) count += row_arg[col_arg[i]] == (int32_t)i;
+    out[0] = count;
+    out[1] = amb.n;
+    out[2] = n_amb_cols;
+    out[3] = stats[0];
+    out[4] = stats[1];
+    out[5] = cs.j.n;
+    free(arg);
+    free(cstart);
+    free(cj);
+    free(blk);
+    free(row_arg);
+    free(col_arg);
+    free(cs.max);
+    free(cs.i.v);
+    free(cs.j.v);
+    free(cs.v.v);
+    free(rows.v);
+    free(amb.v);
+    free(amb_start);
+    free(gmax);
+    return too_many ? 1 : failed ? -1 : 0;
+}
+
+int vpr_have_vnni(void) { return VPR_HAVE_VNNI; }
+
+/* Both code sets of x (n x c float32) for vpr_mnn_int8_count, with one scale each:
+ * int8 codes rint(x / s8) (clamped to +-127) + offset8 (128: the u8 side of vpdpbusd,
+ * 0: s8) in rows of c4 (padding code 0), int16 codes rint(x / s16) in rows of c_pad
+ * (padding 0; the caller's s16 keeps every code vector's norm below 46340), and per point
+ * in double: out[j][0..4] = |x - s8 code8|, |s8 code8|, |x - s16 code16|, |s16 code16|, |x|.
+ * The products s code are exact in double (a float times an integer below 2^16) and each
+ * difference is rounded once, so the caller's margin covers the double rounding. */
+void vpr_codes_8_16(const float *x, int64_t n, int64_t c, int64_t c4, int64_t c_pad, float s8,
+                    float s16, int offset8, uint8_t *codes8, int16_t *codes16, double *out,
+                    int generic) {
+    const float inv8 = 1.0f / s8, inv16 = 1.0f / s16;
+    for (int64_t j = 0; j < n; ++j) {
+        const float *p = x + j * c;
+        uint8_t *o8 = codes8 + j * c4;
+        int16_t *o16 = codes16 + j * c_pad;
+        double e8 = 0.0, h8 = 0.0, e16 = 0.0, h16 = 0.0, nn = 0.0;
+        int64_t k = 0;
+#if VPR_HAVE_VNNI
+        if (!generic) {
+            __m512d ve8 = _mm512_setzero_pd(), vh8 = ve8, ve16 = ve8, vh16 = ve8, vn = ve8;
+            const __m512d d8 = _mm512_set1_pd((double)s8), d16 = _mm512_set1_pd((double)s16);
+            const __m512 lo8 = _mm512_set1_ps(-127.0f), hi8 = _mm512_set1_ps(127.0f);
+            const __m512 lo16 = _mm512_set1_ps(-32767.0f), hi16 = _mm512_set1_ps(32767.0f);
+            const __m512i off = _mm512_set1_epi32(offset8);
+            for (; k + 16 <= c; k += 16) {
+                const __m512 v = _mm512_loadu_ps(p + k);
+                const __m512 c8 = _mm512_min_ps(hi8, _mm512_max_ps(lo8, _mm512_roundscale_ps(
+                    _mm512_mul_ps(v, _mm512_set1_ps(inv8)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+                const __m512 c16 = _mm512_min_ps(hi16, _mm512_max_ps(lo16, _mm512_roundscale_ps(
+                    _mm512_mul_ps(v, _mm512_set1_ps(inv16)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+                _mm_storeu_si128((__m128i *)(o8 + k),
+                                 _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(c8), off)));
+                _mm256_storeu_si256((__m256i *)(o16 + k), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(c16)));
+                for (int h = 0; h < 2; ++h) {
+                    const __m512d xv = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(v, 1)
+                                                         : _mm512_castps512_ps256(v));
+                    const __m512d r8 = _mm512_mul_pd(d8, _mm512_cvtps_pd(
+                        h ? _mm512_extractf32x8_ps(c8, 1) : _mm512_castps512_ps256(c8)));
+                    const __m512d r16 = _mm512_mul_pd(d16, _mm512_cvtps_pd(
+                        h ? _mm512_extractf32x8_ps(c16, 1) : _mm512_castps512_ps256(c16)));
+                    const __m512d q8 = _mm512_sub_pd(xv, r8), q16 = _mm512_sub_pd(xv, r16);
+                    ve8 = _mm512_fmadd_pd(q8, q8, ve8);
+                    vh8 = _mm512_fmadd_pd(r8, r8, vh8);
+                    ve16 = _mm512_fmadd_pd(q16, q16, ve16);
+                    vh16 = _mm512_fmadd_pd(r16, r16, vh16);
+                    vn = _mm512_fmadd_pd(xv, xv, vn);
+                }
+            }
+            e8 = _mm512_reduce_add_pd(ve8);
+            h8 = _mm512_reduce_add_pd(vh8);
+            e16 = _mm512_reduce_add_pd(ve16);
+            h16 = _mm512_reduce_add_pd(vh16);
+            nn = _mm512_reduce_add_pd(vn);
+        }
+#endif
+        for (; k < c; ++k) {
+            const double v = p[k];
+            float f8 = rintf(p[k] * inv8), f16 = rintf(p[k] * inv16);
+            f8 = f8 > 127.0f ? 127.0f : f8 < -127.0f ? -127.0f : f8;
+            f16 = f16 > 32767.0f ? 32767.0f : f16 < -32767.0f ? -32767.0f : f16;
+            o8[k] = (uint8_t)((int)f8 + offset8);
+            o16[k] = (int16_t)f16;
+            const double r8 = (double)s8 * f8, r16 = (double)s16 * f16;
+            e8 += (v - r8) * (v - r8);
+            h8 += r8 * r8;
+            e16 += (v - r16) * (v - r16);
+            h16 += r16 * r16;
+            nn += v * v;
+        }
+        for (int64_t t = c; t < c4; ++t) o8[t] = (uint8_t)offset8;
+        for (int64_t t = c; t < c_pad; ++t) o16[t] = 0;
+        double *r = out + j * 5;
+        r[0] = sqrt(e8);
+        r[1] = sqrt(h8);
+        r[2] = sqrt(e16);
+        r[3] = sqrt(h16);
+        r[4] = sqrt(nn);
+    }
+}
+
+/* The largest |x| of n floats as its bit pattern (NaN and infinity give >= 0x7f800000):
+ * the finiteness check and the code scale of a map in one vectorised pass. */
+uint32_t vpr_absmax_bits(const float *x, int64_t n) {
+    const uint32_t *u = (const uint32_t *)x;
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        const uint32_t a = u[j] & 0x7fffffffu;
+        m = a > m ? a : m;
+    }
+    return m;
+}

@@ -165,6 +165,12 @@ class NativeKernels:
             "vpr_codes16": [vp, _I64, _I64, _I64, ctypes.c_double, vp, vp, vp, i32],
             "vpr_mnn_exact_counts": [vp, vp, _I64, vp, _I64, _I64, _I64, vp, i32, i32],
             "vpr_fma_matrix": [vp, _I64, vp, _I64, _I64, vp, i32],
+            "vpr_codes_8_16": [vp, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_float, i32,
+                               vp, vp, vp, i32],
+            "vpr_mnn_int8_count": [vp, vp, vp, _I64, vp, vp, vp, vp, _I64, _I64, _I64, _I64,
+                                   vp, vp, vp, vp, _I64, vp, i32],
+            "vpr_have_vnni": [],
+            "vpr_absmax_bits": [vp, _I64],
             # fused block steps (int8_block.py)
             "vpr_residual_layer_norm_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, vp, vp,
                                                  vp, ctypes.c_float, vp, vp, vp, i32],
@@ -175,13 +181,15 @@ class NativeKernels:
                                           ctypes.c_float, vp, i32, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
-                   "vpr_mnn_exact_counts": ctypes.c_int,
+                   "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
+                   "vpr_have_vnni": ctypes.c_int, "vpr_absmax_bits": ctypes.c_uint32,
                    "vpr_integer_attention_acc": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
         self._lib = lib
         self._tls = threading.local()
+        self.has_vnni = bool(lib.vpr_have_vnni())    # built with AVX-512 VNNI (else plain C)
 
     # -- checks ---------------------------------------------------------------------
     @staticmethod
@@ -526,6 +534,88 @@ class NativeKernels:
             raise MemoryError("mnn_exact_counts: could not allocate its scratch memory")
         return counts
 
+    def finite_absmax(self, x: np.ndarray) -> Optional[float]:
+        """The largest |x| of a C-contiguous float32 array, or None if any value is NaN or
+        infinite (``vpr_absmax_bits``: one vectorised pass)."""
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"x: expected a C-contiguous float32 array, got {x.dtype}")
+        bits = int(self._lib.vpr_absmax_bits(x.ctypes.data, x.size))
+        if bits >= 0x7F800000:
+            return None
+        return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+    def codes_8_16(self, x: np.ndarray, s8: float, s16: float, rows: int, offset8: int,
+                   generic: bool = False):
+        """Both code sets of ``x`` (n, c) float32 for :meth:`mnn_int8_count`:
+        int8 codes ``rint(x / s8)`` + ``offset8`` (128: u8, 0: s8) as uint8 in ``rows``
+        (>= n) rows of c rounded up to 4 (padding code 0); int16 codes ``rint(x / s16)`` in
+        ``rows`` rows of c rounded up to 2 (padding 0); and per point (n, 5) float64:
+        ``|x - s8 code8|, |s8 code8|, |x - s16 code16|, |s16 code16|, |x|``
+        (``vpr_codes_8_16``).  The scales are float32 values; the caller keeps the int8
+        codes within +-127 and the int16 code vectors' norms below 46340."""
+        self._check_np(x, np.float32, "x")
+        n, c = x.shape
+        c4, c_pad = -(-c // 4) * 4, c + c % 2
+        if rows < n:
+            raise ValueError("codes_8_16: fewer rows than points")
+        codes8 = np.full((rows, c4), offset8, dtype=np.uint8)
+        codes16 = np.zeros((rows, c_pad), dtype=np.int16)
+        out = np.empty((n, 5), dtype=np.float64)
+        self._lib.vpr_codes_8_16(x.ctypes.data, n, c, c4, c_pad, float(s8), float(s16),
+                                 int(offset8), codes8.ctypes.data, codes16.ctypes.data,
+                                 out.ctypes.data, int(generic))
+        return codes8, codes16, out
+
+    def mnn_int8_count(self, x_codes: np.ndarray, x16: np.ndarray, x: np.ndarray,
+                       q_layout: np.ndarray, q_zero: np.ndarray, q16: np.ndarray,
+                       q: np.ndarray, row_slack: np.ndarray, col_slack: np.ndarray,
+                       row_slack16: np.ndarray, col_slack16: np.ndarray, max_pairs: int,
+                       generic: bool = False) -> Optional[np.ndarray]:
+        """Exact mutual-nearest-neighbour count of one candidate map ``x`` (n_x, c) against
+        the query ``q`` (n_q, c), both float32 (``vpr_mnn_int8_count`` in
+        ``int8_kernels.c``, one thread): int8 code similarities for every pair, then int16
+        code similarities and float32 values only where the int8 bounds cannot decide.
+        ``x_codes``/``x16``: :meth:`codes_8_16` of ``x`` (offset 128, rows padded to 4);
+        ``q_layout``/``q_zero``: :func:`mnn_query_layout8` of the query's s8 codes;
+        ``q16``: the query's int16 codes; ``row_slack``/``col_slack`` (int32, n_x / n_q)
+        and ``row_slack16``/``col_slack16`` (int64): the bounds in code units.  Returns
+        int64 ``[count, ambiguous rows, ambiguous columns, int16 products, float32
+        products, column entries kept while running]``, or None when the candidate pairs
+        exceed ``max_pairs`` (near-duplicate maps: the fused path is cheaper there)."""
+        self._check_np(x, np.float32, "x")
+        self._check_np(q, np.float32, "q")
+        n_x, c = x.shape
+        n_q = q.shape[0]
+        c4, c_pad = -(-c // 4) * 4, c + c % 2
+        if q.shape[1] != c or not n_x or not n_q or max(n_x, n_q) * max(c4, c_pad) >= 2 ** 31:
+            raise ValueError(f"candidate {x.shape} and query {q.shape} do not fit")
+        rows = -(-n_x // MNN_ROWS) * MNN_ROWS
+        checks = ((x_codes, np.uint8, (rows, c4), "x_codes"), (x16, np.int16, None, "x16"),
+                  (q16, np.int16, None, "q16"), (q_zero, np.int32, None, "q_zero"),
+                  (row_slack, np.int32, (n_x,), "row_slack"),
+                  (col_slack, np.int32, (n_q,), "col_slack"),
+                  (row_slack16, np.int64, (n_x,), "row_slack16"),
+                  (col_slack16, np.int64, (n_q,), "col_slack16"))
+        for arr, dtype, shape, name in checks:
+            if arr.dtype != dtype or not arr.flags.c_contiguous or (shape and arr.shape != shape):
+                raise ValueError(f"{name}: expected a contiguous {np.dtype(dtype)} array"
+                                 f"{' of shape ' + str(shape) if shape else ''}, got "
+                                 f"{arr.shape} {arr.dtype}")
+        if (x16.shape[1] != c_pad or x16.shape[0] < n_x or q16.shape != (n_q, c_pad)
+                or q_layout.dtype != np.int8 or q_layout.ctypes.data % 64
+                or q_layout.size != -(-n_q // MNN_GROUP) * MNN_GROUP * c4
+                or q_zero.size < -(-n_q // MNN_GROUP) * MNN_GROUP):
+            raise ValueError("mnn_int8_count: the code arrays do not fit the maps")
+        out = np.zeros(6, dtype=np.int64)
+        status = self._lib.vpr_mnn_int8_count(
+            x_codes.ctypes.data, x16.ctypes.data, x.ctypes.data, n_x, q_layout.ctypes.data,
+            q_zero.ctypes.data, q16.ctypes.data, q.ctypes.data, n_q, c, c4, c_pad,
+            row_slack.ctypes.data, col_slack.ctypes.data, row_slack16.ctypes.data,
+            col_slack16.ctypes.data, int(max_pairs), out.ctypes.data, int(generic))
+        if status < 0:
+            raise MemoryError("mnn_int8_count: could not allocate its scratch memory")
+        return out if status == 0 else None
+
     def fma_matrix(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """``a @ b.T`` (float32) with every dot product one in-order FMA chain (plain C):
         what the exact re-ranking paths compute, to check numpy's BLAS against."""
@@ -571,6 +661,21 @@ def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
     return out
 
 
+def mnn_query_layout8(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(n_q, c4) s8 query codes (:meth:`NativeKernels.codes8` with offset 0, viewed as
+    int8) -> the layout of ``vpr_mnn_int8_count``, [n_q_pad/16][c4/4][16][4] (n_q rounded
+    up to 64 with zero points), and the zero-point sums 128 * sum(codes) per point (int32,
+    n_q_pad)."""
+    n_q, c4 = codes.shape
+    n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
+    padded = np.zeros((n_pad, c4), dtype=np.int8)
+    padded[:n_q] = codes
+    out = aligned_empty((n_pad // 16, c4 // 4, 16, 4), np.int8)
+    out[...] = padded.reshape(n_pad // 16, 16, c4 // 4, 4).transpose(0, 2, 1, 3)
+    zero = (128 * padded.astype(np.int32).sum(axis=1)).astype(np.int32)
+    return out, zero
+
+
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
     (the kernels load it with aligned 512-bit loads)."""
@@ -610,6 +715,6 @@ def native_kernels(enabled: Optional[bool] = None,
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "MNN_ROWS", "MNN_GROUP",
-           "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
+__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "mnn_query_layout8", "MNN_ROWS",
+           "MNN_GROUP", "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
            "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]

@@ -187,7 +187,7 @@ def _points_np(x, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-EXACT_PATHS = ("auto", "fused", "verified", "plain")
+EXACT_PATHS = ("auto", "fused", "int8", "verified", "plain")
 
 
 def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
@@ -232,11 +232,14 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
     fast = (_NativeCounter(kernels, q, first.shape, path, counts)
             if kernels is not None and np.isfinite(q).all() else None)
     plain = _PlainCounter(q, compute)
+    # the int16 path counts the first candidate alone (it decides fused or verified for
+    # the rest); the int8 path hands near-duplicate maps back one by one: all pooled
+    fast_pool_from = 0 if fast is not None and isinstance(fast.verified, _Int8Verifier) else 1
     done: dict = {}
     for i in range(k):
-        if i == 1 and fast is not None and fast.pool_rest(k):
-            done = _verified_pooled(kernels, candidates, range(1, k), q, fast.verified,
-                                    first.shape, fast.q_absmax, fast.stats)
+        if i == fast_pool_from and fast is not None and fast.pool_rest(k):
+            done = _verified_pooled(kernels, candidates, range(i, k), fast.verified,
+                                    first.shape, fast.q_absmax, fast.stats, fast.fused_only)
         if i in done:
             counts[i] = done[i]
             continue
@@ -294,27 +297,28 @@ class _NativeCounter:
             first_shape[0], q.shape[0], q.shape[1]))
         self.verified = None
         self.stats: dict = {}
+        self.fused_only: set = set()        # candidates the int8 path handed back
         if not self.fused:
-            from ..accel.int8_kernels import mnn_query_layout
-
+            int8 = path == "int8" or (path == "auto" and kernels.has_vnni)
             try:
-                qc = _Codes(kernels, q, 1)
-                self.verified = (qc, mnn_query_layout(qc.codes), self.q_panels,
-                                 _gamma(q.shape[1]))
+                self.verified = (_Int8Verifier(kernels, q) if int8
+                                 else _Int16Verifier(kernels, q, self.q_panels))
             except _Unverifiable:
                 self.verified = None
         self.batch, self.batch_pos, self.batch_bytes = [], [], 0
 
     def pool_rest(self, k: int) -> bool:
-        """Run the candidates after the first one per thread (verified path, 3+ of them)?"""
-        return (self.verified is not None and not self.fused and k > 2
+        """Run the candidates per thread (verified path, 3+ of them; int8: 2+)?"""
+        least = 2 if isinstance(self.verified, _Int8Verifier) else 3
+        return (self.verified is not None and not self.fused and k >= least
                 and torch.get_num_threads() > 1)
 
     def count(self, i: int, cand: np.ndarray) -> bool:
         """Count candidate i into ``counts`` (now or at the next flush); False: not taken
         (empty, non-finite, overflowing, or a shape numpy's BLAS sums otherwise)."""
         q = self.q
-        if not (cand.shape[0] and _fusable(cand, self.q_absmax)
+        absmax = _fusable(self.kernels, cand, self.q_absmax) if cand.shape[0] else None
+        if not (absmax is not None
                 and (cand.shape == self.first_shape
                      or _blas_is_fma_chain(self.kernels, q.shape[1], cand.shape[0],
                                            q.shape[0]))):
@@ -326,14 +330,17 @@ class _NativeCounter:
             if self.batch_bytes >= FUSED_BATCH_BYTES:
                 self.flush()
             return True
-        if self.verified is not None:
+        if self.verified is not None and i not in self.fused_only:
             try:
-                self.counts[i] = _verified_count(self.kernels, cand, q, *self.verified,
-                                                 self.stats)
-                recomputed = _recomputed_fraction(self.stats)
-                self.fused = (self.path == "auto" and recomputed is not None
-                              and recomputed > FUSED_SWITCH_FRACTION)
-                return True
+                count = self.verified.count(cand, self.stats, absmax=absmax)
+                if count is not None:
+                    self.counts[i] = count
+                    recomputed = _recomputed_fraction(self.stats)
+                    self.fused = (self.path == "auto" and recomputed is not None
+                                  and recomputed > FUSED_SWITCH_FRACTION)
+                    return True
+                # the int8 path's candidates exploded (near-duplicate maps): fused from now
+                self.fused = self.path == "auto"
             except _Unverifiable:
                 pass
         self.counts[i] = self.kernels.mnn_exact_counts([cand], self.q_panels,
@@ -350,21 +357,23 @@ class _NativeCounter:
         self.batch, self.batch_pos, self.batch_bytes = [], [], 0
 
 
-def _verified_pooled(kernels, candidates, indices, q: np.ndarray, verified: tuple,
-                     shape: tuple, q_absmax: float, stats: Optional[dict]) -> dict:
+def _verified_pooled(kernels, candidates, indices, verified, shape: tuple, q_absmax: float,
+                     stats: Optional[dict], fused_only: set) -> dict:
     """The verified path over several candidates, one candidate per thread (torch's count
     of threads, each kernel on one): no OpenMP barrier per kernel call, and a thread that
     the OS takes away stalls only its own candidate.  -> {index: count} of the candidates
-    it took; the others (another shape, non-finite, unverifiable) are left to the caller.
+    it took; the others (another shape, non-finite, unverifiable) are left to the caller,
+    those the int8 path handed back added to ``fused_only``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def work(i):
         cand = _points_np(candidates[i], "candidate")
-        if cand.shape == shape and _fusable(cand, q_absmax):
+        absmax = _fusable(kernels, cand, q_absmax) if cand.shape == shape else None
+        if absmax is not None:
             local: dict = {}
             try:
-                return i, _verified_count(kernels, cand, q, *verified, local, threads=1), local
+                return i, verified.count(cand, local, threads=1, absmax=absmax), local
             except _Unverifiable:
                 pass
         return i, None, None
@@ -372,10 +381,11 @@ def _verified_pooled(kernels, candidates, indices, q: np.ndarray, verified: tupl
     done = {}
     with ThreadPoolExecutor(min(torch.get_num_threads(), len(indices))) as pool:
         for i, count, local in pool.map(work, indices):
-            if count is None:
-                continue
-            done[i] = count
-            if stats is not None:
+            if count is None and local is not None:     # handed back by the int8 path
+                fused_only.add(i)
+            elif count is not None:
+                done[i] = count
+            if stats is not None and local is not None:
                 for key, value in local.items():
                     stats[key] = stats.get(key, 0) + value
     return done
@@ -409,11 +419,13 @@ def _fused_splits(n_cand: int, n_x: int) -> int:
     return int(max(1, min(want, -(-n_x // 4))))
 
 
-def _fusable(cand: np.ndarray, q_absmax: float) -> bool:
-    """Finite candidate features whose similarities (and every partial sum) stay finite."""
-    if not np.isfinite(cand).all():
-        return False
-    return cand.shape[1] * float(np.abs(cand).max(initial=0.0)) * q_absmax < _OVERFLOW_SAFE
+def _fusable(kernels, cand: np.ndarray, q_absmax: float) -> Optional[float]:
+    """The largest |component| of finite candidate features whose similarities (and every
+    partial sum) stay finite, else None."""
+    absmax = kernels.finite_absmax(cand) if cand.size else 0.0
+    if absmax is None or cand.shape[1] * absmax * q_absmax >= _OVERFLOW_SAFE:
+        return None
+    return absmax
 
 
 def _recomputed_fraction(stats: Optional[dict]) -> Optional[float]:
@@ -520,6 +532,127 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
         stats["rows_recomputed"] = stats.get("rows_recomputed", 0) + len(rows)
         stats["cols_recomputed"] = stats.get("cols_recomputed", 0) + len(cols)
     return int(np.count_nonzero(best_query[best_cand] == np.arange(n_q)))
+
+
+class _Int16Verifier:
+    """The verified path of one query with int16 codes (:func:`_verified_count`)."""
+
+    def __init__(self, kernels, q: np.ndarray, q_panels):
+        from ..accel.int8_kernels import mnn_query_layout
+
+        qc = _Codes(kernels, q, 1)
+        self.kernels, self.q = kernels, q
+        self.args = (qc, mnn_query_layout(qc.codes), q_panels, _gamma(q.shape[1]))
+
+    def count(self, cand: np.ndarray, stats: Optional[dict], threads: Optional[int] = None,
+              absmax: Optional[float] = None) -> int:
+        del absmax
+        return _verified_count(self.kernels, cand, self.q, *self.args, stats, threads)
+
+
+# ---------------------------------------------------------------- int8 verified fast path
+#
+# The same proof with int8 codes (vpdpbusd: twice the int16 rate on AVX-512 VNNI), whose
+# bound (~0.02-0.05 for unit vectors) is too wide to decide most rows from a top-2 alone:
+# so every row keeps all its entries within the bound of its maximum (found once the row is
+# complete; the kernel holds 4 rows of the matrix at a time) and every column those within
+# the bound of its running maximum.  A row or column with one such candidate has its
+# float32 argmax; the others (on smooth maps, most of them, ~8 candidates each) compare
+# their candidates by exact int16 code similarities (bound ~1e-3), and the few still
+# within that bound by their float32 values, first index on ties (vpr_mnn_int8_count in
+# int8_kernels.c).  The bounds are those of the int16 path (Cauchy-Schwarz on each point's
+# rounding error, plus gamma_C |x| |q| for any float32 summation order), in code units,
+# rounded up, plus one.
+
+_INT8_LEVELS = 127.0
+_INT16_CODE_NORM = 46339.0        # code vectors below this norm: int32 sums never overflow
+_INT8_MAX_PAIRS_PER_POINT = 48    # more candidate pairs: near-duplicate maps, fused path
+_INT8_MAX_CHANNELS = 32768        # int32 differences of int8 code sums stay exact
+
+
+class _Codes8:
+    """int8 and int16 codes of one map (one scale each) with per-point bounds, float64."""
+
+    __slots__ = ("c8", "c16", "s8", "s16", "err8", "hat8", "err16", "hat16", "norm")
+
+    def __init__(self, kernels, points: np.ndarray, offset: int, pad_rows: int,
+                 absmax: Optional[float] = None):
+        n, c = points.shape
+        if absmax is None:
+            absmax = float(np.abs(points).max(initial=0.0))
+        if c > _INT8_MAX_CHANNELS or not (absmax == 0.0 or 1e-30 < absmax < 1e30):
+            raise _Unverifiable("features too large or too small for int8 codes")
+        c_pad = c + c % 2
+        root = float(np.sqrt(c_pad))
+        # every |x| <= absmax: int8 codes within +-127; int16 code norms
+        # <= |x| / s16 + sqrt(c_pad) / 2 < 46339 (the 1e-6 covers float32 rounding)
+        self.s8 = float(np.float32(absmax / _INT8_LEVELS * (1 + 1e-6))) if absmax else 1.0
+        self.s16 = (float(np.float32(absmax * root / (_INT16_CODE_NORM - 0.5 * root)
+                                     * (1 + 1e-6))) if absmax else 1.0)
+        rows = -(-n // pad_rows) * pad_rows
+        self.c8, self.c16, out = kernels.codes_8_16(points, self.s8, self.s16, rows, offset)
+        norm = out[:, 4] * _MARGIN
+        # the differences are rounded once in float64: relative to |x|, not to themselves
+        self.err8 = out[:, 0] * _MARGIN + 1e-12 * norm
+        self.hat8 = out[:, 1] * _MARGIN
+        self.err16 = out[:, 2] * _MARGIN + 1e-12 * norm
+        self.hat16 = out[:, 3] * _MARGIN
+        self.norm = norm
+
+
+def _slacks(xc: _Codes8, qc: _Codes8, gamma: float, bits: int, dtype) -> Tuple[np.ndarray, ...]:
+    """Twice the largest distance between a code similarity (int8 or int16 codes) and the
+    float32 value, per candidate point (rows) and per query point (columns), in code units,
+    rounded up, plus one."""
+    scale = (xc.s8 * qc.s8) if bits == 8 else (xc.s16 * qc.s16)
+    x_err, x_hat = (xc.err8, xc.hat8) if bits == 8 else (xc.err16, xc.hat16)
+    q_err, q_hat = (qc.err8, qc.hat8) if bits == 8 else (qc.err16, qc.hat16)
+    q_norm, x_norm = float(qc.norm.max()), float(xc.norm.max())
+    rows = x_err * q_norm + x_hat * float(q_err.max()) + gamma * xc.norm * q_norm
+    cols = float(x_err.max()) * qc.norm + float(x_hat.max()) * q_err + gamma * x_norm * qc.norm
+    top = float(np.iinfo(dtype).max // 4)
+    return tuple(np.minimum(np.ceil(2.0 * b / scale * _MARGIN) + 1.0, top).astype(dtype)
+                 for b in (rows, cols))
+
+
+class _Int8Verifier:
+    """The int8 verified path of one query (see the comment above :class:`_Codes8`)."""
+
+    def __init__(self, kernels, q: np.ndarray):
+        from ..accel.int8_kernels import mnn_query_layout8
+
+        self.kernels, self.q = kernels, q
+        self.qc = _Codes8(kernels, q, 0, 1)
+        self.layout, self.zero = mnn_query_layout8(self.qc.c8.view(np.int8))
+        self.gamma = _gamma(q.shape[1])
+
+    def count(self, cand: np.ndarray, stats: Optional[dict], threads: Optional[int] = None,
+              absmax: Optional[float] = None) -> Optional[int]:
+        """The count of one candidate map (one thread), or None where its candidate pairs
+        exceed the limit (near-duplicate maps: the fused path is cheaper).  ``absmax``:
+        the map's largest |component| where the caller has it."""
+        from ..accel.int8_kernels import MNN_ROWS
+
+        del threads                       # the kernel runs on the calling thread
+        xc = _Codes8(self.kernels, cand, 128, MNN_ROWS, absmax)
+        qc = self.qc
+        row8, col8 = _slacks(xc, qc, self.gamma, 8, np.int32)
+        row16, col16 = _slacks(xc, qc, self.gamma, 16, np.int64)
+        n_x, n_q = cand.shape[0], self.q.shape[0]
+        out = self.kernels.mnn_int8_count(
+            xc.c8, xc.c16, cand, self.layout, self.zero, qc.c16[:n_q], self.q, row8, col8,
+            row16, col16, _INT8_MAX_PAIRS_PER_POINT * (n_x + n_q))
+        if out is None:
+            if stats is not None:
+                stats["int8_handed_back"] = stats.get("int8_handed_back", 0) + 1
+            return None
+        if stats is not None:
+            for key, value in (("int8", 1), ("int8_rows", n_x), ("int8_cols", n_q),
+                               ("int8_ambiguous_rows", out[1]),
+                               ("int8_ambiguous_cols", out[2]), ("int16_products", out[3]),
+                               ("fp32_products", out[4])):
+                stats[key] = stats.get(key, 0) + int(value)
+        return int(out[0])
 
 
 _FMA_CHECK: dict = {}
