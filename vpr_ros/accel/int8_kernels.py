@@ -716,5 +716,5 @@ def native_kernels(enabled: Optional[bool] = None,
 
 
 __all__ = ["NativeKernels", "Panels", "mnn_query_layout", "mnn_query_layout8", "MNN_ROWS",
-           "MNN_GROUP", "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS", "native_kernels", "build",
-           "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]
+           "MNN_GROUP", "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS",
+           "native_kernels", "build", "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]
