@@ -18,9 +18,13 @@ re-ranked order is not trivial.
 * ``per_candidate_loop``: the same algorithm one candidate at a time (a leaner
   straightforward version: one 55 MB matrix alive at a time).  The package's speed-up is
   reported against both.
-* ``package``: ``vpr_ros.models.rerank.mutual_nn_counts`` as shipped (exact; the
-  verified path: int16 code similarities with a fused top-2 in the native kernels, the
-  ambiguous rows and columns recomputed in float32; the matrix is never stored).
+* ``package``: ``vpr_ros.models.rerank.mutual_nn_counts`` as shipped (exact; on CPUs
+  with AVX-512 VNNI the int8 verified path: int8 code similarities, candidates within the
+  proven bound per row and column resolved by exact int16 codes and float32 only where
+  needed; the matrix is never stored).
+* ``package_int16_verified``: the same with ``path="verified"`` (the int16 path: int16
+  code similarities with a fused top-2, ambiguous rows and columns recomputed in float32;
+  what "auto" takes without VNNI).
 * ``package_plain``: the same with ``native=False`` (the path without a C compiler:
   numpy BLAS matmul into one reused buffer and tiled argmaxes, one candidate at a time).
 * ``package_int8_storage``: the same, reading the candidates from int8 storage
@@ -37,7 +41,7 @@ Small maps (``small_maps`` in the output, issue 17): the shipped demo re-ranker
 (``demo_tiny_selavpr``, trained; 29x29x32 maps when this was written, whatever its card
 says now) extracts the local features of sample images; one query against K = 10 and
 20 candidates through each exact CPU path (``mutual_nn_counts(path=...)``: ``auto`` as
-shipped, ``fused``, ``verified``, ``plain``) and the official per-candidate loop, timed
+shipped, ``fused``, ``int8``, ``verified``, ``plain``) and the official per-candidate loop, timed
 interleaved with the shipped demo descriptor (``demo_tiny``, one image) in the same run,
 so the re-ranking/descriptor ratio is of one machine state.  Counts asserted identical.
 
@@ -241,7 +245,10 @@ def run(quick: bool) -> dict:
             loop = official_style_counts(qf[i], cands[i])
             stats = {}
             pkg = mutual_nn_counts(qf[i], cands[i], stats=stats)
-            assert stats.get("rows"), "the verified path did not run (no C compiler?)"
+            assert stats.get("int8") or stats.get("rows"), \
+                "no verified path ran (no C compiler?)"
+            assert torch.equal(base_counts[i],
+                               mutual_nn_counts(qf[i], cands[i], path="verified"))
             assert torch.equal(base_counts[i], plain_counts(qf[i], cands[i]))
             assert torch.equal(base_counts[i], loop), "the two baselines disagree"
             assert torch.equal(base_counts[i], pkg), \
@@ -252,16 +259,27 @@ def run(quick: bool) -> dict:
             "official_batched": lambda: official_batched_counts(qf[0], cands[0]),
             "per_candidate_loop": lambda: official_style_counts(qf[0], cands[0]),
             "package": lambda: mutual_nn_counts(qf[0], cands[0]),
+            "package_int16_verified": lambda: mutual_nn_counts(qf[0], cands[0],
+                                                               path="verified"),
             "package_plain": lambda: plain_counts(qf[0], cands[0]),
             "package_int8_storage": lambda: int8_storage_counts(qf[0], stores[0]),
             "bf16_compute": lambda: bf16_counts(qf[0], cands[0]),
         }, reps, warmup=1)
         mem = peak_in_subprocess(qf[0], cands[0], list(times))
-        stats = {}
-        mutual_nn_counts(qf[0], cands[0], stats=stats)
+        stats, auto = {}, {}
+        mutual_nn_counts(qf[0], cands[0], stats=stats, path="verified")
+        mutual_nn_counts(qf[0], cands[0], stats=auto)
         entry = {"k": k, "n_queries": n_queries, "counts_identical": True,
+                 "auto_path": "int8" if auto.get("int8") else "int16 verified",
                  "recomputed_fraction": {"rows": stats["rows_recomputed"] / stats["rows"],
                                          "cols": stats["cols_recomputed"] / stats["cols"]},
+                 "int8_path": ({"ambiguous_rows": auto["int8_ambiguous_rows"] / auto["int8_rows"],
+                                "ambiguous_cols": auto["int8_ambiguous_cols"] / auto["int8_cols"],
+                                "int16_products_per_point": auto["int16_products"]
+                                / (auto["int8_rows"] + auto["int8_cols"]),
+                                "fp32_products_per_point": auto["fp32_products"]
+                                / (auto["int8_rows"] + auto["int8_cols"])}
+                               if auto.get("int8") else None),
                  "count_range": [int(min(c.min() for c in base_counts)),
                                  int(max(c.max() for c in base_counts))],
                  "latency_s": {n: median(t) for n, t in times.items()},
@@ -314,7 +332,7 @@ def run(quick: bool) -> dict:
             "mb_per_place": {k: v / 2 ** 20 for k, v in bytes_per_place.items()}}
 
 
-SMALL_PATHS = ("auto", "fused", "verified", "plain")
+SMALL_PATHS = ("auto", "fused", "int8", "verified", "plain")
 
 
 def run_small(quick: bool) -> dict:
@@ -374,6 +392,14 @@ def markdown(res: dict) -> str:
                          fmt(e["peak_extra_mb"][n], 0)])
     lines.append(md_table(["candidates", "variant", "s/query", "vs official batched",
                            "vs per-candidate loop", "peak extra MB"], rows))
+    for key, e in res["results"].items():
+        i8 = e.get("int8_path")
+        if i8:
+            lines += ["", f"{key}: package = the int8 verified path; rows / columns with "
+                      f"several int8 candidates {i8['ambiguous_rows']:.0%} / "
+                      f"{i8['ambiguous_cols']:.0%}, int16 products "
+                      f"{i8['int16_products_per_point']:.1f} and float32 products "
+                      f"{i8['fp32_products_per_point']:.2f} per point."]
     lines += ["", "Storage / compute precision vs float16 storage + float32 compute "
               "(counts and re-ranked order; int8 = the package's per-point int8 storage of the "
               "candidates, query in float32):", ""]

@@ -1397,15 +1397,25 @@ static inline __attribute__((always_inline)) int i8_epilogue(
         const __m512i sl = _mm512_maskz_loadu_epi32(m, cs->slack + i);
         /* max - v <= slack for v = the tile's best: are there any? (no overflow: code sums) */
         if (!_mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, t), sl)) continue;
+        if (i8_reserve(&cs->i, 64) || i8_reserve(&cs->j, 64) || i8_reserve(&cs->v, 64))
+            return -1;
+        const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i),
+                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                10, 11, 12, 13, 14, 15));
         for (int r = 0; r < nr; ++r) {
-            __mmask16 hit = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, acc[r][l]), sl);
-            while (hit) {
-                const int e = __builtin_ctz(hit);
-                hit &= (__mmask16)(hit - 1);
-                if (i8_col_push(cs, (int32_t)(i + e), (int32_t)(j0 + r),
-                                out[r * out_stride + l * 16 + e]))
-                    return -1;
-            }
+            const __mmask16 hit = _mm512_mask_cmple_epi32_mask(
+                m, _mm512_sub_epi32(cm, acc[r][l]), sl);
+            if (!hit) continue;
+            /* compress in registers and store whole vectors (a compress straight to
+             * memory is microcoded on Zen 4); the list has room for 64 more */
+            const int64_t n = cs->i.n;
+            _mm512_storeu_si512((void *)(cs->i.v + n), _mm512_maskz_compress_epi32(hit, lane));
+            _mm512_storeu_si512((void *)(cs->v.v + n), _mm512_maskz_compress_epi32(hit, acc[r][l]));
+            _mm512_storeu_si512((void *)(cs->j.v + n), _mm512_set1_epi32((int32_t)(j0 + r)));
+            const int k = __builtin_popcount(hit);
+            cs->i.n += k;
+            cs->j.n += k;
+            cs->v.n += k;
         }
     }
     for (int r = 0; r < 4; ++r) _mm512_storeu_si512((void *)(gmax + r * gmax_stride), gm[r]);
@@ -1496,7 +1506,15 @@ static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const
 static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *gmax,
                                  int64_t groups, int32_t slack, i8_list *rows, int generic) {
     int32_t best = INT32_MIN;
-    for (int64_t e = 0; e < groups * 16; ++e) best = gmax[e] > best ? gmax[e] : best;
+#if VPR_HAVE_VNNI
+    if (!generic) {
+        __m512i m = _mm512_set1_epi32(INT32_MIN);
+        for (int64_t g = 0; g < groups; ++g)
+            m = _mm512_max_epi32(m, _mm512_loadu_si512((const void *)(gmax + g * 16)));
+        best = _mm512_reduce_max_epi32(m);
+    } else
+#endif
+        for (int64_t e = 0; e < groups * 16; ++e) best = gmax[e] > best ? gmax[e] : best;
     const int64_t thr64 = (int64_t)best - slack;
     const int32_t thr = thr64 < INT32_MIN ? INT32_MIN : (int32_t)thr64;
     if (i8_reserve(rows, n_q)) return -1;
@@ -1504,7 +1522,13 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
     int64_t n = 0;
     for (int64_t g = 0; g < groups; ++g) {
         int reach = 0;
-        for (int e = 0; e < 16; ++e) reach |= gmax[g * 16 + e] >= thr;
+#if VPR_HAVE_VNNI
+        if (!generic)
+            reach = _mm512_cmpge_epi32_mask(_mm512_loadu_si512((const void *)(gmax + g * 16)),
+                                            _mm512_set1_epi32(thr)) != 0;
+        else
+#endif
+            for (int e = 0; e < 16; ++e) reach |= gmax[g * 16 + e] >= thr;
         if (!reach) continue;
         const int64_t end = (g + 1) * I8_GROUP < n_q ? (g + 1) * I8_GROUP : n_q;
         int64_t i = g * I8_GROUP;

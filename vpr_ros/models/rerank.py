@@ -7,13 +7,16 @@ the first index on exact ties, as ``torch.argmax`` does in the official code.
 
 * :func:`mutual_nn_counts` - number of matches per candidate.  Where the native kernels
   of :mod:`vpr_ros.accel` build (and ``native`` is not False), ``compute="fp32"`` on the
-  CPU takes one of two exact native paths (:func:`_counts_cpu`): the *fused* path for
+  CPU takes one of the exact native paths (:func:`_counts_cpu`): the *fused* path for
   small maps (every float32 similarity computed as the BLAS computes it, both argmaxes in
-  the same pass, the K candidates as one batch of work) and the *verified* path for large
-  ones (int16 code similarities with a fused top-2 that never stores the matrix, and an
-  exact float32 re-computation of every row and column whose margin is within the proven
-  error bound, see the comment above :class:`_Codes`).  Both give the counts of the plain
-  path, which runs otherwise.  The plain
+  the same pass, the K candidates as one batch of work) and a *verified* path for large
+  ones: on CPUs with AVX-512 VNNI the *int8* path (int8 code similarities, every row's
+  and column's candidates within the proven int8 error bound decided by exact int16 code
+  similarities and, where those cannot, float32; see the comment above
+  :class:`_Codes8`), else the *int16* path (int16 code similarities with a fused top-2
+  that never stores the matrix, and an exact float32 re-computation of every row and
+  column whose margin is within the proven error bound, see the comment above
+  :class:`_Codes`).  All give the counts of the plain path, which runs otherwise.  The plain
   path runs one reused similarity buffer (55 MB for 61x61 maps): the
   matmul through numpy's BLAS, the best query point of every candidate point with
   numpy's contiguous argmax, the best candidate point of every query point with
@@ -202,15 +205,21 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
       verified path cannot decide): every float32 similarity computed as the BLAS does
       (one in-order FMA chain) with both argmaxes in the same pass over tiles, the matrix
       never stored, the K candidates as one batch of work items for the threads;
-    * the *verified* path below (large maps): int16 code similarities with a fused top-2,
-      exact float32 re-computation of the ambiguous rows and columns only.  When it has to
-      recompute more than :data:`FUSED_SWITCH_FRACTION` of the rows and columns of the
-      first candidate (near-tie features), the remaining candidates go to the fused path;
-      otherwise, with several threads, the remaining candidates run one per thread
-      (:func:`_verified_pooled`).
+    * the *int8* path (large maps, kernels built with AVX-512 VNNI): int8 code
+      similarities, per row and column the candidates within the proven int8 bound,
+      decided by exact int16 code similarities and float32 only where those cannot
+      (:class:`_Int8Verifier`).  With several threads the candidates run one per thread
+      (:func:`_verified_pooled`); a candidate whose candidate pairs exceed the limit
+      (near-duplicate maps) is handed back to the fused path, and so is the rest;
+    * the *verified* (int16) path below (large maps without VNNI): int16 code similarities
+      with a fused top-2, exact float32 re-computation of the ambiguous rows and columns
+      only.  When it has to recompute more than :data:`FUSED_SWITCH_FRACTION` of the rows
+      and columns of the first candidate (near-tie features), the remaining candidates go
+      to the fused path; otherwise, with several threads, the remaining candidates run one
+      per thread.
 
-    Both give the counts of the plain path.  ``path`` ("fused", "verified", "plain")
-    forces one of them where it can run (benchmarks, tests); "auto" chooses.  Otherwise
+    All give the counts of the plain path.  ``path`` ("fused", "int8", "verified",
+    "plain") forces one of them where it can run (benchmarks, tests); "auto" chooses.  Otherwise
     (``native=False``, no compiler, non-finite features) the plain path: the similarity
     matmul through numpy's BLAS (OpenBLAS in the numpy wheels: about 1.7x faster than
     ``torch.mm`` for this 3721x128x3721 shape on the CPUs measured, and bit-identical on
@@ -715,10 +724,11 @@ def mutual_nn_counts(query: ArrayLike, candidates, device: Union[str, torch.devi
     memory-mapped array); on a GPU they are batched in chunks of at most
     ``max_chunk_bytes`` of similarity work space.  ``native``: False runs the plain
     float32 path on the CPU (no native kernels).  ``path``: which exact CPU path
-    ("auto" chooses; "fused", "verified", "plain" force one where it can run, for
+    ("auto" chooses; "fused", "int8", "verified", "plain" force one where it can run, for
     benchmarks and tests; see :func:`_counts_cpu`).  ``stats``: a dict that collects how
-    many candidates went through the fused path and how many rows and columns the
-    verified path recomputed.  ``kernel_cache``: folder of the compiled kernels
+    many candidates went through the fused and int8 paths, how many rows and columns the
+    int16 verified path recomputed, and what the int8 path had to decide at its int16 and
+    float32 levels.  ``kernel_cache``: folder of the compiled kernels
     (``AccelOptions.kernel_cache``; None = override / default).
     """
     compute = check_compute(compute)
