@@ -1375,20 +1375,28 @@ static int i8_col_push(i8_cols *cs, int32_t i, int32_t j, int32_t v) {
 static inline __attribute__((always_inline)) int i8_epilogue(
         const __m512i acc[4][4], const int nr, int32_t *out, int64_t out_stride, int64_t j0,
         int64_t i0, int valid, int32_t *gmax, int64_t gmax_stride, i8_cols *cs) {
-    const __m512i lowest = _mm512_set1_epi32(INT32_MIN);
-    __m512i gm[4] = {lowest, lowest, lowest, lowest};
+    __mmask16 mask[4];
     for (int l = 0; l < 4; ++l) {
         const int left = valid - l * 16;
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF
-                                       : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-        for (int r = 0; r < 4; ++r)
+        mask[l] = left >= 16 ? (__mmask16)0xFFFF
+                             : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+    }
+    /* the block buffer and the rows' lane maxima first, so that few registers stay live */
+    for (int r = 0; r < 4; ++r) {
+        __m512i gm = _mm512_set1_epi32(INT32_MIN);
+        for (int l = 0; l < 4; ++l) {
             _mm512_storeu_si512((void *)(out + r * out_stride + l * 16), acc[r][l]);
+            gm = _mm512_mask_max_epi32(gm, mask[l], gm, acc[r][l]);
+        }
+        _mm512_storeu_si512((void *)(gmax + r * gmax_stride), gm);
+    }
+    const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int l = 0; l < 4; ++l) {
+        const __mmask16 m = mask[l];
         if (!m) continue;
-        /* padding rows (r >= nr) hold the values of row 0 of the next block or zeros:
-         * only the real rows count */
+        /* padding rows (r >= nr) hold zeros: only the real rows count */
         __m512i t = acc[0][l];
         for (int r = 1; r < nr; ++r) t = _mm512_max_epi32(t, acc[r][l]);
-        for (int r = 0; r < nr; ++r) gm[r] = _mm512_mask_max_epi32(gm[r], m, gm[r], acc[r][l]);
         /* columns: the running maximum after these rows; an entry within the slack of
          * it is kept (a final candidate always is: the maximum only grows) */
         const int64_t i = i0 + l * 16;
@@ -1399,18 +1407,16 @@ static inline __attribute__((always_inline)) int i8_epilogue(
         if (!_mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, t), sl)) continue;
         if (i8_reserve(&cs->i, 64) || i8_reserve(&cs->j, 64) || i8_reserve(&cs->v, 64))
             return -1;
-        const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i),
-                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
-                                                                10, 11, 12, 13, 14, 15));
+        const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), lane0);
         for (int r = 0; r < nr; ++r) {
-            const __mmask16 hit = _mm512_mask_cmple_epi32_mask(
-                m, _mm512_sub_epi32(cm, acc[r][l]), sl);
+            const __m512i v = _mm512_loadu_si512((const void *)(out + r * out_stride + l * 16));
+            const __mmask16 hit = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, v), sl);
             if (!hit) continue;
             /* compress in registers and store whole vectors (a compress straight to
              * memory is microcoded on Zen 4); the list has room for 64 more */
             const int64_t n = cs->i.n;
             _mm512_storeu_si512((void *)(cs->i.v + n), _mm512_maskz_compress_epi32(hit, lane));
-            _mm512_storeu_si512((void *)(cs->v.v + n), _mm512_maskz_compress_epi32(hit, acc[r][l]));
+            _mm512_storeu_si512((void *)(cs->v.v + n), _mm512_maskz_compress_epi32(hit, v));
             _mm512_storeu_si512((void *)(cs->j.v + n), _mm512_set1_epi32((int32_t)(j0 + r)));
             const int k = __builtin_popcount(hit);
             cs->i.n += k;
@@ -1418,7 +1424,6 @@ static inline __attribute__((always_inline)) int i8_epilogue(
             cs->v.n += k;
         }
     }
-    for (int r = 0; r < 4; ++r) _mm512_storeu_si512((void *)(gmax + r * gmax_stride), gm[r]);
     return 0;
 }
 #endif
