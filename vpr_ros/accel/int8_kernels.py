@@ -662,7 +662,7 @@ def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
 
 
 def mnn_query_layout8(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(n_q, c4) s8 query codes (:meth:`NativeKernels.codes8` with offset 0, viewed as
+    """(n_q, c4) s8 query codes (:meth:`NativeKernels.codes_8_16` with offset 0, viewed as
     int8) -> the layout of ``vpr_mnn_int8_count``, [n_q_pad/16][c4/4][16][4] (n_q rounded
     up to 64 with zero points), and the zero-point sums 128 * sum(codes) per point (int32,
     n_q_pad)."""

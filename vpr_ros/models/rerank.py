@@ -300,8 +300,9 @@ class _NativeCounter:
                  counts: np.ndarray):
         self.kernels, self.q, self.path, self.counts = kernels, q, path, counts
         self.first_shape = first_shape
-        self.q_panels = kernels.pack_panels(q)
-        self.q_absmax = float(np.abs(q).max(initial=0.0))
+        self._q_panels = None
+        # finite (checked by the caller), so the kernels' absmax is a number
+        self.q_absmax = kernels.finite_absmax(q) if q.size else 0.0
         self.fused = path == "fused" or (path == "auto" and _fused_first(
             first_shape[0], q.shape[0], q.shape[1]))
         self.verified = None
@@ -310,11 +311,19 @@ class _NativeCounter:
         if not self.fused:
             int8 = path == "int8" or (path == "auto" and kernels.has_vnni)
             try:
-                self.verified = (_Int8Verifier(kernels, q) if int8
+                self.verified = (_Int8Verifier(kernels, q, self.q_absmax) if int8
                                  else _Int16Verifier(kernels, q, self.q_panels))
             except _Unverifiable:
                 self.verified = None
         self.batch, self.batch_pos, self.batch_bytes = [], [], 0
+
+    @property
+    def q_panels(self):
+        """The query packed for the fused path and the float32 re-computations (on first
+        use: the int8 path does not need it)."""
+        if self._q_panels is None:
+            self._q_panels = self.kernels.pack_panels(self.q)
+        return self._q_panels
 
     def pool_rest(self, k: int) -> bool:
         """Run the candidates per thread (verified path, 3+ of them; int8: 2+)?"""
@@ -627,11 +636,11 @@ def _slacks(xc: _Codes8, qc: _Codes8, gamma: float, bits: int, dtype) -> Tuple[n
 class _Int8Verifier:
     """The int8 verified path of one query (see the comment above :class:`_Codes8`)."""
 
-    def __init__(self, kernels, q: np.ndarray):
+    def __init__(self, kernels, q: np.ndarray, absmax: Optional[float] = None):
         from ..accel.int8_kernels import mnn_query_layout8
 
         self.kernels, self.q = kernels, q
-        self.qc = _Codes8(kernels, q, 0, 1)
+        self.qc = _Codes8(kernels, q, 0, 1, absmax)
         self.layout, self.zero = mnn_query_layout8(self.qc.c8.view(np.int8))
         self.gamma = _gamma(q.shape[1])
 
