@@ -210,8 +210,8 @@ def test_verified_candidates_one_per_thread(kernels):
 
 def test_shipped_demo_reranker_features_exact(kernels, sample_dir):
     """Real features of the shipped (trained) demo re-ranker on sample images, whatever its
-    map size: every path and the automatic choice give the official counts, and the
-    automatic choice is the fused path (its maps are small)."""
+    map size: every path (the int8 verified one included) and the automatic choice give
+    the official counts, and the automatic choice is the fused path (its maps are small)."""
     from vpr_ros.inference import LocalFeatureExtractor
     from vpr_ros.preprocess import load_image
 
@@ -224,7 +224,7 @@ def test_shipped_demo_reranker_features_exact(kernels, sample_dir):
         stats = {}
         assert mutual_nn_counts(local[qi], local, stats=stats).tolist() == want
         assert stats.get("fused") == len(local)
-        for path in ("fused", "verified", "plain"):
+        for path in ("fused", "int8", "verified", "plain"):
             assert mutual_nn_counts(local[qi], local, path=path).tolist() == want, path
 
 
