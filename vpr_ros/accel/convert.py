@@ -67,7 +67,7 @@ def convert_to_int8(model: nn.Module,
     if options is not None:
         for module in model.modules():
             if isinstance(module, (Int8Linear, Int8TransformerBlock, Int8AdaptedBlock,
-                                   IntegerAttention)):
+                                   IntegerAttention, GemmConvTranspose2d)):
                 module.accel = options
     return model
 

@@ -651,6 +651,62 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
 }
 
 /* ------------------------------------------------------------------------------------
+ * col2im of a transposed convolution, channels last (GemmConvTranspose2d, LocalAdapt).
+ *
+ * cols: per image, one row per input pixel (iy * w + ix) of kh * kw * c values in the
+ * order [ky][kx][co] (the layer's matmul output: pixel x weight), bfloat16 (is_bf16) or
+ * float32.  Input pixel (iy, ix) adds its [ky][kx] slice to output pixel
+ * (iy * sh - ph + ky * dh, ix * sw - pw + kx * dw).  Each output pixel gathers its
+ * contributions in a fixed order (ky, then kx ascending; each bf16 value widened
+ * exactly), starting from 0, then adds the bias: out[b][oy][ox][co] float32, channels
+ * last.  Threads take output rows, so no two write the same pixel and an image's result
+ * never depends on the batch.
+ * ------------------------------------------------------------------------------------ */
+void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t h, int64_t w,
+                              int64_t c, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                              int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
+                              int64_t ow, const float *bias, float *out, int num_threads) {
+    const int64_t row = kh * kw * c;            /* values per input pixel */
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t item = 0; item < b * oh; ++item) {
+        const int64_t img = item / oh, oy = item % oh;
+        int64_t iys[64], kys[64], ny = 0;       /* input rows (and ky) reaching row oy */
+        for (int64_t ky = 0; ky < kh && ny < 64; ++ky) {
+            const int64_t t = oy + ph - ky * dh;
+            if (t >= 0 && t % sh == 0 && t / sh < h) {
+                iys[ny] = t / sh;
+                kys[ny++] = ky;
+            }
+        }
+        for (int64_t ox = 0; ox < ow; ++ox) {
+            float *o = out + ((img * oh + oy) * ow + ox) * c;
+            for (int64_t co = 0; co < c; ++co) o[co] = 0.0f;
+            for (int64_t a = 0; a < ny; ++a)
+                for (int64_t kx = 0; kx < kw; ++kx) {
+                    const int64_t t = ox + pw - kx * dw;
+                    if (t < 0 || t % sw != 0 || t / sw >= w) continue;
+                    const int64_t base = ((img * h + iys[a]) * w + t / sw) * row
+                                         + (kys[a] * kw + kx) * c;
+                    if (is_bf16) {
+                        const uint16_t *src = (const uint16_t *)cols + base;
+                        for (int64_t co = 0; co < c; ++co) {
+                            const uint32_t bits = (uint32_t)src[co] << 16;
+                            float f;
+                            memcpy(&f, &bits, sizeof f);
+                            o[co] = o[co] + f;
+                        }
+                    } else {
+                        const float *src = (const float *)cols + base;
+                        for (int64_t co = 0; co < c; ++co) o[co] = o[co] + src[co];
+                    }
+                }
+            if (bias)
+                for (int64_t co = 0; co < c; ++co) o[co] = o[co] + bias[co];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------
  * Exact mutual-nearest-neighbour re-ranking: similarity codes with a fused top-2.
  *
  * x: candidate points, n_x rows of c_pad int16 codes (row-major, followed by zero rows up

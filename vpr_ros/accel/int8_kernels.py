@@ -173,6 +173,7 @@ class NativeKernels:
                                              ctypes.c_float, vp, vp, i32],
             "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
                                           ctypes.c_float, vp, i32, i32],
+            "vpr_col2im_channels_last": [vp, i32] + [_I64] * 14 + [vp, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int,
@@ -407,6 +408,32 @@ class NativeKernels:
                 self._check(col_scale, torch.float32, "col_scale", 3 * width),
                 self._opt(bias, 3 * width, "bias"), batch, tokens, heads, head_dim,
                 float(scale), out.data_ptr(), int(generic), torch.get_num_threads()))
+        return out
+
+    def col2im_channels_last(self, cols: torch.Tensor, size: Tuple[int, int, int, int],
+                             kernel: Tuple[int, int], stride: Tuple[int, int],
+                             padding: Tuple[int, int], dilation: Tuple[int, int],
+                             out_size: Tuple[int, int], bias: Optional[torch.Tensor],
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The col2im of a transposed convolution, channels last: ``cols`` (b, h * w,
+        kh * kw * c) bfloat16 or float32, each input pixel's row in [ky][kx][co] order ->
+        (b, oh, ow, c) float32 (``out`` if given), each output pixel the sum of its
+        contributions in (ky, kx) order, then ``bias`` (``vpr_col2im_channels_last``).
+        ``size`` = (b, h, w, c)."""
+        b, h, w, c = size
+        (kh, kw), (oh, ow) = kernel, out_size
+        if cols.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"cols: expected bfloat16 or float32, got {cols.dtype}")
+        if kh > 64:
+            raise ValueError(f"col2im: kernel height {kh} > 64")
+        self._check(cols, cols.dtype, "cols", b * h * w * kh * kw * c)
+        if out is None:
+            out = torch.empty((b, oh, ow, c), dtype=torch.float32)
+        self._check(out, torch.float32, "out", b * oh * ow * c)
+        self._lib.vpr_col2im_channels_last(
+            cols.data_ptr(), int(cols.dtype == torch.bfloat16), b, h, w, c, kh, kw, *stride,
+            *padding, *dilation, oh, ow, self._opt(bias, c, "bias"), out.data_ptr(),
+            torch.get_num_threads())
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,

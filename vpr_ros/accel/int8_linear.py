@@ -184,7 +184,17 @@ class GemmConvTranspose2d(nn.Module):
     SelaVPR's LocalAdapt (two k3 s2 layers, 1024 -> 256 -> 128 channels) takes 0.46x
     (bf16) / 0.22x (int8) the CPU time of float32 matmuls this way, and the float32 oneDNN
     deconvolution runs at about the float32 matmul rate.
+
+    The weight's columns are in [ky][kx][co] order, so each input pixel's row of the
+    matmul holds, per kernel tap, one contiguous vector of output channels.  With the
+    native kernels the col2im reads those rows directly (bf16 widened on the fly) and
+    writes a channels-last output, returned as an (B, C_out, H, W) view: no float copy of
+    the matmul output, no transposed copy for ``F.fold``, and the next layer's (and the
+    caller's) channels-last view of it is free.  Without them the rows are reordered for
+    ``F.fold``.
     """
+
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
     def __init__(self, conv: nn.ConvTranspose2d, compute: str = "bf16"):
         super().__init__()
@@ -193,7 +203,8 @@ class GemmConvTranspose2d(nn.Module):
         if compute not in ("bf16", "int8"):
             raise ValueError(f"compute must be 'bf16' or 'int8', got {compute!r}")
         self.compute = compute
-        weight = conv.weight.detach().float().reshape(conv.in_channels, -1)  # (C_in, C_out*k*k)
+        # (C_in, kh * kw * C_out), columns in [ky][kx][co] order
+        weight = conv.weight.detach().float().permute(0, 2, 3, 1).reshape(conv.in_channels, -1)
         if compute == "int8":
             q, scale = quantize_weight(weight.t())                           # one scale per column
             self.linear = Int8Linear(q.t().contiguous(), scale)
@@ -214,12 +225,21 @@ class GemmConvTranspose2d(nn.Module):
         (ph, pw), (oh, ow), (dh, dw) = self.padding, self.output_padding, self.dilation
         rows = x.permute(0, 2, 3, 1).reshape(b, h * w, self.in_channels)
         if self.linear is not None:
-            cols = self.linear(rows)                                    # (B, h*w, C_out*k*k)
+            cols = self.linear(rows)                            # (B, h*w, k*k*C_out) float32
         else:
-            cols = torch.matmul(rows.to(torch.bfloat16), self.weight_bf16).float()
+            cols = torch.matmul(rows.to(torch.bfloat16), self.weight_bf16)   # bfloat16
         out_h = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1
         out_w = (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
-        y = F.fold(cols.transpose(1, 2), (out_h, out_w), (kh, kw), dilation=(dh, dw),
+        kernels = (native_kernels(self.accel.native_kernels, self.accel.kernel_cache)
+                   if cols.is_cpu and kh <= 64 else None)
+        if kernels is not None:
+            y = kernels.col2im_channels_last(
+                cols.contiguous(), (b, h, w, self.out_channels), (kh, kw), (sh, sw), (ph, pw),
+                (dh, dw), (out_h, out_w), self.bias)
+            return y.permute(0, 3, 1, 2)                # (B, C_out, H, W), channels last
+        cols = (cols.float().view(b, h * w, kh * kw, self.out_channels).permute(0, 3, 2, 1)
+                .reshape(b, self.out_channels * kh * kw, h * w))
+        y = F.fold(cols, (out_h, out_w), (kh, kw), dilation=(dh, dw),
                    padding=(ph, pw), stride=(sh, sw))
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
