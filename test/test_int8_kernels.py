@@ -576,4 +576,11 @@ def test_integer_attention_from_int32_sums_is_dequantise_then_attention(
                                         0.125, generic=generic)
         got = kernels.integer_attention_acc(acc, s, cs, bi, b, n, h, d, 0.125, generic=generic)
         assert torch.equal(got, ref)
+        # with the output's int8 codes in the same region, into the row scales it read
+        # (as the fused blocks call it): the bits of quantize_rows on the output
+        q, scale = torch.empty(b * n, h * d, dtype=torch.int8), s.clone()
+        got = kernels.integer_attention_acc(acc, scale, cs, bi, b, n, h, d, 0.125,
+                                            generic=generic, quantized=(q, scale))
+        q_ref, scale_ref = kernels.quantize_rows(ref)
+        assert torch.equal(got, ref) and torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
     assert torch.equal(acc, kept)                     # the sums are only read

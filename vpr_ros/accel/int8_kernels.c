@@ -1317,10 +1317,14 @@ void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_
  * vpr_integer_attention, so the result has the same bits as vpr_dequantize followed by
  * vpr_integer_attention, without the pass that writes the whole (b n, 3 h d) float
  * matrix and the head-strided reads of it.  acc: (b, n, 3, h, d) int32; row_scale (b n);
- * col_scale, bias (3 h d; bias may be NULL).  Same return values. */
+ * col_scale, bias (3 h d; bias may be NULL).  With q (and q_scale): after every head is
+ * done, the same threads quantise the output rows for the proj layer (the bits of
+ * vpr_quantize_rows on out) in the same parallel region: one wake-up of the threads and
+ * one call fewer per block.  Same return values. */
 int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const float *col_scale,
                               const float *bias, int64_t b, int64_t n, int64_t h, int64_t d,
-                              float scale, float *out, int generic, int num_threads) {
+                              float scale, float *out, int8_t *q, float *q_scale, int generic,
+                              int num_threads) {
     if (n >= 32768) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
@@ -1352,6 +1356,11 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
         }
         free(w.block);
         free(f);
+        if (q) {               /* the implicit barrier of the loop above: out is complete */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < b * n; ++i)
+                q_scale[i] = quantize_row(out + i * h * d, h * d, q + i * h * d);
+        }
     }
     return failed ? -1 : 0;
 }
