@@ -254,7 +254,10 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 
 /* e^x for x <= 0 (float32, within 3e-7 relative): x = n ln2 + r with |r| <= ln2 / 2, a
  * degree-6 Taylor polynomial in r by explicit fused multiply-adds (fmaf: one rounding
- * whatever -ffp-contract says, as the AVX-512 form below), 2^n put into the exponent. */
+ * whatever -ffp-contract says, as the AVX-512 form below), times 2^n (n >= -126: a
+ * normal float, so p * 2^n is the one rounding vscalefps makes).  Below EXP_FLOOR the
+ * result is e^EXP_FLOOR (~1.6e-38) instead of 0: such a weight is far below the
+ * 1/32767 step of the codes, so the codes and their sum are the same. */
 static inline float exp_nonpositive(float x) {
     const float xc = x < EXP_FLOOR ? EXP_FLOOR : x;
     const float n = rintf(xc * 1.4426950408889634f);
@@ -270,8 +273,7 @@ static inline float exp_nonpositive(float x) {
     const int32_t bits = ((int32_t)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
-    const float y = p * two_n;
-    return x < EXP_FLOOR ? 0.0f : y;
+    return p * two_n;
 }
 
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -389,8 +391,11 @@ static void attention_quantize(attention_scratch *w, const float *q_src, const f
                                const float *v_src, int64_t stride, int generic) {
     const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
     int16_t *codes = w->codes;
-    memset(codes, 0, (size_t)(np * dp * 2));   /* padding tokens and channels: code 0 */
-    memset(w->q, 0, (size_t)(np * dp * 2));
+    /* padding tokens and channels: code 0 (with no padding channels, only the padding
+     * tokens' rows need it: every other code is written below) */
+    const int64_t from = d == dp ? n * dp : 0;
+    memset(codes + from, 0, (size_t)((np * dp - from) * 2));
+    memset(w->q + from, 0, (size_t)((np * dp - from) * 2));
     for (int64_t t = 0; t < n; ++t) {
         w->q_scale[t] = quantize_row16(q_src + t * stride, d, w->levels, w->q + t * dp);
         w->k_scale[t] = quantize_row16(k_src + t * stride, d, w->levels, codes + t * dp);
@@ -500,10 +505,10 @@ static void s16_product(const int16_t *a, int64_t a_stride, const int16_t *b, in
 }
 
 #if VPR_HAVE_VNNI
-/* exp_nonpositive on 16 lanes: the same operations, so the same bits. */
+/* exp_nonpositive on 16 lanes: the same operations, so the same bits (vscalefps for the
+ * product by 2^n: one instruction for the four of building 2^n and multiplying). */
 static inline __m512 exp_nonpositive16(__m512 x) {
-    const __m512 floor_ = _mm512_set1_ps(EXP_FLOOR);
-    const __m512 xc = _mm512_max_ps(x, floor_);
+    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_FLOOR));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
@@ -515,10 +520,7 @@ static inline __m512 exp_nonpositive16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, floor_, _CMP_LT_OQ), _mm512_setzero_ps());
+    return _mm512_scalef_ps(p, n);
 }
 
 static inline __mmask16 tail_mask(int64_t left) {
@@ -564,9 +566,8 @@ static int32_t weight_codes(const attention_scratch *w, const int32_t *dots, flo
         const __m512 mult = _mm512_set1_ps(INT16_MAX_F / part[0]);
         __m512i psum = _mm512_setzero_si512();
         for (int64_t j = 0; j < np; j += 16) {
-            const __m512i code = _mm512_cvtps_epi32(_mm512_roundscale_ps(
-                _mm512_mul_ps(_mm512_loadu_ps(s + j), mult),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            /* the conversion rounds to nearest even (the default MXCSR mode), as rintf */
+            const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(s + j), mult));
             _mm256_storeu_si256((__m256i *)(p + j), _mm512_cvtepi32_epi16(code));
             psum = _mm512_add_epi32(psum, code);
         }
