@@ -387,19 +387,40 @@ static void values_to_vnni(const int16_t *codes, int64_t np, int64_t dp, int16_t
 
 /* Quantise one image-head's Q, K (per token) and V (per channel) into the scratch.
  * Token t's head_dim values of q, k, v start at q_src, k_src, v_src + t * stride. */
-static void attention_quantize(attention_scratch *w, const float *q_src, const float *k_src,
-                               const float *v_src, int64_t stride, int generic) {
+static void attention_prepare(attention_scratch *w) {
     const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
-    int16_t *codes = w->codes;
     /* padding tokens and channels: code 0 (with no padding channels, only the padding
      * tokens' rows need it: every other code is written below) */
     const int64_t from = d == dp ? n * dp : 0;
-    memset(codes + from, 0, (size_t)((np * dp - from) * 2));
+    memset(w->codes + from, 0, (size_t)((np * dp - from) * 2));
     memset(w->q + from, 0, (size_t)((np * dp - from) * 2));
-    for (int64_t t = 0; t < n; ++t) {
-        w->q_scale[t] = quantize_row16(q_src + t * stride, d, w->levels, w->q + t * dp);
-        w->k_scale[t] = quantize_row16(k_src + t * stride, d, w->levels, codes + t * dp);
-    }
+}
+
+/* Token t's Q and K codes (head_dim values at q, k). */
+static inline void attention_qk_row(attention_scratch *w, int64_t t, const float *q,
+                                    const float *k) {
+    w->q_scale[t] = quantize_row16(q, w->d, w->levels, w->q + t * w->d_pad);
+    w->k_scale[t] = quantize_row16(k, w->d, w->levels, w->codes + t * w->d_pad);
+}
+
+static void attention_quantize_v(attention_scratch *w, const float *v_src, int64_t stride,
+                                 int generic);
+
+/* Quantise one image-head's Q, K (per token) and V (per channel) into the scratch.
+ * Token t's head_dim values of q, k, v start at q_src, k_src, v_src + t * stride. */
+static void attention_quantize(attention_scratch *w, const float *q_src, const float *k_src,
+                               const float *v_src, int64_t stride, int generic) {
+    attention_prepare(w);
+    for (int64_t t = 0; t < w->n; ++t)
+        attention_qk_row(w, t, q_src + t * stride, k_src + t * stride);
+    attention_quantize_v(w, v_src, stride, generic);
+}
+
+/* After every token's attention_qk_row: the keys' re-layout, then the V codes. */
+static void attention_quantize_v(attention_scratch *w, const float *v_src, int64_t stride,
+                                 int generic) {
+    const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
+    int16_t *codes = w->codes;
     for (int64_t t = n; t < np; ++t) w->k_scale[t] = 0.0f;
     keys_to_vnni(codes, np, dp, w->k);
     /* V: absmax of each channel over the tokens, then codes in token order */
@@ -1338,6 +1359,10 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
             if (!w.block || !f) continue;
             const int64_t img = item / h, head = item % h;
             const int64_t width = 3 * h * d;
+            /* Q and K of a token are dequantised into two L1 rows and coded at once; V
+             * (coded per channel, over all tokens) into f */
+            float *qk = f + n * d;
+            attention_prepare(&w);
             for (int64_t t = 0; t < n; ++t) {
                 const int64_t row = img * n + t;
                 const int32_t *src = acc + row * width + head * d;
@@ -1348,11 +1373,12 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
                 const float rs = row_scale[row];
                 for (int part = 0; part < 3; ++part) {
                     const int64_t off = part * h * d + head * d;
-                    dequantize_to(src + part * h * d, f + (part * n + t) * d, d, rs,
-                                  col_scale + off, bias ? bias + off : NULL);
+                    dequantize_to(src + part * h * d, part < 2 ? qk + part * d : f + t * d, d,
+                                  rs, col_scale + off, bias ? bias + off : NULL);
                 }
+                attention_qk_row(&w, t, qk, qk + d);
             }
-            attention_quantize(&w, f, f + n * d, f + 2 * n * d, d, generic);
+            attention_quantize_v(&w, f, d, generic);
             attention_head(&w, scale, out + img * n * h * d + head * d, h * d, generic);
         }
         free(w.block);
