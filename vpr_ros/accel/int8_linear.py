@@ -171,8 +171,8 @@ class GemmConvTranspose2d(nn.Module):
     A transposed convolution scatters every input pixel: pixel (iy, ix) adds
     ``x[:, iy, ix] @ W[:, co, ky, kx]`` to output (iy * stride - padding + ky * dilation, ...).
     So the whole layer is one matmul of the pixels (rows) by the weight as
-    (C_in, C_out * kh * kw), then the overlapping contributions summed by ``F.fold``
-    (col2im) and the bias added, in float32.  ``compute``:
+    (C_in, kh * kw * C_out), then the overlapping contributions summed (col2im) and the
+    bias added, in float32.  ``compute``:
 
     * ``"bf16"`` (what ``convert_to_int8`` uses): the matmul in bfloat16 (AVX512-BF16 here),
       products accumulated in float32 by oneDNN, the result rounded to bfloat16 once;
