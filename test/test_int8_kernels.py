@@ -530,6 +530,27 @@ def test_gemm_conv_transpose_close_shapes_and_batch_invariant(compute):
         GemmConvTranspose2d(nn.ConvTranspose2d(4, 4, 3), "fp8")
 
 
+@pytest.mark.parametrize("compute", ["bf16", "int8"])
+def test_gemm_conv_transpose_native_col2im_is_the_fold(kernels, compute):
+    """The native channels-last col2im gives the bits of ``F.fold`` (the path without the
+    kernels) on every layer shape of the test above, and a channels-last output."""
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+    from vpr_ros.accel.options import AccelOptions
+
+    torch.manual_seed(12)
+    for kw in [dict(kernel_size=3, stride=2, padding=1),
+               dict(kernel_size=(3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2)),
+               dict(kernel_size=3, stride=1, padding=2, dilation=2, bias=False)]:
+        q = GemmConvTranspose2d(nn.ConvTranspose2d(48, 24, **kw).eval(), compute)
+        x = torch.randn(2, 48, 9, 7)
+        with torch.no_grad():
+            native = q(x)
+            q.accel = AccelOptions(native_kernels=False)
+            fold = q(x)
+        assert native.is_contiguous(memory_format=torch.channels_last), kw
+        assert torch.equal(native, fold), (kw, (native - fold).abs().max())
+
+
 def test_convert_swaps_plain_conv_transposes_only():
     from vpr_ros.accel.int8_linear import GemmConvTranspose2d
 
@@ -555,4 +576,11 @@ def test_integer_attention_from_int32_sums_is_dequantise_then_attention(
                                         0.125, generic=generic)
         got = kernels.integer_attention_acc(acc, s, cs, bi, b, n, h, d, 0.125, generic=generic)
         assert torch.equal(got, ref)
+        # with the output's int8 codes in the same region, into the row scales it read
+        # (as the fused blocks call it): the bits of quantize_rows on the output
+        q, scale = torch.empty(b * n, h * d, dtype=torch.int8), s.clone()
+        got = kernels.integer_attention_acc(acc, scale, cs, bi, b, n, h, d, 0.125,
+                                            generic=generic, quantized=(q, scale))
+        q_ref, scale_ref = kernels.quantize_rows(ref)
+        assert torch.equal(got, ref) and torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
     assert torch.equal(acc, kept)                     # the sums are only read

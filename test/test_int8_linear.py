@@ -133,6 +133,40 @@ def test_pointwise_conv_as_linear():
         Int8PointwiseConv2d.from_conv(nn.Conv2d(4, 4, kernel_size=3))
 
 
+def test_patch_embedding_as_bf16_matmul_per_image():
+    """A patchify convolution (a ViT's patch embedding) as one bf16 matmul per image: close
+    to the float32 convolution per token, the same bits alone or in a batch, a
+    channels-last output whose token rows are contiguous; convert_to_int8 swaps only such
+    convolutions, and ``patch_conv="fp32"`` keeps them."""
+    from vpr_ros.accel.int8_linear import GemmPatchEmbed
+
+    torch.manual_seed(6)
+    conv = nn.Conv2d(3, 48, kernel_size=14, stride=14).eval()
+    x = torch.randn(3, 3, 56, 42)
+    layer = GemmPatchEmbed(conv)
+    with torch.no_grad():
+        y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape == (3, 48, 4, 3)
+    cos = nn.functional.cosine_similarity(y.permute(0, 2, 3, 1).reshape(-1, 48),
+                                          ref.permute(0, 2, 3, 1).reshape(-1, 48), dim=1)
+    assert cos.min() >= 0.9999, cos.min()
+    assert torch.equal(layer(x[1:2]), y[1:2])
+    assert y.flatten(2).transpose(1, 2).is_contiguous()
+    with pytest.raises(ValueError, match="patch"):
+        layer(torch.randn(1, 3, 50, 42))
+    with pytest.raises(ValueError, match="patchify"):
+        GemmPatchEmbed(nn.Conv2d(3, 8, kernel_size=3, stride=1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 14, 14), nn.Conv2d(8, 8, 3, 3, padding=1),
+                          nn.Conv2d(8, 8, 1))
+    convert_to_int8(model)
+    assert isinstance(model[0], GemmPatchEmbed) and type(model[1]) is nn.Conv2d
+    assert isinstance(model[2], Int8PointwiseConv2d)
+    kept = convert_to_int8(nn.Sequential(nn.Conv2d(3, 8, 14, 14)), patch_conv="fp32")
+    assert type(kept[0]) is nn.Conv2d
+    with pytest.raises(ValueError, match="patch_conv"):
+        convert_to_int8(nn.Sequential(nn.Conv2d(3, 8, 14, 14)), patch_conv="int4")
+
+
 def test_convert_model_keeps_transformer_encoder_and_folds_layer_scale():
     from vpr_ros.models.cards import load_card
     from vpr_ros.models.factory import load_model

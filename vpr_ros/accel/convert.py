@@ -12,9 +12,9 @@ import torch.nn as nn
 
 from .int8_block import (IntegerAttention, Int8AdaptedBlock, Int8TransformerBlock,
                          fuse_transformer_blocks)
-from .int8_linear import (GemmConvTranspose2d, Int8Linear, Int8PointwiseConv2d,
-                          fold_block_layer_scales, is_plain_conv_transpose, is_pointwise_conv,
-                          use_inplace_activation)
+from .int8_linear import (GemmConvTranspose2d, GemmPatchEmbed, Int8Linear, Int8PointwiseConv2d,
+                          fold_block_layer_scales, is_patchify_conv, is_plain_conv_transpose,
+                          is_pointwise_conv, use_inplace_activation)
 from .options import AccelOptions
 
 
@@ -22,11 +22,13 @@ def convert_to_int8(model: nn.Module,
                     keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
                     fold_layer_scales: bool = True, fuse_blocks: bool = True,
                     options: Optional[AccelOptions] = None,
-                    conv_transpose: str = "bf16") -> nn.Module:
+                    conv_transpose: str = "bf16", patch_conv: str = "bf16") -> nn.Module:
     """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` for int8 layers, and
     every ``nn.ConvTranspose2d`` (groups 1) for a matmul + col2im in ``conv_transpose``
     precision (``"bf16"`` or ``"int8"``; :class:`~vpr_ros.accel.int8_linear.GemmConvTranspose2d`),
-    in place; return it.
+    and, with ``patch_conv="bf16"`` (default; ``"fp32"`` keeps them), every patchify
+    ``nn.Conv2d`` (a ViT's patch embedding) for a bf16 matmul per image
+    (:class:`~vpr_ros.accel.int8_linear.GemmPatchEmbed`), in place; return it.
 
     Subtrees whose type is in ``keep_float`` stay untouched (by default
     ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
@@ -39,6 +41,8 @@ def convert_to_int8(model: nn.Module,
     layers hold buffers, not trainable parameters.
     """
     keep = tuple(keep_float)
+    if patch_conv not in ("bf16", "fp32"):
+        raise ValueError(f"patch_conv must be 'bf16' or 'fp32', got {patch_conv!r}")
 
     def convert(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
@@ -48,6 +52,8 @@ def convert_to_int8(model: nn.Module,
                 setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
             elif is_pointwise_conv(child):
                 setattr(parent, name, Int8PointwiseConv2d.from_conv(child).to(child.weight.device))
+            elif patch_conv == "bf16" and is_patchify_conv(child):
+                setattr(parent, name, GemmPatchEmbed(child).to(child.weight.device))
             elif is_plain_conv_transpose(child):
                 setattr(parent, name,
                         GemmConvTranspose2d(child, conv_transpose).to(child.weight.device))
@@ -67,7 +73,7 @@ def convert_to_int8(model: nn.Module,
     if options is not None:
         for module in model.modules():
             if isinstance(module, (Int8Linear, Int8TransformerBlock, Int8AdaptedBlock,
-                                   IntegerAttention)):
+                                   IntegerAttention, GemmConvTranspose2d)):
                 module.accel = options
     return model
 

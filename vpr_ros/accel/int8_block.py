@@ -7,9 +7,9 @@ torch ops again.  :class:`Int8TransformerBlock` runs the same block as this chai
 pass per row for everything between two integer matmuls:
 
     LayerNorm + quantise -> int8 qkv -> integer attention (dequantising the int32 sums
-    head by head) -> quantise -> int8 proj -> dequantise + bias + residual + LayerNorm +
-    quantise -> int8 fc1 -> dequantise + bias + GELU + quantise -> int8 fc2
-    -> dequantise + bias + residual
+    head by head) + quantise (one parallel region) -> int8 proj -> dequantise + bias +
+    residual + LayerNorm + quantise -> int8 fc1 -> dequantise + bias + GELU + quantise
+    -> int8 fc2 -> dequantise + bias + residual
 
 The attention (``NativeKernels.integer_attention``) computes the scores Q K^T from int16
 codes of Q and K (one scale per token and head), the softmax in float32, and the
@@ -233,8 +233,9 @@ def _block_buffers(x: torch.Tensor):
 
 def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c: torch.Tensor,
                s_a: torch.Tensor, integer: bool) -> torch.Tensor:
-    """LayerNorm + quantise, int8 qkv, then the integer attention (or float32 SDPA); returns
-    the heads' output (m, c), the proj layer's input, in the workspace."""
+    """LayerNorm + quantise, int8 qkv, then the integer attention (or float32 SDPA) and the
+    int8 codes of its output (the proj layer's input) into ``q_c`` / ``s_a``; returns the
+    heads' output (m, c) in the workspace."""
     attn = blk.attn
     m, c = rows.shape
     kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
@@ -242,12 +243,14 @@ def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c:
     mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
     if integer and n <= MAX_ATTENTION_TOKENS:    # dequantised head by head in the kernel
         kernels.integer_attention_acc(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias, b, n,
-                                      attn.num_heads, attn.head_dim, attn.scale, out=mixed)
+                                      attn.num_heads, attn.head_dim, attn.scale, out=mixed,
+                                      quantized=(q_c, s_a))
     else:
         qkv = kernels.dequantize_(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias)
         qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         heads = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
         mixed.view(b, n, attn.num_heads, attn.head_dim).copy_(heads.transpose(1, 2))
+        kernels.quantize_rows(mixed, q_c, s_a)
     return mixed
 
 
@@ -285,9 +288,7 @@ class Int8TransformerBlock(nn.Module):
 
         # attention: LayerNorm + quantise, qkv, integer attention, proj + residual, and
         # the MLP's LayerNorm + quantise in the same pass
-        mixed = _attention(kernels, blk, rows, b, n, q_c, s_a,
-                           integer_attention_enabled(self.accel))
-        kernels.quantize_rows(mixed, q_c, s_a)
+        _attention(kernels, blk, rows, b, n, q_c, s_a, integer_attention_enabled(self.accel))
         acc = _int_mm(q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
         rows = kernels.residual_layer_norm_quantize(
             acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows,
@@ -340,8 +341,7 @@ class Int8AdaptedBlock(nn.Module):
 
         # attention, then the serial adapter with its skip, LayerScale and residual:
         # x1 = x + ls1(a + adapter1(a)), and h = norm2(x1) quantised in the same pass
-        mixed = _attention(kernels, blk, rows, b, n, q_c, s_a, True)
-        kernels.quantize_rows(mixed, q_c, s_a)
+        _attention(kernels, blk, rows, b, n, q_c, s_a, True)
         acc = _int_mm(q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
         a, _, _ = kernels.dequantize_quantize(acc, s_a, attn.proj.weight_scale, attn.proj.bias,
                                               False, q_c, s_b)

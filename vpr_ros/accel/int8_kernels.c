@@ -254,7 +254,10 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 
 /* e^x for x <= 0 (float32, within 3e-7 relative): x = n ln2 + r with |r| <= ln2 / 2, a
  * degree-6 Taylor polynomial in r by explicit fused multiply-adds (fmaf: one rounding
- * whatever -ffp-contract says, as the AVX-512 form below), 2^n put into the exponent. */
+ * whatever -ffp-contract says, as the AVX-512 form below), times 2^n (n >= -126: a
+ * normal float, so p * 2^n is the one rounding vscalefps makes).  Below EXP_FLOOR the
+ * result is e^EXP_FLOOR (~1.6e-38) instead of 0: such a weight is far below the
+ * 1/32767 step of the codes, so the codes and their sum are the same. */
 static inline float exp_nonpositive(float x) {
     const float xc = x < EXP_FLOOR ? EXP_FLOOR : x;
     const float n = rintf(xc * 1.4426950408889634f);
@@ -270,8 +273,7 @@ static inline float exp_nonpositive(float x) {
     const int32_t bits = ((int32_t)n + 127) << 23;
     float two_n;
     memcpy(&two_n, &bits, sizeof two_n);
-    const float y = p * two_n;
-    return x < EXP_FLOOR ? 0.0f : y;
+    return p * two_n;
 }
 
 static inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -385,16 +387,40 @@ static void values_to_vnni(const int16_t *codes, int64_t np, int64_t dp, int16_t
 
 /* Quantise one image-head's Q, K (per token) and V (per channel) into the scratch.
  * Token t's head_dim values of q, k, v start at q_src, k_src, v_src + t * stride. */
+static void attention_prepare(attention_scratch *w) {
+    const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
+    /* padding tokens and channels: code 0 (with no padding channels, only the padding
+     * tokens' rows need it: every other code is written below) */
+    const int64_t from = d == dp ? n * dp : 0;
+    memset(w->codes + from, 0, (size_t)((np * dp - from) * 2));
+    memset(w->q + from, 0, (size_t)((np * dp - from) * 2));
+}
+
+/* Token t's Q and K codes (head_dim values at q, k). */
+static inline void attention_qk_row(attention_scratch *w, int64_t t, const float *q,
+                                    const float *k) {
+    w->q_scale[t] = quantize_row16(q, w->d, w->levels, w->q + t * w->d_pad);
+    w->k_scale[t] = quantize_row16(k, w->d, w->levels, w->codes + t * w->d_pad);
+}
+
+static void attention_quantize_v(attention_scratch *w, const float *v_src, int64_t stride,
+                                 int generic);
+
+/* Quantise one image-head's Q, K (per token) and V (per channel) into the scratch.
+ * Token t's head_dim values of q, k, v start at q_src, k_src, v_src + t * stride. */
 static void attention_quantize(attention_scratch *w, const float *q_src, const float *k_src,
                                const float *v_src, int64_t stride, int generic) {
+    attention_prepare(w);
+    for (int64_t t = 0; t < w->n; ++t)
+        attention_qk_row(w, t, q_src + t * stride, k_src + t * stride);
+    attention_quantize_v(w, v_src, stride, generic);
+}
+
+/* After every token's attention_qk_row: the keys' re-layout, then the V codes. */
+static void attention_quantize_v(attention_scratch *w, const float *v_src, int64_t stride,
+                                 int generic) {
     const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
     int16_t *codes = w->codes;
-    memset(codes, 0, (size_t)(np * dp * 2));   /* padding tokens and channels: code 0 */
-    memset(w->q, 0, (size_t)(np * dp * 2));
-    for (int64_t t = 0; t < n; ++t) {
-        w->q_scale[t] = quantize_row16(q_src + t * stride, d, w->levels, w->q + t * dp);
-        w->k_scale[t] = quantize_row16(k_src + t * stride, d, w->levels, codes + t * dp);
-    }
     for (int64_t t = n; t < np; ++t) w->k_scale[t] = 0.0f;
     keys_to_vnni(codes, np, dp, w->k);
     /* V: absmax of each channel over the tokens, then codes in token order */
@@ -500,10 +526,10 @@ static void s16_product(const int16_t *a, int64_t a_stride, const int16_t *b, in
 }
 
 #if VPR_HAVE_VNNI
-/* exp_nonpositive on 16 lanes: the same operations, so the same bits. */
+/* exp_nonpositive on 16 lanes: the same operations, so the same bits (vscalefps for the
+ * product by 2^n: one instruction for the four of building 2^n and multiplying). */
 static inline __m512 exp_nonpositive16(__m512 x) {
-    const __m512 floor_ = _mm512_set1_ps(EXP_FLOOR);
-    const __m512 xc = _mm512_max_ps(x, floor_);
+    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_FLOOR));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
@@ -515,10 +541,7 @@ static inline __m512 exp_nonpositive16(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, floor_, _CMP_LT_OQ), _mm512_setzero_ps());
+    return _mm512_scalef_ps(p, n);
 }
 
 static inline __mmask16 tail_mask(int64_t left) {
@@ -564,9 +587,8 @@ static int32_t weight_codes(const attention_scratch *w, const int32_t *dots, flo
         const __m512 mult = _mm512_set1_ps(INT16_MAX_F / part[0]);
         __m512i psum = _mm512_setzero_si512();
         for (int64_t j = 0; j < np; j += 16) {
-            const __m512i code = _mm512_cvtps_epi32(_mm512_roundscale_ps(
-                _mm512_mul_ps(_mm512_loadu_ps(s + j), mult),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            /* the conversion rounds to nearest even (the default MXCSR mode), as rintf */
+            const __m512i code = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(s + j), mult));
             _mm256_storeu_si256((__m256i *)(p + j), _mm512_cvtepi32_epi16(code));
             psum = _mm512_add_epi32(psum, code);
         }
@@ -648,6 +670,62 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
         free(w.block);
     }
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------
+ * col2im of a transposed convolution, channels last (GemmConvTranspose2d, LocalAdapt).
+ *
+ * cols: per image, one row per input pixel (iy * w + ix) of kh * kw * c values in the
+ * order [ky][kx][co] (the layer's matmul output: pixel x weight), bfloat16 (is_bf16) or
+ * float32.  Input pixel (iy, ix) adds its [ky][kx] slice to output pixel
+ * (iy * sh - ph + ky * dh, ix * sw - pw + kx * dw).  Each output pixel gathers its
+ * contributions in a fixed order (ky, then kx ascending; each bf16 value widened
+ * exactly), starting from 0, then adds the bias: out[b][oy][ox][co] float32, channels
+ * last.  Threads take output rows, so no two write the same pixel and an image's result
+ * never depends on the batch.
+ * ------------------------------------------------------------------------------------ */
+void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t h, int64_t w,
+                              int64_t c, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                              int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
+                              int64_t ow, const float *bias, float *out, int num_threads) {
+    const int64_t row = kh * kw * c;            /* values per input pixel */
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t item = 0; item < b * oh; ++item) {
+        const int64_t img = item / oh, oy = item % oh;
+        int64_t iys[64], kys[64], ny = 0;       /* input rows (and ky) reaching row oy */
+        for (int64_t ky = 0; ky < kh && ny < 64; ++ky) {
+            const int64_t t = oy + ph - ky * dh;
+            if (t >= 0 && t % sh == 0 && t / sh < h) {
+                iys[ny] = t / sh;
+                kys[ny++] = ky;
+            }
+        }
+        for (int64_t ox = 0; ox < ow; ++ox) {
+            float *o = out + ((img * oh + oy) * ow + ox) * c;
+            for (int64_t co = 0; co < c; ++co) o[co] = 0.0f;
+            for (int64_t a = 0; a < ny; ++a)
+                for (int64_t kx = 0; kx < kw; ++kx) {
+                    const int64_t t = ox + pw - kx * dw;
+                    if (t < 0 || t % sw != 0 || t / sw >= w) continue;
+                    const int64_t base = ((img * h + iys[a]) * w + t / sw) * row
+                                         + (kys[a] * kw + kx) * c;
+                    if (is_bf16) {
+                        const uint16_t *src = (const uint16_t *)cols + base;
+                        for (int64_t co = 0; co < c; ++co) {
+                            const uint32_t bits = (uint32_t)src[co] << 16;
+                            float f;
+                            memcpy(&f, &bits, sizeof f);
+                            o[co] = o[co] + f;
+                        }
+                    } else {
+                        const float *src = (const float *)cols + base;
+                        for (int64_t co = 0; co < c; ++co) o[co] = o[co] + src[co];
+                    }
+                }
+            if (bias)
+                for (int64_t co = 0; co < c; ++co) o[co] = o[co] + bias[co];
+        }
+    }
 }
 
 /* ------------------------------------------------------------------------------------
@@ -1261,10 +1339,14 @@ void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_
  * vpr_integer_attention, so the result has the same bits as vpr_dequantize followed by
  * vpr_integer_attention, without the pass that writes the whole (b n, 3 h d) float
  * matrix and the head-strided reads of it.  acc: (b, n, 3, h, d) int32; row_scale (b n);
- * col_scale, bias (3 h d; bias may be NULL).  Same return values. */
+ * col_scale, bias (3 h d; bias may be NULL).  With q (and q_scale): after every head is
+ * done, the same threads quantise the output rows for the proj layer (the bits of
+ * vpr_quantize_rows on out) in the same parallel region: one wake-up of the threads and
+ * one call fewer per block.  Same return values. */
 int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const float *col_scale,
                               const float *bias, int64_t b, int64_t n, int64_t h, int64_t d,
-                              float scale, float *out, int generic, int num_threads) {
+                              float scale, float *out, int8_t *q, float *q_scale, int generic,
+                              int num_threads) {
     if (n >= 32768) return -2;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
@@ -1277,6 +1359,10 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
             if (!w.block || !f) continue;
             const int64_t img = item / h, head = item % h;
             const int64_t width = 3 * h * d;
+            /* Q and K of a token are dequantised into two L1 rows and coded at once; V
+             * (coded per channel, over all tokens) into f */
+            float *qk = f + n * d;
+            attention_prepare(&w);
             for (int64_t t = 0; t < n; ++t) {
                 const int64_t row = img * n + t;
                 const int32_t *src = acc + row * width + head * d;
@@ -1287,15 +1373,21 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
                 const float rs = row_scale[row];
                 for (int part = 0; part < 3; ++part) {
                     const int64_t off = part * h * d + head * d;
-                    dequantize_to(src + part * h * d, f + (part * n + t) * d, d, rs,
-                                  col_scale + off, bias ? bias + off : NULL);
+                    dequantize_to(src + part * h * d, part < 2 ? qk + part * d : f + t * d, d,
+                                  rs, col_scale + off, bias ? bias + off : NULL);
                 }
+                attention_qk_row(&w, t, qk, qk + d);
             }
-            attention_quantize(&w, f, f + n * d, f + 2 * n * d, d, generic);
+            attention_quantize_v(&w, f, d, generic);
             attention_head(&w, scale, out + img * n * h * d + head * d, h * d, generic);
         }
         free(w.block);
         free(f);
+        if (q) {               /* the implicit barrier of the loop above: out is complete */
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < b * n; ++i)
+                q_scale[i] = quantize_row(out + i * h * d, h * d, q + i * h * d);
+        }
     }
     return failed ? -1 : 0;
 }

@@ -178,7 +178,8 @@ class NativeKernels:
             "vpr_dequantize_pair_residual": [vp, vp, _I64, _I64, vp, vp, vp, vp, vp, vp,
                                              ctypes.c_float, vp, vp, i32],
             "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
-                                          ctypes.c_float, vp, i32, i32],
+                                          ctypes.c_float, vp, vp, vp, i32, i32],
+            "vpr_col2im_channels_last": [vp, i32] + [_I64] * 14 + [vp, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
@@ -402,19 +403,53 @@ class NativeKernels:
                               col_scale: torch.Tensor, bias: Optional[torch.Tensor], batch: int,
                               tokens: int, heads: int, head_dim: int, scale: float,
                               out: Optional[torch.Tensor] = None,
-                              generic: bool = False) -> torch.Tensor:
+                              generic: bool = False,
+                              quantized: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                              ) -> torch.Tensor:
         """:meth:`integer_attention` of the qkv layer's int32 sums ``acc`` (dequantised with
         ``row_scale``, ``col_scale``, ``bias`` head by head inside the kernel): the bits of
         ``integer_attention(dequantize_(acc, ...))`` without the float qkv matrix.  ``acc``
-        is not written."""
+        is not written.  ``quantized = (q, scale)``: also the int8 codes of the output rows
+        (the bits of :meth:`quantize_rows`), in the same parallel region."""
         m, width = batch * tokens, heads * head_dim
         out = self._attention_output(acc, torch.int32, "acc", batch, tokens, width, out)
+        q_ptr = s_ptr = None
+        if quantized is not None:
+            q, q_scale = self._outputs(m, width, *quantized)
+            q_ptr, s_ptr = q.data_ptr(), q_scale.data_ptr()
         if m:
             self._attention_status(self._lib.vpr_integer_attention_acc(
                 acc.data_ptr(), self._check(row_scale, torch.float32, "row_scale", m),
                 self._check(col_scale, torch.float32, "col_scale", 3 * width),
                 self._opt(bias, 3 * width, "bias"), batch, tokens, heads, head_dim,
-                float(scale), out.data_ptr(), int(generic), torch.get_num_threads()))
+                float(scale), out.data_ptr(), q_ptr, s_ptr, int(generic),
+                torch.get_num_threads()))
+        return out
+
+    def col2im_channels_last(self, cols: torch.Tensor, size: Tuple[int, int, int, int],
+                             kernel: Tuple[int, int], stride: Tuple[int, int],
+                             padding: Tuple[int, int], dilation: Tuple[int, int],
+                             out_size: Tuple[int, int], bias: Optional[torch.Tensor],
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The col2im of a transposed convolution, channels last: ``cols`` (b, h * w,
+        kh * kw * c) bfloat16 or float32, each input pixel's row in [ky][kx][co] order ->
+        (b, oh, ow, c) float32 (``out`` if given), each output pixel the sum of its
+        contributions in (ky, kx) order, then ``bias`` (``vpr_col2im_channels_last``).
+        ``size`` = (b, h, w, c)."""
+        b, h, w, c = size
+        (kh, kw), (oh, ow) = kernel, out_size
+        if cols.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"cols: expected bfloat16 or float32, got {cols.dtype}")
+        if kh > 64:
+            raise ValueError(f"col2im: kernel height {kh} > 64")
+        self._check(cols, cols.dtype, "cols", b * h * w * kh * kw * c)
+        if out is None:
+            out = torch.empty((b, oh, ow, c), dtype=torch.float32)
+        self._check(out, torch.float32, "out", b * oh * ow * c)
+        self._lib.vpr_col2im_channels_last(
+            cols.data_ptr(), int(cols.dtype == torch.bfloat16), b, h, w, c, kh, kw, *stride,
+            *padding, *dilation, oh, ow, self._opt(bias, c, "bias"), out.data_ptr(),
+            torch.get_num_threads())
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,

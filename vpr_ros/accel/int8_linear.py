@@ -171,8 +171,8 @@ class GemmConvTranspose2d(nn.Module):
     A transposed convolution scatters every input pixel: pixel (iy, ix) adds
     ``x[:, iy, ix] @ W[:, co, ky, kx]`` to output (iy * stride - padding + ky * dilation, ...).
     So the whole layer is one matmul of the pixels (rows) by the weight as
-    (C_in, C_out * kh * kw), then the overlapping contributions summed by ``F.fold``
-    (col2im) and the bias added, in float32.  ``compute``:
+    (C_in, kh * kw * C_out), then the overlapping contributions summed (col2im) and the
+    bias added, in float32.  ``compute``:
 
     * ``"bf16"`` (what ``convert_to_int8`` uses): the matmul in bfloat16 (AVX512-BF16 here),
       products accumulated in float32 by oneDNN, the result rounded to bfloat16 once;
@@ -184,7 +184,17 @@ class GemmConvTranspose2d(nn.Module):
     SelaVPR's LocalAdapt (two k3 s2 layers, 1024 -> 256 -> 128 channels) takes 0.46x
     (bf16) / 0.22x (int8) the CPU time of float32 matmuls this way, and the float32 oneDNN
     deconvolution runs at about the float32 matmul rate.
+
+    The weight's columns are in [ky][kx][co] order, so each input pixel's row of the
+    matmul holds, per kernel tap, one contiguous vector of output channels.  With the
+    native kernels the col2im reads those rows directly (bf16 widened on the fly) and
+    writes a channels-last output, returned as an (B, C_out, H, W) view: no float copy of
+    the matmul output, no transposed copy for ``F.fold``, and the next layer's (and the
+    caller's) channels-last view of it is free.  Without them the rows are reordered for
+    ``F.fold``.
     """
+
+    accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
     def __init__(self, conv: nn.ConvTranspose2d, compute: str = "bf16"):
         super().__init__()
@@ -193,7 +203,8 @@ class GemmConvTranspose2d(nn.Module):
         if compute not in ("bf16", "int8"):
             raise ValueError(f"compute must be 'bf16' or 'int8', got {compute!r}")
         self.compute = compute
-        weight = conv.weight.detach().float().reshape(conv.in_channels, -1)  # (C_in, C_out*k*k)
+        # (C_in, kh * kw * C_out), columns in [ky][kx][co] order
+        weight = conv.weight.detach().float().permute(0, 2, 3, 1).reshape(conv.in_channels, -1)
         if compute == "int8":
             q, scale = quantize_weight(weight.t())                           # one scale per column
             self.linear = Int8Linear(q.t().contiguous(), scale)
@@ -214,12 +225,21 @@ class GemmConvTranspose2d(nn.Module):
         (ph, pw), (oh, ow), (dh, dw) = self.padding, self.output_padding, self.dilation
         rows = x.permute(0, 2, 3, 1).reshape(b, h * w, self.in_channels)
         if self.linear is not None:
-            cols = self.linear(rows)                                    # (B, h*w, C_out*k*k)
+            cols = self.linear(rows)                            # (B, h*w, k*k*C_out) float32
         else:
-            cols = torch.matmul(rows.to(torch.bfloat16), self.weight_bf16).float()
+            cols = torch.matmul(rows.to(torch.bfloat16), self.weight_bf16)   # bfloat16
         out_h = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1
         out_w = (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
-        y = F.fold(cols.transpose(1, 2), (out_h, out_w), (kh, kw), dilation=(dh, dw),
+        kernels = (native_kernels(self.accel.native_kernels, self.accel.kernel_cache)
+                   if cols.is_cpu and kh <= 64 else None)
+        if kernels is not None:
+            y = kernels.col2im_channels_last(
+                cols.contiguous(), (b, h, w, self.out_channels), (kh, kw), (sh, sw), (ph, pw),
+                (dh, dw), (out_h, out_w), self.bias)
+            return y.permute(0, 3, 1, 2)                # (B, C_out, H, W), channels last
+        cols = (cols.float().view(b, h * w, kh * kw, self.out_channels).permute(0, 3, 2, 1)
+                .reshape(b, self.out_channels * kh * kw, h * w))
+        y = F.fold(cols, (out_h, out_w), (kh, kw), dilation=(dh, dw),
                    padding=(ph, pw), stride=(sh, sw))
         if self.bias is not None:
             y.add_(self.bias.view(1, -1, 1, 1))
@@ -228,6 +248,62 @@ class GemmConvTranspose2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, {self.compute} matmul + col2im")
+
+
+class GemmPatchEmbed(nn.Module):
+    """A patchify ``Conv2d`` (kernel = stride, no padding: a ViT's patch embedding) as a
+    bfloat16 matmul of each image's patches.
+
+    Each patch (C_in x kh x kw pixels, in the weight's order) is one row, so the layer is
+    one (patches, C_in kh kw) x (C_in kh kw, C_out) product per image: bfloat16 operands
+    (AVX512-BF16 here), float32 accumulation by oneDNN, the result rounded to bfloat16
+    once, then the float32 bias.  One matmul per image, so an image's output never depends
+    on the batch.  Returns (B, C_out, H / kh, W / kw) as a view of channels-last memory:
+    the token rows ``flatten(2).transpose(1, 2)`` makes of it are contiguous for free.
+    About half the time of the float32 convolution (docs/fast_paths.md section 2).
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not is_patchify_conv(conv):
+            raise ValueError(f"not a patchify convolution: {conv}")
+        weight = conv.weight.detach().float().reshape(conv.out_channels, -1)  # (C_out, K)
+        self.register_buffer("weight_bf16", weight.t().contiguous().to(torch.bfloat16))
+        self.register_buffer("bias", None if conv.bias is None
+                             else conv.bias.detach().float().contiguous())
+        self.in_channels, self.out_channels = int(conv.in_channels), int(conv.out_channels)
+        self.kernel_size = tuple(int(k) for k in conv.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        kh, kw = self.kernel_size
+        if c != self.in_channels or h % kh or w % kw:
+            raise ValueError(f"patch embedding: input {tuple(x.shape)} does not fit "
+                             f"{self.in_channels} channels and {kh}x{kw} patches")
+        gh, gw = h // kh, w // kw
+        out = torch.empty((b, gh, gw, self.out_channels), dtype=torch.float32,
+                          device=x.device)
+        rows = out.view(b, gh * gw, self.out_channels)
+        for i in range(b):
+            patches = (x[i].reshape(c, gh, kh, gw, kw).permute(1, 3, 0, 2, 4)
+                       .reshape(gh * gw, c * kh * kw).to(torch.bfloat16))
+            rows[i].copy_(torch.mm(patches, self.weight_bf16))
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"bf16 matmul per image")
+
+
+def is_patchify_conv(module: nn.Module) -> bool:
+    """A ``Conv2d`` whose kernel equals its stride (> 1), without padding, dilation or
+    groups: non-overlapping patches, each one row of a matmul (:class:`GemmPatchEmbed`)."""
+    return (type(module) is nn.Conv2d and tuple(module.kernel_size) == tuple(module.stride)
+            and max(module.kernel_size) > 1 and tuple(module.dilation) == (1, 1)
+            and module.groups == 1 and module.padding_mode == "zeros"
+            and (module.padding == "valid" or tuple(module.padding) == (0, 0)))
 
 
 def is_plain_conv_transpose(module: nn.Module) -> bool:
@@ -307,7 +383,7 @@ def count_int8_layers(model: nn.Module) -> int:
     return sum(isinstance(m, Int8Linear) for m in model.modules())
 
 
-__all__ = ["Int8Linear", "Int8PointwiseConv2d", "GemmConvTranspose2d", "count_int8_layers",
-           "is_plain_conv_transpose",
+__all__ = ["Int8Linear", "Int8PointwiseConv2d", "GemmConvTranspose2d", "GemmPatchEmbed",
+           "count_int8_layers", "is_plain_conv_transpose", "is_patchify_conv",
            "fold_block_layer_scales", "use_inplace_activation", "InplaceGELU",
            "integer_matmul", "quantize_rows", "quantize_weight", "is_pointwise_conv"]
