@@ -158,6 +158,11 @@ def bf16_counts(query, candidates):
     return mutual_nn_counts(query, candidates, compute="bf16")
 
 
+def int16_verified_counts(query, candidates):
+    from vpr_ros.models.rerank import mutual_nn_counts
+    return mutual_nn_counts(query, candidates, path="verified")
+
+
 def plain_counts(query, candidates):
     from vpr_ros.models.rerank import mutual_nn_counts
     return mutual_nn_counts(query, candidates, native=False)
@@ -175,6 +180,7 @@ def order_of(counts) -> np.ndarray:
 
 VARIANT_FUNCS = {"official_batched": "official_batched_counts",
                  "per_candidate_loop": "official_style_counts", "package": None,
+                 "package_int16_verified": "int16_verified_counts",
                  "package_plain": "plain_counts",
                  "package_int8_storage": "int8_storage_counts", "bf16_compute": "bf16_counts"}
 
@@ -259,8 +265,7 @@ def run(quick: bool) -> dict:
             "official_batched": lambda: official_batched_counts(qf[0], cands[0]),
             "per_candidate_loop": lambda: official_style_counts(qf[0], cands[0]),
             "package": lambda: mutual_nn_counts(qf[0], cands[0]),
-            "package_int16_verified": lambda: mutual_nn_counts(qf[0], cands[0],
-                                                               path="verified"),
+            "package_int16_verified": lambda: int16_verified_counts(qf[0], cands[0]),
             "package_plain": lambda: plain_counts(qf[0], cands[0]),
             "package_int8_storage": lambda: int8_storage_counts(qf[0], stores[0]),
             "bf16_compute": lambda: bf16_counts(qf[0], cands[0]),
