@@ -383,7 +383,7 @@ _POOLS_LOCK = threading.Lock()
 def _pool(threads: int):
     """A thread pool of ``threads`` workers kept for the process (one per torch thread
     count): new threads on every query cost their start and fresh memory pages in the
-    kernels (~10% of a top-20 re-ranking, measured)."""
+    kernels (~4% of a top-20 re-ranking, measured: docs/fast_paths.md section 1)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with _POOLS_LOCK:
