@@ -3,7 +3,7 @@
     ros2 launch vpr_ros localization.launch.py map:=/maps/site weights:=/models/scicevpr_b.pth
 
 Arguments (docs/ros.md, "Launch file"): map, camera_topic, params_file, namespace, device,
-model, weights, use_sim_time.
+model, weights, use_sim_time, omp_wait_policy.
 
 * An argument given a value always wins over the params file; an argument left empty (the
   default) sets nothing, so the params file (or the node's default) decides: the map can come
@@ -14,6 +14,12 @@ model, weights, use_sim_time.
   ends the launch with a failure: the node exits with status 1, this file's ``on_exit``
   handler raises, and ``LaunchService.run()`` (so ``ros2 launch``) returns 1 after shutting
   down with the reason. A clean stop (Ctrl-C, SIGTERM) returns 0.
+* omp_wait_policy sets ``OMP_WAIT_POLICY`` for the node's process (read by the OpenMP
+  runtimes of torch and of the native kernels when they load, so it cannot be a node
+  parameter): ``passive`` (the default) lets idle OpenMP threads sleep, so a robot's other
+  processes keep their cores and the node does not slow down 2-4x beside them; ``active``
+  spins (~4% faster on an otherwise idle CPU); empty leaves the environment's value or the
+  runtime's default (docs/ros.md and docs/performance.md section 5 have the numbers).
 * The node configures and activates itself (its ``autostart`` parameter, default true), so
   the process itself fails when configure fails; no ``LifecycleNode(autostart=...)`` is
   passed, so this file behaves the same with launch_ros releases that have that option and
@@ -48,7 +54,11 @@ DESCRIPTIONS = {
     "use_sim_time": "true/false: use /clock (rosbag play --clock); empty: the params file's",
     "namespace": "namespace of the node and of its relative topics",
     "params_file": "parameters YAML (default: the installed config/localizer.yaml)",
+    "omp_wait_policy": "idle OpenMP threads: passive (sleep; default, for CPUs shared with "
+                       "other processes), active (spin), empty: the environment's "
+                       "OMP_WAIT_POLICY or the runtime's default",
 }
+OMP_WAIT_POLICIES = ("passive", "active")
 
 
 class LocalizerStartFailed(RuntimeError):
@@ -109,6 +119,11 @@ def _make_node(context):
                             else ParameterValue(text, value_type=str))
     if overrides:
         params.append(overrides)        # after the file: command-line arguments win
+    policy = values["omp_wait_policy"].lower()
+    if policy and policy not in OMP_WAIT_POLICIES:
+        raise LocalizerStartFailed(f"launch argument omp_wait_policy must be one of "
+                                   f"{', '.join(OMP_WAIT_POLICIES)} or empty, got "
+                                   f"{values['omp_wait_policy']!r}")
     return [LifecycleNode(
         package="vpr_ros",
         executable="localizer_node",
@@ -117,12 +132,16 @@ def _make_node(context):
         output="screen",
         parameters=params,
         on_exit=_on_exit,
+        # the OpenMP runtimes read it when they load: an environment variable of the
+        # process, set here from the launch argument (empty: inherited unchanged)
+        additional_env={"OMP_WAIT_POLICY": policy.upper()} if policy else None,
     )]
 
 
 def generate_launch_description():
     defaults = {name: "" for name in DESCRIPTIONS}
     defaults["params_file"] = _default_params_file()
+    defaults["omp_wait_policy"] = "passive"
     args = [DeclareLaunchArgument(name, default_value=defaults[name], description=text)
             for name, text in DESCRIPTIONS.items()]
     return LaunchDescription(args + [OpaqueFunction(function=_make_node)])

@@ -222,6 +222,33 @@ class Peer:
         self.node.destroy_subscription(sub)
         return max(stamps) if stamps else -1
 
+    def diagnostics_value(self, node: str, key: str, timeout: float = 30.0,
+                          clock_from: int = 7000) -> str:
+        """The value of ``key`` in the first /diagnostics status of ``node`` that has it;
+        /clock advances meanwhile (1 s per 0.1 s from ``clock_from``), for a node on sim time."""
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rosgraph_msgs.msg import Clock
+
+        found = []
+
+        def cb(arr):
+            for st in arr.status:
+                if st.name.startswith(node + ":"):
+                    found.extend(kv.value for kv in st.values if kv.key == key)
+        sub = self.node.create_subscription(DiagnosticArray, "/diagnostics", cb, 50)
+        pub = self.node.create_publisher(Clock, "/clock", 10)
+        deadline, tick = time.monotonic() + timeout, 0
+        while not found and time.monotonic() < deadline:
+            msg = Clock()
+            msg.clock.sec = clock_from + tick
+            pub.publish(msg)
+            tick += 1
+            time.sleep(0.1)
+        self.node.destroy_subscription(sub)
+        self.node.destroy_publisher(pub)
+        assert found, f"no /diagnostics status of {node} with {key!r}"
+        return found[0]
+
     def change_state(self, node: str, transition: int) -> bool:
         from lifecycle_msgs.msg import Transition
         from lifecycle_msgs.srv import ChangeState
@@ -289,7 +316,8 @@ def test_launch_arguments_win_and_node_answers(launch_system, ament_prefix, tiny
     peer.listen("/vpr_localizer/matches")
     args_win = Launch([f"map:={tiny_map}", "camera_topic:=front/image_raw", "namespace:=robot1",
                        "device:=cpu", f"model:={CARD}", "use_sim_time:=true",
-                       f"params_file:={bad}"], os.environ, ament_prefix, tmp_path / "a.log")
+                       f"params_file:={bad}", "omp_wait_policy:=active"], os.environ,
+                      ament_prefix, tmp_path / "a.log")
     parent = tmp_path / "bringup.launch.py"
     parent.write_text(PARENT_LAUNCH.format(launch=str(LAUNCH_FILE), params=str(good)))
     from_file = Launch([], os.environ, ament_prefix, tmp_path / "b.log", launch_file=parent)
@@ -312,6 +340,9 @@ def test_launch_arguments_win_and_node_answers(launch_system, ament_prefix, tiny
 
         m = peer.answer("/cam2/image", "/vpr_localizer/matches", query_image, from_file)
         assert m["camera"] == "/cam2/image" and m["place_ids"][0] == 3
+        # omp_wait_policy reaches the node's process: given, and the default (passive)
+        assert peer.diagnostics_value("/robot1/vpr_localizer", "omp_wait_policy") == "ACTIVE"
+        assert peer.diagnostics_value("/vpr_localizer", "omp_wait_policy") == "PASSIVE"
         assert peer.parameters("/vpr_localizer", ["map_path"])["map_path"] == str(tiny_map)
         with peer.lock:
             peer.matches["/robot1/vpr_localizer/matches"].clear()
@@ -341,6 +372,8 @@ def test_failed_start_fails_the_launch(launch_system, ament_prefix, tiny_map, ro
                          "use_sim_time must be true or false"),
         "missing params file": ([f"params_file:={tmp_path / 'none.yaml'}"],
                                 "params_file not found"),
+        "bad omp wait policy": ([f"map:={tiny_map}", "omp_wait_policy:=sometimes"],
+                                "omp_wait_policy must be one of passive, active or empty"),
     }
     if not torch.cuda.is_available():
         cases["cuda without a GPU"] = ([f"map:={tiny_map}", "device:=cuda"], "CUDA")
@@ -352,7 +385,8 @@ def test_failed_start_fails_the_launch(launch_system, ament_prefix, tiny_map, ro
         assert code == 1, f"{name}: status {code}\n{out[-3000:]}"
         assert cases[name][1] in out, f"{name}:\n{out[-3000:]}"
         assert "Traceback" not in out, f"{name}:\n{out[-3000:]}"
-        if name not in ("bad sim time", "missing params file"):   # the node ran and failed
+        if name not in ("bad sim time", "missing params file", "bad omp wait policy"):
+            # the node ran and failed
             assert out.count("configure failed") == 1, f"{name}:\n{out[-3000:]}"
             assert "vpr_localizer exited with status 1" in out, f"{name}:\n{out[-3000:]}"
 
@@ -368,7 +402,7 @@ def test_launch_file_declares_the_documented_arguments(launch_system):
     ld = mod.generate_launch_description()
     names = {e.name for e in ld.entities if isinstance(e, DeclareLaunchArgument)}
     assert names == {"map", "camera_topic", "params_file", "namespace", "device", "model",
-                     "weights", "use_sim_time"}
+                     "weights", "use_sim_time", "omp_wait_policy"}
     docs = (REPO / "docs" / "ros.md").read_text()
     for name in names:
         assert f"`{name}`" in docs, f"launch argument {name} is not documented in docs/ros.md"

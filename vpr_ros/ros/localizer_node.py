@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -471,7 +472,9 @@ class LocalizerNode(LifecycleNode):
                 "rerank_model": local.card.name if local is not None else "",
                 "map_frame_id": place_map.places.frame_id,
                 "stream": "on" if localizer.stream is not None else "off",
-                "warm_up_s": round(warm_up_s, 3)}
+                "warm_up_s": round(warm_up_s, 3),
+                # set for the process by the launch file's omp_wait_policy argument
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "") or "runtime default"}
         return localizer, make_localizer, info
 
     def accel_options(self):
