@@ -217,3 +217,71 @@ def ros_domain(monkeypatch):
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     monkeypatch.setenv("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
     return domain
+
+
+# ------------------------------------------------ shared re-ranking scenarios (exact paths)
+
+def official_mnn_counts(query, cands) -> list:
+    """The official algorithm: per candidate the whole float32 matrix, torch.argmax both
+    ways (first index on ties), the mutual pairs counted."""
+    import numpy as np
+    import torch
+
+    q = torch.as_tensor(np.asarray(query, dtype=np.float32)).reshape(-1, np.shape(query)[-1])
+    out = []
+    for c in cands:
+        c = torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1, q.shape[1])
+        sim = c @ q.T
+        out.append(int((sim.argmax(1)[sim.argmax(0)] == torch.arange(q.shape[0])).sum()))
+    return out
+
+
+# (query h, w), (candidate h, w), channels: maps that do not fill the kernels' tiles
+RERANK_ODD_SHAPES = [((1, 1), (1, 1), 2), ((1, 1), (7, 9), 3), ((5, 3), (1, 1), 4),
+                     ((61, 61), (61, 61), 15), ((9, 8), (17, 5), 129), ((3, 67), (2, 33), 128),
+                     ((8, 8), (9, 9), 1), ((11, 12), (5, 13), 130)]
+
+
+def rerank_odd_shape_maps(shape):
+    """Random maps of one of RERANK_ODD_SHAPES: float32 query, float16 candidates."""
+    import numpy as np
+
+    (qh, qw), (ch, cw), c = shape
+    rng = np.random.default_rng(qh * 100 + ch + c)
+    return (rng.standard_normal((qh, qw, c)).astype(np.float32),
+            rng.standard_normal((3, ch, cw, c)).astype(np.float16))
+
+
+def rerank_tie_maps(seed: int):
+    """Repeated points (flat image regions), a place seen again and coarsely rounded values:
+    exact ties in both directions."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(13, 11, 6, generator=g), dim=-1)
+    cands = F.normalize(torch.randn(4, 13, 11, 6, generator=g), dim=-1)
+    q[:3] = q[0]
+    q[5, 2:9] = q[5, 2]
+    cands[:, 3:7] = cands[:, 3:4]
+    cands[1] = q
+    cands[2, :, :5] = q[:, :5]
+    cands[3] = torch.round(cands[3] * 2) / 2              # many exactly equal values
+    return q, cands
+
+
+def rerank_extreme_maps():
+    """Very different norms, an all-zero map (all ties), a map too small for codes (1e-36),
+    the query itself, a 1e20 map."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((20, 20, 16)).astype(np.float32)
+    q *= rng.uniform(0.01, 30.0, (20, 20, 1)).astype(np.float32)
+    cands = [rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-3,
+             np.zeros((20, 20, 16), np.float32),
+             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-36,
+             q.copy(),
+             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e20]
+    cands[0][4, 4] = 0.0
+    return q, cands

@@ -16,19 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import official_mnn_counts
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
-
-
-def _official(query, cands) -> list:
-    """The official algorithm: the whole float32 matrix per candidate, torch.argmax."""
-    q = torch.as_tensor(np.asarray(query, dtype=np.float32)).reshape(-1, query.shape[-1])
-    out = []
-    for c in cands:
-        c = torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1, q.shape[1])
-        sim = c @ q.T
-        out.append(int((sim.argmax(1)[sim.argmax(0)] == torch.arange(q.shape[0])).sum()))
-    return out
 
 
 def _fused(query, cands):
@@ -53,7 +43,7 @@ def test_demo_shapes_near_ties_exact(kernels, side):
     """The demo re-ranker's 29x29x32 maps (and smaller ones a retrained model may have):
     near-collapsed features; every path, the automatic choice and the official counts agree."""
     q, cands = _collapsed(side, side, 32, 12)
-    want = _official(q, cands)
+    want = official_mnn_counts(q, cands)
     counts, stats = _fused(q, cands)
     assert counts == want
     assert stats["fused"] == 12
@@ -78,7 +68,7 @@ def test_exact_ties_follow_the_first_index(kernels, seed):
     cands[2, :, :9] = q[:, :9]
     cands[3] = torch.round(cands[3] * 2) / 2       # many exactly equal values
     cands[4] = torch.round(q * 2) / 2
-    want = _official(q, cands)
+    want = official_mnn_counts(q, cands)
     assert _fused(q, cands)[0] == want
     for i in range(len(cands)):                    # one candidate at a time: split work
         assert _fused(q, cands[i:i + 1])[0] == want[i:i + 1]
@@ -92,7 +82,7 @@ def test_shapes_that_do_not_fill_the_tiles(kernels, shape):
     q = torch.randn(h, w, c, generator=g)
     cands = torch.randn(3, h, w, c, generator=g)
     cands[1] = q
-    assert _fused(q, cands)[0] == _official(q, cands)
+    assert _fused(q, cands)[0] == official_mnn_counts(q, cands)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
@@ -102,7 +92,7 @@ def test_kernel_generic_vector_and_splits_agree(kernels, splits):
     qn = q.reshape(-1, 32).numpy()
     cs = [np.ascontiguousarray(c.reshape(-1, 32).numpy()) for c in cands]
     panels = kernels.pack_panels(qn)
-    want = _official(q, cands)
+    want = official_mnn_counts(q, cands)
     assert kernels.mnn_exact_counts(cs, panels, splits).tolist() == want
     assert kernels.mnn_exact_counts(cs, panels, splits, generic=True).tolist() == want
 
@@ -113,7 +103,7 @@ def test_mixed_candidate_sizes_and_storage(kernels):
     small = F.normalize(torch.randn(17, 23, 32, generator=torch.Generator().manual_seed(3)),
                         dim=-1)
     seq = [cands[0].numpy().astype(np.float16), small.numpy(), cands[2].numpy()]
-    want = _official(q, [np.asarray(s, dtype=np.float32) for s in seq])
+    want = official_mnn_counts(q, [np.asarray(s, dtype=np.float32) for s in seq])
     assert mutual_nn_counts(q, seq, path="fused").tolist() == want
     assert mutual_nn_counts(q, seq).tolist() == want
 
@@ -145,7 +135,7 @@ def test_blas_check_is_per_shape(kernels):
         cands = torch.from_numpy(np.stack([a, a[::-1].copy()]))
         stats = {}
         got = mutual_nn_counts(q, cands, path="fused", stats=stats).tolist()
-        assert got == _official(q, cands)
+        assert got == official_mnn_counts(q, cands)
         assert (stats.get("fused", 0) == 2) == same
     assert R._check_shape(3721, 3721, 128) == (256 + 3721 % 64, 256 + 3721 % 64)
 
@@ -204,7 +194,7 @@ def test_verified_candidates_one_per_thread(kernels):
     want = mutual_nn_counts(q, cands, native=False).tolist()
     assert got.tolist() == want
     finite = [i for i in range(6) if i != 2]
-    assert [want[i] for i in finite] == _official(q, [cands[i] for i in finite])
+    assert [want[i] for i in finite] == official_mnn_counts(q, [cands[i] for i in finite])
     assert stats["rows"] == 21 * 19 * 4 + 11 * 7        # all but the NaN map verified
 
 
@@ -220,7 +210,7 @@ def test_shipped_demo_reranker_features_exact(kernels, sample_dir):
         [load_image(p) for p in paths])
     local = np.asarray(local)
     for qi in (0, 3):
-        want = _official(local[qi], local)
+        want = official_mnn_counts(local[qi], local)
         stats = {}
         assert mutual_nn_counts(local[qi], local, stats=stats).tolist() == want
         assert stats.get("fused") == len(local)

@@ -16,20 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import (RERANK_ODD_SHAPES, official_mnn_counts, rerank_extreme_maps,
+                      rerank_odd_shape_maps, rerank_tie_maps)
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
-
-
-def _official(query, cands) -> list:
-    """The official algorithm: per candidate the whole float32 matrix, torch.argmax both ways."""
-    q = torch.as_tensor(np.asarray(query, dtype=np.float32)).reshape(-1, np.shape(query)[-1])
-    out = []
-    for c in cands:
-        c = torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1, q.shape[1])
-        sim = c @ q.T
-        best_c, best_q = sim.argmax(0), sim.argmax(1)
-        out.append(int((best_q[best_c] == torch.arange(q.shape[0])).sum()))
-    return out
 
 
 def _int8(query, cands, threads: int = 1):
@@ -69,7 +59,7 @@ def test_smooth_benchmark_maps_use_every_level(kernels):
     queries, cands = synthetic_maps(1, 5, seed=3)
     q, c = queries[0].float().numpy(), cands[0].float().numpy()
     fast, plain, stats = _int8(q, c, threads=2)
-    assert fast == plain == _official(q, c)
+    assert fast == plain == official_mnn_counts(q, c)
     assert stats["int8"] == 5 and stats["int8_rows"] == 5 * 3721
     assert stats["int8_ambiguous_rows"] > 0 and stats["int8_ambiguous_cols"] > 0
     assert stats["int16_products"] > stats["fp32_products"] > 0
@@ -83,18 +73,10 @@ def test_smooth_benchmark_maps_use_every_level(kernels):
 def test_exact_ties_follow_the_first_index(kernels, seed):
     """Repeated points (flat image regions), a place seen again and coarsely rounded values
     tie exactly in both directions: the first index wins, as torch.argmax."""
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(13, 11, 6, generator=g), dim=-1)
-    cands = F.normalize(torch.randn(4, 13, 11, 6, generator=g), dim=-1)
-    q[:3] = q[0]
-    q[5, 2:9] = q[5, 2]
-    cands[:, 3:7] = cands[:, 3:4]
-    cands[1] = q
-    cands[2, :, :5] = q[:, :5]
-    cands[3] = torch.round(cands[3] * 2) / 2
+    q, cands = rerank_tie_maps(seed)
     for threads in (1, 2):
         fast, plain, stats = _int8(q, cands, threads)
-        assert fast == plain == _official(q, cands)
+        assert fast == plain == official_mnn_counts(q, cands)
         assert stats["fp32_products"] > 0                     # ties reach the last level
 
 
@@ -106,35 +88,21 @@ def test_near_ties_below_the_int16_bound(kernels):
     cands = [np.repeat(base[::-1], 3, axis=0)                   # in-order FMA kernels
              + rng.standard_normal((450, 32)).astype(np.float32) * 1e-6 for _ in range(3)]
     fast, plain, stats = _int8(q, cands)
-    assert fast == plain == _official(q, cands)
+    assert fast == plain == official_mnn_counts(q, cands)
     assert stats["int8"] == 3 and stats["fp32_products"] > 0
 
 
-@pytest.mark.parametrize("shape", [((1, 1), (1, 1), 2), ((1, 1), (7, 9), 3), ((5, 3), (1, 1), 4),
-                                   ((61, 61), (61, 61), 15), ((9, 8), (17, 5), 129),
-                                   ((3, 67), (2, 33), 128), ((8, 8), (9, 9), 1),
-                                   ((11, 12), (5, 13), 130)])
+@pytest.mark.parametrize("shape", RERANK_ODD_SHAPES)
 def test_shapes_that_do_not_fill_the_tiles(kernels, shape):
-    (qh, qw), (ch, cw), c = shape
-    rng = np.random.default_rng(qh * 100 + ch + c)
-    q = rng.standard_normal((qh, qw, c)).astype(np.float32)
-    cands = rng.standard_normal((3, ch, cw, c)).astype(np.float16)
+    q, cands = rerank_odd_shape_maps(shape)
     fast, plain, _ = _int8(q, cands, threads=2)
-    assert fast == plain == _official(q, cands)
+    assert fast == plain == official_mnn_counts(q, cands)
 
 
 def test_not_unit_vectors_and_extreme_values(kernels):
-    rng = np.random.default_rng(7)
-    q = rng.standard_normal((20, 20, 16)).astype(np.float32)
-    q *= rng.uniform(0.01, 30.0, (20, 20, 1)).astype(np.float32)    # very different norms
-    cands = [rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-3,
-             np.zeros((20, 20, 16), np.float32),                       # all zero: all ties
-             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-36,  # too small for codes
-             q.copy(),
-             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e20]
-    cands[0][4, 4] = 0.0
+    q, cands = rerank_extreme_maps()
     fast, plain, stats = _int8(q, cands)
-    assert fast == plain == _official(q, cands)
+    assert fast == plain == official_mnn_counts(q, cands)
     assert stats["int8"] + stats.get("int8_handed_back", 0) == 4     # the 1e-36 map: fused
     assert stats["fused"] >= 1
     nan = cands[3].copy()
@@ -152,7 +120,7 @@ def test_near_duplicate_maps_are_handed_back(kernels):
     cands = [flat, rng.standard_normal((40, 40, 8)).astype(np.float32), flat * 0.5]
     for threads in (1, 2):
         fast, plain, stats = _int8(q, cands, threads)
-        assert fast == plain == _official(q, cands)
+        assert fast == plain == official_mnn_counts(q, cands)
         assert stats["int8_handed_back"] == 2 and stats["fused"] == 2 and stats["int8"] == 1
 
 
@@ -175,7 +143,7 @@ def test_kernel_generic_and_vector_code_agree(kernels):
                                    col8, row16, col16, 10 ** 6, generic=g)
             for g in (False, True)]
     assert outs[0][:5].tolist() == outs[1][:5].tolist()
-    assert outs[0][0] == _official(q, [x])[0]
+    assert outs[0][0] == official_mnn_counts(q, [x])[0]
     # the code sets themselves: plain C and vector code agree bit for bit
     for offset in (0, 128):
         a = kernels.codes_8_16(x, 0.01, 0.0001, 96, offset)

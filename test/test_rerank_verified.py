@@ -15,21 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import (RERANK_ODD_SHAPES, official_mnn_counts, rerank_extreme_maps,
+                      rerank_odd_shape_maps, rerank_tie_maps)
 from vpr_ros.accel.int8_kernels import mnn_query_layout
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
-
-
-def _official(query: torch.Tensor, cands) -> list:
-    """The official algorithm: per candidate the whole float32 matrix, torch.argmax both ways."""
-    q = torch.as_tensor(np.asarray(query, dtype=np.float32)).reshape(-1, query.shape[-1])
-    out = []
-    for c in cands:
-        c = torch.as_tensor(np.asarray(c, dtype=np.float32)).reshape(-1, q.shape[1])
-        sim = c @ q.T
-        best_c, best_q = sim.argmax(0), sim.argmax(1)
-        out.append(int((best_q[best_c] == torch.arange(q.shape[0])).sum()))
-    return out
 
 
 def _both(query, cands):
@@ -68,44 +58,23 @@ def test_reference_sets_exact_and_verified_path_ran(reference, kernels):
 @pytest.mark.parametrize("seed", range(4))
 def test_exact_ties_follow_the_first_index(kernels, seed):
     """Repeated points (flat image regions) tie exactly in both directions."""
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(13, 11, 6, generator=g), dim=-1)
-    cands = F.normalize(torch.randn(4, 13, 11, 6, generator=g), dim=-1)
-    q[:3] = q[0]
-    q[5, 2:9] = q[5, 2]
-    cands[:, 3:7] = cands[:, 3:4]
-    cands[1] = q
-    cands[2, :, :5] = q[:, :5]
-    cands[3] = torch.round(cands[3] * 2) / 2              # many exactly equal values
+    q, cands = rerank_tie_maps(seed)
     fast, plain, stats = _both(q, cands)
-    assert fast.tolist() == plain.tolist() == _official(q, cands)
+    assert fast.tolist() == plain.tolist() == official_mnn_counts(q, cands)
     assert stats["rows_recomputed"] > 0 and stats["cols_recomputed"] > 0
 
 
-@pytest.mark.parametrize("shape", [((1, 1), (1, 1), 2), ((1, 1), (7, 9), 3), ((5, 3), (1, 1), 4),
-                                   ((61, 61), (61, 61), 15), ((9, 8), (17, 5), 129),
-                                   ((3, 67), (2, 33), 128)])
+@pytest.mark.parametrize("shape", RERANK_ODD_SHAPES)
 def test_shapes_that_do_not_fill_the_tiles(kernels, shape):
-    (qh, qw), (ch, cw), c = shape
-    rng = np.random.default_rng(qh * 100 + ch + c)
-    q = rng.standard_normal((qh, qw, c)).astype(np.float32)
-    cands = rng.standard_normal((3, ch, cw, c)).astype(np.float16)
+    q, cands = rerank_odd_shape_maps(shape)
     fast, plain, _ = _both(q, cands)
-    assert fast.tolist() == plain.tolist() == _official(q, cands)
+    assert fast.tolist() == plain.tolist() == official_mnn_counts(q, cands)
 
 
 def test_not_unit_vectors_and_extreme_values(kernels):
-    rng = np.random.default_rng(7)
-    q = rng.standard_normal((20, 20, 16)).astype(np.float32)
-    q *= rng.uniform(0.01, 30.0, (20, 20, 1)).astype(np.float32)    # very different norms
-    cands = [rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-3,
-             np.zeros((20, 20, 16), np.float32),                       # all zero: all ties
-             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e-36,  # too small for codes
-             q.copy(),
-             rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e20]
-    cands[0][4, 4] = 0.0
+    q, cands = rerank_extreme_maps()
     fast, plain, stats = _both(q, cands)
-    assert fast.tolist() == plain.tolist() == _official(q, cands)
+    assert fast.tolist() == plain.tolist() == official_mnn_counts(q, cands)
     assert stats["rows"] == 4 * 400                  # the 1e-36 map went the plain way
     nan = cands[3].copy()
     nan[0, 0, 0] = np.nan

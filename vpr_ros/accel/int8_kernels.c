@@ -748,6 +748,45 @@ void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t 
  * ------------------------------------------------------------------------------------ */
 #define MNN_GROUP 64                     /* query points per tile: 4 blocks of 16 */
 
+#if VPR_HAVE_VNNI
+/* The product loop of a 4 x 64 VNNI tile, shared by the int16 (vpdpwssd) and the int8
+ * (vpdpbusd) re-ranking kernels: the 16 named accumulators aRC (row R, block C of 16 query
+ * points, declared by the caller) += INSN(broadcast of the 4 bytes of candidate row R at
+ * step g, the vector of query block C at step g).  ROWS_PTR: 4 rows of ROW_LEN elements;
+ * PER elements make 4 bytes; QG: the query group, [4 blocks][STEPS][16][PER].  The
+ * accumulators are named and the instruction goes through asm: with an array and GCC's
+ * intrinsics the accumulators were copied or kept in memory on every step, and GCC folded
+ * each query load into every instruction (load-bound). */
+#define VNNI_DP(INSN, acc, row, col) \
+    __asm__(INSN " %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
+#define VNNI_TILE_4X4(INSN, ROWS_PTR, ROW_LEN, PER, QG, STEPS)                              \
+    do {                                                                                     \
+        const int64_t steps_ = (STEPS), block_ = steps_ * 16 * (PER);                        \
+        for (int64_t g = 0; g < steps_; ++g) {                                               \
+            int32_t f0, f1, f2, f3;                                                          \
+            memcpy(&f0, (ROWS_PTR) + (PER) * g, 4);                                          \
+            memcpy(&f1, (ROWS_PTR) + (ROW_LEN) + (PER) * g, 4);                              \
+            memcpy(&f2, (ROWS_PTR) + 2 * (ROW_LEN) + (PER) * g, 4);                          \
+            memcpy(&f3, (ROWS_PTR) + 3 * (ROW_LEN) + (PER) * g, 4);                          \
+            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);            \
+            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);            \
+            const __typeof__(*(QG)) *qq = (QG) + g * 16 * (PER);                             \
+            __m512i col = _mm512_load_si512((const void *)qq);                               \
+            VNNI_DP(INSN, a00, r0, col); VNNI_DP(INSN, a10, r1, col);                        \
+            VNNI_DP(INSN, a20, r2, col); VNNI_DP(INSN, a30, r3, col);                        \
+            col = _mm512_load_si512((const void *)(qq + block_));                            \
+            VNNI_DP(INSN, a01, r0, col); VNNI_DP(INSN, a11, r1, col);                        \
+            VNNI_DP(INSN, a21, r2, col); VNNI_DP(INSN, a31, r3, col);                        \
+            col = _mm512_load_si512((const void *)(qq + 2 * block_));                        \
+            VNNI_DP(INSN, a02, r0, col); VNNI_DP(INSN, a12, r1, col);                        \
+            VNNI_DP(INSN, a22, r2, col); VNNI_DP(INSN, a32, r3, col);                        \
+            col = _mm512_load_si512((const void *)(qq + 3 * block_));                        \
+            VNNI_DP(INSN, a03, r0, col); VNNI_DP(INSN, a13, r1, col);                        \
+            VNNI_DP(INSN, a23, r2, col); VNNI_DP(INSN, a33, r3, col);                        \
+        }                                                                                    \
+    } while (0)
+#endif
+
 static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int rows,
                      int32_t tile[ROWS][MNN_GROUP], int generic) {
     /* 4 rows x 4 blocks of 16 query points, the attention's product (s16_product) in
@@ -756,34 +795,11 @@ static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int row
     (void)rows;
 #if VPR_HAVE_VNNI
     if (!generic) {
-        /* 16 named accumulators, each query load in a register serving 4 rows, vpdpwssd
-         * through asm: GCC folds the loads into every vpdpwssd (4 loads of each query
-         * vector, 20 512-bit loads per 16 products: load-bound) */
+        /* each query load in a register serves 4 rows (VNNI_TILE_4X4) */
         __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
         __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00;
         __m512i a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-        const int64_t k2 = c_pad / 2, block = k2 * 32;          /* int16 per 16 points */
-        const int16_t *x0 = x, *x1 = x + c_pad, *x2 = x + 2 * c_pad, *x3 = x + 3 * c_pad;
-#define MNN_DP(acc, row, col) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
-        for (int64_t g = 0; g < k2; ++g) {
-            int32_t f0, f1, f2, f3;
-            memcpy(&f0, x0 + 2 * g, 4);
-            memcpy(&f1, x1 + 2 * g, 4);
-            memcpy(&f2, x2 + 2 * g, 4);
-            memcpy(&f3, x3 + 2 * g, 4);
-            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
-            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
-            const int16_t *qq = qg + g * 32;
-            __m512i col = _mm512_load_si512((const void *)qq);
-            MNN_DP(a00, r0, col); MNN_DP(a10, r1, col); MNN_DP(a20, r2, col); MNN_DP(a30, r3, col);
-            col = _mm512_load_si512((const void *)(qq + block));
-            MNN_DP(a01, r0, col); MNN_DP(a11, r1, col); MNN_DP(a21, r2, col); MNN_DP(a31, r3, col);
-            col = _mm512_load_si512((const void *)(qq + 2 * block));
-            MNN_DP(a02, r0, col); MNN_DP(a12, r1, col); MNN_DP(a22, r2, col); MNN_DP(a32, r3, col);
-            col = _mm512_load_si512((const void *)(qq + 3 * block));
-            MNN_DP(a03, r0, col); MNN_DP(a13, r1, col); MNN_DP(a23, r2, col); MNN_DP(a33, r3, col);
-        }
-#undef MNN_DP
+        VNNI_TILE_4X4("vpdpwssd", x, c_pad, 2, qg, c_pad / 2);
         const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         for (int r = 0; r < 4; ++r)
@@ -1524,14 +1540,15 @@ static inline __attribute__((always_inline)) int i8_epilogue(
  * exact code dot products into out[r][0..63]; per row, 16 lane maxima over these query
  * points into gmax[r * gmax_stride + 0..15] (INT32_MIN where none); and the column step
  * (running maximum, near entries appended). */
-static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const int8_t *qg, const int32_t *zero,
-                   int32_t *out, int64_t out_stride, int nr, int64_t j0, int64_t i0, int valid,
-                   int32_t *gmax, int64_t gmax_stride, i8_cols *cs, int generic) {
+static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const int8_t *qg,
+                                             const int32_t *zero, int32_t *out,
+                                             int64_t out_stride, int nr, int64_t j0,
+                                             int64_t i0, int valid, int32_t *gmax,
+                                             int64_t gmax_stride, i8_cols *cs, int generic) {
 #if VPR_HAVE_VNNI
     if (!generic) {
-        /* 16 named accumulators and vpdpbusd through asm: with an array and GCC's
-         * intrinsic the accumulators are copied or kept in memory on every step.  They
-         * start at -zero (the u8 codes' zero point), so they end as the code sums. */
+        /* the accumulators (VNNI_TILE_4X4) start at -zero (the u8 codes' zero point), so
+         * they end as the code sums */
         const __m512i z0 = _mm512_sub_epi32(_mm512_setzero_si512(),
                                             _mm512_loadu_si512((const void *)zero));
         const __m512i z1 = _mm512_sub_epi32(_mm512_setzero_si512(),
@@ -1542,33 +1559,13 @@ static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const
                                             _mm512_loadu_si512((const void *)(zero + 48)));
         __m512i a00 = z0, a01 = z1, a02 = z2, a03 = z3, a10 = z0, a11 = z1, a12 = z2, a13 = z3;
         __m512i a20 = z0, a21 = z1, a22 = z2, a23 = z3, a30 = z0, a31 = z1, a32 = z2, a33 = z3;
-        const int64_t groups = c4 / 4, block = groups * 64;      /* bytes per 16 points */
-        const uint8_t *x0 = x, *x1 = x + c4, *x2 = x + 2 * c4, *x3 = x + 3 * c4;
-#define I8_DP(acc, row, col) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
-        for (int64_t g = 0; g < groups; ++g) {
-            int32_t f0, f1, f2, f3;
-            memcpy(&f0, x0 + 4 * g, 4);
-            memcpy(&f1, x1 + 4 * g, 4);
-            memcpy(&f2, x2 + 4 * g, 4);
-            memcpy(&f3, x3 + 4 * g, 4);
-            const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);
-            const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);
-            const int8_t *qq = qg + g * 64;
-            __m512i col = _mm512_load_si512((const void *)qq);
-            I8_DP(a00, r0, col); I8_DP(a10, r1, col); I8_DP(a20, r2, col); I8_DP(a30, r3, col);
-            col = _mm512_load_si512((const void *)(qq + block));
-            I8_DP(a01, r0, col); I8_DP(a11, r1, col); I8_DP(a21, r2, col); I8_DP(a31, r3, col);
-            col = _mm512_load_si512((const void *)(qq + 2 * block));
-            I8_DP(a02, r0, col); I8_DP(a12, r1, col); I8_DP(a22, r2, col); I8_DP(a32, r3, col);
-            col = _mm512_load_si512((const void *)(qq + 3 * block));
-            I8_DP(a03, r0, col); I8_DP(a13, r1, col); I8_DP(a23, r2, col); I8_DP(a33, r3, col);
-        }
-#undef I8_DP
+        VNNI_TILE_4X4("vpdpbusd", x, c4, 4, qg, c4 / 4);
         const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         /* a constant row count keeps the accumulators in registers */
-        return nr == 4 ? i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs)
-                       : i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs);
+        return nr == 4
+                   ? i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs)
+                   : i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs);
     }
 #endif
     const int64_t groups = c4 / 4, block = groups * 64;

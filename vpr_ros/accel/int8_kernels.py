@@ -683,17 +683,24 @@ MNN_ROWS = 4        # candidate points per tile (ROWS in int8_kernels.c)
 MNN_GROUP = 64      # query points per tile (MNN_GROUP in int8_kernels.c)
 
 
+def _vnni_layout(codes: np.ndarray, per: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(n_q, c) codes -> [n_q_pad/16][c/per][16][per] (the groups of ``per`` channels one
+    VNNI lane multiplies, 16 query points per vector; n_q rounded up to 64 with zero
+    points), and the zero-padded codes themselves."""
+    n_q, c = codes.shape
+    n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
+    padded = np.zeros((n_pad, c), dtype=codes.dtype)
+    padded[:n_q] = codes
+    # [block][point 16][group][per] -> [block][group][point 16][per]
+    out = aligned_empty((n_pad // 16, c // per, 16, per), codes.dtype)
+    out[...] = padded.reshape(n_pad // 16, 16, c // per, per).transpose(0, 2, 1, 3)
+    return out, padded
+
+
 def mnn_query_layout(codes: np.ndarray) -> np.ndarray:
     """(n_q, c_pad) int16 query codes -> the VNNI layout of ``vpr_mnn_top2``,
     [n_q_pad/16][c_pad/2][16][2] (n_q rounded up to 64 with zero points)."""
-    n_q, c_pad = codes.shape
-    n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
-    padded = np.zeros((n_pad, c_pad), dtype=np.int16)
-    padded[:n_q] = codes
-    # [block][point 16][pair][2] -> [block][pair][point 16][2]
-    out = aligned_empty((n_pad // 16, c_pad // 2, 16, 2), np.int16)
-    out[...] = padded.reshape(n_pad // 16, 16, c_pad // 2, 2).transpose(0, 2, 1, 3)
-    return out
+    return _vnni_layout(codes, 2)[0]
 
 
 def mnn_query_layout8(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -701,14 +708,8 @@ def mnn_query_layout8(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     int8) -> the layout of ``vpr_mnn_int8_count``, [n_q_pad/16][c4/4][16][4] (n_q rounded
     up to 64 with zero points), and the zero-point sums 128 * sum(codes) per point (int32,
     n_q_pad)."""
-    n_q, c4 = codes.shape
-    n_pad = -(-n_q // MNN_GROUP) * MNN_GROUP
-    padded = np.zeros((n_pad, c4), dtype=np.int8)
-    padded[:n_q] = codes
-    out = aligned_empty((n_pad // 16, c4 // 4, 16, 4), np.int8)
-    out[...] = padded.reshape(n_pad // 16, 16, c4 // 4, 4).transpose(0, 2, 1, 3)
-    zero = (128 * padded.astype(np.int32).sum(axis=1)).astype(np.int32)
-    return out, zero
+    out, padded = _vnni_layout(codes, 4)
+    return out, (128 * padded.astype(np.int32).sum(axis=1)).astype(np.int32)
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
