@@ -285,3 +285,16 @@ def rerank_extreme_maps():
              rng.standard_normal((20, 20, 16)).astype(np.float32) * 1e20]
     cands[0][4, 4] = 0.0
     return q, cands
+
+
+def selavpr_reference_sets(reference: Path):
+    """(file name, local features (N, P, C) tensor, official counts (N, N)) of every SelaVPR
+    fixture set in ``reference``; at least one must exist."""
+    import numpy as np
+    import torch
+
+    files = sorted(reference.glob("selavpr*_outputs.npz"))
+    assert files, f"no SelaVPR fixtures in {reference}"
+    for path in files:
+        data = np.load(path)
+        yield path.name, torch.from_numpy(data["local_feats"]), data["mutual_nn_counts"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (RERANK_ODD_SHAPES, official_mnn_counts, rerank_extreme_maps,
-                      rerank_odd_shape_maps, rerank_tie_maps)
+                      rerank_odd_shape_maps, rerank_tie_maps, selavpr_reference_sets)
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
 
@@ -37,16 +37,11 @@ def _int8(query, cands, threads: int = 1):
 
 
 def test_reference_sets_exact_and_int8_path_ran(reference, kernels):
-    files = sorted(reference.glob("selavpr*_outputs.npz"))
-    assert files, f"no SelaVPR fixtures in {reference}"
-    for path in files:
-        data = np.load(path)
-        feats = torch.from_numpy(data["local_feats"])
-        expected = data["mutual_nn_counts"]
+    for name, feats, expected in selavpr_reference_sets(reference):
         for i in range(feats.shape[0]):
             for threads in (1, 2):
                 fast, plain, stats = _int8(feats[i], feats, threads)
-                assert fast == plain == expected[i].tolist(), path.name
+                assert fast == plain == expected[i].tolist(), name
                 assert stats["int8"] == feats.shape[0], stats         # every candidate
                 assert stats["int8_rows"] == feats.shape[0] * feats[0].shape[0] * feats[0].shape[1]
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (RERANK_ODD_SHAPES, official_mnn_counts, rerank_extreme_maps,
-                      rerank_odd_shape_maps, rerank_tie_maps)
+                      rerank_odd_shape_maps, rerank_tie_maps, selavpr_reference_sets)
 from vpr_ros.accel.int8_kernels import mnn_query_layout
 from vpr_ros.models import rerank as R
 from vpr_ros.models.rerank import mutual_nn_counts
@@ -36,16 +36,11 @@ def _both(query, cands):
 
 
 def test_reference_sets_exact_and_verified_path_ran(reference, kernels):
-    files = sorted(reference.glob("selavpr*_outputs.npz"))
-    assert files, f"no SelaVPR fixtures in {reference}"
-    for path in files:
-        data = np.load(path)
-        feats = torch.from_numpy(data["local_feats"])
-        expected = data["mutual_nn_counts"]
+    for name, feats, expected in selavpr_reference_sets(reference):
         for i in range(feats.shape[0]):
             fast, plain, stats = _both(feats[i], feats)
-            np.testing.assert_array_equal(fast.numpy(), expected[i], err_msg=path.name)
-            np.testing.assert_array_equal(plain.numpy(), expected[i], err_msg=path.name)
+            np.testing.assert_array_equal(fast.numpy(), expected[i], err_msg=name)
+            np.testing.assert_array_equal(plain.numpy(), expected[i], err_msg=name)
             assert stats["rows"] == feats.shape[0] * feats[0].shape[0] * feats[0].shape[1]
             # the query itself is a candidate: its self-matches tie at the top of nothing,
             # but near-duplicate points make some rows ambiguous; most are decided in int16
