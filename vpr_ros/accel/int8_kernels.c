@@ -1240,6 +1240,15 @@ int vpr_mnn_exact_counts(const int64_t *cand, const int64_t *n_x, int64_t n_cand
     return 0;
 }
 
+/* One float32 dot product as one chain of fused multiply-adds in channel order from 0:
+ * the value of the BLAS sgemm for these shapes (as vpr_exact_argmax; checked per shape by
+ * the caller). */
+static inline float dot_chain(const float *a, const float *b, int64_t c) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < c; ++k) acc = fmaf(a[k], b[k], acc);
+    return acc;
+}
+
 /* out[i][j] = dot(a[i], b[j]) as one chain of fused multiply-adds in channel order from 0
  * (a: n_a x c, b: n_b x c, row-major): the definition the exact re-ranking paths rely on,
  * in plain scalar code, for the per-shape check against numpy's BLAS. */
@@ -1248,9 +1257,7 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < n_a; ++i)
         for (int64_t j = 0; j < n_b; ++j) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < c; ++k) acc = fmaf(a[i * c + k], b[j * c + k], acc);
-            out[i * n_b + j] = acc;
+            out[i * n_b + j] = dot_chain(a + i * c, b + j * c, c);
         }
 }
 
@@ -1663,14 +1670,6 @@ static inline int32_t dot16(const int16_t *a, const int16_t *b, int64_t c_pad, i
     return s;
 }
 
-/* One float32 dot product as one chain of fused multiply-adds in channel order from 0:
- * the value of the BLAS sgemm for these shapes (as vpr_exact_argmax; checked per shape by
- * the caller). */
-static inline float dot_chain(const float *a, const float *b, int64_t c) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < c; ++k) acc = fmaf(a[k], b[k], acc);
-    return acc;
-}
 
 /* Resolve n_sets candidate sets: set s belongs to point owner[s] of the "own" map, its
  * candidates are the points idx[start[s]..start[s+1]) of the "other" map in ascending
@@ -1944,14 +1943,6 @@ void vpr_codes_8_16(const float *x, int64_t n, int64_t c, int64_t c4, int64_t c_
     }
 }
 
-/* The largest |x| of n floats as its bit pattern (NaN and infinity give >= 0x7f800000):
- * the finiteness check and the code scale of a map in one vectorised pass. */
-uint32_t vpr_absmax_bits(const float *x, int64_t n) {
-    const uint32_t *u = (const uint32_t *)x;
-    uint32_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        const uint32_t a = u[j] & 0x7fffffffu;
-        m = a > m ? a : m;
-    }
-    return m;
-}
+/* The largest |x| of n floats (row_absmax: NaN or infinity anywhere give a non-finite
+ * result): the finiteness check and the code scale of a map in one vectorised pass. */
+float vpr_absmax(const float *x, int64_t n) { return row_absmax(x, n); }

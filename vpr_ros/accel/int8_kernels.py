@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -170,7 +171,7 @@ class NativeKernels:
             "vpr_mnn_int8_count": [vp, vp, vp, _I64, vp, vp, vp, vp, _I64, _I64, _I64, _I64,
                                    vp, vp, vp, vp, _I64, vp, i32],
             "vpr_have_vnni": [],
-            "vpr_absmax_bits": [vp, _I64],
+            "vpr_absmax": [vp, _I64],
             # fused block steps (int8_block.py)
             "vpr_residual_layer_norm_quantize": [vp, _I64, _I64, vp, vp, vp, vp, vp, vp, vp,
                                                  vp, ctypes.c_float, vp, vp, vp, i32],
@@ -183,7 +184,7 @@ class NativeKernels:
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
-                   "vpr_have_vnni": ctypes.c_int, "vpr_absmax_bits": ctypes.c_uint32,
+                   "vpr_have_vnni": ctypes.c_int, "vpr_absmax": ctypes.c_float,
                    "vpr_integer_attention_acc": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
@@ -571,13 +572,11 @@ class NativeKernels:
 
     def finite_absmax(self, x: np.ndarray) -> Optional[float]:
         """The largest |x| of a C-contiguous float32 array, or None if any value is NaN or
-        infinite (``vpr_absmax_bits``: one vectorised pass)."""
+        infinite (``vpr_absmax``: one vectorised pass)."""
         if x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError(f"x: expected a C-contiguous float32 array, got {x.dtype}")
-        bits = int(self._lib.vpr_absmax_bits(x.ctypes.data, x.size))
-        if bits >= 0x7F800000:
-            return None
-        return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+        value = float(self._lib.vpr_absmax(x.ctypes.data, x.size))
+        return value if math.isfinite(value) else None
 
     def codes_8_16(self, x: np.ndarray, s8: float, s16: float, rows: int, offset8: int,
                    generic: bool = False):

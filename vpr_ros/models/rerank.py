@@ -239,17 +239,18 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
     first = _points_np(candidates[0], "candidate") if k else None
     kernels = (_native_kernels(native, q.shape[1], first.shape[0], q.shape[0], kernel_cache)
                if compute == "fp32" and k and q.shape[0] and path != "plain" else None)
-    fast = (_NativeCounter(kernels, q, first.shape, path, counts)
-            if kernels is not None and np.isfinite(q).all() else None)
-    plain = _PlainCounter(q, compute)
+    q_absmax = kernels.finite_absmax(q) if kernels is not None else None   # None: non-finite
+    fast = (_NativeCounter(kernels, q, q_absmax, first.shape, path, counts)
+            if q_absmax is not None else None)
+    plain = None                                   # built where a candidate needs it
     # the int16 path counts the first candidate alone (it decides fused or verified for
     # the rest); the int8 path hands near-duplicate maps back one by one: all pooled
     fast_pool_from = 0 if fast is not None and isinstance(fast.verified, _Int8Verifier) else 1
     done: dict = {}
     for i in range(k):
         if i == fast_pool_from and fast is not None and fast.pool_rest(k):
-            done = _verified_pooled(kernels, candidates, range(i, k), fast.verified,
-                                    first.shape, fast.q_absmax, fast.stats, fast.fused_only)
+            done = _verified_pooled(kernels, candidates, first, range(i, k), fast.verified,
+                                    fast.q_absmax, fast.stats, fast.fused_only)
         if i in done:
             counts[i] = done[i]
             continue
@@ -257,6 +258,7 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
         if fast is None or not fast.count(i, cand):
+            plain = plain or _PlainCounter(q, compute)
             counts[i] = plain.count(cand)
     if fast is not None:
         fast.flush()
@@ -297,13 +299,12 @@ class _NativeCounter:
     are batched (at most :data:`FUSED_BATCH_BYTES` of them held), verified ones counted at
     once; ``stats`` collects what ran."""
 
-    def __init__(self, kernels, q: np.ndarray, first_shape: tuple, path: str,
+    def __init__(self, kernels, q: np.ndarray, q_absmax: float, first_shape: tuple, path: str,
                  counts: np.ndarray):
         self.kernels, self.q, self.path, self.counts = kernels, q, path, counts
         self.first_shape = first_shape
         self._q_panels = None
-        # finite (checked by the caller), so the kernels' absmax is a number
-        self.q_absmax = kernels.finite_absmax(q) if q.size else 0.0
+        self.q_absmax = q_absmax          # the finite query's largest |component|
         self.fused = path == "fused" or (path == "auto" and _fused_first(
             first_shape[0], q.shape[0], q.shape[1]))
         self.verified = None
@@ -393,17 +394,18 @@ def _pool(threads: int):
         return pool
 
 
-def _verified_pooled(kernels, candidates, indices, verified, shape: tuple, q_absmax: float,
-                     stats: Optional[dict], fused_only: set) -> dict:
+def _verified_pooled(kernels, candidates, first: np.ndarray, indices, verified,
+                     q_absmax: float, stats: Optional[dict], fused_only: set) -> dict:
     """The verified path over several candidates, one candidate per thread (torch's count
     of threads, each kernel on one): no OpenMP barrier per kernel call, and a thread that
     the OS takes away stalls only its own candidate.  -> {index: count} of the candidates
     it took; the others (another shape, non-finite, unverifiable) are left to the caller,
-    those the int8 path handed back added to ``fused_only``.
+    those the int8 path handed back added to ``fused_only``.  ``first``: candidate 0,
+    already read by the caller (its shape is the one the BLAS check covered).
     """
     def work(i):
-        cand = _points_np(candidates[i], "candidate")
-        absmax = _fusable(kernels, cand, q_absmax) if cand.shape == shape else None
+        cand = first if i == 0 else _points_np(candidates[i], "candidate")
+        absmax = _fusable(kernels, cand, q_absmax) if cand.shape == first.shape else None
         if absmax is not None:
             local: dict = {}
             try:
