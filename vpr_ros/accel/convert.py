@@ -43,6 +43,8 @@ def convert_to_int8(model: nn.Module,
     keep = tuple(keep_float)
     if patch_conv not in ("bf16", "fp32"):
         raise ValueError(f"patch_conv must be 'bf16' or 'fp32', got {patch_conv!r}")
+    if conv_transpose not in ("bf16", "int8"):
+        raise ValueError(f"conv_transpose must be 'bf16' or 'int8', got {conv_transpose!r}")
 
     def convert(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):
@@ -62,7 +64,8 @@ def convert_to_int8(model: nn.Module,
 
     if type(model) is nn.Linear or is_pointwise_conv(model) or is_plain_conv_transpose(model):
         raise ValueError("convert_to_int8 converts the layers inside a model; wrap a bare layer "
-                         "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv")
+                         "with Int8Linear.from_linear / Int8PointwiseConv2d.from_conv / "
+                         "GemmConvTranspose2d")
     convert(model)
     for module in model.modules():
         if fold_layer_scales:

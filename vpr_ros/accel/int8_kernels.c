@@ -42,13 +42,17 @@ static inline float row_absmax(const float *x, int64_t k) {
 }
 
 /* Symmetric int8 of one row: q = round_half_even(x * (1 / absmax) * 127); returns the
- * row's scale absmax / 127.  Same operations, in the same order, as the torch path. */
-static inline float quantize_row(const float *x, int64_t k, int8_t *q) {
-    float amax = row_absmax(x, k);
+ * row's scale absmax / 127 (quantize_row_amax: with the row's absmax already known).
+ * Same operations, in the same order, as the torch path. */
+static inline float quantize_row_amax(const float *x, int64_t k, float amax, int8_t *q) {
     if (amax < TINY_SCALE) amax = TINY_SCALE;
     const float mult = (1.0f / amax) * INT8_MAX_F;
     for (int64_t j = 0; j < k; ++j) q[j] = (int8_t)(int32_t)rintf(x[j] * mult);
     return amax / INT8_MAX_F;
+}
+
+static inline float quantize_row(const float *x, int64_t k, int8_t *q) {
+    return quantize_row_amax(x, k, row_absmax(x, k), q);
 }
 
 void vpr_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scale,
@@ -158,11 +162,7 @@ void vpr_dequantize_gelu_quantize(int32_t *acc, int64_t m, int64_t n, const floa
         }
         float amax;
         memcpy(&amax, &amax_bits, sizeof amax);
-        if (amax < TINY_SCALE) amax = TINY_SCALE;
-        const float mult = (1.0f / amax) * INT8_MAX_F;
-        int8_t *qi = q + i * n;
-        for (int64_t j = 0; j < n; ++j) qi[j] = (int8_t)(int32_t)rintf(h[j] * mult);
-        q_scale[i] = amax / INT8_MAX_F;
+        q_scale[i] = quantize_row_amax(h, n, amax, q + i * n);
     }
 }
 
@@ -197,6 +197,17 @@ static inline float row_centered_sq_sum(const float *x, int64_t k, float mean) {
     return part[0];
 }
 
+/* LayerNorm of one row r (biased variance, as torch) into h, then its int8 codes q;
+ * returns the row scale. */
+static inline float layer_norm_quantize_row(const float *r, int64_t k, const float *weight,
+                                            const float *bias, float eps, float *h, int8_t *q) {
+    const float mean = row_sum(r, k) / (float)k;
+    const float var = row_centered_sq_sum(r, k, mean) / (float)k;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (int64_t j = 0; j < k; ++j) h[j] = (r[j] - mean) * rstd * weight[j] + bias[j];
+    return quantize_row(h, k, q);
+}
+
 /* LayerNorm of each row (biased variance, as torch), then int8 quantisation of the
  * result; the normalised float row only lives in per-thread scratch (tmp: num_threads * k
  * floats). */
@@ -205,13 +216,8 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
                              float *tmp, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t i = 0; i < m; ++i) {
-        float *h = tmp + (int64_t)omp_get_thread_num() * k;
-        const float *r = x + i * k;
-        const float mean = row_sum(r, k) / (float)k;
-        const float var = row_centered_sq_sum(r, k, mean) / (float)k;
-        const float rstd = 1.0f / sqrtf(var + eps);
-        for (int64_t j = 0; j < k; ++j) h[j] = (r[j] - mean) * rstd * weight[j] + bias[j];
-        q_scale[i] = quantize_row(h, k, q + i * k);
+        q_scale[i] = layer_norm_quantize_row(x + i * k, k, weight, bias, eps,
+                                             tmp + (int64_t)omp_get_thread_num() * k, q + i * k);
     }
 }
 
@@ -385,8 +391,8 @@ static void values_to_vnni(const int16_t *codes, int64_t np, int64_t dp, int16_t
         }
 }
 
-/* Quantise one image-head's Q, K (per token) and V (per channel) into the scratch.
- * Token t's head_dim values of q, k, v start at q_src, k_src, v_src + t * stride. */
+/* Zero the padding of one image-head's code buffers (padding tokens and channels), before
+ * its Q, K and V codes are written. */
 static void attention_prepare(attention_scratch *w) {
     const int64_t n = w->n, d = w->d, np = w->n_pad, dp = w->d_pad;
     /* padding tokens and channels: code 0 (with no padding channels, only the padding
@@ -1272,14 +1278,6 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
 
 /* LayerNorm of one row r (length k) into h, then int8 codes of h; returns the scale.
  * The operations of vpr_layer_norm_quantize. */
-static inline float layer_norm_quantize_row(const float *r, int64_t k, const float *weight,
-                                            const float *bias, float eps, float *h, int8_t *q) {
-    const float mean = row_sum(r, k) / (float)k;
-    const float var = row_centered_sq_sum(r, k, mean) / (float)k;
-    const float rstd = 1.0f / sqrtf(var + eps);
-    for (int64_t j = 0; j < k; ++j) h[j] = (r[j] - mean) * rstd * weight[j] + bias[j];
-    return quantize_row(h, k, q);
-}
 
 /* The residual step of a block, then the next LayerNorm + quantise, per row:
  *   y = dequantise(acc)                                  (acc * rs * cs + bias)
@@ -1375,7 +1373,8 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         attention_scratch w = {0};
-        float *f = (float *)aligned_alloc(64, (size_t)round_up(3 * n * d * 4, 64));
+        /* V of every token (n x d), then the one Q and K row pair being coded (2 x d) */
+        float *f = (float *)aligned_alloc(64, (size_t)round_up((n + 2) * d * 4, 64));
         if (scratch_alloc(&w, n, d) != 0 || !f) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < b * h; ++item) {

@@ -307,7 +307,7 @@ def is_patchify_conv(module: nn.Module) -> bool:
 
 
 def is_plain_conv_transpose(module: nn.Module) -> bool:
-    """A 2-D transposed convolution :class:`Int8ConvTranspose2d` reproduces (groups 1,
+    """A 2-D transposed convolution :class:`GemmConvTranspose2d` reproduces (groups 1,
     zero padding mode, a non-negative integer padding)."""
     return (type(module) is nn.ConvTranspose2d and module.groups == 1
             and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
