@@ -187,3 +187,9 @@ def test_mono16_frame_is_the_same_raw_or_png_compressed(tmp_path):
     np.testing.assert_array_equal(png, raw)
     np.testing.assert_array_equal(load_image(tmp_path / "f.png"), raw)
     assert png[0, :4, 0].tolist() == [0, 16, 128, 255]
+    # mode I (32-bit integers): how Pillow before 10.3 (ROS Jazzy's python3-pil) opens a
+    # 16-bit PNG; the same frame stored that way decodes alike
+    Image.fromarray(frame.astype(np.int32)).save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as im:
+        assert im.mode == "I"
+    np.testing.assert_array_equal(load_image(tmp_path / "f.tif"), raw)

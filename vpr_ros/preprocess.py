@@ -78,7 +78,7 @@ def _decode(source, max_pixels: Optional[int], what: str) -> np.ndarray:
                         im = im.reduce(factor)
                 else:
                     im.load()
-                rgb = _wide_to_rgb8(im) if im.mode.startswith("I;16") else im.convert("RGB")
+                rgb = _wide_to_rgb8(im) if _is_wide_grey(im.mode) else im.convert("RGB")
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
@@ -92,12 +92,19 @@ def scale_16_to_8(values: np.ndarray) -> np.ndarray:
     return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def _is_wide_grey(mode: str) -> bool:
+    """A 16-bit grey image as PIL opens it: mode I;16* (Pillow >= 10.3), or mode I (32-bit
+    integers: how Pillow before 10.3, e.g. ROS Jazzy's python3-pil 10.2, opens a 16-bit
+    PNG)."""
+    return mode == "I" or mode.startswith("I;16")
+
+
 def _wide_to_rgb8(im) -> np.ndarray:
-    """A 16-bit grey image (PIL mode I;16*: a 16-bit PNG or TIFF, e.g. a mono16 camera
-    frame sent through the png compressed transport) -> RGB uint8, scaled over the full
-    16-bit range like a raw mono16 message.  PIL's convert("RGB") would clip every value
-    above 255 to white."""
-    grey = scale_16_to_8(np.asarray(im).astype(np.uint16))
+    """A 16-bit grey image (:func:`_is_wide_grey`: a 16-bit PNG or TIFF, e.g. a mono16
+    camera frame sent through the png compressed transport) -> RGB uint8, scaled over the
+    full 16-bit range like a raw mono16 message (mode I values clipped to 0..65535).
+    PIL's convert("RGB") would clip every value above 255 to white."""
+    grey = scale_16_to_8(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
