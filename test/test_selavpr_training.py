@@ -94,6 +94,9 @@ def test_mining_options_are_checked(tmp_path, sample_dir):
         base_cfg(tmp_path, sample_dir, "selavpr", card, mining__neighbour_places=3)
     with pytest.raises(ConfigError, match="need mining.model"):
         base_cfg(tmp_path, sample_dir, "selavpr", card, eval__rerank_k=10)
+    with pytest.raises(ConfigError, match="must include 1"):
+        base_cfg(tmp_path, sample_dir, "selavpr", card, mining__model="demo_tiny",
+                 eval__rerank_k=10, eval__recall_ns=[5, 10])
     with pytest.raises(ConfigError, match="local_loss must be one of"):
         base_cfg(tmp_path, sample_dir, "selavpr", card, loss__local_loss="soft")
     with pytest.raises(ConfigError, match="setting of stage selavpr"):

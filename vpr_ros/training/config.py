@@ -392,6 +392,9 @@ def validate(cfg: TrainConfig) -> None:
     if (m.neighbour_places or cfg.eval.rerank_k or m.weights) and not m.model:
         raise ConfigError("mining.neighbour_places, mining.weights and eval.rerank_k need "
                           "mining.model (the first-stage card, e.g. demo_tiny)")
+    if cfg.eval.rerank_k and 1 not in cfg.eval.recall_ns:
+        raise ConfigError("eval.rerank_k picks the epoch by re-ranked R@1: eval.recall_ns "
+                          "must include 1")
     if m.model and cfg.stage != "selavpr":
         raise ConfigError("mining.model is a setting of stage selavpr")
     if cfg.stage == "student" and not cfg.teacher.weights:
