@@ -76,15 +76,19 @@ class ModelCard:
         return h // self.backbone.patch_size, w // self.backbone.patch_size
 
     @property
+    def local_upsample(self) -> int:
+        """SelaVPR LocalAdapt's stride-2 stages (the official model: 2)."""
+        return int(self.head.get("local_upsample", 2))
+
+    @property
     def local_shape(self) -> Optional[Tuple[int, int, int]]:
-        """(H, W, C) of SelaVPR dense local features, None for other architectures."""
+        """(H, W, C) of SelaVPR dense local features, None for other architectures: each
+        stride-2 stage of LocalAdapt maps a side s to 2s - 1."""
         if self.architecture != "selavpr":
             return None
-        from .selavpr import local_map_side
-
         gh, gw = self.grid
-        up = int(self.head.get("local_upsample", 2))
-        return local_map_side(gh, up), local_map_side(gw, up), int(self.head["local_dim"])
+        scale = 2 ** self.local_upsample
+        return (gh - 1) * scale + 1, (gw - 1) * scale + 1, int(self.head["local_dim"])
 
     @property
     def weights_path(self) -> Optional[Path]:

@@ -48,7 +48,7 @@ def _construct(card: ModelCard) -> nn.Module:
                        adapter_scale=float(head["adapter_scale"]),
                        local_hidden_dim=int(head["local_hidden_dim"]),
                        local_dim=int(head["local_dim"]),
-                       local_upsample=int(head.get("local_upsample", 2)))
+                       local_upsample=card.local_upsample)
     backbone = DinoV2(**bb)
     return SciceVPR(backbone, out_indices=head["out_indices"], mix_in_dim=int(head["mix_in_dim"]),
                     token_num=int(head["token_num"]), token_ratio=float(head["token_ratio"]),

@@ -69,13 +69,6 @@ class AdaptedBlock(Block):
         return x
 
 
-def local_map_side(tokens: int, upsample: int = 2) -> int:
-    """Side of LocalAdapt's output for a token-grid side: 2s - 1 per stride-2 stage."""
-    for _ in range(upsample):
-        tokens = 2 * tokens - 1
-    return tokens
-
-
 class LocalAdapt(nn.Module):
     """Two transposed convolutions (k3, p1); the first ``upsample`` of them stride 2:
     (B, D, h, w) -> (B, C, 4h-3, 4w-3) with the official two."""

@@ -386,17 +386,7 @@ def validate(cfg: TrainConfig) -> None:
                           f"{cfg.loss.local_loss!r}")
     if cfg.loss.local_temperature <= 0:
         raise ConfigError("loss.local_temperature must be > 0")
-    m = cfg.mining
-    if m.neighbour_places < 0 or cfg.eval.rerank_k < 0:
-        raise ConfigError("mining.neighbour_places and eval.rerank_k must be >= 0")
-    if (m.neighbour_places or cfg.eval.rerank_k or m.weights) and not m.model:
-        raise ConfigError("mining.neighbour_places, mining.weights and eval.rerank_k need "
-                          "mining.model (the first-stage card, e.g. demo_tiny)")
-    if cfg.eval.rerank_k and 1 not in cfg.eval.recall_ns:
-        raise ConfigError("eval.rerank_k picks the epoch by re-ranked R@1: eval.recall_ns "
-                          "must include 1")
-    if m.model and cfg.stage != "selavpr":
-        raise ConfigError("mining.model is a setting of stage selavpr")
+    _validate_first_stage(cfg)
     if cfg.stage == "student" and not cfg.teacher.weights:
         raise ConfigError("stage student needs teacher.weights (the trained Super-CricaVPR "
                           "teacher) and teacher.model (its card)")
@@ -452,3 +442,18 @@ def resolve_sources(cfg: TrainConfig, sources: Any) -> Any:
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _validate_first_stage(cfg: "TrainConfig") -> None:
+    """The first-stage settings of stage selavpr (mining.*, eval.rerank_k)."""
+    m = cfg.mining
+    if m.neighbour_places < 0 or cfg.eval.rerank_k < 0:
+        raise ConfigError("mining.neighbour_places and eval.rerank_k must be >= 0")
+    if (m.neighbour_places or cfg.eval.rerank_k or m.weights) and not m.model:
+        raise ConfigError("mining.neighbour_places, mining.weights and eval.rerank_k need "
+                          "mining.model (the first-stage card, e.g. demo_tiny)")
+    if cfg.eval.rerank_k and 1 not in cfg.eval.recall_ns:
+        raise ConfigError("eval.rerank_k picks the epoch by re-ranked R@1: eval.recall_ns "
+                          "must include 1")
+    if m.model and cfg.stage != "selavpr":
+        raise ConfigError("mining.model is a setting of stage selavpr")
