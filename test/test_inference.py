@@ -39,6 +39,13 @@ def test_default_describer_shapes_and_norms(describer, sample_images):
     assert describer.describe([]).shape == (0, describer.dim)
 
 
+def test_describe_files_is_describe_of_the_decoded_files_in_order(describer, sample_dir):
+    paths = sorted((sample_dir / "images" / "test" / "queries").glob("*.jpg"))[:7]
+    want = describer.describe([load_image(p) for p in paths])
+    np.testing.assert_array_equal(describer.describe_files(paths, chunk=3), want)
+    assert describer.describe_files([]).shape == (0, describer.dim)
+
+
 def test_describe_is_batch_invariant(describer, sample_images):
     full = describer.describe(sample_images)              # batches of 4 + 2
     one = np.concatenate([describer.describe([im]) for im in sample_images])

@@ -180,6 +180,22 @@ class GlobalDescriber(_ModelRunner):
             row += len(batch)
         return out
 
+    def describe_files(self, paths: Sequence, progress: bool = False,
+                       chunk: int = 64) -> np.ndarray:
+        """(N, dim) float32 unit descriptors of image files, in order, ``chunk`` files
+        decoded at a time (an image list never holds the whole folder)."""
+        from tqdm import tqdm
+
+        from .preprocess import load_image
+
+        paths = list(paths)
+        out = np.zeros((len(paths), self.dim), dtype=np.float32)
+        for start in tqdm(range(0, len(paths), chunk), desc="describe", leave=False,
+                          disable=not progress):
+            part = paths[start:start + chunk]
+            out[start:start + len(part)] = self.describe([load_image(p) for p in part])
+        return out
+
 
 class LocalFeatureExtractor(_ModelRunner):
     """SelaVPR: ``extract(images) -> (global (N, Dg) float32, local (N, 61, 61, C) float16)``."""

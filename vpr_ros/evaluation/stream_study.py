@@ -30,7 +30,6 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..preprocess import load_image
 from ..datasets import read_split
 from .drives import KINDS, make_drive, simulated_odometry
 from .metrics import positives_within, precision_recall
@@ -58,12 +57,6 @@ def naive_seqslam(sims: np.ndarray, window: int = 20, speeds=(0.8, 1.0, 1.25)):
                 best, best_j = acc[j], j
         answers[t], scores[t] = best_j, best
     return answers, scores
-
-
-def _describe(describer, paths) -> np.ndarray:
-    parts = [describer.describe([load_image(p) for p in paths[i:i + 64]])
-             for i in range(0, len(paths), 64)]
-    return np.concatenate(parts).astype(np.float32)
 
 
 def _score(answers, conf, positives) -> Dict[str, float]:
@@ -108,8 +101,8 @@ def run_study(dataset, model: Optional[str] = None, from_index: int = 0,
     db = read_split(dataset, "database")
     q = read_split(dataset, "queries")
     describer = GlobalDescriber(model, device=device, batch_size=16)
-    db_desc = _describe(describer, db.paths[from_index:])
-    q_desc = _describe(describer, q.paths[from_index:])
+    db_desc = describer.describe_files(db.paths[from_index:])
+    q_desc = describer.describe_files(q.paths[from_index:])
     db_pos, q_pos = db.positions[from_index:], q.positions[from_index:]
     result = {"dataset": str(dataset), "model": describer.card.name, "from_index": from_index,
               "database": len(db_pos), "queries": len(q_pos), "drives": {}}

@@ -19,8 +19,7 @@ are easy and the local head learns little.  With ``mining.model`` set:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,26 +30,12 @@ from .data import PlaceBatchSampler, PlaceSet, ValidationSet
 log = logging.getLogger(__name__)
 
 
-def first_stage_describer(model: str, weights: Optional[str] = None):
-    """A :class:`~vpr_ros.inference.GlobalDescriber` of the first-stage card (CPU/auto)."""
+def first_stage_describer(model: str, weights: Optional[str] = None, device: str = "cpu"):
+    """A :class:`~vpr_ros.inference.GlobalDescriber` of the first-stage card on the
+    training's device."""
     from ..inference import GlobalDescriber
 
-    return GlobalDescriber(model, weights=weights, device="cpu", batch_size=32)
-
-
-def describe_files(describer, paths: Sequence[Path], progress: bool = False) -> np.ndarray:
-    """(N, D) float32 unit descriptors of image files, in order."""
-    from ..preprocess import load_image
-
-    out = []
-    step = 64
-    from tqdm import tqdm
-
-    for start in tqdm(range(0, len(paths), step), desc="first stage", leave=False,
-                      disable=not progress):
-        out.append(describer.describe([np.asarray(load_image(p))
-                                       for p in paths[start:start + step]]))
-    return np.concatenate(out, 0) if out else np.zeros((0, describer.dim), np.float32)
+    return GlobalDescriber(model, weights=weights, device=device, batch_size=32)
 
 
 def place_descriptors(image_desc: np.ndarray, places: PlaceSet) -> np.ndarray:
@@ -125,39 +110,26 @@ class NeighbourBatchSampler(PlaceBatchSampler):
 
 
 def rerank_validate(stage, val: ValidationSet, first_db: np.ndarray, first_q: np.ndarray,
-                    k: int, ns, batch_size: int) -> Dict[str, float]:
+                    k: int, ns, batch_size: int, precision: torch.dtype = torch.float32,
+                    progress: bool = False) -> Dict[str, float]:
     """R@N of the first stage's top ``k`` re-ordered by the model's local features.
 
     Also returns the first stage's own R@N (keys ``first_R@N``) for the log."""
     from ..evaluation.metrics import recall_at_n
-    from ..models.rerank import mutual_nn_counts, official_scores, rerank_order
-    from ..preprocess import load_image, preprocess
+    from ..models.rerank import rerank
+    from .trainer import describe_paths
 
-    model = stage.model
-    was_training = model.training
-    model.eval()
+    def local(paths):              # the SelaVPR model's (global, local) -> local
+        return describe_paths(stage, paths, batch_size, precision, progress,
+                              fn=lambda x: stage.model(x)[1])
 
-    def local(paths):
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(paths), batch_size):
-                x = preprocess([load_image(p) for p in paths[start:start + batch_size]],
-                               stage.card.input_size)
-                _, loc = model(x.to(stage.device))
-                out.append(loc.float().cpu())
-        return torch.cat(out, 0)
-
-    try:
-        db_loc, q_loc = local(val.database), local(val.queries)
-    finally:
-        model.train(was_training)
+    db_loc, q_loc = local(val.database), local(val.queries)
     k = min(k, len(val.database))
     top = np.argsort(-(first_q @ first_db.T), axis=1, kind="stable")[:, :max(k, max(ns))]
     reranked = top.copy()
     for i in range(len(top)):
         cand = top[i, :k]
-        counts = mutual_nn_counts(q_loc[i], db_loc[cand])
-        reranked[i, :k] = cand[rerank_order(official_scores(counts))]
+        reranked[i, :k] = cand[rerank(q_loc[i], db_loc[cand])[0]]
     out = {str(n): v for n, v in recall_at_n(reranked, val.positives, ns).items()}
     out.update({f"first_{n}": v for n, v in recall_at_n(top, val.positives, ns).items()})
     return out
@@ -167,9 +139,9 @@ class FirstStage:
     """First-stage descriptors of the training images and of the validation split."""
 
     def __init__(self, model: str, weights: Optional[str], places: PlaceSet,
-                 val: Optional[ValidationSet], progress: bool = False):
+                 val: Optional[ValidationSet], progress: bool = False, device: str = "cpu"):
         try:
-            self.describer = first_stage_describer(model, weights)
+            self.describer = first_stage_describer(model, weights, device)
         except VprError as exc:   # unknown card, missing or mismatched weights
             raise ConfigError(f"mining.model {model!r}: {exc}") from None
         if self.describer.card.architecture == "selavpr":
@@ -178,9 +150,9 @@ class FirstStage:
         paths = [p for place in places.places for p in place.images]
         log.info("describing %d training images with the first stage %s", len(paths),
                  self.describer.card.name)
-        self.images = torch.from_numpy(describe_files(self.describer, paths, progress))
+        self.images = torch.from_numpy(self.describer.describe_files(paths, progress))
         self.places = place_descriptors(self.images.numpy(), places)
         self.val_db = self.val_q = None
         if val is not None:
-            self.val_db = describe_files(self.describer, val.database, progress)
-            self.val_q = describe_files(self.describer, val.queries, progress)
+            self.val_db = self.describer.describe_files(val.database, progress)
+            self.val_q = self.describer.describe_files(val.queries, progress)

@@ -105,7 +105,9 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def describe_paths(stage, paths: List[Path], batch_size: int, precision: torch.dtype,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, fn=None) -> np.ndarray:
+    """The stage model's output for image files, in eval mode: ``fn(x)`` (default
+    ``stage.describe``: the global descriptors) per batch, concatenated as float32."""
     from tqdm import tqdm
 
     from ..device import autocast_context
@@ -120,7 +122,7 @@ def describe_paths(stage, paths: List[Path], batch_size: int, precision: torch.d
                           disable=not progress):
             x = preprocess([load_image(p) for p in paths[start:start + batch_size]], size)
             with autocast_context(stage.device, precision):
-                d = stage.describe(x.to(stage.device))
+                d = (fn or stage.describe)(x.to(stage.device))
             out.append(d.float().cpu().numpy())
     finally:
         model.train(was_training)
@@ -384,7 +386,7 @@ class TrainingRun:
             self.first_stage = FirstStage(cfg.mining.model, resolve_path(cfg, cfg.mining.weights)
                                           if cfg.mining.weights else None, self.places,
                                           self.val if cfg.eval.rerank_k else None,
-                                          self.progress)
+                                          self.progress, device=str(info.device))
             self.stage.mining_descriptors = self.first_stage.images
         sampler_args = (len(self.places), d.places_per_batch, cfg.seed, d.batches_per_epoch,
                         info.rank, info.world_size, self.places.positions(),
@@ -588,7 +590,8 @@ class TrainingRun:
                 fs = self.first_stage
                 recalls = rerank_validate(self.stage, self.val, fs.val_db, fs.val_q,
                                           self.cfg.eval.rerank_k, self.ns,
-                                          self.cfg.eval.batch_size)
+                                          self.cfg.eval.batch_size, self.precision,
+                                          self.progress)
                 log.info("validation: first stage R@1 %.1f, re-ranked (K=%d) R@1 %.1f",
                          100 * recalls["first_1"], self.cfg.eval.rerank_k, 100 * recalls["1"])
             else:
