@@ -416,6 +416,12 @@ def expand_shared(cfg: TrainConfig, value: str) -> str:
     return text
 
 
+def resolve_card_spec(cfg: TrainConfig, spec: str) -> str:
+    """A model card given in the config: a card name as it is, a card YAML resolved like
+    any config path (:func:`resolve_path`)."""
+    return str(resolve_path(cfg, spec)) if str(spec).endswith((".yaml", ".yml")) else spec
+
+
 def resolve_path(cfg: TrainConfig, value: Optional[str]) -> Optional[Path]:
     """A path from the config: ``${VPR_SHARED_DIR}/...``, absolute, or relative to the
     config file's folder (when it exists there) or the current folder."""

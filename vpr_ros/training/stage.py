@@ -22,7 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.cards import ModelCard, load_card
 from ..models.checkpoint import load_weights
 from ..models.factory import build_model
-from .config import TrainConfig, resolve_path
+from .config import TrainConfig, resolve_card_spec, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ class Stage:
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.card: ModelCard = load_card(str(resolve_path(cfg, cfg.model))
-                                         if str(cfg.model).endswith((".yaml", ".yml"))
-                                         else cfg.model)
+        self.card: ModelCard = load_card(resolve_card_spec(cfg, cfg.model))
         if self.architecture and self.card.architecture != self.architecture:
             raise ConfigError(f"stage {self.name} trains a {self.architecture} card; "
                               f"{self.card.name!r} is {self.card.architecture}")

@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.cards import load_card
 from ..models.factory import load_model
 from ..models.scicevpr import TOKEN_GRID, regional_gem
-from .config import TrainConfig, resolve_path
+from .config import TrainConfig, resolve_card_spec, resolve_path
 from .losses import MultiSimilarity, distillation_loss
 from .stage import Stage, freeze_backbone, set_requires_grad
 
@@ -116,8 +116,8 @@ class StudentStage(Stage):
                 raise ConfigError("teacher.model (the teacher's card) is required when the "
                                   "teacher weights have no .card.yaml next to them")
             t_model_spec = str(sidecar)
-        elif str(t_model_spec).endswith((".yaml", ".yml")):
-            t_model_spec = str(resolve_path(cfg, t_model_spec))
+        else:
+            t_model_spec = resolve_card_spec(cfg, t_model_spec)
         t_card = load_card(t_model_spec)
         if t_card.architecture != "super_cricavpr":
             raise CheckpointError(f"teacher card {t_card.name!r} is {t_card.architecture}; the "

@@ -43,7 +43,8 @@ from ..atomic import atomic_directory, atomic_write_json, atomic_write_text
 from ..device import resolve_precision
 from ..errors import CheckpointError, ConfigError
 from ..preprocess import load_image, preprocess
-from .config import TrainConfig, dump_config, resolve_path, resolve_sources
+from .config import (TrainConfig, dump_config, resolve_card_spec, resolve_path,
+                     resolve_sources)
 from .data import (PlaceBatchSampler, ValidationSet, load_train_places, load_validation_set,
                    make_train_loader)
 from .ddp import DistInfo, all_reduce_mean, barrier, broadcast_object, cleanup, setup_distributed
@@ -383,7 +384,8 @@ class TrainingRun:
 
             if info.enabled:
                 raise ConfigError("mining.model trains in one process (no torchrun)")
-            self.first_stage = FirstStage(cfg.mining.model, resolve_path(cfg, cfg.mining.weights)
+            self.first_stage = FirstStage(resolve_card_spec(cfg, cfg.mining.model),
+                                          resolve_path(cfg, cfg.mining.weights)
                                           if cfg.mining.weights else None, self.places,
                                           self.val if cfg.eval.rerank_k else None,
                                           self.progress, device=str(info.device))
@@ -599,19 +601,28 @@ class TrainingRun:
                                    self.precision, self.progress)
         return broadcast_object(self.info, recalls)
 
+    def selection_recall(self, recalls: Dict[str, float]) -> Optional[float]:
+        """The validation recall that picks the best epoch: R@5 (else the second N), or the
+        re-ranked R@1 with ``eval.rerank_k`` (re-ranking keeps R@K; it changes R@1).  The
+        state and summary keep their historical key ``best_r5`` / ``best_val_R@5`` for it,
+        with ``best_val_metric`` naming what it is."""
+        if self.cfg.eval.rerank_k:
+            return recalls.get("1")
+        ns = self.ns
+        return recalls.get("5", recalls.get(str(ns[min(1, len(ns) - 1)]), None))
+
     def keep_best(self, epoch: int, recalls: Dict[str, float]) -> None:
-        """Copy the weights to ``best/`` when validation R@5 improved (or without validation)."""
+        """Copy the weights to ``best/`` when the selection recall improved (or without
+        validation)."""
         from safetensors.torch import save_file
 
-        state, ns = self.state, self.ns
-        r5 = recalls.get("5", recalls.get(str(ns[min(1, len(ns) - 1)]), None))
-        if self.cfg.eval.rerank_k:   # re-ranking keeps R@K; what it changes is R@1
-            r5 = recalls.get("1")
-        improved = self.val is None or (r5 is not None and r5 > state["best_r5"])
+        state = self.state
+        score = self.selection_recall(recalls)
+        improved = self.val is None or (score is not None and score > state["best_r5"])
         if not improved:
             state["not_improved"] += 1
             return
-        state["best_r5"] = r5 if r5 is not None else state["best_r5"]
+        state["best_r5"] = score if score is not None else state["best_r5"]
         state["best_epoch"] = epoch
         state["not_improved"] = 0
         if self.info.is_main:
