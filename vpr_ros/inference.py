@@ -2,7 +2,7 @@
 
 ``GlobalDescriber`` turns RGB images into unit-length global descriptors (SciceVPR,
 Super-CricaVPR or the SelaVPR global branch); ``LocalFeatureExtractor`` gives SelaVPR's
-global descriptor plus its dense (61, 61, C) local features for re-ranking.  Both take
+global descriptor plus its dense (H, W, C) local features (61 x 61 officially) for re-ranking.  Both take
 a model card (name, path or :class:`ModelCard`; None = the default card), an optional
 weights file, a device ("auto" | "cpu" | "cuda[:N]"), a precision ("fp32" | "bf16" |
 "fp16" | "int8", fp16 on CUDA only, int8 on the CPU only) and a batch size.
@@ -198,7 +198,8 @@ class GlobalDescriber(_ModelRunner):
 
 
 class LocalFeatureExtractor(_ModelRunner):
-    """SelaVPR: ``extract(images) -> (global (N, Dg) float32, local (N, 61, 61, C) float16)``."""
+    """SelaVPR: ``extract(images) -> (global (N, Dg) float32, local (N, H, W, C) float16)``
+    (``card.local_shape``: 61 x 61 x 128 for the official ViT-L)."""
 
     def __init__(self, card: CardLike = None, weights=None, device="auto",
                  precision: str = "fp32", batch_size: int = 8, accel=None):

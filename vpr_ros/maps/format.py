@@ -8,8 +8,9 @@ A map is a folder (no pickle anywhere)::
     MAP/stamps.npy           (N,) int64 nanoseconds, -1 when unknown
     MAP/descriptors.npy      (N, D) float32 or float16, unit L2, memory-mappable
     MAP/index.faiss          faiss.write_index of the search index
-    MAP/local_features.npy   (N, 61, 61, C) float16 (or int8 codes), only with re-ranking
-    MAP/local_scales.npy     (N, 61, 61) float16 per-point scales, only with int8 storage
+    MAP/local_features.npy   (N, H, W, C) float16 (or int8 codes), only with re-ranking
+                             (the card's local_shape: 61 x 61 x 128 for SelaVPR ViT-L)
+    MAP/local_scales.npy     (N, H, W) float16 per-point scales, only with int8 storage
 
 See docs/maps.md for every manifest field.
 """
