@@ -4,8 +4,9 @@
 Super-CricaVPR or the SelaVPR global branch); ``LocalFeatureExtractor`` gives SelaVPR's
 global descriptor plus its dense (H, W, C) local features (61 x 61 officially) for
 re-ranking.  Both take a model card (name, path or :class:`ModelCard`; None = the default
-card), an optional weights file, a device ("auto" | "cpu" | "cuda[:N]"), a precision ("fp32" | "bf16" |
-"fp16" | "int8", fp16 on CUDA only, int8 on the CPU only) and a batch size.
+card), an optional weights file, a device ("auto" | "cpu" | "cuda[:N]"), a precision
+("fp32" | "bf16" | "fp16" | "int8", fp16 on CUDA only, int8 on the CPU only) and a batch
+size.
 
 Precisions (speed and fidelity measured in docs/fast_paths.md):
 
