@@ -1437,7 +1437,10 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
  *     other value: no tie rule involved), several go to the exact step;
  *   columns: a running maximum per query point over the rows in order; every entry >=
  *     running max - slack at its time is appended (a final candidate always is: the
- *     running max only grows), and the list is filtered by the final maximum at the end;
+ *     running max only grows), and the list is filtered by the final maximum at the end.
+ *     The tiles only mark the 16 query points that have such entries; the appends run
+ *     after the block from its buffer (a data-dependent branch between the tiles' products
+ *     flushes them where it mispredicts: 6% of the whole count);
  *   exact step: the candidates of ambiguous rows and columns get their float32 value, one
  *     chain of fused multiply-adds in channel order (the BLAS value, as in
  *     vpr_exact_argmax), and the largest wins, first index on ties (candidates are kept
@@ -1488,7 +1491,8 @@ static int i8_col_push(i8_cols *cs, int32_t i, int32_t j, int32_t v) {
 /* The epilogue of i8_tile: rows' lane maxima, the block buffer, the column step. */
 static inline __attribute__((always_inline)) int i8_epilogue(
         const __m512i acc[4][4], const int nr, int32_t *out, int64_t out_stride, int64_t j0,
-        int64_t i0, int valid, int32_t *gmax, int64_t gmax_stride, i8_cols *cs) {
+        int64_t i0, int valid, int32_t *gmax, int64_t gmax_stride, i8_cols *cs,
+        uint16_t *hits) {
     __mmask16 mask[4];
     for (int l = 0; l < 4; ++l) {
         const int left = valid - l * 16;
@@ -1504,38 +1508,59 @@ static inline __attribute__((always_inline)) int i8_epilogue(
         }
         _mm512_storeu_si512((void *)(gmax + r * gmax_stride), gm);
     }
-    const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int l = 0; l < 4; ++l) {
         const __mmask16 m = mask[l];
-        if (!m) continue;
         /* padding rows (r >= nr) hold zeros: only the real rows count */
         __m512i t = acc[0][l];
         for (int r = 1; r < nr; ++r) t = _mm512_max_epi32(t, acc[r][l]);
-        /* columns: the running maximum after these rows; an entry within the slack of
-         * it is kept (a final candidate always is: the maximum only grows) */
+        /* columns: the running maximum after these rows; the lanes with an entry within
+         * the slack of it are marked, and appended after the block (i8_col_appends; a
+         * branch here would flush the next tile's products where it mispredicts) */
         const int64_t i = i0 + l * 16;
         const __m512i cm = _mm512_max_epi32(_mm512_loadu_si512((const void *)(cs->max + i)), t);
         _mm512_storeu_si512((void *)(cs->max + i), cm);
         const __m512i sl = _mm512_maskz_loadu_epi32(m, cs->slack + i);
-        /* max - v <= slack for v = the tile's best: are there any? (no overflow: code sums) */
-        if (!_mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, t), sl)) continue;
-        if (i8_reserve(&cs->i, 64) || i8_reserve(&cs->j, 64) || i8_reserve(&cs->v, 64))
-            return -1;
-        const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), lane0);
-        for (int r = 0; r < nr; ++r) {
-            const __m512i v = _mm512_loadu_si512((const void *)(out + r * out_stride + l * 16));
-            const __mmask16 hit = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, v), sl);
-            if (!hit) continue;
-            /* compress in registers and store whole vectors (a compress straight to
-             * memory is microcoded on Zen 4); the list has room for 64 more */
-            const int64_t n = cs->i.n;
-            _mm512_storeu_si512((void *)(cs->i.v + n), _mm512_maskz_compress_epi32(hit, lane));
-            _mm512_storeu_si512((void *)(cs->v.v + n), _mm512_maskz_compress_epi32(hit, v));
-            _mm512_storeu_si512((void *)(cs->j.v + n), _mm512_set1_epi32((int32_t)(j0 + r)));
-            const int k = __builtin_popcount(hit);
-            cs->i.n += k;
-            cs->j.n += k;
-            cs->v.n += k;
+        /* max - v <= slack for v = the tile's best (no overflow: code sums) */
+        hits[l] = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, t), sl);
+    }
+    return 0;
+}
+
+/* The column step of a complete block of nr rows (j0..): for every 16 query points that
+ * i8_epilogue marked (hits, 4 per group), the rows' entries within the slack of the
+ * running maximum are appended (compressed in registers, stored as whole vectors: a
+ * compress straight to memory is microcoded on Zen 4). */
+static int i8_col_appends(const int32_t *blk, int64_t n_q_pad, int64_t n_q,
+                          const uint16_t *hits, int nr, int64_t j0, i8_cols *cs) {
+    const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t vecs = n_q_pad / 16;
+    for (int64_t e0 = 0; e0 < vecs; e0 += 32) {
+        const __mmask32 real = vecs - e0 >= 32 ? (__mmask32)0xFFFFFFFFu
+                                               : (__mmask32)((1u << (vecs - e0)) - 1u);
+        const __m512i h = _mm512_maskz_loadu_epi16(real, hits + e0);
+        uint32_t marked = _mm512_test_epi16_mask(h, h);
+        while (marked) {
+            const int64_t i = (e0 + __builtin_ctz(marked)) * 16;
+            marked &= marked - 1;
+            if (i8_reserve(&cs->i, 64) || i8_reserve(&cs->j, 64) || i8_reserve(&cs->v, 64))
+                return -1;
+            const int64_t left = n_q - i;      /* >= 1: marked lanes are real */
+            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __m512i cm = _mm512_loadu_si512((const void *)(cs->max + i));
+            const __m512i sl = _mm512_maskz_loadu_epi32(m, cs->slack + i);
+            const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), lane0);
+            for (int r = 0; r < nr; ++r) {
+                const __m512i v = _mm512_loadu_si512((const void *)(blk + r * n_q_pad + i));
+                const __mmask16 hit = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, v), sl);
+                const int64_t n = cs->i.n;
+                _mm512_storeu_si512((void *)(cs->i.v + n), _mm512_maskz_compress_epi32(hit, lane));
+                _mm512_storeu_si512((void *)(cs->v.v + n), _mm512_maskz_compress_epi32(hit, v));
+                _mm512_storeu_si512((void *)(cs->j.v + n), _mm512_set1_epi32((int32_t)(j0 + r)));
+                const int k = __builtin_popcount(hit);
+                cs->i.n += k;
+                cs->j.n += k;
+                cs->v.n += k;
+            }
         }
     }
     return 0;
@@ -1544,13 +1569,15 @@ static inline __attribute__((always_inline)) int i8_epilogue(
 
 /* 4 candidate rows (j0.., nr of them real) x 64 query points (i0.., valid of them real) of
  * exact code dot products into out[r][0..63]; per row, 16 lane maxima over these query
- * points into gmax[r * gmax_stride + 0..15] (INT32_MIN where none); and the column step
- * (running maximum, near entries appended). */
+ * points into gmax[r * gmax_stride + 0..15] (INT32_MIN where none); and the column step:
+ * the running maxima, and hits[0..3] marking the query points with near entries (the
+ * vector path; i8_col_appends appends them) or the entries appended here (generic). */
 static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const int8_t *qg,
                                              const int32_t *zero, int32_t *out,
                                              int64_t out_stride, int nr, int64_t j0,
                                              int64_t i0, int valid, int32_t *gmax,
-                                             int64_t gmax_stride, i8_cols *cs, int generic) {
+                                             int64_t gmax_stride, i8_cols *cs, uint16_t *hits,
+                                             int generic) {
 #if VPR_HAVE_VNNI
     if (!generic) {
         /* the accumulators (VNNI_TILE_4X4) start at -zero (the u8 codes' zero point), so
@@ -1570,8 +1597,10 @@ static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const
                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         /* a constant row count keeps the accumulators in registers */
         return nr == 4
-                   ? i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs)
-                   : i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs);
+                   ? i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs,
+                                 hits)
+                   : i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs,
+                                 hits);
     }
 #endif
     const int64_t groups = c4 / 4, block = groups * 64;
@@ -1617,34 +1646,50 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
         for (int64_t e = 0; e < groups * 16; ++e) best = gmax[e] > best ? gmax[e] : best;
     const int64_t thr64 = (int64_t)best - slack;
     const int32_t thr = thr64 < INT32_MIN ? INT32_MIN : (int32_t)thr64;
-    if (i8_reserve(rows, n_q)) return -1;
+    if (i8_reserve(rows, n_q + 16)) return -1;      /* + whole-vector stores */
     int32_t *o = rows->v + rows->n;
     int64_t n = 0;
-    for (int64_t g = 0; g < groups; ++g) {
-        int reach = 0;
 #if VPR_HAVE_VNNI
-        if (!generic)
-            reach = _mm512_cmpge_epi32_mask(_mm512_loadu_si512((const void *)(gmax + g * 16)),
-                                            _mm512_set1_epi32(thr)) != 0;
-        else
-#endif
-            for (int e = 0; e < 16; ++e) reach |= gmax[g * 16 + e] >= thr;
-        if (!reach) continue;
-        const int64_t end = (g + 1) * I8_GROUP < n_q ? (g + 1) * I8_GROUP : n_q;
-        int64_t i = g * I8_GROUP;
-#if VPR_HAVE_VNNI
-        if (!generic) {
-            const __m512i t = _mm512_set1_epi32(thr);
-            for (; i + 16 <= end; i += 16) {
-                __mmask16 hit = _mm512_cmpge_epi32_mask(_mm512_loadu_si512((const void *)(v + i)), t);
-                while (hit) {
-                    o[n++] = (int32_t)(i + __builtin_ctz(hit));
-                    hit &= (__mmask16)(hit - 1);
+    if (!generic) {
+        /* without branches on the data: a bitmap of the groups that reach the threshold,
+         * then each of their vectors compressed to its indices in registers (in index
+         * order) and stored whole */
+        const __m512i t = _mm512_set1_epi32(thr);
+        const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                14, 15);
+        for (int64_t g0 = 0; g0 < groups; g0 += 64) {
+            const int64_t g_end = groups - g0 < 64 ? groups : g0 + 64;
+            uint64_t reach = 0;
+            for (int64_t g = g0; g < g_end; ++g)
+                reach |= (uint64_t)(_mm512_cmpge_epi32_mask(
+                             _mm512_loadu_si512((const void *)(gmax + g * 16)), t) != 0)
+                         << (g - g0);
+            while (reach) {
+                const int64_t base = (g0 + __builtin_ctzll(reach)) * I8_GROUP;
+                reach &= reach - 1;
+                for (int l = 0; l < I8_GROUP / 16; ++l) {
+                    const int64_t i = base + 16 * l;
+                    const int64_t left = n_q - i;     /* the padding query points: out */
+                    const __mmask16 real = left >= 16 ? (__mmask16)0xFFFF
+                                           : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+                    const __mmask16 hit = _mm512_mask_cmpge_epi32_mask(
+                        real, _mm512_loadu_si512((const void *)(v + i)), t);
+                    _mm512_storeu_si512((void *)(o + n), _mm512_maskz_compress_epi32(
+                        hit, _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), lane0)));
+                    n += __builtin_popcount(hit);
                 }
             }
         }
+        rows->n += n;
+        return n;
+    }
 #endif
-        for (; i < end; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+        int reach = 0;
+        for (int e = 0; e < 16; ++e) reach |= gmax[g * 16 + e] >= thr;
+        if (!reach) continue;
+        const int64_t end = (g + 1) * I8_GROUP < n_q ? (g + 1) * I8_GROUP : n_q;
+        for (int64_t i = g * I8_GROUP; i < end; ++i)
             if (v[i] >= thr) o[n++] = (int32_t)i;
     }
     rows->n += n;
@@ -1680,14 +1725,21 @@ static inline int32_t dot16(const int16_t *a, const int16_t *b, int64_t c_pad, i
 static int resolve_sets(const int16_t *own16, const int16_t *other16, int64_t c_pad,
                         const float *own, const float *other, int64_t c,
                         const int32_t *owner, const int64_t *start, const int32_t *idx,
-                        int64_t n_sets, const int64_t *slack16, int32_t *arg, int64_t *stats,
-                        int generic) {
+                        int64_t n_sets, const int32_t *order, const int64_t *slack16,
+                        int32_t *arg, int64_t *stats, int generic) {
     int64_t most = 1;
     for (int64_t s = 0; s < n_sets; ++s)
         most = start[s + 1] - start[s] > most ? start[s + 1] - start[s] : most;
     int32_t *w = malloc((size_t)most * sizeof(int32_t));
     if (!w) return -1;
-    for (int64_t s = 0; s < n_sets; ++s) {
+    for (int64_t u = 0; u < n_sets; ++u) {
+        const int64_t s = order ? order[u] : u;
+        if (u + 1 < n_sets) {   /* the next set's rows: scattered over the other map */
+            const int64_t s1 = order ? order[u + 1] : u + 1;
+            for (int64_t t = start[s1]; t < start[s1 + 1]; ++t)
+                for (int64_t off = 0; off < c_pad; off += 32)
+                    __builtin_prefetch(other16 + (int64_t)idx[t] * c_pad + off);
+        }
         const int64_t o = owner[s], b = start[s], n = start[s + 1] - b;
         const int16_t *a16 = own16 + o * c_pad;
         int32_t best = INT32_MIN;
@@ -1740,9 +1792,10 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
     i8_list rows = {0}, amb = {0};          /* ambiguous rows' candidates; their rows */
     int64_t *amb_start = malloc((size_t)(n_x + 1) * sizeof(int64_t));
     int32_t *gmax = malloc((size_t)4 * groups * 16 * sizeof(int32_t));
+    uint16_t *hits = calloc((size_t)groups * 4 + 32, sizeof(uint16_t));
     int64_t stats[2] = {0, 0};
     int too_many = 0;
-    int failed = !blk || !row_arg || !col_arg || !cs.max || !amb_start || !gmax;
+    int failed = !blk || !row_arg || !col_arg || !cs.max || !amb_start || !gmax || !hits;
     for (int64_t i = 0; i < n_q_pad && !failed; ++i) cs.max[i] = INT32_MIN;
     /* blocks of 4 rows in bit-reversed order: the first blocks sample the whole map, so
      * the running column maxima are near their final values early and few entries are
@@ -1761,8 +1814,11 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
             failed = i8_tile(x_codes + j0 * c4, c4, q_codes + gi * group_bytes,
                              q_zero + i0, blk + i0, n_q_pad, nr, j0, i0,
                              (int)(n_q - i0 < I8_GROUP ? n_q - i0 : I8_GROUP), gmax + gi * 16,
-                             groups * 16, &cs, generic);
+                             groups * 16, &cs, hits + gi * 4, generic);
         }
+#if VPR_HAVE_VNNI
+        if (!generic && !failed) failed = i8_col_appends(blk, n_q_pad, n_q, hits, nr, j0, &cs);
+#endif
         for (int r = 0; r < nr && !failed; ++r) {
             const int64_t before = rows.n;
             const int64_t n = i8_row_candidates(blk + r * n_q_pad, n_q, gmax + r * groups * 16,
@@ -1787,8 +1843,21 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
     if (!failed) {          /* the ambiguous rows: candidate points against query points */
         amb_start[amb.n] = rows.n;
         arg = malloc((size_t)(amb.n > n_q ? amb.n : n_q) * sizeof(int32_t) + 4);
-        failed = !arg || resolve_sets(x16, q16, c_pad, x, q, c, amb.v, amb_start, rows.v, amb.n,
-                                      row_slack16, arg, stats, generic);
+        /* in row order: neighbouring rows' candidates are near each other */
+        int32_t *order = malloc((size_t)(amb.n + 1) * sizeof(int32_t));
+        int32_t *set_of = malloc((size_t)(n_x + 1) * sizeof(int32_t));
+        failed = !arg || !order || !set_of;
+        if (!failed) {
+            for (int64_t j = 0; j < n_x; ++j) set_of[j] = -1;
+            for (int64_t s = 0; s < amb.n; ++s) set_of[amb.v[s]] = (int32_t)s;
+            int64_t u = 0;
+            for (int64_t j = 0; j < n_x; ++j)
+                if (set_of[j] >= 0) order[u++] = set_of[j];
+            failed = resolve_sets(x16, q16, c_pad, x, q, c, amb.v, amb_start, rows.v, amb.n,
+                                  order, row_slack16, arg, stats, generic);
+        }
+        free(order);
+        free(set_of);
         for (int64_t s = 0; s < amb.n && !failed; ++s) row_arg[amb.v[s]] = arg[s];
     }
     if (!failed) {
@@ -1829,8 +1898,8 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
             }
             fill[n_sets] = w;
             n_amb_cols = n_sets;
-            failed = resolve_sets(q16, x16, c_pad, q, x, c, cs.i.v, fill, cj, n_sets, col_slack16,
-                                  arg, stats, generic);
+            failed = resolve_sets(q16, x16, c_pad, q, x, c, cs.i.v, fill, cj, n_sets, NULL,
+                                  col_slack16, arg, stats, generic);
             for (int64_t s = 0; s < n_sets && !failed; ++s) col_arg[cs.i.v[s]] = arg[s];
         }
         free(fill);
@@ -1857,6 +1926,7 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
     free(amb.v);
     free(amb_start);
     free(gmax);
+    free(hits);
     return too_many ? 1 : failed ? -1 : 0;
 }
 
