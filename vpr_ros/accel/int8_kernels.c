@@ -1733,12 +1733,6 @@ static int resolve_sets(const int16_t *own16, const int16_t *other16, int64_t c_
     if (!w) return -1;
     for (int64_t u = 0; u < n_sets; ++u) {
         const int64_t s = order ? order[u] : u;
-        if (u + 1 < n_sets) {   /* the next set's rows: scattered over the other map */
-            const int64_t s1 = order ? order[u + 1] : u + 1;
-            for (int64_t t = start[s1]; t < start[s1 + 1]; ++t)
-                for (int64_t off = 0; off < c_pad; off += 32)
-                    __builtin_prefetch(other16 + (int64_t)idx[t] * c_pad + off);
-        }
         const int64_t o = owner[s], b = start[s], n = start[s + 1] - b;
         const int16_t *a16 = own16 + o * c_pad;
         int32_t best = INT32_MIN;
