@@ -214,6 +214,39 @@ def test_layer_scale_folding_matches_unfolded_block():
     assert not fold_block_layer_scales(nn.Linear(3, 3))
 
 
+def _kernels_with_vnni():
+    from vpr_ros.accel.int8_kernels import native_kernels
+
+    kernels = native_kernels(True)
+    if kernels is None or not kernels.has_vnni:
+        pytest.skip("the native int8 matmul needs the kernels built with AVX-512 VNNI")
+    return kernels
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 4, 64), (3, 64, 64), (5, 128, 192), (6, 64, 128),
+                                   (257, 768, 2304), (514, 1024, 512), (7, 6, 64), (9, 64, 96)])
+def test_native_int8_matmul_is_the_exact_product(m, k, n):
+    """The VNNI matmul (Int8Linear.integer_product) gives the exact int32 products, -128
+    and every row count included; shapes it does not take (K % 4, N % 64) fall back to
+    torch with the same integers."""
+    from vpr_ros.accel.int8_kernels import pack_int8_weight
+
+    kernels = _kernels_with_vnni()
+    torch.manual_seed(m * 1000 + k + n)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    layer = Int8Linear(torch.randint(-128, 128, (k, n), dtype=torch.int8), torch.ones(n))
+    exact = a.long() @ layer.weight_int8.long()
+    native = layer.integer_product(a, kernels)
+    assert native.dtype == torch.int32 and torch.equal(native.long(), exact)
+    out = torch.full((m, n), 7, dtype=torch.int32)
+    assert layer.integer_product(a, kernels, out) is out and torch.equal(out.long(), exact)
+    assert (pack_int8_weight(layer.weight_int8) is None) == bool(k % 4 or n % 64)
+    # the weight changed in place (as load_state_dict does): packed again
+    with torch.no_grad():
+        layer.weight_int8.mul_(-1)
+    assert torch.equal(layer.integer_product(a, kernels).long(), a.long() @ layer.weight_int8.long())
+
+
 # ----------------------------------------------------------------------------- describers
 
 @pytest.fixture(scope="module")
@@ -238,6 +271,25 @@ def test_int8_descriptors_bit_identical_alone_and_in_batch(card, sample_images):
     # the same image next to different neighbours
     other = d.describe([sample_images[3], sample_images[3], sample_images[0]])
     assert np.array_equal(other[2], batch[0])
+
+
+def test_native_int8_matmul_same_bits_as_int_mm_in_a_model(sample_images):
+    """demo_tiny's 21 int8 layers all take the VNNI matmul: descriptors bit-identical to
+    torch._int_mm's."""
+    from vpr_ros.accel.int8_kernels import pack_int8_weight
+    from vpr_ros.inference import GlobalDescriber
+
+    _kernels_with_vnni()
+    d = GlobalDescriber("demo_tiny", device="cpu", precision="int8", batch_size=2)
+    layers = [m for m in d.model.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(pack_int8_weight(m.weight_int8) is not None for m in layers)
+    native = d.describe(sample_images[:3])
+    try:
+        Int8Linear.use_native_gemm = False
+        int_mm = d.describe(sample_images[:3])
+    finally:
+        Int8Linear.use_native_gemm = True
+    assert np.array_equal(native, int_mm)
 
 
 def test_int8_selavpr_backbone_bit_identical_alone_and_in_batch(sample_images):

@@ -759,13 +759,15 @@ void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t 
  * (vpdpbusd) re-ranking kernels: the 16 named accumulators aRC (row R, block C of 16 query
  * points, declared by the caller) += INSN(broadcast of the 4 bytes of candidate row R at
  * step g, the vector of query block C at step g).  ROWS_PTR: 4 rows of ROW_LEN elements;
- * PER elements make 4 bytes; QG: the query group, [4 blocks][STEPS][16][PER].  The
+ * PER elements make 4 bytes; QG: the query group, [4 blocks][STEPS][16][PER].  FLIP is
+ * XORed into each row's 4 bytes before the broadcast (0x80808080 turns s8 into the u8
+ * a + 128 that vpdpbusd multiplies; 0: as stored).  The
  * accumulators are named and the instruction goes through asm: with an array and GCC's
  * intrinsics the accumulators were copied or kept in memory on every step, and GCC folded
  * each query load into every instruction (load-bound). */
 #define VNNI_DP(INSN, acc, row, col) \
     __asm__(INSN " %2, %1, %0" : "+v"(acc) : "v"(row), "v"(col))
-#define VNNI_TILE_4X4(INSN, ROWS_PTR, ROW_LEN, PER, QG, STEPS)                              \
+#define VNNI_TILE_4X4(INSN, ROWS_PTR, ROW_LEN, PER, QG, STEPS, FLIP)                        \
     do {                                                                                     \
         const int64_t steps_ = (STEPS), block_ = steps_ * 16 * (PER);                        \
         for (int64_t g = 0; g < steps_; ++g) {                                               \
@@ -774,6 +776,7 @@ void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t 
             memcpy(&f1, (ROWS_PTR) + (ROW_LEN) + (PER) * g, 4);                              \
             memcpy(&f2, (ROWS_PTR) + 2 * (ROW_LEN) + (PER) * g, 4);                          \
             memcpy(&f3, (ROWS_PTR) + 3 * (ROW_LEN) + (PER) * g, 4);                          \
+            f0 ^= (FLIP); f1 ^= (FLIP); f2 ^= (FLIP); f3 ^= (FLIP);                          \
             const __m512i r0 = _mm512_set1_epi32(f0), r1 = _mm512_set1_epi32(f1);            \
             const __m512i r2 = _mm512_set1_epi32(f2), r3 = _mm512_set1_epi32(f3);            \
             const __typeof__(*(QG)) *qq = (QG) + g * 16 * (PER);                             \
@@ -805,7 +808,7 @@ static void mnn_tile(const int16_t *x, int64_t c_pad, const int16_t *qg, int row
         __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00;
         __m512i a10 = a00, a11 = a00, a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00;
         __m512i a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-        VNNI_TILE_4X4("vpdpwssd", x, c_pad, 2, qg, c_pad / 2);
+        VNNI_TILE_4X4("vpdpwssd", x, c_pad, 2, qg, c_pad / 2, 0);
         const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         for (int r = 0; r < 4; ++r)
@@ -1591,7 +1594,7 @@ static inline __attribute__((always_inline)) int i8_tile(
                                             _mm512_loadu_si512((const void *)(zero + 48)));
         __m512i a00 = z0, a01 = z1, a02 = z2, a03 = z3, a10 = z0, a11 = z1, a12 = z2, a13 = z3;
         __m512i a20 = z0, a21 = z1, a22 = z2, a23 = z3, a30 = z0, a31 = z1, a32 = z2, a33 = z3;
-        VNNI_TILE_4X4("vpdpbusd", x, c4, 4, qg, c4 / 4);
+        VNNI_TILE_4X4("vpdpbusd", x, c4, 4, qg, c4 / 4, 0);
         const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         /* a constant row count keeps the accumulators in registers */
@@ -2008,3 +2011,72 @@ void vpr_codes_8_16(const float *x, int64_t n, int64_t c, int64_t c4, int64_t c_
 /* The largest |x| of n floats (row_absmax: NaN or infinity anywhere give a non-finite
  * result): the finiteness check and the code scale of a map in one vectorised pass. */
 float vpr_absmax(const float *x, int64_t n) { return row_absmax(x, n); }
+
+
+/* ------------------------------------------------------------------------------------
+ * The int8 matmul of the int8 models (issue 15): c[m][n] = sum_k a[m][k] w[n][k], exact
+ * int32, the product torch._int_mm gives.  a: s8 rows of k (k % 4 == 0); w: the VNNI
+ * layout of mnn_query_layout8, [n/16][k/4][16][4] s8 (n % 64 == 0), with
+ * neg_zero[n] = -128 sum_k w[n][k].  vpdpbusd multiplies u8 by s8: the bytes of a are
+ * flipped to the u8 a + 128 as they are broadcast (VNNI_TILE_4X4's FLIP), and the
+ * accumulators start at neg_zero, so they end as the signed sums (|sum| <= 128 127 k:
+ * no overflow below k = 132 000).  Integer sums do not depend on the order, the thread
+ * count or the other rows: batch-invariant like every kernel here.
+ * The columns are split over the threads in groups of 64 (no two threads write the same
+ * output, no reduction); the rows run in chunks of GEMM_CHUNK_ROWS, so a chunk of a stays
+ * in L2 while the weight panels stream past it.  Measured against torch._int_mm on the
+ * ViT-B and ViT-L shapes (M = 257): 1.06-1.10x on one thread, 1.12-1.16x on two
+ * (docs/fast_paths.md, section 2).  Returns 0, 1 without VNNI (the caller multiplies with
+ * torch), -1 when memory ran out.
+ * ------------------------------------------------------------------------------------ */
+#define GEMM_CHUNK_ROWS 128
+
+#if VPR_HAVE_VNNI
+/* 4 rows x 64 columns: rows (the real ones of the 4) stored into c (row stride ldc) */
+static inline __attribute__((always_inline)) void gemm_tile(
+        const int8_t *a, int64_t k, const int8_t *wg, const int32_t *neg_zero, int32_t *c,
+        int64_t ldc, int rows) {
+    const __m512i z0 = _mm512_loadu_si512((const void *)neg_zero);
+    const __m512i z1 = _mm512_loadu_si512((const void *)(neg_zero + 16));
+    const __m512i z2 = _mm512_loadu_si512((const void *)(neg_zero + 32));
+    const __m512i z3 = _mm512_loadu_si512((const void *)(neg_zero + 48));
+    __m512i a00 = z0, a01 = z1, a02 = z2, a03 = z3, a10 = z0, a11 = z1, a12 = z2, a13 = z3;
+    __m512i a20 = z0, a21 = z1, a22 = z2, a23 = z3, a30 = z0, a31 = z1, a32 = z2, a33 = z3;
+    VNNI_TILE_4X4("vpdpbusd", (const uint8_t *)a, k, 4, wg, k / 4, (int32_t)0x80808080);
+    const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                               {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+    for (int r = 0; r < rows; ++r)
+        for (int l = 0; l < 4; ++l)
+            _mm512_storeu_si512((void *)(c + r * ldc + l * 16), acc[r][l]);
+}
+#endif
+
+int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
+                  const int32_t *neg_zero, int64_t n, int32_t *c, int num_threads) {
+#if VPR_HAVE_VNNI
+    const int64_t groups = n / 64, blocks = (m + 3) / 4, full = m / 4;
+    const int64_t chunk = GEMM_CHUNK_ROWS / 4;
+    /* the last rows, if not 4: read from a copy padded with zero rows */
+    int8_t *tail = NULL;
+    if (full < blocks) {
+        tail = calloc((size_t)(4 * k), 1);
+        if (!tail) return -1;
+        memcpy(tail, a + full * 4 * k, (size_t)((m - full * 4) * k));
+    }
+#pragma omp parallel num_threads(num_threads)
+    for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
+        const int64_t b1 = b0 + chunk < blocks ? b0 + chunk : blocks;
+        /* the same static split for every chunk: a thread keeps its columns */
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t b = b0; b < b1; ++b)
+                gemm_tile(b < full ? a + b * 4 * k : tail, k, w + g * 64 * k, neg_zero + g * 64,
+                          c + b * 4 * n + g * 64, n, (int)(m - b * 4 < 4 ? m - b * 4 : 4));
+    }
+    free(tail);
+    return 0;
+#else
+    (void)a; (void)m; (void)k; (void)w; (void)neg_zero; (void)n; (void)c; (void)num_threads;
+    return 1;
+#endif
+}

@@ -181,11 +181,12 @@ class NativeKernels:
             "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
                                           ctypes.c_float, vp, vp, vp, i32, i32],
             "vpr_col2im_channels_last": [vp, i32] + [_I64] * 14 + [vp, vp, i32],
+            "vpr_int8_gemm": [vp, _I64, _I64, vp, vp, _I64, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
                    "vpr_have_vnni": ctypes.c_int, "vpr_absmax": ctypes.c_float,
-                   "vpr_integer_attention_acc": ctypes.c_int}
+                   "vpr_integer_attention_acc": ctypes.c_int, "vpr_int8_gemm": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -662,6 +663,27 @@ class NativeKernels:
                                  a.shape[1], out.ctypes.data, torch.get_num_threads())
         return out
 
+    def int8_gemm(self, a: torch.Tensor, weight: "VnniWeight",
+                  out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The exact int32 product of int8 ``a`` (M, K) and the weight packed by
+        :func:`pack_int8_weight` (what ``torch._int_mm(a, weight_kn)`` gives), into ``out``
+        (int32 (M, N)) when given; None where the kernels were built without VNNI (the
+        caller multiplies with torch then)."""
+        m, k = a.shape
+        if k != weight.k:
+            raise ValueError(f"int8_gemm: input has {k} channels, the weight {weight.k}")
+        if out is None:
+            out = torch.empty((m, weight.n), dtype=torch.int32)
+        elif tuple(out.shape) != (m, weight.n):
+            raise ValueError(f"int8_gemm: out has shape {tuple(out.shape)}, expected "
+                             f"{(m, weight.n)}")
+        status = self._lib.vpr_int8_gemm(
+            self._check(a, torch.int8, "a"), m, k, weight.layout.ctypes.data,
+            weight.neg_zero.ctypes.data, weight.n, self._check(out, torch.int32, "out"),
+            torch.get_num_threads())
+        if status < 0:
+            raise MemoryError("int8_gemm: could not allocate its scratch memory")
+        return out if status == 0 else None
 
 def _threads(threads: Optional[int]) -> int:
     """OpenMP threads of a kernel call: the given count, else torch's."""
@@ -711,6 +733,28 @@ def mnn_query_layout8(codes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return out, (128 * padded.astype(np.int32).sum(axis=1)).astype(np.int32)
 
 
+class VnniWeight:
+    """An int8 weight packed for :meth:`NativeKernels.int8_gemm`: the (N, K) weight in the
+    layout of :func:`mnn_query_layout8` and ``neg_zero`` = -128 x each output channel's
+    sum (the u8 offset of ``vpdpbusd``)."""
+
+    __slots__ = ("layout", "neg_zero", "k", "n")
+
+    def __init__(self, layout: np.ndarray, neg_zero: np.ndarray, k: int, n: int):
+        self.layout, self.neg_zero, self.k, self.n = layout, neg_zero, int(k), int(n)
+
+
+def pack_int8_weight(weight_kn: torch.Tensor) -> Optional[VnniWeight]:
+    """(K, N) int8 weight (``Int8Linear.weight_int8``) -> :class:`VnniWeight`, or None for
+    shapes the kernel does not take (K not a multiple of 4, N not a multiple of 64)."""
+    k, n = weight_kn.shape
+    if k % 4 or n % MNN_GROUP or not k or not n:
+        return None
+    codes = np.ascontiguousarray(weight_kn.detach().cpu().numpy().T)
+    layout, zero = mnn_query_layout8(codes)
+    return VnniWeight(layout, np.ascontiguousarray(-zero[:n], dtype=np.int32), k, n)
+
+
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary
     (the kernels load it with aligned 512-bit loads)."""
@@ -750,6 +794,7 @@ def native_kernels(enabled: Optional[bool] = None,
         return _loaded[key]
 
 
-__all__ = ["NativeKernels", "Panels", "mnn_query_layout", "mnn_query_layout8", "MNN_ROWS",
+__all__ = ["NativeKernels", "Panels", "VnniWeight", "pack_int8_weight", "mnn_query_layout",
+           "mnn_query_layout8", "MNN_ROWS",
            "MNN_GROUP", "EXACT_PANEL", "KernelBuildError", "MAX_ATTENTION_TOKENS",
            "native_kernels", "build", "cache_dir", "enabled", "SOURCE", "ENV_SWITCH", "ENV_CACHE"]

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .int8_kernels import native_kernels
+from .int8_kernels import native_kernels, pack_int8_weight
 from .options import DEFAULT, AccelOptions
 
 INT8_MAX = 127
@@ -92,6 +92,8 @@ class Int8Linear(nn.Module):
     """
 
     use_int_mm: bool = True   # tests set False on an instance to exercise the float fallback
+    # False: torch._int_mm even where the native VNNI matmul runs (tests, benchmarks)
+    use_native_gemm: bool = True
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
     def __init__(self, weight_int8_kn: torch.Tensor, weight_scale: torch.Tensor,
@@ -109,6 +111,30 @@ class Int8Linear(nn.Module):
         q, scale = quantize_weight(linear.weight.float())
         return cls(q.t().contiguous(), scale, linear.bias)
 
+    def integer_product(self, q: torch.Tensor, kernels=None,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The exact int32 product of the int8 rows ``q`` (M, K) with the weight (into
+        ``out`` when given): the native VNNI matmul where ``kernels`` (the loaded native
+        kernels) has it and the shape fits, else :func:`integer_matmul`.  Same integers
+        either way.  The packed weight is built on first use and kept (as much memory
+        again as ``weight_int8``)."""
+        if kernels is not None and kernels.has_vnni and self.use_native_gemm:
+            packed = self._vnni_weight()
+            if packed is not None:
+                return kernels.int8_gemm(q, packed, out)
+        return integer_matmul(q, self.weight_int8, self.use_int_mm, out=out)
+
+    def _vnni_weight(self):
+        """``weight_int8`` packed for the native matmul (None: a shape it does not take);
+        packed again if the weight was replaced or changed in place (load_state_dict)."""
+        w = self.weight_int8
+        key = (w.data_ptr(), w._version)
+        cached = self.__dict__.get("_vnni")
+        if cached is None or cached[0] != key:
+            cached = (key, pack_int8_weight(w) if w.is_cpu else None)
+            self.__dict__["_vnni"] = cached
+        return cached[1]
+
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weight this layer effectively multiplies with."""
         return (self.weight_int8.float() * self.weight_scale).t().contiguous()
@@ -121,7 +147,7 @@ class Int8Linear(nn.Module):
         if kernels is not None:     # same bits as below, one pass per row (int8_kernels.c)
             rows = rows.float().contiguous()
             q, row_scale = kernels.quantize_rows(rows)
-            acc = integer_matmul(q, self.weight_int8, self.use_int_mm)
+            acc = self.integer_product(q, kernels)
             out = kernels.dequantize_(acc, row_scale, self.weight_scale, self.bias)
             return out.reshape(*lead, self.out_features)
         q, row_scale = quantize_rows(rows)
