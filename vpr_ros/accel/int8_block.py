@@ -292,7 +292,7 @@ class Int8TransformerBlock(nn.Module):
         acc = _int_mm(q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
         rows = kernels.residual_layer_norm_quantize(
             acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows,
-            norm=(blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
+            (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
 
         # MLP: fc1 + GELU + quantise, fc2 + residual (a fresh output)
         acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
@@ -349,8 +349,9 @@ class Int8AdaptedBlock(nn.Module):
                                     ad1.fc1.bias, True, q_ad, s_ad)
         x1 = kernels.residual_layer_norm_quantize(
             _int_mm(q_ad, ad1.fc2, ws.get("acc_x1", (m, c), torch.int32)), s_ad,
-            ad1.fc2.weight_scale, ad1.fc2.bias, rows, skip=a, gamma=_layer_scale(blk.ls1),
-            norm=(blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
+            ad1.fc2.weight_scale, ad1.fc2.bias, rows,
+            (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), skip=a,
+            gamma=_layer_scale(blk.ls1), q=q_c, scale=s_a)
 
         # MLP and parallel adapter on h, LayerScale, residual: a fresh output
         acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)

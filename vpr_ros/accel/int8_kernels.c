@@ -1284,8 +1284,10 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
  *   y = y + skip        if skip   (a serial adapter's own skip connection)
  *   y = y * gamma       if gamma  (LayerScale; folded away in plain blocks)
  *   x = residual + y    written as float into acc
- * and, if ln_weight: q, q_scale = quantise(LayerNorm(x)) (tmp: num_threads * n floats).
- * residual and skip are only read. */
+ * and q, q_scale = quantise(LayerNorm(x)) (tmp: num_threads * n floats): the next
+ * LayerNorm always follows a block's residual step here (the block's last residual step
+ * is vpr_dequantize_add or vpr_dequantize_pair_residual).  residual and skip are only
+ * read. */
 void vpr_residual_layer_norm_quantize(int32_t *acc, int64_t m, int64_t n,
                                       const float *row_scale, const float *col_scale,
                                       const float *bias, const float *skip, const float *gamma,
@@ -1305,10 +1307,8 @@ void vpr_residual_layer_norm_quantize(int32_t *acc, int64_t m, int64_t n,
             for (int64_t j = 0; j < n; ++j) x[j] = x[j] * gamma[j];
         const float *r = residual + i * n;
         for (int64_t j = 0; j < n; ++j) x[j] = r[j] + x[j];
-        if (ln_weight)
-            q_scale[i] = layer_norm_quantize_row(x, n, ln_weight, ln_bias, eps,
-                                                 tmp + (int64_t)omp_get_thread_num() * n,
-                                                 q + i * n);
+        q_scale[i] = layer_norm_quantize_row(x, n, ln_weight, ln_bias, eps,
+                                             tmp + (int64_t)omp_get_thread_num() * n, q + i * n);
     }
 }
 

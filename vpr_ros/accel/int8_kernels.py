@@ -289,33 +289,28 @@ class NativeKernels:
     def residual_layer_norm_quantize(
             self, acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
             bias: Optional[torch.Tensor], residual: torch.Tensor,
+            norm: Tuple[torch.Tensor, torch.Tensor, float],
             skip: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None,
-            norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
             q: Optional[torch.Tensor] = None,
             scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x = residual + gamma * (dequantise(acc) + skip)`` (gamma, skip optional), written
-        into ``acc`` as float32 and returned; with ``norm = (weight, bias, eps)`` also the
-        int8 codes of ``LayerNorm(x)`` into ``q`` / ``scale`` (same bits as
-        :meth:`dequantize_add_` (+ the torch ops) then :meth:`layer_norm_quantize`).
-        ``row_scale`` may be ``scale`` itself (each row's scale is read before it is written)."""
+        into ``acc`` as float32 and returned, and the int8 codes of ``LayerNorm(x)``
+        (``norm = (weight, bias, eps)``) into ``q`` / ``scale``: the same bits as
+        :meth:`dequantize_add_` (+ the torch ops) then :meth:`layer_norm_quantize`.
+        ``row_scale`` may be ``scale`` itself (each row's scale is read before it is written).
+        A residual step without a LayerNorm after it is :meth:`dequantize_add_`."""
         m, n = acc.shape
         threads = torch.get_num_threads()
-        ln_w = ln_b = q_ptr = s_ptr = tmp = None
-        eps = 0.0
-        if norm is not None:
-            ln_w = self._check(norm[0], torch.float32, "norm weight", n)
-            ln_b = self._check(norm[1], torch.float32, "norm bias", n)
-            eps = float(norm[2])
-            q, scale = self._outputs(m, n, q, scale)
-            q_ptr, s_ptr = q.data_ptr(), scale.data_ptr()
-            tmp = self._scratch(n, threads).data_ptr()
+        q, scale = self._outputs(m, n, q, scale)
         self._lib.vpr_residual_layer_norm_quantize(
             self._check(acc, torch.int32, "acc"), m, n,
             self._check(row_scale, torch.float32, "row_scale", m),
             self._check(col_scale, torch.float32, "col_scale", n), self._opt(bias, n, "bias"),
             self._opt(skip, m * n, "skip"), self._opt(gamma, n, "gamma"),
-            self._check(residual, torch.float32, "residual", m * n), ln_w, ln_b, eps,
-            q_ptr, s_ptr, tmp, threads)
+            self._check(residual, torch.float32, "residual", m * n),
+            self._check(norm[0], torch.float32, "norm weight", n),
+            self._check(norm[1], torch.float32, "norm bias", n), float(norm[2]),
+            q.data_ptr(), scale.data_ptr(), self._scratch(n, threads).data_ptr(), threads)
         return acc.view(torch.float32)
 
     def dequantize_quantize(self, acc: torch.Tensor, row_scale: torch.Tensor,
