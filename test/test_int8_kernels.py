@@ -550,6 +550,32 @@ def test_gemm_conv_transpose_native_col2im_is_the_fold(kernels, compute):
         assert torch.equal(native, fold), (kw, (native - fold).abs().max())
 
 
+def test_col2im_kernel_height_limit_is_one_value(kernels):
+    """The kernel height limit comes from the C source alone: the wrapper refuses a taller
+    kernel, and the layer sends one to ``F.fold`` (same bits as the layer without the
+    native kernels), while the tallest kernel taken still runs natively."""
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+    from vpr_ros.accel.options import AccelOptions
+
+    limit = kernels.col2im_max_kernel_height
+    assert limit == 64
+    cols = torch.zeros(1, 1, (limit + 1) * 1 * 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="kernel height"):
+        kernels.col2im_channels_last(cols, (1, 1, 1, 2), (limit + 1, 1), (1, 1), (0, 0),
+                                     (1, 1), (limit + 1, 1), None)
+    torch.manual_seed(13)
+    for kh in (limit, limit + 1):
+        q = GemmConvTranspose2d(nn.ConvTranspose2d(4, 3, (kh, 2), stride=(2, 1)).eval(), "bf16")
+        x = torch.randn(2, 4, 3, 5)
+        with torch.no_grad():
+            got = q(x)
+            q.accel = AccelOptions(native_kernels=False)
+            fold = q(x)
+        assert torch.equal(got, fold), kh
+        # channels last only where the native col2im ran
+        assert got.is_contiguous(memory_format=torch.channels_last) == (kh <= limit), kh
+
+
 def test_convert_swaps_plain_conv_transposes_only():
     from vpr_ros.accel.int8_linear import GemmConvTranspose2d
 

@@ -688,8 +688,13 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
  * contributions in a fixed order (ky, then kx ascending; each bf16 value widened
  * exactly), starting from 0, then adds the bias: out[b][oy][ox][co] float32, channels
  * last.  Threads take output rows, so no two write the same pixel and an image's result
- * never depends on the batch.
+ * never depends on the batch.  At most COL2IM_MAX_KH kernel rows (the one limit: the
+ * Python side reads it with vpr_col2im_max_kernel_height and sends taller kernels to
+ * F.fold); taller kernels would drop their rows beyond it.
  * ------------------------------------------------------------------------------------ */
+#define COL2IM_MAX_KH 64
+int vpr_col2im_max_kernel_height(void) { return COL2IM_MAX_KH; }
+
 void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t h, int64_t w,
                               int64_t c, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                               int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
@@ -698,8 +703,8 @@ void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t 
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t item = 0; item < b * oh; ++item) {
         const int64_t img = item / oh, oy = item % oh;
-        int64_t iys[64], kys[64], ny = 0;       /* input rows (and ky) reaching row oy */
-        for (int64_t ky = 0; ky < kh && ny < 64; ++ky) {
+        int64_t iys[COL2IM_MAX_KH], kys[COL2IM_MAX_KH], ny = 0;  /* rows (and ky) reaching oy */
+        for (int64_t ky = 0; ky < kh && ny < COL2IM_MAX_KH; ++ky) {
             const int64_t t = oy + ph - ky * dh;
             if (t >= 0 && t % sh == 0 && t / sh < h) {
                 iys[ny] = t / sh;

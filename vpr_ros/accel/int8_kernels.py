@@ -181,17 +181,21 @@ class NativeKernels:
             "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
                                           ctypes.c_float, vp, vp, vp, i32, i32],
             "vpr_col2im_channels_last": [vp, i32] + [_I64] * 14 + [vp, vp, i32],
+            "vpr_col2im_max_kernel_height": [],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
                    "vpr_have_vnni": ctypes.c_int, "vpr_absmax": ctypes.c_float,
-                   "vpr_integer_attention_acc": ctypes.c_int}
+                   "vpr_integer_attention_acc": ctypes.c_int,
+                   "vpr_col2im_max_kernel_height": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
         self._lib = lib
         self._tls = threading.local()
         self.has_vnni = bool(lib.vpr_have_vnni())    # built with AVX-512 VNNI (else plain C)
+        # the tallest kernel col2im_channels_last takes (COL2IM_MAX_KH in the C source)
+        self.col2im_max_kernel_height = int(lib.vpr_col2im_max_kernel_height())
 
     # -- checks ---------------------------------------------------------------------
     @staticmethod
@@ -431,13 +435,13 @@ class NativeKernels:
         kh * kw * c) bfloat16 or float32, each input pixel's row in [ky][kx][co] order ->
         (b, oh, ow, c) float32 (``out`` if given), each output pixel the sum of its
         contributions in (ky, kx) order, then ``bias`` (``vpr_col2im_channels_last``).
-        ``size`` = (b, h, w, c)."""
+        ``size`` = (b, h, w, c); at most :attr:`col2im_max_kernel_height` kernel rows."""
         b, h, w, c = size
         (kh, kw), (oh, ow) = kernel, out_size
         if cols.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"cols: expected bfloat16 or float32, got {cols.dtype}")
-        if kh > 64:
-            raise ValueError(f"col2im: kernel height {kh} > 64")
+        if kh > self.col2im_max_kernel_height:
+            raise ValueError(f"col2im: kernel height {kh} > {self.col2im_max_kernel_height}")
         self._check(cols, cols.dtype, "cols", b * h * w * kh * kw * c)
         if out is None:
             out = torch.empty((b, oh, ow, c), dtype=torch.float32)
