@@ -311,6 +311,34 @@ def test_worker_thread_gives_the_same_bits(kernels):
     assert torch.equal(results["out"], main)
 
 
+def test_layer_norm_scratch_is_the_threads_workspace(kernels):
+    """The LayerNorm kernels' per-thread rows come from the one per-thread workspace the
+    blocks use (no second owner): grown once, reused, and a separate set on another thread
+    that gives the same bits."""
+    import threading
+
+    from vpr_ros.accel.workspace import WORKSPACE
+
+    g = torch.Generator().manual_seed(14)
+    x, w, b = torch.randn(9, 300, generator=g), torch.rand(300, generator=g), torch.randn(300)
+    q, s = kernels.layer_norm_quantize(x, w, b, 1e-6)
+    rows = WORKSPACE.buffers["layer_norm_rows"]
+    assert rows.numel() >= torch.get_num_threads() * 300
+    kernels.layer_norm_quantize(x[:, :200].contiguous(), w[:200], b[:200], 1e-6)
+    assert WORKSPACE.buffers["layer_norm_rows"] is rows          # reused, not reallocated
+    other = {}
+
+    def work():
+        other.update(out=kernels.layer_norm_quantize(x, w, b, 1e-6),
+                     rows=WORKSPACE.buffers["layer_norm_rows"])
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=60)
+    assert other["rows"] is not rows
+    assert torch.equal(other["out"][0], q) and torch.equal(other["out"][1], s)
+
+
 def test_integer_attention_switch_keeps_float_attention(kernels, monkeypatch):
     """VPR_ROS_INTEGER_ATTENTION=0: float32 SDPA inside the fused block, still batch-invariant."""
     from vpr_ros.inference import GlobalDescriber

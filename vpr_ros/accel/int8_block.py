@@ -23,9 +23,10 @@ float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped bloc
 Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
 belong to one image, so descriptors stay batch-invariant.  The block's input is never
 written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
-output is a fresh tensor; everything in between lives in a per-thread workspace reused
-by every block and call (about 65 MB at batch 8 for ViT-B): fresh multi-megabyte
-buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the
+output is a fresh tensor; everything in between lives in the per-thread workspace of
+:mod:`vpr_ros.accel.workspace`, reused by every block and call (about 65 MB at batch 8
+for ViT-B): fresh multi-megabyte buffers cost a page fault per 4 KB, as much as the pass
+that fills them.  Without the
 native kernels (:func:`vpr_ros.accel.int8_kernels.native_kernels` is None), or for
 inputs the kernels do not take (an attention mask, a non-float32 or non-CPU tensor), the
 wrapped block runs as it is, through the torch path of its int8 layers.
@@ -33,8 +34,7 @@ wrapped block runs as it is, through the torch path of its int8 layers.
 
 from __future__ import annotations
 
-import threading
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from .int8_kernels import MAX_ATTENTION_TOKENS, native_kernels
 from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
 from .options import DEFAULT, ENV_INTEGER_ATTENTION, AccelOptions
+from .workspace import WORKSPACE, Workspace
 
 
 ENV_ATTENTION = ENV_INTEGER_ATTENTION   # the override of AccelOptions.integer_attention
@@ -153,43 +154,6 @@ def _layer_scale_fusable(module: Optional[nn.Module], dim: int) -> bool:
     return (type(module) is LayerScale and isinstance(gamma, torch.Tensor)
             and gamma.dtype == torch.float32 and gamma.is_contiguous()
             and gamma.numel() == dim)
-
-
-class Workspace(threading.local):
-    """Scratch buffers by role, one set per thread, grown to the largest request seen.
-
-    The views handed out are cached by (role, shape, dtype): a ViT forward asks ~100
-    times, and slicing and viewing a tensor costs more Python time than a dict lookup."""
-
-    def __init__(self):
-        self.buffers = {}
-        self.views = {}
-
-    def get(self, role: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (role, shape, dtype)
-        view = self.views.get(key)
-        if view is not None:
-            return view
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        buf = self.buffers.get(role)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            with torch.inference_mode(False):    # a normal tensor: writable in and out of it
-                buf = torch.empty(numel, dtype=dtype)
-            self.buffers[role] = buf
-            self.views = {k: v for k, v in self.views.items() if k[0] != role}
-        with torch.inference_mode(False):
-            view = buf[:numel].view(shape)
-        self.views[key] = view
-        return view
-
-    def release(self) -> None:
-        self.buffers.clear()
-        self.views.clear()
-
-
-WORKSPACE = Workspace()
 
 
 def _int_mm(q: torch.Tensor, layer: Int8Linear, out: Optional[torch.Tensor]) -> torch.Tensor:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .options import ENV_KERNEL_CACHE, ENV_NATIVE_KERNELS, env_flag
+from .workspace import WORKSPACE
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,6 @@ class NativeKernels:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
         self._lib = lib
-        self._tls = threading.local()
         self.has_vnni = bool(lib.vpr_have_vnni())    # built with AVX-512 VNNI (else plain C)
         # the tallest kernel col2im_channels_last takes (COL2IM_MAX_KH in the C source)
         self.col2im_max_kernel_height = int(lib.vpr_col2im_max_kernel_height())
@@ -281,14 +281,11 @@ class NativeKernels:
         return q, scale
 
     # -- fused block steps (int8_block.py) -------------------------------------------
-    def _scratch(self, n: int, threads: int) -> torch.Tensor:
-        """Per-thread float rows for the LayerNorm kernels, reused (one set per thread)."""
-        buf = getattr(self._tls, "scratch", None)
-        if buf is None or buf.numel() < threads * n:
-            with torch.inference_mode(False):
-                buf = torch.empty(threads * n, dtype=torch.float32)
-            self._tls.scratch = buf
-        return buf
+    @staticmethod
+    def _scratch(n: int, threads: int) -> torch.Tensor:
+        """One float row of ``n`` per OpenMP thread for the LayerNorm kernels, from the
+        calling thread's workspace (:mod:`.workspace`), reused by every call."""
+        return WORKSPACE.get("layer_norm_rows", (threads * n,), torch.float32)
 
     def residual_layer_norm_quantize(
             self, acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
