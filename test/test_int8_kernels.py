@@ -355,6 +355,33 @@ def test_integer_attention_switch_keeps_float_attention(kernels, monkeypatch):
     assert torch.equal(d.describe_tensor(x), with_int8)
 
 
+@pytest.mark.parametrize("bias,use_int_mm", [(True, True), (False, True), (True, False)])
+def test_integer_attention_module_is_the_layer_by_layer_chain(kernels, bias, use_int_mm):
+    """IntegerAttention runs the fused blocks' route (attention from the qkv layer's int32
+    sums, its output quantised for proj in the kernel) with the bits of the layer-by-layer
+    chain it replaced: int8 qkv layer, integer attention of the float qkv rows, int8 proj
+    layer; the input is only read and the output is a fresh tensor."""
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(15)
+    holder = nn.Sequential(Attention(64, num_heads=4, qkv_bias=bias).eval())
+    convert_to_int8(holder)
+    wrapped = holder[0]
+    assert isinstance(wrapped, IntegerAttention)
+    attn = wrapped.attn
+    attn.qkv.use_int_mm = attn.proj.use_int_mm = use_int_mm
+    x = torch.randn(3, 45, 64)
+    kept = x.clone()
+    with torch.inference_mode():
+        got = wrapped(x)
+        mixed = kernels.integer_attention(attn.qkv(x).reshape(3 * 45, 3 * 64), 3, 45,
+                                          attn.num_heads, attn.head_dim, attn.scale)
+        ref = attn.proj(mixed.view(3, 45, 64))
+        again = wrapped(torch.randn(2, 45, 64))           # reuses the workspace
+    assert torch.equal(got, ref)
+    assert torch.equal(x, kept) and not torch.equal(again[0], got[0])
+
+
 def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
     """Attention of blocks that are not fusable as a whole gets the int8 attention: close to
     its own float32 SDPA, batch-invariant, switchable."""

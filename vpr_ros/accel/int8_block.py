@@ -197,12 +197,18 @@ def _block_buffers(x: torch.Tensor):
 
 def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c: torch.Tensor,
                s_a: torch.Tensor, integer: bool) -> torch.Tensor:
-    """LayerNorm + quantise, int8 qkv, then the integer attention (or float32 SDPA) and the
-    int8 codes of its output (the proj layer's input) into ``q_c`` / ``s_a``; returns the
-    heads' output (m, c) in the workspace."""
-    attn = blk.attn
-    m, c = rows.shape
+    """LayerNorm + quantise, then :func:`_attention_of_codes`."""
     kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
+    return _attention_of_codes(kernels, blk.attn, b, n, q_c, s_a, integer)
+
+
+def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Tensor,
+                        s_a: torch.Tensor, integer: bool) -> torch.Tensor:
+    """From the int8 codes ``q_c`` / ``s_a`` of the attention's input rows: int8 qkv, then
+    the integer attention (or float32 SDPA) and the int8 codes of its output (the proj
+    layer's input) into ``q_c`` / ``s_a``; returns the heads' output (m, c) in the
+    workspace."""
+    m, c = q_c.shape
     acc = _int_mm(q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
     mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
     if integer and n <= MAX_ATTENTION_TOKENS:    # dequantised head by head in the kernel
@@ -331,7 +337,12 @@ class Int8AdaptedBlock(nn.Module):
 
 class IntegerAttention(nn.Module):
     """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
-    whole (SelaVPR's adapted blocks): int8 qkv, the integer attention kernel, int8 proj."""
+    whole: int8 qkv, the integer attention kernel, int8 proj.
+
+    The same route as the fused blocks (:func:`_attention_of_codes`: the attention reads
+    the qkv layer's int32 sums and quantises its output for proj in the same parallel
+    region), with the bits of the layer-by-layer chain ``proj(integer_attention(qkv(x)))``
+    (``test_integer_attention_module_is_the_layer_by_layer_chain``)."""
 
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
@@ -348,10 +359,12 @@ class IntegerAttention(nn.Module):
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
         attn = self.attn
         b, n, c = x.shape
-        qkv = attn.qkv(x).reshape(b * n, 3 * c)
-        mixed = kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
-                                          out=WORKSPACE.get("mixed", (b * n, c), torch.float32))
-        return attn.proj(mixed.view(b, n, c))           # proj returns a fresh tensor
+        rows, q_c, s_a, _ = _block_buffers(x)
+        kernels.quantize_rows(rows, q_c, s_a)
+        _attention_of_codes(kernels, attn, b, n, q_c, s_a, True)
+        out = kernels.dequantize_(_int_mm(q_c, attn.proj, None), s_a, attn.proj.weight_scale,
+                                  attn.proj.bias)
+        return out.view(b, n, c)                        # a fresh tensor
 
 
 def fuse_transformer_blocks(model: nn.Module) -> int:
