@@ -633,6 +633,7 @@ def test_col2im_kernel_height_limit_is_one_value(kernels):
 
 def test_convert_swaps_plain_conv_transposes_only():
     from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+    from vpr_ros.accel.options import AccelOptions
 
     model = nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, 1), nn.ReLU(),
                           nn.ConvTranspose2d(4, 4, 3, 2, 1, groups=2))
@@ -640,7 +641,7 @@ def test_convert_swaps_plain_conv_transposes_only():
     assert isinstance(model[0], GemmConvTranspose2d) and model[0].compute == "bf16"
     assert type(model[2]) is nn.ConvTranspose2d               # grouped: left in float32
     other = convert_to_int8(nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, 1)),
-                            conv_transpose="int8")
+                            options=AccelOptions(conv_transpose="int8"))
     assert other[0].compute == "int8" and isinstance(other[0].linear, Int8Linear)
 
 
