@@ -35,13 +35,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python benchmarks/x.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import (DEFAULT_OUT, REPO_ROOT, machine_info, md_table, set_threads,
-                               write_outputs)
+from benchmarks.common import (DEFAULT_OUT, REPO_ROOT, interleaved_wall_cpu, machine_info,
+                               md_table, set_threads, write_outputs)
 
 BASE_PACKAGE = "vpr_accel_baseline"
 
@@ -114,16 +113,11 @@ def run_model(name: str, base_convert, rounds: int) -> dict:
                 alone = torch.cat([model(x4[i:i + 1]) for i in range(4)])
                 entry["alone_equals_batch"] = bool(torch.equal(alone, model(x4)))
             res["sides"][side] = entry
-        wall = {s: [] for s in sides}
-        cpu = {s: [] for s in sides}
         load = [os.getloadavg()[0]]
-        order = list(sides.items())
-        for r in range(rounds):
-            for side, model in (order if r % 2 == 0 else order[::-1]):
-                c0, t0 = time.process_time(), time.perf_counter()
-                model(x)
-                wall[side].append(time.perf_counter() - t0)
-                cpu[side].append(time.process_time() - c0)
+        # the fidelity forwards above were the warm-up
+        wall, cpu = interleaved_wall_cpu({side: (lambda m=model: m(x))
+                                          for side, model in sides.items()},
+                                         rounds, warmup=0, alternate=True)
         load.append(os.getloadavg()[0])
     for side in sides:
         res["sides"][side].update(wall_ms=1e3 * statistics.median(wall[side]),

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 # Idle OpenMP threads sleep instead of spinning.  On a shared, oversubscribed machine
 # spinning threads steal time slices from each other (FAISS k-means and 2-thread search
@@ -67,18 +67,32 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int,
     """Time several variants round-robin so that load from other processes hits all alike.
 
     The machine is shared; alternating A, B, C, A, B, C ... makes the *ratios* between
-    variants robust even when absolute times drift.
+    variants robust even when absolute times drift.  Seconds of wall time per call.
     """
+    return interleaved_wall_cpu(fns, repeats, warmup)[0]
+
+
+def interleaved_wall_cpu(fns: Dict[str, Callable[[], object]], repeats: int,
+                         warmup: int = 1, alternate: bool = False
+                         ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """:func:`interleaved_times` that also returns each call's CPU time (all threads of the
+    process: waiting for a core costs wall time, not CPU time, so it is the steadier
+    measure on a loaded machine): ``(wall, cpu)`` seconds per call and variant.
+    ``alternate``: every other round runs the variants in reverse order (A B, B A, ...),
+    so that neither always runs right after the other (caches, thread wake-ups)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    out: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
+    wall: Dict[str, List[float]] = {k: [] for k in fns}
+    cpu: Dict[str, List[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    for r in range(repeats):
+        for name, fn in (order[::-1] if alternate and r % 2 else order):
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            out[name].append(time.perf_counter() - t0)
-    return out
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def median(xs: List[float]) -> float:

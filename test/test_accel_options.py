@@ -77,3 +77,34 @@ def test_no_import_cycle_and_models_do_not_need_accel():
     mods = _modules_after("import vpr_ros.models.scicevpr, vpr_ros.models.selavpr, "
                           "vpr_ros.models.rerank, vpr_ros.models.factory").split()
     assert not [m for m in mods if m.startswith("vpr_ros.accel")]
+
+
+def test_conv_transpose_and_patch_conv_are_options_end_to_end():
+    """--conv-transpose / --patch-conv reach AccelOptions, and the options reach the layers
+    the describers build (SelaVPR's LocalAdapt, the patch embedding); bad values are
+    refused where the options are made."""
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d, GemmPatchEmbed
+    from vpr_ros.inference import LocalFeatureExtractor
+
+    opts = _flags("--conv-transpose", "int8", "--patch-conv", "fp32")
+    assert opts == AccelOptions(conv_transpose="int8", patch_conv="fp32")
+    assert _flags().conv_transpose == "bf16" and _flags().patch_conv == "bf16"
+    with pytest.raises(SystemExit):
+        _flags("--patch-conv", "int8")
+    with pytest.raises(ValueError, match="conv_transpose"):
+        AccelOptions(conv_transpose="fp8")
+
+    def layers(extractor, kind):
+        return [m for m in extractor.model.modules() if isinstance(m, kind)]
+
+    default = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8")
+    chosen = LocalFeatureExtractor("selavpr_tiny_random", device="cpu", precision="int8",
+                                   accel=opts)
+    assert {m.compute for m in layers(default, GemmConvTranspose2d)} == {"bf16"}
+    assert {m.compute for m in layers(chosen, GemmConvTranspose2d)} == {"int8"}
+    assert layers(default, GemmPatchEmbed) and not layers(chosen, GemmPatchEmbed)
+    x = torch.rand(1, 3, *default.input_size, generator=torch.Generator().manual_seed(1))
+    a, b = default.extract_tensor(x)[1], chosen.extract_tensor(x)[1]     # local features
+    assert not torch.equal(a, b)                      # the choice changes the computation
+    assert float(torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]),
+                                                       b.reshape(-1, b.shape[-1])).min()) > 0.99

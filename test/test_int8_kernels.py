@@ -311,6 +311,34 @@ def test_worker_thread_gives_the_same_bits(kernels):
     assert torch.equal(results["out"], main)
 
 
+def test_layer_norm_scratch_is_the_threads_workspace(kernels):
+    """The LayerNorm kernels' per-thread rows come from the one per-thread workspace the
+    blocks use (no second owner): grown once, reused, and a separate set on another thread
+    that gives the same bits."""
+    import threading
+
+    from vpr_ros.accel.workspace import WORKSPACE
+
+    g = torch.Generator().manual_seed(14)
+    x, w, b = torch.randn(9, 300, generator=g), torch.rand(300, generator=g), torch.randn(300)
+    q, s = kernels.layer_norm_quantize(x, w, b, 1e-6)
+    rows = WORKSPACE.buffers["layer_norm_rows"]
+    assert rows.numel() >= torch.get_num_threads() * 300
+    kernels.layer_norm_quantize(x[:, :200].contiguous(), w[:200], b[:200], 1e-6)
+    assert WORKSPACE.buffers["layer_norm_rows"] is rows          # reused, not reallocated
+    other = {}
+
+    def work():
+        other.update(out=kernels.layer_norm_quantize(x, w, b, 1e-6),
+                     rows=WORKSPACE.buffers["layer_norm_rows"])
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(timeout=60)
+    assert other["rows"] is not rows
+    assert torch.equal(other["out"][0], q) and torch.equal(other["out"][1], s)
+
+
 def test_integer_attention_switch_keeps_float_attention(kernels, monkeypatch):
     """VPR_ROS_INTEGER_ATTENTION=0: float32 SDPA inside the fused block, still batch-invariant."""
     from vpr_ros.inference import GlobalDescriber
@@ -325,6 +353,33 @@ def test_integer_attention_switch_keeps_float_attention(kernels, monkeypatch):
     assert float(nn.functional.cosine_similarity(with_float, with_int8).min()) > 0.999
     monkeypatch.delenv(ENV_ATTENTION)
     assert torch.equal(d.describe_tensor(x), with_int8)
+
+
+@pytest.mark.parametrize("bias,use_int_mm", [(True, True), (False, True), (True, False)])
+def test_integer_attention_module_is_the_layer_by_layer_chain(kernels, bias, use_int_mm):
+    """IntegerAttention runs the fused blocks' route (attention from the qkv layer's int32
+    sums, its output quantised for proj in the kernel) with the bits of the layer-by-layer
+    chain it replaced: int8 qkv layer, integer attention of the float qkv rows, int8 proj
+    layer; the input is only read and the output is a fresh tensor."""
+    from timm.models.vision_transformer import Attention
+
+    torch.manual_seed(15)
+    holder = nn.Sequential(Attention(64, num_heads=4, qkv_bias=bias).eval())
+    convert_to_int8(holder)
+    wrapped = holder[0]
+    assert isinstance(wrapped, IntegerAttention)
+    attn = wrapped.attn
+    attn.qkv.use_int_mm = attn.proj.use_int_mm = use_int_mm
+    x = torch.randn(3, 45, 64)
+    kept = x.clone()
+    with torch.inference_mode():
+        got = wrapped(x)
+        mixed = kernels.integer_attention(attn.qkv(x).reshape(3 * 45, 3 * 64), 3, 45,
+                                          attn.num_heads, attn.head_dim, attn.scale)
+        ref = attn.proj(mixed.view(3, 45, 64))
+        again = wrapped(torch.randn(2, 45, 64))           # reuses the workspace
+    assert torch.equal(got, ref)
+    assert torch.equal(x, kept) and not torch.equal(again[0], got[0])
 
 
 def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
@@ -400,9 +455,9 @@ def test_adapted_block_fused_close_and_batch_invariant(kernels):
 
 # -- fused block steps (residual + LayerScale + LayerNorm, ReLU, MLP + adapter) -----------
 
-@pytest.mark.parametrize("skip,gamma,norm", [(False, False, True), (True, True, True),
-                                             (True, False, False), (False, True, False)])
-def test_residual_layer_norm_quantize_is_the_unfused_chain(kernels, skip, gamma, norm):
+@pytest.mark.parametrize("skip,gamma", [(False, False), (True, True), (True, False),
+                                        (False, True)])
+def test_residual_layer_norm_quantize_is_the_unfused_chain(kernels, skip, gamma):
     """Bit for bit: dequantise (+ skip) (* gamma) + residual, then LayerNorm + quantise, as
     the separate kernels and torch ops compute them; the row scales may be the output
     scales (read before written), the residual and skip are only read."""
@@ -422,12 +477,11 @@ def test_residual_layer_norm_quantize_is_the_unfused_chain(kernels, skip, gamma,
     scale = s.clone()                      # aliased: the input row scales become the output's
     q = torch.empty(61, 200, dtype=torch.int8)
     out = kernels.residual_layer_norm_quantize(
-        acc.clone(), scale, cs, b, residual, skip=skip_t if skip else None,
-        gamma=gamma_t if gamma else None, norm=ln if norm else None, q=q, scale=scale)
+        acc.clone(), scale, cs, b, residual, ln, skip=skip_t if skip else None,
+        gamma=gamma_t if gamma else None, q=q, scale=scale)
     assert torch.equal(out, ref)
-    if norm:
-        q_ref, s_ref = kernels.layer_norm_quantize(ref, *ln)
-        assert torch.equal(q, q_ref) and torch.equal(scale, s_ref)
+    q_ref, s_ref = kernels.layer_norm_quantize(ref, *ln)
+    assert torch.equal(q, q_ref) and torch.equal(scale, s_ref)
     assert torch.equal(residual, kept[0]) and torch.equal(skip_t, kept[1])
 
 
@@ -551,8 +605,35 @@ def test_gemm_conv_transpose_native_col2im_is_the_fold(kernels, compute):
         assert torch.equal(native, fold), (kw, (native - fold).abs().max())
 
 
+def test_col2im_kernel_height_limit_is_one_value(kernels):
+    """The kernel height limit comes from the C source alone: the wrapper refuses a taller
+    kernel, and the layer sends one to ``F.fold`` (same bits as the layer without the
+    native kernels), while the tallest kernel taken still runs natively."""
+    from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+    from vpr_ros.accel.options import AccelOptions
+
+    limit = kernels.col2im_max_kernel_height
+    assert limit == 64
+    cols = torch.zeros(1, 1, (limit + 1) * 1 * 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="kernel height"):
+        kernels.col2im_channels_last(cols, (1, 1, 1, 2), (limit + 1, 1), (1, 1), (0, 0),
+                                     (1, 1), (limit + 1, 1), None)
+    torch.manual_seed(13)
+    for kh in (limit, limit + 1):
+        q = GemmConvTranspose2d(nn.ConvTranspose2d(4, 3, (kh, 2), stride=(2, 1)).eval(), "bf16")
+        x = torch.randn(2, 4, 3, 5)
+        with torch.no_grad():
+            got = q(x)
+            q.accel = AccelOptions(native_kernels=False)
+            fold = q(x)
+        assert torch.equal(got, fold), kh
+        # channels last only where the native col2im ran
+        assert got.is_contiguous(memory_format=torch.channels_last) == (kh <= limit), kh
+
+
 def test_convert_swaps_plain_conv_transposes_only():
     from vpr_ros.accel.int8_linear import GemmConvTranspose2d
+    from vpr_ros.accel.options import AccelOptions
 
     model = nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, 1), nn.ReLU(),
                           nn.ConvTranspose2d(4, 4, 3, 2, 1, groups=2))
@@ -560,7 +641,7 @@ def test_convert_swaps_plain_conv_transposes_only():
     assert isinstance(model[0], GemmConvTranspose2d) and model[0].compute == "bf16"
     assert type(model[2]) is nn.ConvTranspose2d               # grouped: left in float32
     other = convert_to_int8(nn.Sequential(nn.ConvTranspose2d(8, 4, 3, 2, 1)),
-                            conv_transpose="int8")
+                            options=AccelOptions(conv_transpose="int8"))
     assert other[0].compute == "int8" and isinstance(other[0].linear, Int8Linear)
 
 

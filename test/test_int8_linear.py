@@ -139,6 +139,7 @@ def test_patch_embedding_as_bf16_matmul_per_image():
     channels-last output whose token rows are contiguous; convert_to_int8 swaps only such
     convolutions, and ``patch_conv="fp32"`` keeps them."""
     from vpr_ros.accel.int8_linear import GemmPatchEmbed
+    from vpr_ros.accel.options import AccelOptions
 
     torch.manual_seed(6)
     conv = nn.Conv2d(3, 48, kernel_size=14, stride=14).eval()
@@ -161,10 +162,12 @@ def test_patch_embedding_as_bf16_matmul_per_image():
     convert_to_int8(model)
     assert isinstance(model[0], GemmPatchEmbed) and type(model[1]) is nn.Conv2d
     assert isinstance(model[2], Int8PointwiseConv2d)
-    kept = convert_to_int8(nn.Sequential(nn.Conv2d(3, 8, 14, 14)), patch_conv="fp32")
+    kept = convert_to_int8(nn.Sequential(nn.Conv2d(3, 8, 14, 14)),
+                           options=AccelOptions(patch_conv="fp32"))
     assert type(kept[0]) is nn.Conv2d
     with pytest.raises(ValueError, match="patch_conv"):
-        convert_to_int8(nn.Sequential(nn.Conv2d(3, 8, 14, 14)), patch_conv="int4")
+        convert_to_int8(nn.Sequential(nn.Conv2d(3, 8, 14, 14)),
+                        options=AccelOptions(patch_conv="int4"))
 
 
 def test_convert_model_keeps_transformer_encoder_and_folds_layer_scale():
@@ -244,7 +247,8 @@ def test_native_int8_matmul_is_the_exact_product(m, k, n):
     # the weight changed in place (as load_state_dict does): packed again
     with torch.no_grad():
         layer.weight_int8.mul_(-1)
-    assert torch.equal(layer.integer_product(a, kernels).long(), a.long() @ layer.weight_int8.long())
+    again = layer.integer_product(a, kernels)
+    assert torch.equal(again.long(), a.long() @ layer.weight_int8.long())
 
 
 # ----------------------------------------------------------------------------- describers

@@ -26,7 +26,8 @@ FORBIDDEN = [
     ("vpr_ros.datasets", "vpr_ros.evaluation"),
     ("vpr_ros.datasets", "vpr_ros.maps"),
 ]
-SHARED_NAMES = ("PRECISIONS", "RERANK_COMPUTES", "TRAIN_PRECISIONS", "MAX_POSE_GAP_S")
+SHARED_NAMES = ("PRECISIONS", "RERANK_COMPUTES", "TRAIN_PRECISIONS", "MAX_POSE_GAP_S",
+                "CONV_TRANSPOSE_COMPUTES", "PATCH_CONV_COMPUTES")
 
 
 def _module_name(repo_root: Path, path: Path) -> str:

@@ -134,3 +134,20 @@ def test_benchmark_baselines_agree_with_each_other_and_the_package(reference):
     assert torch.equal(bench_rerank.official_batched_counts(q, cand),
                        bench_rerank.official_style_counts(q, cand))
     assert torch.equal(mutual_nn_counts(q, cand), bench_rerank.official_style_counts(q, cand))
+
+
+def test_interleaved_timing_runs_every_variant_in_turn():
+    """The shared timing loop (benchmarks/common.py, used by bench_int8_forward for its
+    A/B runs): warm-ups first, then rounds in order, every other round reversed when asked;
+    one wall and one CPU time per call."""
+    from benchmarks.common import interleaved_times, interleaved_wall_cpu
+
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    wall, cpu = interleaved_wall_cpu(fns, 3, warmup=1, alternate=True)
+    assert calls == list("ab" "ab" "ba" "ab")
+    assert all(len(wall[k]) == len(cpu[k]) == 3 for k in "ab")
+    assert min(min(v) for v in cpu.values()) >= 0.0
+    calls.clear()
+    assert sorted(interleaved_times(fns, 2, warmup=0)) == ["a", "b"]
+    assert calls == list("abab")

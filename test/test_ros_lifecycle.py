@@ -200,7 +200,8 @@ def test_acceleration_switches_are_node_parameters(rig_factory, two_maps, images
     cache = tmp_path / "kernels"
     rig = rig_factory({"map_path": str(two_maps[0]), "device": "cpu", "precision": "int8",
                        "autostart": False, "stream": False, "native_kernels": "off",
-                       "integer_attention": "off", "kernel_cache": str(cache)})
+                       "integer_attention": "off", "kernel_cache": str(cache),
+                       "patch_conv": "fp32"})
     assert rig.transition(Transition.TRANSITION_CONFIGURE)
     assert rig.transition(Transition.TRANSITION_ACTIVATE)
     pub = rig.publisher(Image, "/camera/image_raw")
@@ -208,6 +209,8 @@ def test_acceleration_switches_are_node_parameters(rig_factory, two_maps, images
     first_off = m["place_ids"][0]
     wait_for(lambda: rig.diag_values().get("native_kernels") == "off", 10, "diagnostics")
     assert rig.diag_values()["integer_attention"] == "off"
+    assert rig.diag_values()["patch_conv"] == "fp32"
+    assert rig.diag_values()["conv_transpose"] == "bf16"
     assert not cache.exists() or not any(cache.rglob("*.so"))      # nothing was built
 
     refused = rig.set_params(native_kernels="on")[0]
@@ -216,6 +219,8 @@ def test_acceleration_switches_are_node_parameters(rig_factory, two_maps, images
     assert rig.transition(Transition.TRANSITION_CLEANUP)
     bad = rig.set_params(native_kernels="fast")[0]
     assert not bad.successful and "auto, on, off" in bad.reason
+    bad = rig.set_params(conv_transpose="fp8")[0]
+    assert not bad.successful and "bf16, int8" in bad.reason
     results = rig.set_params(native_kernels="on", integer_attention="on")
     assert all(r.successful for r in results), [r.reason for r in results]
     assert rig.transition(Transition.TRANSITION_CONFIGURE)

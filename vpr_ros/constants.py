@@ -14,6 +14,11 @@ TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 # Arithmetic of the re-ranking mutual-nearest-neighbour counts (vpr_ros.models.rerank).
 RERANK_COMPUTES = ("fp32", "bf16")
 
+# int8 models (vpr_ros.accel.options.AccelOptions): the matmul precision of transposed
+# convolutions, and the patch embedding as a bf16 matmul or the fp32 convolution.
+CONV_TRANSPOSE_COMPUTES = ("bf16", "int8")
+PATCH_CONV_COMPUTES = ("bf16", "fp32")
+
 # Largest time gap (s) between two ground-truth poses across which a frame's pose is
 # interpolated (map building from bags, bag evaluation, PoseTrack.interpolate).  2 s keeps
 # every frame of a 1 Hz GPS track with one missed fix.

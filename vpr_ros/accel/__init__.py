@@ -11,5 +11,6 @@ exact path.
 * :mod:`.int8_block` - whole int8 ViT blocks and the integer attention;
 * :mod:`.convert` - :func:`convert_to_int8`, which swaps a model's layers (imports both
   of the above; neither imports it, so there is no import cycle);
-* :mod:`.options` - :class:`AccelOptions`, the switches, and the environment overrides.
+* :mod:`.options` - :class:`AccelOptions`, the switches, and the environment overrides;
+* :mod:`.workspace` - the per-thread scratch buffers the blocks and kernels reuse.
 """

@@ -15,18 +15,17 @@ from .int8_block import (IntegerAttention, Int8AdaptedBlock, Int8TransformerBloc
 from .int8_linear import (GemmConvTranspose2d, GemmPatchEmbed, Int8Linear, Int8PointwiseConv2d,
                           fold_block_layer_scales, is_patchify_conv, is_plain_conv_transpose,
                           is_pointwise_conv, use_inplace_activation)
-from .options import AccelOptions
+from .options import DEFAULT, AccelOptions
 
 
 def convert_to_int8(model: nn.Module,
                     keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
                     fold_layer_scales: bool = True, fuse_blocks: bool = True,
-                    options: Optional[AccelOptions] = None,
-                    conv_transpose: str = "bf16", patch_conv: str = "bf16") -> nn.Module:
+                    options: Optional[AccelOptions] = None) -> nn.Module:
     """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` for int8 layers, and
-    every ``nn.ConvTranspose2d`` (groups 1) for a matmul + col2im in ``conv_transpose``
+    every ``nn.ConvTranspose2d`` (groups 1) for a matmul + col2im in ``options.conv_transpose``
     precision (``"bf16"`` or ``"int8"``; :class:`~vpr_ros.accel.int8_linear.GemmConvTranspose2d`),
-    and, with ``patch_conv="bf16"`` (default; ``"fp32"`` keeps them), every patchify
+    and, with ``options.patch_conv="bf16"`` (default; ``"fp32"`` keeps them), every patchify
     ``nn.Conv2d`` (a ViT's patch embedding) for a bf16 matmul per image
     (:class:`~vpr_ros.accel.int8_linear.GemmPatchEmbed`), in place; return it.
 
@@ -41,10 +40,9 @@ def convert_to_int8(model: nn.Module,
     layers hold buffers, not trainable parameters.
     """
     keep = tuple(keep_float)
-    if patch_conv not in ("bf16", "fp32"):
-        raise ValueError(f"patch_conv must be 'bf16' or 'fp32', got {patch_conv!r}")
-    if conv_transpose not in ("bf16", "int8"):
-        raise ValueError(f"conv_transpose must be 'bf16' or 'int8', got {conv_transpose!r}")
+    # AccelOptions checks both choices when it is made
+    conv_transpose = (options or DEFAULT).conv_transpose
+    patch_conv = (options or DEFAULT).patch_conv
 
     def convert(parent: nn.Module) -> None:
         for name, child in list(parent.named_children()):

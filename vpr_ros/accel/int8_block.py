@@ -23,9 +23,10 @@ float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped bloc
 Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
 belong to one image, so descriptors stay batch-invariant.  The block's input is never
 written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
-output is a fresh tensor; everything in between lives in a per-thread workspace reused
-by every block and call (about 65 MB at batch 8 for ViT-B): fresh multi-megabyte
-buffers cost a page fault per 4 KB, as much as the pass that fills them.  Without the
+output is a fresh tensor; everything in between lives in the per-thread workspace of
+:mod:`vpr_ros.accel.workspace`, reused by every block and call (about 65 MB at batch 8
+for ViT-B): fresh multi-megabyte buffers cost a page fault per 4 KB, as much as the pass
+that fills them.  Without the
 native kernels (:func:`vpr_ros.accel.int8_kernels.native_kernels` is None), or for
 inputs the kernels do not take (an attention mask, a non-float32 or non-CPU tensor), the
 wrapped block runs as it is, through the torch path of its int8 layers.
@@ -33,16 +34,16 @@ wrapped block runs as it is, through the torch path of its int8 layers.
 
 from __future__ import annotations
 
-import threading
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .int8_kernels import MAX_ATTENTION_TOKENS, native_kernels
-from .int8_linear import InplaceGELU, Int8Linear, integer_matmul
+from .int8_linear import InplaceGELU, Int8Linear
 from .options import DEFAULT, ENV_INTEGER_ATTENTION, AccelOptions
+from .workspace import WORKSPACE, Workspace
 
 
 ENV_ATTENTION = ENV_INTEGER_ATTENTION   # the override of AccelOptions.integer_attention
@@ -155,43 +156,6 @@ def _layer_scale_fusable(module: Optional[nn.Module], dim: int) -> bool:
             and gamma.numel() == dim)
 
 
-class Workspace(threading.local):
-    """Scratch buffers by role, one set per thread, grown to the largest request seen.
-
-    The views handed out are cached by (role, shape, dtype): a ViT forward asks ~100
-    times, and slicing and viewing a tensor costs more Python time than a dict lookup."""
-
-    def __init__(self):
-        self.buffers = {}
-        self.views = {}
-
-    def get(self, role: str, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (role, shape, dtype)
-        view = self.views.get(key)
-        if view is not None:
-            return view
-        numel = 1
-        for size in shape:
-            numel *= int(size)
-        buf = self.buffers.get(role)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            with torch.inference_mode(False):    # a normal tensor: writable in and out of it
-                buf = torch.empty(numel, dtype=dtype)
-            self.buffers[role] = buf
-            self.views = {k: v for k, v in self.views.items() if k[0] != role}
-        with torch.inference_mode(False):
-            view = buf[:numel].view(shape)
-        self.views[key] = view
-        return view
-
-    def release(self) -> None:
-        self.buffers.clear()
-        self.views.clear()
-
-
-WORKSPACE = Workspace()
-
-
 def _int_mm(kernels, q: torch.Tensor, layer: Int8Linear,
             out: Optional[torch.Tensor]) -> torch.Tensor:
     return layer.integer_product(q, kernels, out)
@@ -234,12 +198,18 @@ def _block_buffers(x: torch.Tensor):
 
 def _attention(kernels, blk: nn.Module, rows: torch.Tensor, b: int, n: int, q_c: torch.Tensor,
                s_a: torch.Tensor, integer: bool) -> torch.Tensor:
-    """LayerNorm + quantise, int8 qkv, then the integer attention (or float32 SDPA) and the
-    int8 codes of its output (the proj layer's input) into ``q_c`` / ``s_a``; returns the
-    heads' output (m, c) in the workspace."""
-    attn = blk.attn
-    m, c = rows.shape
+    """LayerNorm + quantise, then :func:`_attention_of_codes`."""
     kernels.layer_norm_quantize(rows, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps, q_c, s_a)
+    return _attention_of_codes(kernels, blk.attn, b, n, q_c, s_a, integer)
+
+
+def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Tensor,
+                        s_a: torch.Tensor, integer: bool) -> torch.Tensor:
+    """From the int8 codes ``q_c`` / ``s_a`` of the attention's input rows: int8 qkv, then
+    the integer attention (or float32 SDPA) and the int8 codes of its output (the proj
+    layer's input) into ``q_c`` / ``s_a``; returns the heads' output (m, c) in the
+    workspace."""
+    m, c = q_c.shape
     acc = _int_mm(kernels, q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
     mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
     if integer and n <= MAX_ATTENTION_TOKENS:    # dequantised head by head in the kernel
@@ -293,7 +263,7 @@ class Int8TransformerBlock(nn.Module):
         acc = _int_mm(kernels, q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
         rows = kernels.residual_layer_norm_quantize(
             acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows,
-            norm=(blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
+            (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
 
         # MLP: fc1 + GELU + quantise, fc2 + residual (a fresh output)
         acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
@@ -346,17 +316,18 @@ class Int8AdaptedBlock(nn.Module):
         acc = _int_mm(kernels, q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
         a, _, _ = kernels.dequantize_quantize(acc, s_a, attn.proj.weight_scale, attn.proj.bias,
                                               False, q_c, s_b)
-        kernels.dequantize_quantize(_int_mm(kernels, q_c, ad1.fc1, acc_ad), s_b, ad1.fc1.weight_scale,
-                                    ad1.fc1.bias, True, q_ad, s_ad)
+        kernels.dequantize_quantize(_int_mm(kernels, q_c, ad1.fc1, acc_ad), s_b,
+                                    ad1.fc1.weight_scale, ad1.fc1.bias, True, q_ad, s_ad)
         x1 = kernels.residual_layer_norm_quantize(
             _int_mm(kernels, q_ad, ad1.fc2, ws.get("acc_x1", (m, c), torch.int32)), s_ad,
-            ad1.fc2.weight_scale, ad1.fc2.bias, rows, skip=a, gamma=_layer_scale(blk.ls1),
-            norm=(blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
+            ad1.fc2.weight_scale, ad1.fc2.bias, rows,
+            (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), skip=a,
+            gamma=_layer_scale(blk.ls1), q=q_c, scale=s_a)
 
         # MLP and parallel adapter on h, LayerScale, residual: a fresh output
         acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
-        kernels.dequantize_quantize(_int_mm(kernels, q_c, ad2.fc1, acc_ad), s_a, ad2.fc1.weight_scale,
-                                    ad2.fc1.bias, True, q_ad, s_ad)
+        kernels.dequantize_quantize(_int_mm(kernels, q_c, ad2.fc1, acc_ad), s_a,
+                                    ad2.fc1.weight_scale, ad2.fc1.bias, True, q_ad, s_ad)
         side = _int_mm(kernels, q_ad, ad2.fc2, ws.get("acc_c", (m, c), torch.int32))
         out = kernels.dequantize_pair_residual(
             acc, side, (s_b, mlp.fc2.weight_scale, mlp.fc2.bias),
@@ -367,7 +338,12 @@ class Int8AdaptedBlock(nn.Module):
 
 class IntegerAttention(nn.Module):
     """Inference-only stand-in for a timm ``Attention`` of a block that is not fusable as a
-    whole (SelaVPR's adapted blocks): int8 qkv, the integer attention kernel, int8 proj."""
+    whole: int8 qkv, the integer attention kernel, int8 proj.
+
+    The same route as the fused blocks (:func:`_attention_of_codes`: the attention reads
+    the qkv layer's int32 sums and quantises its output for proj in the same parallel
+    region), with the bits of the layer-by-layer chain ``proj(integer_attention(qkv(x)))``
+    (``test_integer_attention_module_is_the_layer_by_layer_chain``)."""
 
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
@@ -384,10 +360,12 @@ class IntegerAttention(nn.Module):
             return self.attn(x, attn_mask=attn_mask, is_causal=is_causal)
         attn = self.attn
         b, n, c = x.shape
-        qkv = attn.qkv(x).reshape(b * n, 3 * c)
-        mixed = kernels.integer_attention(qkv, b, n, attn.num_heads, attn.head_dim, attn.scale,
-                                          out=WORKSPACE.get("mixed", (b * n, c), torch.float32))
-        return attn.proj(mixed.view(b, n, c))           # proj returns a fresh tensor
+        rows, q_c, s_a, _ = _block_buffers(x)
+        kernels.quantize_rows(rows, q_c, s_a)
+        _attention_of_codes(kernels, attn, b, n, q_c, s_a, True)
+        out = kernels.dequantize_(_int_mm(kernels, q_c, attn.proj, None), s_a,
+                                  attn.proj.weight_scale, attn.proj.bias)
+        return out.view(b, n, c)                        # a fresh tensor
 
 
 def fuse_transformer_blocks(model: nn.Module) -> int:

@@ -688,8 +688,13 @@ int vpr_integer_attention(const float *qkv, int64_t b, int64_t n, int64_t h, int
  * contributions in a fixed order (ky, then kx ascending; each bf16 value widened
  * exactly), starting from 0, then adds the bias: out[b][oy][ox][co] float32, channels
  * last.  Threads take output rows, so no two write the same pixel and an image's result
- * never depends on the batch.
+ * never depends on the batch.  At most COL2IM_MAX_KH kernel rows (the one limit: the
+ * Python side reads it with vpr_col2im_max_kernel_height and sends taller kernels to
+ * F.fold); taller kernels would drop their rows beyond it.
  * ------------------------------------------------------------------------------------ */
+#define COL2IM_MAX_KH 64
+int vpr_col2im_max_kernel_height(void) { return COL2IM_MAX_KH; }
+
 void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t h, int64_t w,
                               int64_t c, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                               int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t oh,
@@ -698,8 +703,8 @@ void vpr_col2im_channels_last(const void *cols, int is_bf16, int64_t b, int64_t 
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t item = 0; item < b * oh; ++item) {
         const int64_t img = item / oh, oy = item % oh;
-        int64_t iys[64], kys[64], ny = 0;       /* input rows (and ky) reaching row oy */
-        for (int64_t ky = 0; ky < kh && ny < 64; ++ky) {
+        int64_t iys[COL2IM_MAX_KH], kys[COL2IM_MAX_KH], ny = 0;  /* rows (and ky) reaching oy */
+        for (int64_t ky = 0; ky < kh && ny < COL2IM_MAX_KH; ++ky) {
             const int64_t t = oy + ph - ky * dh;
             if (t >= 0 && t % sh == 0 && t / sh < h) {
                 iys[ny] = t / sh;
@@ -1287,8 +1292,10 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
  *   y = y + skip        if skip   (a serial adapter's own skip connection)
  *   y = y * gamma       if gamma  (LayerScale; folded away in plain blocks)
  *   x = residual + y    written as float into acc
- * and, if ln_weight: q, q_scale = quantise(LayerNorm(x)) (tmp: num_threads * n floats).
- * residual and skip are only read. */
+ * and q, q_scale = quantise(LayerNorm(x)) (tmp: num_threads * n floats): the next
+ * LayerNorm always follows a block's residual step here (the block's last residual step
+ * is vpr_dequantize_add or vpr_dequantize_pair_residual).  residual and skip are only
+ * read. */
 void vpr_residual_layer_norm_quantize(int32_t *acc, int64_t m, int64_t n,
                                       const float *row_scale, const float *col_scale,
                                       const float *bias, const float *skip, const float *gamma,
@@ -1308,10 +1315,8 @@ void vpr_residual_layer_norm_quantize(int32_t *acc, int64_t m, int64_t n,
             for (int64_t j = 0; j < n; ++j) x[j] = x[j] * gamma[j];
         const float *r = residual + i * n;
         for (int64_t j = 0; j < n; ++j) x[j] = r[j] + x[j];
-        if (ln_weight)
-            q_scale[i] = layer_norm_quantize_row(x, n, ln_weight, ln_bias, eps,
-                                                 tmp + (int64_t)omp_get_thread_num() * n,
-                                                 q + i * n);
+        q_scale[i] = layer_norm_quantize_row(x, n, ln_weight, ln_bias, eps,
+                                             tmp + (int64_t)omp_get_thread_num() * n, q + i * n);
     }
 }
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .options import ENV_KERNEL_CACHE, ENV_NATIVE_KERNELS, env_flag
+from .workspace import WORKSPACE
 
 log = logging.getLogger(__name__)
 
@@ -181,18 +182,21 @@ class NativeKernels:
             "vpr_integer_attention_acc": [vp, vp, vp, vp, _I64, _I64, _I64, _I64,
                                           ctypes.c_float, vp, vp, vp, i32, i32],
             "vpr_col2im_channels_last": [vp, i32] + [_I64] * 14 + [vp, vp, i32],
+            "vpr_col2im_max_kernel_height": [],
             "vpr_int8_gemm": [vp, _I64, _I64, vp, vp, _I64, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
                    "vpr_have_vnni": ctypes.c_int, "vpr_absmax": ctypes.c_float,
-                   "vpr_integer_attention_acc": ctypes.c_int, "vpr_int8_gemm": ctypes.c_int}
+                   "vpr_integer_attention_acc": ctypes.c_int,
+                   "vpr_col2im_max_kernel_height": ctypes.c_int, "vpr_int8_gemm": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
         self._lib = lib
-        self._tls = threading.local()
         self.has_vnni = bool(lib.vpr_have_vnni())    # built with AVX-512 VNNI (else plain C)
+        # the tallest kernel col2im_channels_last takes (COL2IM_MAX_KH in the C source)
+        self.col2im_max_kernel_height = int(lib.vpr_col2im_max_kernel_height())
 
     # -- checks ---------------------------------------------------------------------
     @staticmethod
@@ -278,45 +282,37 @@ class NativeKernels:
         return q, scale
 
     # -- fused block steps (int8_block.py) -------------------------------------------
-    def _scratch(self, n: int, threads: int) -> torch.Tensor:
-        """Per-thread float rows for the LayerNorm kernels, reused (one set per thread)."""
-        buf = getattr(self._tls, "scratch", None)
-        if buf is None or buf.numel() < threads * n:
-            with torch.inference_mode(False):
-                buf = torch.empty(threads * n, dtype=torch.float32)
-            self._tls.scratch = buf
-        return buf
+    @staticmethod
+    def _scratch(n: int, threads: int) -> torch.Tensor:
+        """One float row of ``n`` per OpenMP thread for the LayerNorm kernels, from the
+        calling thread's workspace (:mod:`.workspace`), reused by every call."""
+        return WORKSPACE.get("layer_norm_rows", (threads * n,), torch.float32)
 
     def residual_layer_norm_quantize(
             self, acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
             bias: Optional[torch.Tensor], residual: torch.Tensor,
+            norm: Tuple[torch.Tensor, torch.Tensor, float],
             skip: Optional[torch.Tensor] = None, gamma: Optional[torch.Tensor] = None,
-            norm: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
             q: Optional[torch.Tensor] = None,
             scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``x = residual + gamma * (dequantise(acc) + skip)`` (gamma, skip optional), written
-        into ``acc`` as float32 and returned; with ``norm = (weight, bias, eps)`` also the
-        int8 codes of ``LayerNorm(x)`` into ``q`` / ``scale`` (same bits as
-        :meth:`dequantize_add_` (+ the torch ops) then :meth:`layer_norm_quantize`).
-        ``row_scale`` may be ``scale`` itself (each row's scale is read before it is written)."""
+        into ``acc`` as float32 and returned, and the int8 codes of ``LayerNorm(x)``
+        (``norm = (weight, bias, eps)``) into ``q`` / ``scale``: the same bits as
+        :meth:`dequantize_add_` (+ the torch ops) then :meth:`layer_norm_quantize`.
+        ``row_scale`` may be ``scale`` itself (each row's scale is read before it is written).
+        A residual step without a LayerNorm after it is :meth:`dequantize_add_`."""
         m, n = acc.shape
         threads = torch.get_num_threads()
-        ln_w = ln_b = q_ptr = s_ptr = tmp = None
-        eps = 0.0
-        if norm is not None:
-            ln_w = self._check(norm[0], torch.float32, "norm weight", n)
-            ln_b = self._check(norm[1], torch.float32, "norm bias", n)
-            eps = float(norm[2])
-            q, scale = self._outputs(m, n, q, scale)
-            q_ptr, s_ptr = q.data_ptr(), scale.data_ptr()
-            tmp = self._scratch(n, threads).data_ptr()
+        q, scale = self._outputs(m, n, q, scale)
         self._lib.vpr_residual_layer_norm_quantize(
             self._check(acc, torch.int32, "acc"), m, n,
             self._check(row_scale, torch.float32, "row_scale", m),
             self._check(col_scale, torch.float32, "col_scale", n), self._opt(bias, n, "bias"),
             self._opt(skip, m * n, "skip"), self._opt(gamma, n, "gamma"),
-            self._check(residual, torch.float32, "residual", m * n), ln_w, ln_b, eps,
-            q_ptr, s_ptr, tmp, threads)
+            self._check(residual, torch.float32, "residual", m * n),
+            self._check(norm[0], torch.float32, "norm weight", n),
+            self._check(norm[1], torch.float32, "norm bias", n), float(norm[2]),
+            q.data_ptr(), scale.data_ptr(), self._scratch(n, threads).data_ptr(), threads)
         return acc.view(torch.float32)
 
     def dequantize_quantize(self, acc: torch.Tensor, row_scale: torch.Tensor,
@@ -437,13 +433,13 @@ class NativeKernels:
         kh * kw * c) bfloat16 or float32, each input pixel's row in [ky][kx][co] order ->
         (b, oh, ow, c) float32 (``out`` if given), each output pixel the sum of its
         contributions in (ky, kx) order, then ``bias`` (``vpr_col2im_channels_last``).
-        ``size`` = (b, h, w, c)."""
+        ``size`` = (b, h, w, c); at most :attr:`col2im_max_kernel_height` kernel rows."""
         b, h, w, c = size
         (kh, kw), (oh, ow) = kernel, out_size
         if cols.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"cols: expected bfloat16 or float32, got {cols.dtype}")
-        if kh > 64:
-            raise ValueError(f"col2im: kernel height {kh} > 64")
+        if kh > self.col2im_max_kernel_height:
+            raise ValueError(f"col2im: kernel height {kh} > {self.col2im_max_kernel_height}")
         self._check(cols, cols.dtype, "cols", b * h * w * kh * kw * c)
         if out is None:
             out = torch.empty((b, oh, ow, c), dtype=torch.float32)
@@ -684,6 +680,7 @@ class NativeKernels:
         if status < 0:
             raise MemoryError("int8_gemm: could not allocate its scratch memory")
         return out if status == 0 else None
+
 
 def _threads(threads: Optional[int]) -> int:
     """OpenMP threads of a kernel call: the given count, else torch's."""

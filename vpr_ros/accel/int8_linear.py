@@ -217,7 +217,8 @@ class GemmConvTranspose2d(nn.Module):
     writes a channels-last output, returned as an (B, C_out, H, W) view: no float copy of
     the matmul output, no transposed copy for ``F.fold``, and the next layer's (and the
     caller's) channels-last view of it is free.  Without them the rows are reordered for
-    ``F.fold``.
+    ``F.fold`` (as for kernels taller than the native col2im takes,
+    ``NativeKernels.col2im_max_kernel_height``).
     """
 
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
@@ -257,8 +258,8 @@ class GemmConvTranspose2d(nn.Module):
         out_h = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oh + 1
         out_w = (w - 1) * sw - 2 * pw + dw * (kw - 1) + ow + 1
         kernels = (native_kernels(self.accel.native_kernels, self.accel.kernel_cache)
-                   if cols.is_cpu and kh <= 64 else None)
-        if kernels is not None:
+                   if cols.is_cpu else None)
+        if kernels is not None and kh <= kernels.col2im_max_kernel_height:
             y = kernels.col2im_channels_last(
                 cols.contiguous(), (b, h, w, self.out_channels), (kh, kw), (sh, sw), (ph, pw),
                 (dh, dw), (out_h, out_w), self.bias)

@@ -15,7 +15,8 @@ import math
 from typing import Callable, Optional
 
 from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS  # torch-free (--help stays light)
-from ..constants import PRECISIONS, RERANK_COMPUTES
+from ..constants import (CONV_TRANSPOSE_COMPUTES, PATCH_CONV_COMPUTES, PRECISIONS,
+                         RERANK_COMPUTES)
 
 
 # --------------------------------------------------------------------------- argument types
@@ -125,6 +126,13 @@ def add_accel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kernel-cache", metavar="DIR", default=None,
                        help="folder of the compiled kernels (default ~/.cache/vpr_ros/kernels; "
                             "override: VPR_ROS_KERNEL_CACHE)")
+    group.add_argument("--conv-transpose", choices=CONV_TRANSPOSE_COMPUTES, default=None,
+                       help="int8 models: transposed convolutions (SelaVPR's LocalAdapt) as a "
+                            "bf16 (default) or int8 matmul + col2im (int8: faster, ~10x the "
+                            "rounding error)")
+    group.add_argument("--patch-conv", choices=PATCH_CONV_COMPUTES, default=None,
+                       help="int8 models: the ViT patch embedding as one bf16 matmul per image "
+                            "(default, about half the time) or the fp32 convolution")
 
 
 def accel_from_args(args: argparse.Namespace):
@@ -135,9 +143,11 @@ def accel_from_args(args: argparse.Namespace):
         value = getattr(args, name, None)
         return None if value is None else value == "on"
 
+    computes = {name: getattr(args, name) for name in ("conv_transpose", "patch_conv")
+                if getattr(args, name, None) is not None}        # absent: the defaults
     return AccelOptions(native_kernels=flag("native_kernels"),
                         integer_attention=flag("integer_attention"),
-                        kernel_cache=getattr(args, "kernel_cache", None))
+                        kernel_cache=getattr(args, "kernel_cache", None), **computes)
 
 
 def add_rerank_compute_arg(parser: argparse.ArgumentParser) -> None:

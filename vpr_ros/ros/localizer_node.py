@@ -51,7 +51,8 @@ from std_msgs.msg import Bool, Header, String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
-from ..constants import CONFIDENCE_THRESHOLD, PRECISIONS, RERANK_COMPUTES
+from ..constants import (CONFIDENCE_THRESHOLD, CONV_TRANSPOSE_COMPUTES, PATCH_CONV_COMPUTES,
+                         PRECISIONS, RERANK_COMPUTES)
 from ..constants import MAX_IMAGE_PIXELS as DEFAULT_MAX_PIXELS
 from ..errors import ConfigError, ImageError, VprError
 from .conversions import msg_to_rgb, pose_from_arrays, rgb_to_image_msg, stamp_to_ns
@@ -103,6 +104,12 @@ PARAMETERS = {
                           CONFIGURE, SWITCHES),
     "kernel_cache": ("", "folder of the compiled kernels; empty = ~/.cache/vpr_ros/kernels "
                          "(override VPR_ROS_KERNEL_CACHE)", CONFIGURE, None),
+    "conv_transpose": ("bf16", "int8 models: transposed convolutions (SelaVPR's LocalAdapt) as "
+                               "a bf16 or int8 (faster, ~10x the rounding error) matmul + "
+                               "col2im", CONFIGURE, CONV_TRANSPOSE_COMPUTES),
+    "patch_conv": ("bf16", "int8 models: the ViT patch embedding as one bf16 matmul per image "
+                           "(about half the time) or the fp32 convolution", CONFIGURE,
+                   PATCH_CONV_COMPUTES),
     "top_k": (10, "number of candidates published on ~/candidates and ~/matches", LIVE,
               (1, 100, 1)),
     "rerank_k": (20, "candidates re-ranked when rerank is true", LIVE, (1, 200, 1)),
@@ -478,33 +485,40 @@ class LocalizerNode(LifecycleNode):
         return localizer, make_localizer, info
 
     def accel_options(self):
-        """AccelOptions from the native_kernels / integer_attention / kernel_cache parameters
-        (auto = the documented environment override, else the default)."""
+        """AccelOptions from the native_kernels / integer_attention / kernel_cache /
+        conv_transpose / patch_conv parameters (auto = the documented environment override,
+        else the default)."""
         from ..accel.options import AccelOptions
 
         switch = {"auto": None, "on": True, "off": False}
         return AccelOptions(native_kernels=switch[self.p("native_kernels")],
                             integer_attention=switch[self.p("integer_attention")],
-                            kernel_cache=self.p("kernel_cache") or None)
+                            kernel_cache=self.p("kernel_cache") or None,
+                            conv_transpose=self.p("conv_transpose"),
+                            patch_conv=self.p("patch_conv"))
 
     @staticmethod
     def _accel_state(accel, describer, local) -> Dict[str, str]:
         """What the acceleration switches came to (diagnostics): the kernels are built here,
         at configure, where a model or the re-ranking uses them, not at the first frame."""
+        int8 = describer.precision == "int8"
+        computes = {"conv_transpose": accel.conv_transpose if int8 else "unused",
+                    "patch_conv": accel.patch_conv if int8 else "unused"}
         if describer.device.type != "cpu":
-            return {"native_kernels": "unused (not on the CPU)", "integer_attention": "unused"}
-        uses = describer.precision == "int8" or local is not None
+            return {"native_kernels": "unused (not on the CPU)", "integer_attention": "unused",
+                    **computes}
+        uses = int8 or local is not None
         if not uses:
             return {"native_kernels": "unused (fp32, no re-ranking)",
-                    "integer_attention": "unused"}
+                    "integer_attention": "unused", **computes}
         from ..accel.int8_kernels import native_kernels
 
         built = native_kernels(accel.native_kernels, accel.kernel_cache) is not None
         state = "on" if built else ("off" if accel.use_native_kernels() is False
                                     else "unavailable (no C compiler; see the log)")
         attention = ("on" if built and accel.use_integer_attention() else "off") \
-            if describer.precision == "int8" else "unused"
-        return {"native_kernels": state, "integer_attention": attention}
+            if int8 else "unused"
+        return {"native_kernels": state, "integer_attention": attention, **computes}
 
     def _make_stream(self, place_map):
         """A stream localizer for one camera (route and calibration from the map), or None."""
