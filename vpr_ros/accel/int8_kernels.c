@@ -2028,13 +2028,17 @@ float vpr_absmax(const float *x, int64_t n) { return row_absmax(x, n); }
  * no overflow below k = 132 000).  Integer sums do not depend on the order, the thread
  * count or the other rows: batch-invariant like every kernel here.
  * The columns are split over the threads in groups of 64 (no two threads write the same
- * output, no reduction); the rows run in chunks of GEMM_CHUNK_ROWS, so a chunk of a stays
- * in L2 while the weight panels stream past it.  Measured against torch._int_mm on the
- * ViT-B and ViT-L shapes (M = 257): 1.06-1.10x on one thread, 1.12-1.16x on two
- * (docs/fast_paths.md, section 2).  Returns 0, 1 without VNNI (the caller multiplies with
+ * output, no reduction); the rows run in chunks of at most GEMM_CHUNK_BYTES of a, so a
+ * chunk stays in L2 while the weight panels stream past it (balanced chunks: 257 rows of
+ * 4096 are 3 chunks of 88 rows, not 128 + 128 + 1, which streamed the cold weights a
+ * third time for one row).  Against torch._int_mm on the ViT-B and ViT-L shapes
+ * (M = 257): 1.06-1.10x on one thread, 1.12-1.16x on two (docs/fast_paths.md,
+ * section 2).  Returns 0, 1 without VNNI (the caller multiplies with
  * torch), -1 when memory ran out.
  * ------------------------------------------------------------------------------------ */
-#define GEMM_CHUNK_ROWS 128
+#ifndef GEMM_CHUNK_BYTES
+#define GEMM_CHUNK_BYTES (512 * 1024)
+#endif
 
 #if VPR_HAVE_VNNI
 /* 4 rows x 64 columns: rows (the real ones of the 4) stored into c (row stride ldc) */
@@ -2060,7 +2064,12 @@ int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
                   const int32_t *neg_zero, int64_t n, int32_t *c, int num_threads) {
 #if VPR_HAVE_VNNI
     const int64_t groups = n / 64, blocks = (m + 3) / 4, full = m / 4;
-    const int64_t chunk = GEMM_CHUNK_ROWS / 4;
+    /* chunks of at most GEMM_CHUNK_BYTES of a, all of about the same size: each chunk
+     * streams every weight panel once more (from DRAM for a model's cold weights) */
+    int64_t most = GEMM_CHUNK_BYTES / (4 * k);
+    most = most < 1 ? 1 : most;
+    const int64_t n_chunks = (blocks + most - 1) / most;
+    const int64_t chunk = (blocks + n_chunks - 1) / (n_chunks ? n_chunks : 1);
     /* the last rows, if not 4: read from a copy padded with zero rows */
     int8_t *tail = NULL;
     if (full < blocks) {
