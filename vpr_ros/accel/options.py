@@ -55,8 +55,9 @@ def env_flag(name: str) -> bool:
 class AccelOptions:
     """Switches of the acceleration layer; None = environment override, else default.
 
-    * ``native_kernels``: build and use the C kernels (fused int8 passes, integer
-      attention, verified exact re-ranking).  Off: the same int8 quantisation on torch
+    * ``native_kernels``: build and use the C kernels (fused int8 passes, the int8
+      matmuls where the CPU has AVX-512 VNNI, integer attention, verified exact
+      re-ranking).  Off: the same int8 quantisation on torch
       ops, the plain float32 re-ranking - slower, same counts.
     * ``integer_attention``: int16 integer attention in the int8 models (off: float32 SDPA).
     * ``kernel_cache``: folder of the compiled kernels.

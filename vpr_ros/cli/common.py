@@ -116,8 +116,9 @@ def add_accel_args(parser: argparse.ArgumentParser) -> None:
     """The switches of vpr_ros.accel (AccelOptions); unset = environment override / default."""
     group = parser.add_argument_group("acceleration (see docs/fast_paths.md)")
     group.add_argument("--native-kernels", choices=("on", "off"), default=None,
-                       help="C kernels built on first use: fused int8 passes, integer "
-                            "attention, verified exact re-ranking (default on; off: torch "
+                       help="C kernels built on first use: fused int8 passes, int8 "
+                            "matmuls (AVX-512 VNNI), integer attention, verified exact "
+                            "re-ranking (default on; off: torch "
                             "ops and the plain float32 re-ranking, same results, slower; "
                             "override: VPR_ROS_NATIVE_KERNELS)")
     group.add_argument("--integer-attention", choices=("on", "off"), default=None,

@@ -95,10 +95,11 @@ PARAMETERS = {
     "device": ("auto", "torch device: auto, cpu, cuda, cuda:N", CONFIGURE, None),
     "precision": ("fp32", "inference precision: fp32, bf16, fp16 (CUDA only), int8 (CPU only)",
                   CONFIGURE, PRECISIONS),
-    "native_kernels": ("auto", "C kernels built on first use (fused int8 passes, integer "
-                               "attention, verified exact re-ranking): auto (on where a C "
-                               "compiler exists; override VPR_ROS_NATIVE_KERNELS), on, off "
-                               "(torch ops: same results, slower)", CONFIGURE, SWITCHES),
+    "native_kernels": ("auto", "C kernels built on first use (fused int8 passes, int8 "
+                               "matmuls on AVX-512 VNNI, integer attention, verified exact "
+                               "re-ranking): auto (on where a C compiler exists; override "
+                               "VPR_ROS_NATIVE_KERNELS), on, off (torch ops: same results, "
+                               "slower)", CONFIGURE, SWITCHES),
     "integer_attention": ("auto", "int8 models: int16 integer attention (auto = on; override "
                                   "VPR_ROS_INTEGER_ATTENTION), on, or off (float32 SDPA)",
                           CONFIGURE, SWITCHES),
