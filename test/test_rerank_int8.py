@@ -147,6 +147,25 @@ def test_kernel_generic_and_vector_code_agree(kernels):
         np.testing.assert_allclose(a[2], b[2], rtol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 3e4])
+def test_native_bounds_are_the_python_bounds(kernels, scale):
+    """vpr_int8_slacks (what the int8 path runs) gives exactly rerank._slacks's values."""
+    from vpr_ros.accel.int8_kernels import MNN_ROWS
+
+    rng = np.random.default_rng(int(scale * 7) % 1000)
+    q = (rng.standard_normal((130, 40)) * scale).astype(np.float32)
+    x = (rng.standard_normal((77, 40)) * scale).astype(np.float32)
+    x[3] = 0.0
+    verifier = R._Int8Verifier(kernels, q)
+    xc, qc = R._Codes8(kernels, x, 128, MNN_ROWS), verifier.qc
+    native = kernels.int8_slacks(xc.terms, qc.terms, (xc.s8, xc.s16), (qc.s8, qc.s16),
+                                 verifier.gamma, R._MARGIN)
+    python = (*R._slacks(xc, qc, verifier.gamma, 8, np.int32),
+              *R._slacks(xc, qc, verifier.gamma, 16, np.int64))
+    for a, b in zip(native, python):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
 def test_codes_and_bounds_hold(kernels):
     """The per-point error terms bound the real rounding errors of the codes, and every
     code similarity lies within the stated slack of the float32 value."""

@@ -2013,6 +2013,63 @@ void vpr_codes_8_16(const float *x, int64_t n, int64_t c, int64_t c4, int64_t c_
     }
 }
 
+/* The int8 path's bounds (rerank.py's _slacks, evaluated here in the same float64
+ * operations and order, so the values are the same): from the per-point terms of
+ * vpr_codes_8_16 of the candidate (xo, n_x x 5) and of the query (qo, n_q x 5), each
+ * scaled by margin (and the errors raised by 1e-12 |x|), twice the largest distance
+ * between a code similarity and the float32 value per row (candidate point) and per
+ * column (query point), in code units, rounded up, plus one, at most INT32_MAX / 4 or
+ * INT64_MAX / 4:
+ *   rows  2 (e_x |q|max + |x^| max e_q + gamma |x| |q|max) / (s_x s_q)
+ *   cols  2 (max e_x |q| + max |x^| e_q + gamma |x|max |q|) / (s_x s_q)
+ * for the int8 codes (row8, col8) and the int16 codes (row16, col16). */
+static inline double slack_of(double bound, double scale, double margin, double top) {
+    const double v = ceil(2.0 * bound / scale * margin) + 1.0;
+    return v < top ? v : top;
+}
+
+void vpr_int8_slacks(const double *xo, int64_t n_x, const double *qo, int64_t n_q,
+                     double x_s8, double q_s8, double x_s16, double q_s16, double gamma,
+                     double margin, int32_t *row8, int32_t *col8, int64_t *row16,
+                     int64_t *col16) {
+    /* per side: the largest norm, error (8, 16) and code norm (8, 16) */
+    double qn = 0, qe8 = 0, qe16 = 0, xn = 0, xe8 = 0, xh8 = 0, xe16 = 0, xh16 = 0;
+    for (int64_t i = 0; i < n_q; ++i) {
+        const double *o = qo + 5 * i, norm = o[4] * margin;
+        qn = norm > qn ? norm : qn;
+        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
+        qe8 = e8 > qe8 ? e8 : qe8;
+        qe16 = e16 > qe16 ? e16 : qe16;
+    }
+    for (int64_t j = 0; j < n_x; ++j) {
+        const double *o = xo + 5 * j, norm = o[4] * margin;
+        xn = norm > xn ? norm : xn;
+        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
+        xe8 = e8 > xe8 ? e8 : xe8;
+        xe16 = e16 > xe16 ? e16 : xe16;
+        xh8 = o[1] * margin > xh8 ? o[1] * margin : xh8;
+        xh16 = o[3] * margin > xh16 ? o[3] * margin : xh16;
+    }
+    const double scale8 = x_s8 * q_s8, scale16 = x_s16 * q_s16;
+    const double top32 = (double)(INT32_MAX / 4), top64 = (double)(INT64_MAX / 4);
+    for (int64_t j = 0; j < n_x; ++j) {
+        const double *o = xo + 5 * j, norm = o[4] * margin;
+        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
+        row8[j] = (int32_t)slack_of(e8 * qn + o[1] * margin * qe8 + gamma * norm * qn, scale8,
+                                    margin, top32);
+        row16[j] = (int64_t)slack_of(e16 * qn + o[3] * margin * qe16 + gamma * norm * qn,
+                                     scale16, margin, top64);
+    }
+    for (int64_t i = 0; i < n_q; ++i) {
+        const double *o = qo + 5 * i, norm = o[4] * margin;
+        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
+        col8[i] = (int32_t)slack_of(xe8 * norm + xh8 * e8 + gamma * xn * norm, scale8, margin,
+                                    top32);
+        col16[i] = (int64_t)slack_of(xe16 * norm + xh16 * e16 + gamma * xn * norm, scale16,
+                                     margin, top64);
+    }
+}
+
 /* The largest |x| of n floats (row_absmax: NaN or infinity anywhere give a non-finite
  * result): the finiteness check and the code scale of a map in one vectorised pass. */
 float vpr_absmax(const float *x, int64_t n) { return row_absmax(x, n); }

@@ -184,6 +184,7 @@ class NativeKernels:
             "vpr_col2im_channels_last": [vp, i32] + [_I64] * 14 + [vp, vp, i32],
             "vpr_col2im_max_kernel_height": [],
             "vpr_int8_gemm": [vp, _I64, _I64, vp, vp, _I64, vp, i32],
+            "vpr_int8_slacks": [vp, _I64, vp, _I64] + [ctypes.c_double] * 6 + [vp] * 4,
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
@@ -596,6 +597,25 @@ class NativeKernels:
                                  int(offset8), codes8.ctypes.data, codes16.ctypes.data,
                                  out.ctypes.data, int(generic))
         return codes8, codes16, out
+
+    def int8_slacks(self, x_terms: np.ndarray, q_terms: np.ndarray, x_scales: Tuple[float, float],
+                    q_scales: Tuple[float, float], gamma: float, margin: float):
+        """The bounds of :meth:`mnn_int8_count` (``vpr_int8_slacks``: the float64 operations
+        of ``rerank._slacks`` in its order, so the same values) from the per-point terms of
+        :meth:`codes_8_16` of the candidate and of the query (unscaled, (n, 5) float64) and
+        their (int8, int16) scales -> (row8, col8) int32 and (row16, col16) int64."""
+        for name, t in (("x_terms", x_terms), ("q_terms", q_terms)):
+            if t.dtype != np.float64 or not t.flags.c_contiguous or t.ndim != 2 or t.shape[1] != 5:
+                raise ValueError(f"{name}: expected a contiguous (n, 5) float64 array")
+        n_x, n_q = x_terms.shape[0], q_terms.shape[0]
+        row8, col8 = np.empty(n_x, np.int32), np.empty(n_q, np.int32)
+        row16, col16 = np.empty(n_x, np.int64), np.empty(n_q, np.int64)
+        self._lib.vpr_int8_slacks(x_terms.ctypes.data, n_x, q_terms.ctypes.data, n_q,
+                                  float(x_scales[0]), float(q_scales[0]), float(x_scales[1]),
+                                  float(q_scales[1]), float(gamma), float(margin),
+                                  row8.ctypes.data, col8.ctypes.data, row16.ctypes.data,
+                                  col16.ctypes.data)
+        return row8, col8, row16, col16
 
     def mnn_int8_count(self, x_codes: np.ndarray, x16: np.ndarray, x: np.ndarray,
                        q_layout: np.ndarray, q_zero: np.ndarray, q16: np.ndarray,
