@@ -64,6 +64,30 @@ def test_smooth_benchmark_maps_use_every_level(kernels):
     assert auto.get("int8") == (5 if kernels.has_vnni else None)
 
 
+def test_float16_candidates_widened_natively(kernels):
+    """float16 candidate maps (the default local storage), as tensors or arrays, (P, C) or
+    (H, W, C), give the counts of the same values in float32; the native widening is
+    IEEE's for every one of the 65536 half values."""
+    halves = np.arange(65536, dtype=np.uint16).view(np.float16)
+    wide = kernels.half_to_float(halves)
+    ref = halves.astype(np.float32)
+    assert np.array_equal(np.isnan(wide), np.isnan(ref))
+    assert np.array_equal(wide[~np.isnan(ref)], ref[~np.isnan(ref)])
+    assert np.array_equal(np.signbit(wide), np.signbit(ref))
+    from benchmarks.bench_rerank import synthetic_maps
+
+    queries, cands = synthetic_maps(1, 4, seed=5)
+    q, c16 = queries[0].float(), cands[0]                   # (4, 3721, 128) float16
+    assert c16.dtype == torch.float16
+    expected = mutual_nn_counts(q, c16.float().numpy(), path="int8").tolist()
+    assert expected == official_mnn_counts(q.numpy(), c16.float().numpy())
+    for as_given in (c16, c16.numpy(), c16.numpy().reshape(4, 61, 61, 128),
+                     [m.reshape(61, 61, 128) for m in c16]):
+        for threads in (1, 2):
+            fast, _, stats = _int8(q, as_given, threads)
+            assert fast == expected and stats["int8"] == 4
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_exact_ties_follow_the_first_index(kernels, seed):
     """Repeated points (flat image regions), a place seen again and coarsely rounded values

@@ -2070,6 +2070,36 @@ void vpr_int8_slacks(const double *xo, int64_t n_x, const double *qo, int64_t n_
     }
 }
 
+/* float16 -> float32 (exact: every half is a float), n values: a stored candidate map
+ * (local storage float16) before the re-ranking; 6-10x numpy's and torch's conversion
+ * here, which took 0.6-0.9 ms of a 3721 x 128 map. */
+void vpr_half_to_float(const uint16_t *h, int64_t n, float *out) {
+    int64_t i = 0;
+#if VPR_HAVE_VNNI
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#endif
+    for (; i < n; ++i) {               /* IEEE binary16, subnormals, infinities and NaN */
+        const uint32_t sign = (uint32_t)(h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1Fu;
+        uint32_t m = h[i] & 0x3FFu, bits;
+        if (e == 0x1Fu) {
+            bits = sign | 0x7F800000u | (m << 13);
+        } else if (e) {
+            bits = sign | ((e + 112u) << 23) | (m << 13);
+        } else if (m) {                /* subnormal: normalise */
+            int shift = 0;
+            while (!(m & 0x400u)) {
+                m <<= 1;
+                ++shift;
+            }
+            bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FFu) << 13);
+        } else {
+            bits = sign;
+        }
+        memcpy(out + i, &bits, 4);
+    }
+}
+
 /* The largest |x| of n floats (row_absmax: NaN or infinity anywhere give a non-finite
  * result): the finiteness check and the code scale of a map in one vectorised pass. */
 float vpr_absmax(const float *x, int64_t n) { return row_absmax(x, n); }

@@ -185,6 +185,7 @@ class NativeKernels:
             "vpr_col2im_max_kernel_height": [],
             "vpr_int8_gemm": [vp, _I64, _I64, vp, vp, _I64, vp, i32],
             "vpr_int8_slacks": [vp, _I64, vp, _I64] + [ctypes.c_double] * 6 + [vp] * 4,
+            "vpr_half_to_float": [vp, _I64, vp],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
@@ -597,6 +598,14 @@ class NativeKernels:
                                  int(offset8), codes8.ctypes.data, codes16.ctypes.data,
                                  out.ctypes.data, int(generic))
         return codes8, codes16, out
+
+    def half_to_float(self, h: np.ndarray) -> np.ndarray:
+        """float16 array (any shape, C-contiguous) -> the same values as float32."""
+        if h.dtype != np.float16 or not h.flags.c_contiguous:
+            raise ValueError("half_to_float: expected a C-contiguous float16 array")
+        out = np.empty(h.shape, dtype=np.float32)
+        self._lib.vpr_half_to_float(h.ctypes.data, h.size, out.ctypes.data)
+        return out
 
     def int8_slacks(self, x_terms: np.ndarray, q_terms: np.ndarray, x_scales: Tuple[float, float],
                     q_scales: Tuple[float, float], gamma: float, margin: float):

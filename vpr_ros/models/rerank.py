@@ -191,6 +191,17 @@ def _points_np(x, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def _candidate_np(kernels, x) -> np.ndarray:
+    """:func:`_points_np` of a candidate map; float16 maps (the default local storage) are
+    widened by the native kernels where loaded (0.05 ms instead of 0.6-0.9 ms for a
+    3721 x 128 map with numpy or torch; the same values)."""
+    if kernels is not None:
+        h = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        if isinstance(h, np.ndarray) and h.dtype == np.float16 and h.ndim in (2, 3):
+            return kernels.half_to_float(np.ascontiguousarray(h.reshape(-1, h.shape[-1])))
+    return _points_np(x, "candidate")
+
+
 EXACT_PATHS = ("auto", "fused", "int8", "verified", "plain")
 
 
@@ -254,7 +265,7 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         if i in done:
             counts[i] = done[i]
             continue
-        cand = first if i == 0 else _points_np(candidates[i], "candidate")
+        cand = first if i == 0 else _candidate_np(kernels, candidates[i])
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
         if fast is None or not fast.count(i, cand):
@@ -404,7 +415,7 @@ def _verified_pooled(kernels, candidates, first: np.ndarray, indices, verified,
     already read by the caller (its shape is the one the BLAS check covered).
     """
     def work(i):
-        cand = first if i == 0 else _points_np(candidates[i], "candidate")
+        cand = first if i == 0 else _candidate_np(kernels, candidates[i])
         absmax = _fusable(kernels, cand, q_absmax) if cand.shape == first.shape else None
         if absmax is not None:
             local: dict = {}
