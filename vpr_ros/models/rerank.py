@@ -660,7 +660,8 @@ class _Codes8:
 def _slacks(xc: _Codes8, qc: _Codes8, gamma: float, bits: int, dtype) -> Tuple[np.ndarray, ...]:
     """Twice the largest distance between a code similarity (int8 or int16 codes) and the
     float32 value, per candidate point (rows) and per query point (columns), in code units,
-    rounded up, plus one."""
+    rounded up, plus one.  The statement of the bound; the int8 path runs the same float64
+    operations in C (``NativeKernels.int8_slacks``), tested equal to this."""
     scale = (xc.s8 * qc.s8) if bits == 8 else (xc.s16 * qc.s16)
     x_err, x_hat = (xc.err8, xc.hat8) if bits == 8 else (xc.err16, xc.hat16)
     q_err, q_hat = (qc.err8, qc.hat8) if bits == 8 else (qc.err16, qc.hat16)
