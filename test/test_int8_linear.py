@@ -277,6 +277,35 @@ def test_int8_descriptors_bit_identical_alone_and_in_batch(card, sample_images):
     assert np.array_equal(other[2], batch[0])
 
 
+def test_native_int8_matmul_under_inference_mode_and_copies():
+    """Layers built under torch.inference_mode (no version counter) take the native
+    matmul; pickles and deep copies leave the packed weight out and pack again; a layer
+    set to the float fallback (use_int_mm=False) runs it, not the native matmul."""
+    import copy
+    import pickle
+
+    kernels = _kernels_with_vnni()
+    a = torch.randint(-127, 128, (5, 64), dtype=torch.int8)
+    with torch.inference_mode():
+        layer = Int8Linear.from_linear(_linear(64, 128))
+        exact = a.long() @ layer.weight_int8.long()
+        assert torch.equal(layer.integer_product(a, kernels).long(), exact)
+        assert layer.__dict__["_vnni"][2] is not None
+    plain = Int8Linear.from_linear(_linear(64, 128))
+    y = plain(torch.randn(3, 64))
+    assert "_vnni" in plain.__dict__
+    for other in (copy.deepcopy(plain), pickle.loads(pickle.dumps(plain))):
+        assert "_vnni" not in other.__dict__
+        x = torch.randn(3, 64)
+        assert torch.equal(other(x), plain(x))
+    del y
+    fallback = Int8Linear.from_linear(_linear(64, 128))
+    fallback.use_int_mm = False               # the float fallback: never packed, same integers
+    assert torch.equal(fallback.integer_product(a, kernels).long(),
+                       a.long() @ fallback.weight_int8.long())
+    assert "_vnni" not in fallback.__dict__
+
+
 def test_native_int8_matmul_same_bits_as_int_mm_in_a_model(sample_images):
     """demo_tiny's 21 int8 layers all take the VNNI matmul: descriptors bit-identical to
     torch._int_mm's."""

@@ -455,3 +455,22 @@ def test_cli_map_build_from_bag_records_dropped_frames(tmp_path, entries):
     assert m["counts"]["places"] == 2                     # 4 posed frames 20 m apart, keep >= 30 m
     assert main(["map", "build", str(tmp_path / "x"), "--bag", str(bag), "--model", CARD,
                  "--device", "cpu"]) == 2                 # --image-topic missing
+
+
+def test_manifest_records_the_int8_numerical_choices():
+    """An int8 model's conv_transpose / patch_conv choices go into the manifest's model
+    sections (maps built and queried with other choices can be told apart); other
+    precisions record none."""
+    from vpr_ros.accel.options import AccelOptions
+    from vpr_ros.inference import GlobalDescriber, LocalFeatureExtractor
+    from vpr_ros.maps.place_map import local_model_section, model_section
+
+    fp32 = model_section(GlobalDescriber("demo_tiny", device="cpu"))
+    assert fp32["precision"] == "fp32" and "int8_compute" not in fp32
+    default = model_section(GlobalDescriber("demo_tiny", device="cpu", precision="int8"))
+    assert default["int8_compute"] == {"conv_transpose": "bf16", "patch_conv": "bf16"}
+    chosen = AccelOptions(conv_transpose="int8", patch_conv="fp32")
+    local = local_model_section(LocalFeatureExtractor(None, device="cpu", precision="int8",
+                                                      accel=chosen))
+    assert local["precision"] == "int8"
+    assert local["int8_compute"] == {"conv_transpose": "int8", "patch_conv": "fp32"}

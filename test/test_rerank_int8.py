@@ -86,6 +86,10 @@ def test_float16_candidates_widened_natively(kernels):
         for threads in (1, 2):
             fast, _, stats = _int8(q, as_given, threads)
             assert fast == expected and stats["int8"] == 4
+    # other dtypes keep the generic conversion (bfloat16 tensors have no numpy type)
+    bf = c16.to(torch.bfloat16)
+    fast, _, _ = _int8(q, bf, 2)
+    assert fast == mutual_nn_counts(q, bf.float().numpy(), path="int8").tolist()
 
 
 @pytest.mark.parametrize("seed", range(4))

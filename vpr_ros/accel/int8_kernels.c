@@ -1496,17 +1496,23 @@ static int i8_col_push(i8_cols *cs, int32_t i, int32_t j, int32_t v) {
 }
 
 #if VPR_HAVE_VNNI
+/* The lanes of a 16-point vector whose points are real: `left` real points from its first
+ * lane on (<= 0: none). */
+static inline __mmask16 i8_lanes(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF
+                      : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+/* 0..15: a point's lane in its vector of 16 */
+#define I8_LANE0 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+
 /* The epilogue of i8_tile: rows' lane maxima, the block buffer, the column step. */
-static inline __attribute__((always_inline)) int i8_epilogue(
+static inline __attribute__((always_inline)) void i8_epilogue(
         const __m512i acc[4][4], const int nr, int32_t *out, int64_t out_stride, int64_t j0,
         int64_t i0, int valid, int32_t *gmax, int64_t gmax_stride, i8_cols *cs,
         uint16_t *hits) {
     __mmask16 mask[4];
-    for (int l = 0; l < 4; ++l) {
-        const int left = valid - l * 16;
-        mask[l] = left >= 16 ? (__mmask16)0xFFFF
-                             : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-    }
+    for (int l = 0; l < 4; ++l) mask[l] = i8_lanes(valid - l * 16);
     /* the block buffer and the rows' lane maxima first, so that few registers stay live */
     for (int r = 0; r < 4; ++r) {
         __m512i gm = _mm512_set1_epi32(INT32_MIN);
@@ -1531,7 +1537,6 @@ static inline __attribute__((always_inline)) int i8_epilogue(
         /* max - v <= slack for v = the tile's best (no overflow: code sums) */
         hits[l] = _mm512_mask_cmple_epi32_mask(m, _mm512_sub_epi32(cm, t), sl);
     }
-    return 0;
 }
 
 /* The column step of a complete block of nr rows (j0..): for every 16 query points that
@@ -1540,7 +1545,7 @@ static inline __attribute__((always_inline)) int i8_epilogue(
  * compress straight to memory is microcoded on Zen 4). */
 static int i8_col_appends(const int32_t *blk, int64_t n_q_pad, int64_t n_q,
                           const uint16_t *hits, int nr, int64_t j0, i8_cols *cs) {
-    const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lane0 = I8_LANE0;
     const int64_t vecs = n_q_pad / 16;
     for (int64_t e0 = 0; e0 < vecs; e0 += 32) {
         const __mmask32 real = vecs - e0 >= 32 ? (__mmask32)0xFFFFFFFFu
@@ -1552,8 +1557,7 @@ static int i8_col_appends(const int32_t *blk, int64_t n_q_pad, int64_t n_q,
             marked &= marked - 1;
             if (i8_reserve(&cs->i, 64) || i8_reserve(&cs->j, 64) || i8_reserve(&cs->v, 64))
                 return -1;
-            const int64_t left = n_q - i;      /* >= 1: marked lanes are real */
-            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m = i8_lanes(n_q - i);
             const __m512i cm = _mm512_loadu_si512((const void *)(cs->max + i));
             const __m512i sl = _mm512_maskz_loadu_epi32(m, cs->slack + i);
             const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), lane0);
@@ -1603,11 +1607,11 @@ static inline __attribute__((always_inline)) int i8_tile(
         const __m512i acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
         /* a constant row count keeps the accumulators in registers */
-        return nr == 4
-                   ? i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs,
-                                 hits)
-                   : i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs,
-                                 hits);
+        if (nr == 4)
+            i8_epilogue(acc, 4, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs, hits);
+        else
+            i8_epilogue(acc, nr, out, out_stride, j0, i0, valid, gmax, gmax_stride, cs, hits);
+        return 0;
     }
 #endif
     const int64_t groups = c4 / 4, block = groups * 64;
@@ -1662,8 +1666,7 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
          * then each of their vectors compressed to its indices in registers (in index
          * order) and stored whole */
         const __m512i t = _mm512_set1_epi32(thr);
-        const __m512i lane0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                14, 15);
+        const __m512i lane0 = I8_LANE0;
         for (int64_t g0 = 0; g0 < groups; g0 += 64) {
             const int64_t g_end = groups - g0 < 64 ? groups : g0 + 64;
             uint64_t reach = 0;
@@ -1676,9 +1679,7 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
                 reach &= reach - 1;
                 for (int l = 0; l < I8_GROUP / 16; ++l) {
                     const int64_t i = base + 16 * l;
-                    const int64_t left = n_q - i;     /* the padding query points: out */
-                    const __mmask16 real = left >= 16 ? (__mmask16)0xFFFF
-                                           : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+                    const __mmask16 real = i8_lanes(n_q - i);   /* padding points: out */
                     const __mmask16 hit = _mm512_mask_cmpge_epi32_mask(
                         real, _mm512_loadu_si512((const void *)(v + i)), t);
                     _mm512_storeu_si512((void *)(o + n), _mm512_maskz_compress_epi32(
@@ -1793,7 +1794,7 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
     i8_list rows = {0}, amb = {0};          /* ambiguous rows' candidates; their rows */
     int64_t *amb_start = malloc((size_t)(n_x + 1) * sizeof(int64_t));
     int32_t *gmax = malloc((size_t)4 * groups * 16 * sizeof(int32_t));
-    uint16_t *hits = calloc((size_t)groups * 4 + 32, sizeof(uint16_t));
+    uint16_t *hits = calloc((size_t)groups * 4, sizeof(uint16_t));   /* read masked */
     int64_t stats[2] = {0, 0};
     int too_many = 0;
     int failed = !blk || !row_arg || !col_arg || !cs.max || !amb_start || !gmax || !hits;
@@ -2028,28 +2029,28 @@ static inline double slack_of(double bound, double scale, double margin, double 
     return v < top ? v : top;
 }
 
+/* The largest norm, error 8, code norm 8, error 16 and code norm 16 of n points'
+ * terms (each scaled as in vpr_int8_slacks) into m[0..4]. */
+static void side_maxima(const double *terms, int64_t n, double margin, double m[5]) {
+    for (int t = 0; t < 5; ++t) m[t] = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+        const double *o = terms + 5 * j, norm = o[4] * margin;
+        const double v[5] = {norm, o[0] * margin + 1e-12 * norm, o[1] * margin,
+                             o[2] * margin + 1e-12 * norm, o[3] * margin};
+        for (int t = 0; t < 5; ++t) m[t] = v[t] > m[t] ? v[t] : m[t];
+    }
+}
+
 void vpr_int8_slacks(const double *xo, int64_t n_x, const double *qo, int64_t n_q,
                      double x_s8, double q_s8, double x_s16, double q_s16, double gamma,
                      double margin, int32_t *row8, int32_t *col8, int64_t *row16,
                      int64_t *col16) {
-    /* per side: the largest norm, error (8, 16) and code norm (8, 16) */
-    double qn = 0, qe8 = 0, qe16 = 0, xn = 0, xe8 = 0, xh8 = 0, xe16 = 0, xh16 = 0;
-    for (int64_t i = 0; i < n_q; ++i) {
-        const double *o = qo + 5 * i, norm = o[4] * margin;
-        qn = norm > qn ? norm : qn;
-        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
-        qe8 = e8 > qe8 ? e8 : qe8;
-        qe16 = e16 > qe16 ? e16 : qe16;
-    }
-    for (int64_t j = 0; j < n_x; ++j) {
-        const double *o = xo + 5 * j, norm = o[4] * margin;
-        xn = norm > xn ? norm : xn;
-        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
-        xe8 = e8 > xe8 ? e8 : xe8;
-        xe16 = e16 > xe16 ? e16 : xe16;
-        xh8 = o[1] * margin > xh8 ? o[1] * margin : xh8;
-        xh16 = o[3] * margin > xh16 ? o[3] * margin : xh16;
-    }
+    /* per side, the largest of: norm, error 8, code norm 8, error 16, code norm 16 */
+    double q_max[5], x_max[5];
+    side_maxima(qo, n_q, margin, q_max);
+    side_maxima(xo, n_x, margin, x_max);
+    const double qn = q_max[0], qe8 = q_max[1], qe16 = q_max[3];
+    const double xn = x_max[0], xe8 = x_max[1], xh8 = x_max[2], xe16 = x_max[3], xh16 = x_max[4];
     const double scale8 = x_s8 * q_s8, scale16 = x_s16 * q_s16;
     const double top32 = (double)(INT32_MAX / 4), top64 = (double)(INT64_MAX / 4);
     for (int64_t j = 0; j < n_x; ++j) {
@@ -2070,7 +2071,9 @@ void vpr_int8_slacks(const double *xo, int64_t n_x, const double *qo, int64_t n_
     }
 }
 
-/* float16 -> float32 (exact: every half is a float), n values: a stored candidate map
+/* float16 -> float32 (exact: every half is a float; the vector instruction quiets
+ * signalling NaNs, the scalar tail keeps their payload: non-finite maps take the plain
+ * path anyway), n values: a stored candidate map
  * (local storage float16) before the re-ranking; 6-10x numpy's and torch's conversion
  * here, which took 0.6-0.9 ms of a 3721 x 128 map. */
 void vpr_half_to_float(const uint16_t *h, int64_t n, float *out) {
@@ -2111,9 +2114,10 @@ float vpr_absmax(const float *x, int64_t n) { return row_absmax(x, n); }
  * layout of mnn_query_layout8, [n/16][k/4][16][4] s8 (n % 64 == 0), with
  * neg_zero[n] = -128 sum_k w[n][k].  vpdpbusd multiplies u8 by s8: the bytes of a are
  * flipped to the u8 a + 128 as they are broadcast (VNNI_TILE_4X4's FLIP), and the
- * accumulators start at neg_zero, so they end as the signed sums (|sum| <= 128 127 k:
- * no overflow below k = 132 000).  Integer sums do not depend on the order, the thread
- * count or the other rows: batch-invariant like every kernel here.
+ * accumulators start at neg_zero, so they end as the signed sums (|a w| <= 128 128:
+ * the final sums fit int32 below k = 131 072, and vpdpbusd wraps, so only they matter).
+ * Integer sums do not depend on the order, the thread count or the other rows:
+ * batch-invariant like every kernel here.
  * The columns are split over the threads in groups of 64 (no two threads write the same
  * output, no reduction); the rows run in chunks of at most GEMM_CHUNK_BYTES of a, so a
  * chunk stays in L2 while the weight panels stream past it (balanced chunks: 257 rows of

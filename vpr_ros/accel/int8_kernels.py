@@ -697,6 +697,9 @@ class NativeKernels:
         m, k = a.shape
         if k != weight.k:
             raise ValueError(f"int8_gemm: input has {k} channels, the weight {weight.k}")
+        if weight.layout.ctypes.data % 64 or not weight.layout.flags.c_contiguous:
+            raise ValueError("int8_gemm: the packed weight must be 64-byte aligned "
+                             "(pack_int8_weight)")
         if out is None:
             out = torch.empty((m, weight.n), dtype=torch.int32)
         elif tuple(out.shape) != (m, weight.n):

@@ -92,7 +92,9 @@ class Int8Linear(nn.Module):
     """
 
     use_int_mm: bool = True   # tests set False on an instance to exercise the float fallback
-    # False: torch._int_mm even where the native VNNI matmul runs (tests, benchmarks)
+    # False: torch._int_mm even where the native VNNI matmul runs (tests, benchmarks); read
+    # on every call, so setting it on the class switches every layer; the packed weights
+    # stay in memory meanwhile
     use_native_gemm: bool = True
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
 
@@ -118,7 +120,8 @@ class Int8Linear(nn.Module):
         kernels) has it and the shape fits, else :func:`integer_matmul`.  Same integers
         either way.  The packed weight is built on first use and kept (as much memory
         again as ``weight_int8``)."""
-        if kernels is not None and kernels.has_vnni and self.use_native_gemm:
+        if (kernels is not None and kernels.has_vnni and self.use_native_gemm
+                and self.use_int_mm):
             packed = self._vnni_weight()
             if packed is not None:
                 return kernels.int8_gemm(q, packed, out)
@@ -126,14 +129,27 @@ class Int8Linear(nn.Module):
 
     def _vnni_weight(self):
         """``weight_int8`` packed for the native matmul (None: a shape it does not take);
-        packed again if the weight was replaced or changed in place (load_state_dict)."""
+        packed again if the weight was replaced (another tensor object) or changed in
+        place (its version counter: load_state_dict copies in place).  Tensors made under
+        ``torch.inference_mode`` have no version counter: they cannot change in place
+        outside it either, so the tensor itself is the key then."""
         w = self.weight_int8
-        key = (w.data_ptr(), w._version)
+        try:
+            version = w._version
+        except RuntimeError:        # an inference tensor
+            version = None
         cached = self.__dict__.get("_vnni")
-        if cached is None or cached[0] != key:
-            cached = (key, pack_int8_weight(w) if w.is_cpu else None)
+        if cached is None or cached[0] is not w or cached[1] != version:
+            cached = (w, version, pack_int8_weight(w) if w.is_cpu else None)
             self.__dict__["_vnni"] = cached
-        return cached[1]
+        return cached[2]
+
+    def __getstate__(self):
+        """Pickles and deep copies leave the packed weight out (built again on use)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_vnni", None)
+        return state
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (N, K) float32 weight this layer effectively multiplies with."""

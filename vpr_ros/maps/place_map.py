@@ -28,6 +28,7 @@ def model_section(describer) -> dict:
         "descriptor_dim": int(describer.dim),
         "input_size": [int(s) for s in describer.input_size],
         "precision": getattr(describer, "precision", None),
+        **int8_choices(describer),
     }
 
 
@@ -35,7 +36,23 @@ def local_model_section(extractor) -> dict:
     card = extractor.card
     return {"card": card.name, "architecture": getattr(card, "architecture", None),
             "fingerprint": extractor.fingerprint,
-            "input_size": [int(s) for s in extractor.input_size]}
+            "input_size": [int(s) for s in extractor.input_size],
+            "precision": getattr(extractor, "precision", None),
+            **int8_choices(extractor)}
+
+
+def int8_choices(model) -> dict:
+    """The numerical choices of an int8 model (``AccelOptions.conv_transpose`` /
+    ``patch_conv``) for the manifest: {} for other precisions.  Maps record them so that a
+    map built with one choice and queried with another can be told apart (the queries
+    still work: the choices move features by rounding, like a change of precision)."""
+    if getattr(model, "precision", None) != "int8":
+        return {}
+    from ..accel.options import DEFAULT
+
+    accel = getattr(model, "accel", None) or DEFAULT
+    return {"int8_compute": {"conv_transpose": accel.conv_transpose,
+                             "patch_conv": accel.patch_conv}}
 
 
 class PlaceMap:

@@ -195,10 +195,10 @@ def _candidate_np(kernels, x) -> np.ndarray:
     """:func:`_points_np` of a candidate map; float16 maps (the default local storage) are
     widened by the native kernels where loaded (0.05 ms instead of 0.6-0.9 ms for a
     3721 x 128 map with numpy or torch; the same values)."""
-    if kernels is not None:
-        h = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        if isinstance(h, np.ndarray) and h.dtype == np.float16 and h.ndim in (2, 3):
-            return kernels.half_to_float(np.ascontiguousarray(h.reshape(-1, h.shape[-1])))
+    if kernels is not None and getattr(x, "dtype", None) in (torch.float16, np.float16) \
+            and x.ndim in (2, 3):
+        h = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return kernels.half_to_float(np.ascontiguousarray(h.reshape(-1, h.shape[-1])))
     return _points_np(x, "candidate")
 
 
