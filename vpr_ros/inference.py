@@ -82,7 +82,8 @@ def quantize_int8(model: torch.nn.Module, accel=None) -> torch.nn.Module:
 
     Every ``nn.Linear`` and the pointwise (1x1) convolutions become int8 layers with
     per-output-channel weight scales and per-row (per-token) activation scales computed
-    on each call, multiplied exactly in int32 (``torch._int_mm``).  The SciceVPR region
+    on each call, multiplied exactly in int32 (the native VNNI matmul, else
+    ``torch._int_mm``: the same integers).  The SciceVPR region
     encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.  The
     native fused kernels (:mod:`vpr_ros.accel.int8_kernels`) are built here, at model
     construction, so that the first image does not wait for the compiler.  ``accel``: the

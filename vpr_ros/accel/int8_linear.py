@@ -3,7 +3,8 @@
 Each row of the input (one token of one image) is quantised on its own: symmetric int8
 with ``scale = absmax(row) / 127`` computed on every call.  Weights are quantised once,
 symmetric int8 with one scale per output channel.  The product of the two int8 matrices
-is an exact int32 matrix (``torch._int_mm``), so a row's result depends only on that row
+is an exact int32 matrix (the native VNNI matmul ``vpr_int8_gemm`` where the kernels have
+it, else ``torch._int_mm``: the same integers), so a row's result depends only on that row
 and the weights, never on the other rows of the call: an image's descriptor is
 bit-identical whether it is described alone or within a batch.  The int32 result is
 turned back into float32 as ``acc * row_scale * col_scale + bias``, element by element.
