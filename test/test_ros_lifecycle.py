@@ -420,7 +420,11 @@ def test_stream_localizer_in_the_node(rig_factory, route_map, images, sample_dir
         msg = Odometry()
         msg.header.stamp = ns_to_stamp(stamp_ns)
         msg.pose.pose.position.x = float(x)
+        before = rig.node.odometry["received"]
         odom.publish(msg)
+        # odometry and images are separate topics: the frame published next must find this
+        # message queued (on a robot odometry runs ahead of the camera's latency)
+        wait_for(lambda: rig.node.odometry["received"] > before, 30, "the odometry message")
 
     def drive(first, last, t0):
         out = []

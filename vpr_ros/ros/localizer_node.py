@@ -709,12 +709,14 @@ class LocalizerNode(LifecycleNode):
     def _on_odometry(self, msg) -> None:
         """Odometry callback: O(1). A good message is queued for every camera's stream; the
         camera's worker hands it to the stream before its next frame (the stream is not
-        thread-safe, and waiting here for an inference would stall every callback)."""
-        self.odometry["received"] += 1
+        thread-safe, and waiting here for an inference would stall every callback).  The
+        message is counted once it is queued (or skipped), so a count seen from outside
+        means the next frame's stream update has it."""
         p = msg.pose.pose.position
         xyz = (p.x, p.y, p.z)
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if not all(math.isfinite(v) for v in xyz) or stamp_ns <= 0:
+            self.odometry["received"] += 1
             self.odometry["bad"] += 1
             topic = self._odom_sub.topic_name if self._odom_sub is not None else "odometry"
             self.get_logger().warning(f"skipping bad odometry on {topic}: "
@@ -724,6 +726,7 @@ class LocalizerNode(LifecycleNode):
         for cam in self.cameras:
             if cam.stream is not None:
                 cam.odometry.append((stamp_ns, xyz))
+        self.odometry["received"] += 1
 
     def _feed_odometry(self, cam: Camera) -> None:
         """Queued odometry into the camera's stream (worker thread, _work_lock held)."""
