@@ -299,6 +299,12 @@ def test_native_int8_matmul_under_inference_mode_and_copies():
         x = torch.randn(3, 64)
         assert torch.equal(other(x), plain(x))
     del y
+    from vpr_ros.accel.int8_kernels import pack_int8_weight
+
+    packed = pack_int8_weight(plain.weight_int8)       # a packed weight on its own: its
+    for again in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):  # own memory
+        assert again.pointers != packed.pointers
+        assert torch.equal(kernels.int8_gemm(a, again), kernels.int8_gemm(a, packed))
     fallback = Int8Linear.from_linear(_linear(64, 128))
     fallback.use_int_mm = False               # the float fallback: never packed, same integers
     assert torch.equal(fallback.integer_product(a, kernels).long(),

@@ -697,18 +697,15 @@ class NativeKernels:
         m, k = a.shape
         if k != weight.k:
             raise ValueError(f"int8_gemm: input has {k} channels, the weight {weight.k}")
-        if weight.layout.ctypes.data % 64 or not weight.layout.flags.c_contiguous:
-            raise ValueError("int8_gemm: the packed weight must be 64-byte aligned "
-                             "(pack_int8_weight)")
         if out is None:
             out = torch.empty((m, weight.n), dtype=torch.int32)
         elif tuple(out.shape) != (m, weight.n):
             raise ValueError(f"int8_gemm: out has shape {tuple(out.shape)}, expected "
                              f"{(m, weight.n)}")
+        layout, neg_zero = weight.pointers
         status = self._lib.vpr_int8_gemm(
-            self._check(a, torch.int8, "a"), m, k, weight.layout.ctypes.data,
-            weight.neg_zero.ctypes.data, weight.n, self._check(out, torch.int32, "out"),
-            torch.get_num_threads())
+            self._check(a, torch.int8, "a"), m, k, layout, neg_zero, weight.n,
+            self._check(out, torch.int32, "out"), torch.get_num_threads())
         if status < 0:
             raise MemoryError("int8_gemm: could not allocate its scratch memory")
         return out if status == 0 else None
@@ -767,10 +764,27 @@ class VnniWeight:
     layout of :func:`mnn_query_layout8` and ``neg_zero`` = -128 x each output channel's
     sum (the u8 offset of ``vpdpbusd``)."""
 
-    __slots__ = ("layout", "neg_zero", "k", "n")
+    __slots__ = ("layout", "neg_zero", "k", "n", "pointers")
 
     def __init__(self, layout: np.ndarray, neg_zero: np.ndarray, k: int, n: int):
+        if (layout.ctypes.data % 64 or not layout.flags.c_contiguous or neg_zero.size != n
+                or neg_zero.dtype != np.int32 or layout.size != n * (-(-k // 4) * 4)):
+            raise ValueError("VnniWeight: a 64-byte aligned layout of n x k codes and n "
+                             "int32 offsets expected (pack_int8_weight)")
         self.layout, self.neg_zero, self.k, self.n = layout, neg_zero, int(k), int(n)
+        # numpy's .ctypes.data costs microseconds: read once (the arrays are never replaced)
+        self.pointers = (layout.ctypes.data, neg_zero.ctypes.data)
+
+    def __reduce__(self):
+        """Pickles and copies get fresh aligned arrays and their own pointers."""
+        return _restore_vnni_weight, (np.asarray(self.layout), self.neg_zero.copy(), self.k,
+                                      self.n)
+
+
+def _restore_vnni_weight(layout: np.ndarray, neg_zero: np.ndarray, k: int, n: int):
+    aligned = aligned_empty(layout.shape, layout.dtype)
+    aligned[...] = layout
+    return VnniWeight(aligned, neg_zero, k, n)
 
 
 def pack_int8_weight(weight_kn: torch.Tensor) -> Optional[VnniWeight]:
