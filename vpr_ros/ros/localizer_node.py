@@ -716,8 +716,8 @@ class LocalizerNode(LifecycleNode):
         xyz = (p.x, p.y, p.z)
         stamp_ns = stamp_to_ns(msg.header.stamp)
         if not all(math.isfinite(v) for v in xyz) or stamp_ns <= 0:
-            self.odometry["received"] += 1
             self.odometry["bad"] += 1
+            self.odometry["received"] += 1           # last: a reader sees both counts
             topic = self._odom_sub.topic_name if self._odom_sub is not None else "odometry"
             self.get_logger().warning(f"skipping bad odometry on {topic}: "
                                       f"position {xyz}, stamp {stamp_ns} ns",
