@@ -86,6 +86,11 @@ def test_float16_candidates_widened_natively(kernels):
         for threads in (1, 2):
             fast, _, stats = _int8(q, as_given, threads)
             assert fast == expected and stats["int8"] == 4
+    # a float16 query (what the extractor gives the node) is widened the same way
+    q16 = q.half()
+    fast, _, _ = _int8(q16, c16, 2)
+    assert fast == mutual_nn_counts(q16.float().numpy(), c16.float().numpy(),
+                                    path="int8").tolist()
     # other dtypes keep the generic conversion (bfloat16 tensors have no numpy type)
     bf = c16.to(torch.bfloat16)
     fast, _, _ = _int8(q, bf, 2)

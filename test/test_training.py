@@ -168,6 +168,15 @@ def test_shipped_configs_carry_no_machine_paths_and_find_the_shared_data(
         assert resolve_sources(load_config(demo), cfg.data.val)["path"].startswith(str(beside))
 
 
+def test_selection_metric_names_the_recall_it_reads():
+    from vpr_ros.training.trainer import selection_metric
+
+    cfg = build_config({"model": "m", "data": {"train": {"type": "csv", "path": "x.csv"}}})
+    assert selection_metric(cfg.with_overrides("eval.recall_ns=[1, 5, 10]")) == ("5", "R@5")
+    assert selection_metric(cfg.with_overrides("eval.recall_ns=[1, 3]")) == ("3", "R@3")
+    assert selection_metric(cfg.with_overrides("eval.recall_ns=[1]")) == ("1", "R@1")
+
+
 def test_config_is_frozen_and_overrides_are_checked():
     import dataclasses
 

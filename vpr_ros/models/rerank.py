@@ -177,8 +177,15 @@ def mutual_count(sim: np.ndarray) -> int:
     return int(np.count_nonzero(best_query[best_cand] == np.arange(sim.shape[1])))
 
 
-def _points_np(x, what: str) -> np.ndarray:
-    """One local feature map (H, W, C) or (P, C), tensor or array -> (P, C) float32 C-order."""
+def _points_np(x, what: str, kernels=None) -> np.ndarray:
+    """One local feature map (H, W, C) or (P, C), tensor or array -> (P, C) float32 C-order.
+    float16 maps (the default local storage, and the extractor's output) are widened by
+    the native ``kernels`` where given: 0.05 ms instead of 0.6-0.9 ms for a 3721 x 128 map
+    with numpy or torch, the same values."""
+    if (kernels is not None and getattr(x, "dtype", None) in (torch.float16, np.float16)
+            and x.ndim in (2, 3)):
+        h = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return kernels.half_to_float(np.ascontiguousarray(h.reshape(-1, h.shape[-1])))
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         x = x.float().numpy() if x.dtype != torch.float32 else x.numpy()
@@ -191,15 +198,12 @@ def _points_np(x, what: str) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def _candidate_np(kernels, x) -> np.ndarray:
-    """:func:`_points_np` of a candidate map; float16 maps (the default local storage) are
-    widened by the native kernels where loaded (0.05 ms instead of 0.6-0.9 ms for a
-    3721 x 128 map with numpy or torch; the same values)."""
-    if kernels is not None and getattr(x, "dtype", None) in (torch.float16, np.float16) \
-            and x.ndim in (2, 3):
-        h = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-        return kernels.half_to_float(np.ascontiguousarray(h.reshape(-1, h.shape[-1])))
-    return _points_np(x, "candidate")
+def _map_shape(x) -> Optional[Tuple[int, int]]:
+    """(points, channels) of a (H, W, C) or (P, C) map without reading it; None otherwise."""
+    shape = np.shape(x)
+    if len(shape) == 3:
+        return int(shape[0]) * int(shape[1]), int(shape[2])
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
 
 
 EXACT_PATHS = ("auto", "fused", "int8", "verified", "plain")
@@ -241,15 +245,19 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
     as float32 at a time), so ``candidates`` may be a memory-mapped array or any sequence
     that gives one map per index (e.g. a dequantising view of int8 storage).
     """
-    q = _points_np(query, "query")
     k = len(candidates)
     counts = np.zeros(k, dtype=np.int64)
     if path not in EXACT_PATHS:
         raise ValueError(f"unknown exact re-ranking path {path!r}: use one of "
                          f"{', '.join(EXACT_PATHS)}")
-    first = _points_np(candidates[0], "candidate") if k else None
-    kernels = (_native_kernels(native, q.shape[1], first.shape[0], q.shape[0], kernel_cache)
-               if compute == "fp32" and k and q.shape[0] and path != "plain" else None)
+    # the kernels first (they need only the shapes), so that they widen float16 maps
+    candidate0 = candidates[0] if k else None
+    q_shape, first_shape = _map_shape(query), _map_shape(candidate0) if k else None
+    kernels = (_native_kernels(native, q_shape[1], first_shape[0], q_shape[0], kernel_cache)
+               if compute == "fp32" and k and q_shape and first_shape and q_shape[0]
+               and path != "plain" else None)
+    q = _points_np(query, "query", kernels)
+    first = _points_np(candidate0, "candidate", kernels) if k else None
     q_absmax = kernels.finite_absmax(q) if kernels is not None else None   # None: non-finite
     fast = (_NativeCounter(kernels, q, q_absmax, first.shape, path, counts)
             if q_absmax is not None else None)
@@ -265,7 +273,7 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         if i in done:
             counts[i] = done[i]
             continue
-        cand = first if i == 0 else _candidate_np(kernels, candidates[i])
+        cand = first if i == 0 else _points_np(candidates[i], "candidate", kernels)
         if cand.shape[1] != q.shape[1]:
             raise ValueError(f"query has {q.shape[1]} channels, candidates {cand.shape[1]}")
         if fast is None or not fast.count(i, cand):
@@ -415,7 +423,7 @@ def _verified_pooled(kernels, candidates, first: np.ndarray, indices, verified,
     already read by the caller (its shape is the one the BLAS check covered).
     """
     def work(i):
-        cand = first if i == 0 else _candidate_np(kernels, candidates[i])
+        cand = first if i == 0 else _points_np(candidates[i], "candidate", kernels)
         absmax = _fusable(kernels, cand, q_absmax) if cand.shape == first.shape else None
         if absmax is not None:
             local: dict = {}
@@ -539,6 +547,19 @@ def _gamma(channels: int) -> float:
     return nu / (1.0 - nu)
 
 
+def _error_bounds(x_err: np.ndarray, x_hat: np.ndarray, x_norm: np.ndarray, q_err: np.ndarray,
+                  q_norm: np.ndarray, gamma: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The largest distance between a code similarity and the float32 value, per candidate
+    point (rows) and per query point (columns), from the per-point rounding errors, code
+    norms and norms (Cauchy-Schwarz on the codes' errors, plus gamma_C |x| |q| for any
+    float32 summation order); both verified paths double it."""
+    qn = float(q_norm.max())
+    rows = x_err * qn + x_hat * float(q_err.max()) + gamma * x_norm * qn
+    cols = (float(x_err.max()) * q_norm + float(x_hat.max()) * q_err
+            + gamma * float(x_norm.max()) * q_norm)
+    return rows, cols
+
+
 def _ambiguous(best: np.ndarray, second: np.ndarray, scale: float, bound: np.ndarray) -> np.ndarray:
     margin = (best.astype(np.float64) - second.astype(np.float64)) * scale * (1 - 1e-9)
     return np.flatnonzero(~(margin > bound))
@@ -557,11 +578,8 @@ def _verified_count(kernels, cand: np.ndarray, q: np.ndarray, qc: "_Codes",
     row_best, row_idx, row_second, col_best, col_idx, col_second = kernels.mnn_top2(
         xc.codes, n_x, q_layout, n_q, threads=threads)
     scale = xc.scale * qc.scale
-    q_norm = float(qc.norm.max())
-    row_bound = 2.0 * (xc.err * q_norm + xc.hat * float(qc.err.max())
-                       + gamma * xc.norm * q_norm)
-    col_bound = 2.0 * (float(xc.err.max()) * qc.norm + float(xc.hat.max()) * qc.err
-                       + gamma * float(xc.norm.max()) * qc.norm)
+    bounds = _error_bounds(xc.err, xc.hat, xc.norm, qc.err, qc.norm, gamma)
+    row_bound, col_bound = 2.0 * bounds[0], 2.0 * bounds[1]
     # (second is INT32_MIN where a map has one point: the margin is then huge)
     rows = _ambiguous(row_best, row_second, scale, row_bound)
     cols = _ambiguous(col_best, col_second, scale, col_bound)
@@ -611,7 +629,6 @@ class _Int16Verifier:
 # rounded up, plus one.
 
 _INT8_LEVELS = 127.0
-_INT16_CODE_NORM = 46339.0        # code vectors below this norm: int32 sums never overflow
 _INT8_MAX_PAIRS_PER_POINT = 48    # more candidate pairs: near-duplicate maps, fused path
 _INT8_MAX_CHANNELS = 32768        # int32 differences of int8 code sums stay exact
 
@@ -633,7 +650,7 @@ class _Codes8:
         # every |x| <= absmax: int8 codes within +-127; int16 code norms
         # <= |x| / s16 + sqrt(c_pad) / 2 < 46339 (the 1e-6 covers float32 rounding)
         self.s8 = float(np.float32(absmax / _INT8_LEVELS * (1 + 1e-6))) if absmax else 1.0
-        self.s16 = (float(np.float32(absmax * root / (_INT16_CODE_NORM - 0.5 * root)
+        self.s16 = (float(np.float32(absmax * root / (_CODE_NORM - 1.0 - 0.5 * root)
                                      * (1 + 1e-6))) if absmax else 1.0)
         rows = -(-n // pad_rows) * pad_rows
         # per point, unscaled: |x - s8 code8|, |s8 code8|, |x - s16 code16|, |s16 code16|, |x|
@@ -664,10 +681,8 @@ def _slacks(xc: _Codes8, qc: _Codes8, gamma: float, bits: int, dtype) -> Tuple[n
     operations in C (``NativeKernels.int8_slacks``), tested equal to this."""
     scale = (xc.s8 * qc.s8) if bits == 8 else (xc.s16 * qc.s16)
     x_err, x_hat = (xc.err8, xc.hat8) if bits == 8 else (xc.err16, xc.hat16)
-    q_err, q_hat = (qc.err8, qc.hat8) if bits == 8 else (qc.err16, qc.hat16)
-    q_norm, x_norm = float(qc.norm.max()), float(xc.norm.max())
-    rows = x_err * q_norm + x_hat * float(q_err.max()) + gamma * xc.norm * q_norm
-    cols = float(x_err.max()) * qc.norm + float(x_hat.max()) * q_err + gamma * x_norm * qc.norm
+    rows, cols = _error_bounds(x_err, x_hat, xc.norm, qc.err8 if bits == 8 else qc.err16,
+                               qc.norm, gamma)
     top = float(np.iinfo(dtype).max // 4)
     return tuple(np.minimum(np.ceil(2.0 * b / scale * _MARGIN) + 1.0, top).astype(dtype)
                  for b in (rows, cols))

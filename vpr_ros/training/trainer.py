@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -233,6 +233,16 @@ def export_model(out_dir: Path, stage, weights: Dict[str, torch.Tensor], name: s
 
 
 # --------------------------------------------------------------------------- logs and plots
+
+def selection_metric(cfg) -> Tuple[str, str]:
+    """(recall key, name) of the validation recall that picks the best epoch: R@5 (else
+    the second of ``eval.recall_ns``), or the re-ranked R@1 with ``eval.rerank_k``."""
+    if cfg.eval.rerank_k:
+        return "1", f"re-ranked R@1 (first stage top {cfg.eval.rerank_k})"
+    ns = [int(n) for n in cfg.eval.recall_ns]
+    key = "5" if 5 in ns else str(ns[min(1, len(ns) - 1)])
+    return key, f"R@{key}"
+
 
 class CsvLog:
     def __init__(self, path: Path, columns: List[str], append: bool):
@@ -605,11 +615,8 @@ class TrainingRun:
         """The validation recall that picks the best epoch: R@5 (else the second N), or the
         re-ranked R@1 with ``eval.rerank_k`` (re-ranking keeps R@K; it changes R@1).  The
         state and summary keep their historical key ``best_r5`` / ``best_val_R@5`` for it,
-        with ``best_val_metric`` naming what it is."""
-        if self.cfg.eval.rerank_k:
-            return recalls.get("1")
-        ns = self.ns
-        return recalls.get("5", recalls.get(str(ns[min(1, len(ns) - 1)]), None))
+        with ``best_val_metric`` naming what it is (:func:`selection_metric`)."""
+        return recalls.get(selection_metric(self.cfg)[0])
 
     def keep_best(self, epoch: int, recalls: Dict[str, float]) -> None:
         """Copy the weights to ``best/`` when the selection recall improved (or without
@@ -641,8 +648,7 @@ class TrainingRun:
             "epochs_done": state["epoch"], "steps": state["step"],
             "best_epoch": state["best_epoch"], "best_val_R@5": state["best_r5"],
             # what picked the epoch (eval.rerank_k: the re-ranked R@1, kept under that key)
-            "best_val_metric": (f"re-ranked R@1 (first stage top {self.cfg.eval.rerank_k})"
-                                if self.cfg.eval.rerank_k else "R@5"),
+            "best_val_metric": selection_metric(self.cfg)[1],
             "history": state["history"], "train_seconds": round(self.elapsed(), 1),
             "world_size": info.world_size, "device": str(info.device),
             "host": socket.gethostname(), "machine": machine_description(),
