@@ -103,6 +103,10 @@ def test_conv_transpose_and_patch_conv_are_options_end_to_end():
     assert {m.compute for m in layers(default, GemmConvTranspose2d)} == {"bf16"}
     assert {m.compute for m in layers(chosen, GemmConvTranspose2d)} == {"int8"}
     assert layers(default, GemmPatchEmbed) and not layers(chosen, GemmPatchEmbed)
+    # every layer class that declares options got these (layers, fused blocks, attention)
+    declaring = [m for m in chosen.model.modules()
+                 if isinstance(getattr(type(m), "accel", None), AccelOptions)]
+    assert len({type(m) for m in declaring}) >= 3 and all(m.accel is opts for m in declaring)
     x = torch.rand(1, 3, *default.input_size, generator=torch.Generator().manual_seed(1))
     a, b = default.extract_tensor(x)[1], chosen.extract_tensor(x)[1]     # local features
     assert not torch.equal(a, b)                      # the choice changes the computation

@@ -10,8 +10,7 @@ from typing import Iterable, Optional, Type
 
 import torch.nn as nn
 
-from .int8_block import (IntegerAttention, Int8AdaptedBlock, Int8TransformerBlock,
-                         fuse_transformer_blocks)
+from .int8_block import fuse_transformer_blocks
 from .int8_linear import (GemmConvTranspose2d, GemmPatchEmbed, Int8Linear, Int8PointwiseConv2d,
                           fold_block_layer_scales, is_patchify_conv, is_plain_conv_transpose,
                           is_pointwise_conv, use_inplace_activation)
@@ -72,9 +71,8 @@ def convert_to_int8(model: nn.Module,
     if fold_layer_scales and fuse_blocks:
         fuse_transformer_blocks(model)
     if options is not None:
-        for module in model.modules():
-            if isinstance(module, (Int8Linear, Int8TransformerBlock, Int8AdaptedBlock,
-                                   IntegerAttention, GemmConvTranspose2d)):
+        for module in model.modules():      # every layer class that declares its options
+            if isinstance(getattr(type(module), "accel", None), AccelOptions):
                 module.accel = options
     return model
 

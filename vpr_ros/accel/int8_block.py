@@ -156,11 +156,6 @@ def _layer_scale_fusable(module: Optional[nn.Module], dim: int) -> bool:
             and gamma.numel() == dim)
 
 
-def _int_mm(kernels, q: torch.Tensor, layer: Int8Linear,
-            out: Optional[torch.Tensor]) -> torch.Tensor:
-    return layer.integer_product(q, kernels, out)
-
-
 def _kernels_for(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
                  options: AccelOptions):
     """The native kernels if they take this input (a float32 CPU (B, N, C) tensor, no
@@ -210,7 +205,7 @@ def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Ten
     layer's input) into ``q_c`` / ``s_a``; returns the heads' output (m, c) in the
     workspace."""
     m, c = q_c.shape
-    acc = _int_mm(kernels, q_c, attn.qkv, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
+    acc = attn.qkv.integer_product(q_c, kernels, WORKSPACE.get("acc_qkv", (m, 3 * c), torch.int32))
     mixed = WORKSPACE.get("mixed", (m, c), torch.float32)
     if integer and n <= MAX_ATTENTION_TOKENS:    # dequantised head by head in the kernel
         kernels.integer_attention_acc(acc, s_a, attn.qkv.weight_scale, attn.qkv.bias, b, n,
@@ -231,9 +226,9 @@ def _mlp_acc(kernels, mlp: nn.Module, q_c: torch.Tensor, s_a: torch.Tensor,
     dequantise with ``s_b``)."""
     m, hidden = q_c.shape[0], mlp.fc1.out_features
     q_h = WORKSPACE.get("q_h", (m, hidden), torch.int8)
-    acc = _int_mm(kernels, q_c, mlp.fc1, WORKSPACE.get("acc_h", (m, hidden), torch.int32))
+    acc = mlp.fc1.integer_product(q_c, kernels, WORKSPACE.get("acc_h", (m, hidden), torch.int32))
     kernels.dequantize_gelu_quantize(acc, s_a, mlp.fc1.weight_scale, mlp.fc1.bias, q_h, s_b)
-    return _int_mm(kernels, q_h, mlp.fc2, None)
+    return mlp.fc2.integer_product(q_h, kernels, None)
 
 
 class Int8TransformerBlock(nn.Module):
@@ -260,7 +255,8 @@ class Int8TransformerBlock(nn.Module):
         # attention: LayerNorm + quantise, qkv, integer attention, proj + residual, and
         # the MLP's LayerNorm + quantise in the same pass
         _attention(kernels, blk, rows, b, n, q_c, s_a, integer_attention_enabled(self.accel))
-        acc = _int_mm(kernels, q_c, attn.proj, WORKSPACE.get("acc_c", (b * n, c), torch.int32))
+        acc = attn.proj.integer_product(q_c, kernels,
+                                        WORKSPACE.get("acc_c", (b * n, c), torch.int32))
         rows = kernels.residual_layer_norm_quantize(
             acc, s_a, attn.proj.weight_scale, attn.proj.bias, rows,
             (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), q=q_c, scale=s_a)
@@ -313,22 +309,22 @@ class Int8AdaptedBlock(nn.Module):
         # attention, then the serial adapter with its skip, LayerScale and residual:
         # x1 = x + ls1(a + adapter1(a)), and h = norm2(x1) quantised in the same pass
         _attention(kernels, blk, rows, b, n, q_c, s_a, True)
-        acc = _int_mm(kernels, q_c, attn.proj, ws.get("acc_c", (m, c), torch.int32))
+        acc = attn.proj.integer_product(q_c, kernels, ws.get("acc_c", (m, c), torch.int32))
         a, _, _ = kernels.dequantize_quantize(acc, s_a, attn.proj.weight_scale, attn.proj.bias,
                                               False, q_c, s_b)
-        kernels.dequantize_quantize(_int_mm(kernels, q_c, ad1.fc1, acc_ad), s_b,
+        kernels.dequantize_quantize(ad1.fc1.integer_product(q_c, kernels, acc_ad), s_b,
                                     ad1.fc1.weight_scale, ad1.fc1.bias, True, q_ad, s_ad)
         x1 = kernels.residual_layer_norm_quantize(
-            _int_mm(kernels, q_ad, ad1.fc2, ws.get("acc_x1", (m, c), torch.int32)), s_ad,
+            ad1.fc2.integer_product(q_ad, kernels, ws.get("acc_x1", (m, c), torch.int32)), s_ad,
             ad1.fc2.weight_scale, ad1.fc2.bias, rows,
             (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps), skip=a,
             gamma=_layer_scale(blk.ls1), q=q_c, scale=s_a)
 
         # MLP and parallel adapter on h, LayerScale, residual: a fresh output
         acc = _mlp_acc(kernels, mlp, q_c, s_a, s_b)
-        kernels.dequantize_quantize(_int_mm(kernels, q_c, ad2.fc1, acc_ad), s_a,
+        kernels.dequantize_quantize(ad2.fc1.integer_product(q_c, kernels, acc_ad), s_a,
                                     ad2.fc1.weight_scale, ad2.fc1.bias, True, q_ad, s_ad)
-        side = _int_mm(kernels, q_ad, ad2.fc2, ws.get("acc_c", (m, c), torch.int32))
+        side = ad2.fc2.integer_product(q_ad, kernels, ws.get("acc_c", (m, c), torch.int32))
         out = kernels.dequantize_pair_residual(
             acc, side, (s_b, mlp.fc2.weight_scale, mlp.fc2.bias),
             (s_ad, ad2.fc2.weight_scale, ad2.fc2.bias), blk.adapter_scale,
@@ -363,7 +359,7 @@ class IntegerAttention(nn.Module):
         rows, q_c, s_a, _ = _block_buffers(x)
         kernels.quantize_rows(rows, q_c, s_a)
         _attention_of_codes(kernels, attn, b, n, q_c, s_a, True)
-        out = kernels.dequantize_(_int_mm(kernels, q_c, attn.proj, None), s_a,
+        out = kernels.dequantize_(attn.proj.integer_product(q_c, kernels, None), s_a,
                                   attn.proj.weight_scale, attn.proj.bias)
         return out.view(b, n, c)                        # a fresh tensor
 

@@ -255,7 +255,7 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 
 #define ATT_BLOCK 16            /* keys per score vector, channels per output vector */
 #define ROWS 4                  /* query rows computed together (each load of B serves 4) */
-#define EXP_FLOOR (-87.0f)      /* below: exp underflows float32; return 0 */
+#define EXP_FLOOR (-87.0f)      /* below: exp underflows float32; clamped to it */
 #define INT16_MAX_F 32767.0f
 
 /* e^x for x <= 0 (float32, within 3e-7 relative): x = n ln2 + r with |r| <= ln2 / 2, a
@@ -550,9 +550,15 @@ static inline __m512 exp_nonpositive16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The lanes of a 16-value vector that hold real values: `left` of them from the first
+ * lane on (<= 0: none). */
 static inline __mmask16 tail_mask(int64_t left) {
-    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    return left >= 16 ? (__mmask16)0xFFFF
+                      : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
 }
+
+/* 0..15: a value's lane in its vector of 16 */
+#define LANE_INDEX _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 #endif
 
 /* Softmax weight codes of one query row from its integer scores: e = exp(s - max s),
@@ -1108,8 +1114,7 @@ static void mnn_exact_range(const float *x, int64_t j_begin, int64_t j_end, cons
         if (!generic) {
             __m512 rb[FUSED_ROWS][2];
             __m512i ri[FUSED_ROWS][2];
-            const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                   13, 14, 15);
+            const __m512i lane = LANE_INDEX;
             for (int r = 0; r < FUSED_ROWS; ++r)
                 for (int h = 0; h < 2; ++h) {
                     rb[r][h] = _mm512_set1_ps(-INFINITY);
@@ -1132,10 +1137,7 @@ static void mnn_exact_range(const float *x, int64_t j_begin, int64_t j_end, cons
                     }
                 }
                 const int64_t left = n_q - p * EXACT_PANEL;
-                const __mmask16 valid[2] = {
-                    left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u),
-                    left >= 32 ? (__mmask16)0xFFFF
-                               : left <= 16 ? (__mmask16)0 : (__mmask16)((1u << (left - 16)) - 1u)};
+                const __mmask16 valid[2] = {tail_mask(left), tail_mask(left - 16)};
                 for (int h = 0; h < 2; ++h) {
                     const __m512i index = _mm512_add_epi32(
                         lane, _mm512_set1_epi32((int32_t)(p * EXACT_PANEL + h * 16)));
@@ -1283,9 +1285,6 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
  * fused blocks give the bits of the unfused chain; only the passes over memory, the
  * ctypes calls and the Python between them go away.
  * ==================================================================================== */
-
-/* LayerNorm of one row r (length k) into h, then int8 codes of h; returns the scale.
- * The operations of vpr_layer_norm_quantize. */
 
 /* The residual step of a block, then the next LayerNorm + quantise, per row:
  *   y = dequantise(acc)                                  (acc * rs * cs + bias)
@@ -1463,7 +1462,6 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
  * where the caller's fused float32 path is cheaper; -1 when scratch memory could not be
  * allocated.
  * ------------------------------------------------------------------------------------ */
-#define I8_GROUP 64
 
 typedef struct {            /* a growing int32 array */
     int32_t *v;
@@ -1496,23 +1494,13 @@ static int i8_col_push(i8_cols *cs, int32_t i, int32_t j, int32_t v) {
 }
 
 #if VPR_HAVE_VNNI
-/* The lanes of a 16-point vector whose points are real: `left` real points from its first
- * lane on (<= 0: none). */
-static inline __mmask16 i8_lanes(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF
-                      : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-}
-
-/* 0..15: a point's lane in its vector of 16 */
-#define I8_LANE0 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-
 /* The epilogue of i8_tile: rows' lane maxima, the block buffer, the column step. */
 static inline __attribute__((always_inline)) void i8_epilogue(
         const __m512i acc[4][4], const int nr, int32_t *out, int64_t out_stride, int64_t j0,
         int64_t i0, int valid, int32_t *gmax, int64_t gmax_stride, i8_cols *cs,
         uint16_t *hits) {
     __mmask16 mask[4];
-    for (int l = 0; l < 4; ++l) mask[l] = i8_lanes(valid - l * 16);
+    for (int l = 0; l < 4; ++l) mask[l] = tail_mask(valid - l * 16);
     /* the block buffer and the rows' lane maxima first, so that few registers stay live */
     for (int r = 0; r < 4; ++r) {
         __m512i gm = _mm512_set1_epi32(INT32_MIN);
@@ -1545,7 +1533,7 @@ static inline __attribute__((always_inline)) void i8_epilogue(
  * compress straight to memory is microcoded on Zen 4). */
 static int i8_col_appends(const int32_t *blk, int64_t n_q_pad, int64_t n_q,
                           const uint16_t *hits, int nr, int64_t j0, i8_cols *cs) {
-    const __m512i lane0 = I8_LANE0;
+    const __m512i lane0 = LANE_INDEX;
     const int64_t vecs = n_q_pad / 16;
     for (int64_t e0 = 0; e0 < vecs; e0 += 32) {
         const __mmask32 real = vecs - e0 >= 32 ? (__mmask32)0xFFFFFFFFu
@@ -1557,7 +1545,7 @@ static int i8_col_appends(const int32_t *blk, int64_t n_q_pad, int64_t n_q,
             marked &= marked - 1;
             if (i8_reserve(&cs->i, 64) || i8_reserve(&cs->j, 64) || i8_reserve(&cs->v, 64))
                 return -1;
-            const __mmask16 m = i8_lanes(n_q - i);
+            const __mmask16 m = tail_mask(n_q - i);
             const __m512i cm = _mm512_loadu_si512((const void *)(cs->max + i));
             const __m512i sl = _mm512_maskz_loadu_epi32(m, cs->slack + i);
             const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32((int32_t)i), lane0);
@@ -1616,7 +1604,7 @@ static inline __attribute__((always_inline)) int i8_tile(
 #endif
     const int64_t groups = c4 / 4, block = groups * 64;
     for (int r = 0; r < 4; ++r)
-        for (int e = 0; e < I8_GROUP; ++e) {
+        for (int e = 0; e < MNN_GROUP; ++e) {
             const int8_t *qb = qg + (e / 16) * block + (e % 16) * 4;
             int32_t acc = 0;
             for (int64_t g = 0; g < groups; ++g)
@@ -1666,7 +1654,7 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
          * then each of their vectors compressed to its indices in registers (in index
          * order) and stored whole */
         const __m512i t = _mm512_set1_epi32(thr);
-        const __m512i lane0 = I8_LANE0;
+        const __m512i lane0 = LANE_INDEX;
         for (int64_t g0 = 0; g0 < groups; g0 += 64) {
             const int64_t g_end = groups - g0 < 64 ? groups : g0 + 64;
             uint64_t reach = 0;
@@ -1675,11 +1663,11 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
                              _mm512_loadu_si512((const void *)(gmax + g * 16)), t) != 0)
                          << (g - g0);
             while (reach) {
-                const int64_t base = (g0 + __builtin_ctzll(reach)) * I8_GROUP;
+                const int64_t base = (g0 + __builtin_ctzll(reach)) * MNN_GROUP;
                 reach &= reach - 1;
-                for (int l = 0; l < I8_GROUP / 16; ++l) {
+                for (int l = 0; l < MNN_GROUP / 16; ++l) {
                     const int64_t i = base + 16 * l;
-                    const __mmask16 real = i8_lanes(n_q - i);   /* padding points: out */
+                    const __mmask16 real = tail_mask(n_q - i);   /* padding points: out */
                     const __mmask16 hit = _mm512_mask_cmpge_epi32_mask(
                         real, _mm512_loadu_si512((const void *)(v + i)), t);
                     _mm512_storeu_si512((void *)(o + n), _mm512_maskz_compress_epi32(
@@ -1696,8 +1684,8 @@ static int64_t i8_row_candidates(const int32_t *v, int64_t n_q, const int32_t *g
         int reach = 0;
         for (int e = 0; e < 16; ++e) reach |= gmax[g * 16 + e] >= thr;
         if (!reach) continue;
-        const int64_t end = (g + 1) * I8_GROUP < n_q ? (g + 1) * I8_GROUP : n_q;
-        for (int64_t i = g * I8_GROUP; i < end; ++i)
+        const int64_t end = (g + 1) * MNN_GROUP < n_q ? (g + 1) * MNN_GROUP : n_q;
+        for (int64_t i = g * MNN_GROUP; i < end; ++i)
             if (v[i] >= thr) o[n++] = (int32_t)i;
     }
     rows->n += n;
@@ -1785,8 +1773,8 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
                        const int32_t *row_slack, const int32_t *col_slack,
                        const int64_t *row_slack16, const int64_t *col_slack16,
                        int64_t max_pairs, int64_t *out, int generic) {
-    const int64_t n_q_pad = round_up(n_q, I8_GROUP), groups = n_q_pad / I8_GROUP;
-    const int64_t group_bytes = I8_GROUP * c4;
+    const int64_t n_q_pad = round_up(n_q, MNN_GROUP), groups = n_q_pad / MNN_GROUP;
+    const int64_t group_bytes = MNN_GROUP * c4;
     int32_t *blk = aligned_alloc(64, (size_t)4 * n_q_pad * sizeof(int32_t));
     int32_t *row_arg = malloc((size_t)(n_x + 1) * sizeof(int32_t));
     int32_t *col_arg = malloc((size_t)(n_q + 1) * sizeof(int32_t));
@@ -1812,10 +1800,10 @@ int vpr_mnn_int8_count(const uint8_t *x_codes, const int16_t *x16, const float *
         const int64_t j0 = blk_index * 4;
         const int nr = (int)(n_x - j0 < 4 ? n_x - j0 : 4);
         for (int64_t gi = 0; gi < groups && !failed; ++gi) {
-            const int64_t i0 = gi * I8_GROUP;
+            const int64_t i0 = gi * MNN_GROUP;
             failed = i8_tile(x_codes + j0 * c4, c4, q_codes + gi * group_bytes,
                              q_zero + i0, blk + i0, n_q_pad, nr, j0, i0,
-                             (int)(n_q - i0 < I8_GROUP ? n_q - i0 : I8_GROUP), gmax + gi * 16,
+                             (int)(n_q - i0 < MNN_GROUP ? n_q - i0 : MNN_GROUP), gmax + gi * 16,
                              groups * 16, &cs, hits + gi * 4, generic);
         }
 #if VPR_HAVE_VNNI
@@ -2029,14 +2017,23 @@ static inline double slack_of(double bound, double scale, double margin, double 
     return v < top ? v : top;
 }
 
-/* The largest norm, error 8, code norm 8, error 16 and code norm 16 of n points'
- * terms (each scaled as in vpr_int8_slacks) into m[0..4]. */
+/* One point's terms of vpr_codes_8_16 (o[0..4]) scaled as rerank._Codes8 does:
+ * v = norm, error 8, code norm 8, error 16, code norm 16 (the errors raised by
+ * 1e-12 |x|: their float64 rounding is relative to |x|). */
+static inline void scaled_terms(const double *o, double margin, double v[5]) {
+    v[0] = o[4] * margin;
+    v[1] = o[0] * margin + 1e-12 * v[0];
+    v[2] = o[1] * margin;
+    v[3] = o[2] * margin + 1e-12 * v[0];
+    v[4] = o[3] * margin;
+}
+
+/* The largest of each scaled term over n points into m[0..4]. */
 static void side_maxima(const double *terms, int64_t n, double margin, double m[5]) {
     for (int t = 0; t < 5; ++t) m[t] = 0.0;
     for (int64_t j = 0; j < n; ++j) {
-        const double *o = terms + 5 * j, norm = o[4] * margin;
-        const double v[5] = {norm, o[0] * margin + 1e-12 * norm, o[1] * margin,
-                             o[2] * margin + 1e-12 * norm, o[3] * margin};
+        double v[5];
+        scaled_terms(terms + 5 * j, margin, v);
         for (int t = 0; t < 5; ++t) m[t] = v[t] > m[t] ? v[t] : m[t];
     }
 }
@@ -2054,53 +2051,36 @@ void vpr_int8_slacks(const double *xo, int64_t n_x, const double *qo, int64_t n_
     const double scale8 = x_s8 * q_s8, scale16 = x_s16 * q_s16;
     const double top32 = (double)(INT32_MAX / 4), top64 = (double)(INT64_MAX / 4);
     for (int64_t j = 0; j < n_x; ++j) {
-        const double *o = xo + 5 * j, norm = o[4] * margin;
-        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
-        row8[j] = (int32_t)slack_of(e8 * qn + o[1] * margin * qe8 + gamma * norm * qn, scale8,
-                                    margin, top32);
-        row16[j] = (int64_t)slack_of(e16 * qn + o[3] * margin * qe16 + gamma * norm * qn,
-                                     scale16, margin, top64);
+        double v[5];                  /* norm, e8, hat8, e16, hat16 */
+        scaled_terms(xo + 5 * j, margin, v);
+        row8[j] = (int32_t)slack_of(v[1] * qn + v[2] * qe8 + gamma * v[0] * qn, scale8, margin,
+                                    top32);
+        row16[j] = (int64_t)slack_of(v[3] * qn + v[4] * qe16 + gamma * v[0] * qn, scale16,
+                                     margin, top64);
     }
     for (int64_t i = 0; i < n_q; ++i) {
-        const double *o = qo + 5 * i, norm = o[4] * margin;
-        const double e8 = o[0] * margin + 1e-12 * norm, e16 = o[2] * margin + 1e-12 * norm;
-        col8[i] = (int32_t)slack_of(xe8 * norm + xh8 * e8 + gamma * xn * norm, scale8, margin,
+        double v[5];
+        scaled_terms(qo + 5 * i, margin, v);
+        col8[i] = (int32_t)slack_of(xe8 * v[0] + xh8 * v[1] + gamma * xn * v[0], scale8, margin,
                                     top32);
-        col16[i] = (int64_t)slack_of(xe16 * norm + xh16 * e16 + gamma * xn * norm, scale16,
+        col16[i] = (int64_t)slack_of(xe16 * v[0] + xh16 * v[3] + gamma * xn * v[0], scale16,
                                      margin, top64);
     }
 }
 
-/* float16 -> float32 (exact: every half is a float; the vector instruction quiets
- * signalling NaNs, the scalar tail keeps their payload: non-finite maps take the plain
- * path anyway), n values: a stored candidate map
+/* float16 -> float32 (exact: every half is a float; signalling NaNs come out quiet, and
+ * non-finite maps take the plain path anyway), n values: a stored candidate map
  * (local storage float16) before the re-ranking; 6-10x numpy's and torch's conversion
  * here, which took 0.6-0.9 ms of a 3721 x 128 map. */
 void vpr_half_to_float(const uint16_t *h, int64_t n, float *out) {
-    int64_t i = 0;
 #if VPR_HAVE_VNNI
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-#endif
-    for (; i < n; ++i) {               /* IEEE binary16, subnormals, infinities and NaN */
-        const uint32_t sign = (uint32_t)(h[i] & 0x8000u) << 16, e = (h[i] >> 10) & 0x1Fu;
-        uint32_t m = h[i] & 0x3FFu, bits;
-        if (e == 0x1Fu) {
-            bits = sign | 0x7F800000u | (m << 13);
-        } else if (e) {
-            bits = sign | ((e + 112u) << 23) | (m << 13);
-        } else if (m) {                /* subnormal: normalise */
-            int shift = 0;
-            while (!(m & 0x400u)) {
-                m <<= 1;
-                ++shift;
-            }
-            bits = sign | ((uint32_t)(113 - shift) << 23) | ((m & 0x3FFu) << 13);
-        } else {
-            bits = sign;
-        }
-        memcpy(out + i, &bits, 4);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask(n - i);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, h + i)));
     }
+#else
+    (void)h; (void)n; (void)out;     /* the caller widens with numpy without the vector ISA */
+#endif
 }
 
 /* The largest |x| of n floats (row_absmax: NaN or infinity anywhere give a non-finite

@@ -591,8 +591,12 @@ class NativeKernels:
         c4, c_pad = -(-c // 4) * 4, c + c % 2
         if rows < n:
             raise ValueError("codes_8_16: fewer rows than points")
-        codes8 = np.full((rows, c4), offset8, dtype=np.uint8)
-        codes16 = np.zeros((rows, c_pad), dtype=np.int16)
+        # the kernel writes every real row whole (padding channels included): only the
+        # padding rows are filled here
+        codes8 = np.empty((rows, c4), dtype=np.uint8)
+        codes16 = np.empty((rows, c_pad), dtype=np.int16)
+        codes8[n:] = offset8
+        codes16[n:] = 0
         out = np.empty((n, 5), dtype=np.float64)
         self._lib.vpr_codes_8_16(x.ctypes.data, n, c, c4, c_pad, float(s8), float(s16),
                                  int(offset8), codes8.ctypes.data, codes16.ctypes.data,
@@ -603,6 +607,8 @@ class NativeKernels:
         """float16 array (any shape, C-contiguous) -> the same values as float32."""
         if h.dtype != np.float16 or not h.flags.c_contiguous:
             raise ValueError("half_to_float: expected a C-contiguous float16 array")
+        if not self.has_vnni:
+            return h.astype(np.float32)
         out = np.empty(h.shape, dtype=np.float32)
         self._lib.vpr_half_to_float(h.ctypes.data, h.size, out.ctypes.data)
         return out
@@ -689,11 +695,10 @@ class NativeKernels:
         return out
 
     def int8_gemm(self, a: torch.Tensor, weight: "VnniWeight",
-                  out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The exact int32 product of int8 ``a`` (M, K) and the weight packed by
         :func:`pack_int8_weight` (what ``torch._int_mm(a, weight_kn)`` gives), into ``out``
-        (int32 (M, N)) when given; None where the kernels were built without VNNI (the
-        caller multiplies with torch then)."""
+        (int32 (M, N)) when given.  Needs the kernels built with VNNI (``has_vnni``)."""
         m, k = a.shape
         if k != weight.k:
             raise ValueError(f"int8_gemm: input has {k} channels, the weight {weight.k}")
@@ -708,7 +713,9 @@ class NativeKernels:
             self._check(out, torch.int32, "out"), torch.get_num_threads())
         if status < 0:
             raise MemoryError("int8_gemm: could not allocate its scratch memory")
-        return out if status == 0 else None
+        if status:
+            raise RuntimeError("int8_gemm: the kernels were built without AVX-512 VNNI")
+        return out
 
 
 def _threads(threads: Optional[int]) -> int:
