@@ -150,6 +150,23 @@ def test_near_duplicate_maps_are_handed_back(kernels):
         fast, plain, stats = _int8(q, cands, threads)
         assert fast == plain == official_mnn_counts(q, cands)
         assert stats["int8_handed_back"] == 2 and stats["fused"] == 2 and stats["int8"] == 1
+    # "auto" on maps large enough for the int8 path: the handed-back maps go to the
+    # fused path (in one batch) after the pool, with the same counts
+    from benchmarks.bench_rerank import synthetic_maps
+
+    queries, real = synthetic_maps(1, 2, seed=7)
+    q61, flat61 = queries[0].float().numpy(), np.full((61, 61, 128), 0.05, np.float32)
+    cands = [flat61, real[0][0].float().numpy(), flat61 * 0.5, real[0][1].float().numpy()]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        stats = {}
+        auto = mutual_nn_counts(q61, cands, stats=stats).tolist()
+    finally:
+        torch.set_num_threads(before)
+    assert auto == official_mnn_counts(q61, cands)
+    if kernels.has_vnni:
+        assert stats["int8_handed_back"] == 2 and stats["fused"] == 2 and stats["int8"] == 2
 
 
 def test_kernel_generic_and_vector_code_agree(kernels):

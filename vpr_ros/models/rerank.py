@@ -225,8 +225,9 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
       similarities, per row and column the candidates within the proven int8 bound,
       decided by exact int16 code similarities and float32 only where those cannot
       (:class:`_Int8Verifier`).  With several threads the candidates run one per thread
-      (:func:`_verified_pooled`); a candidate whose candidate pairs exceed the limit
-      (near-duplicate maps) is handed back to the fused path, and so is the rest;
+      (:func:`_verified_pooled`); candidates whose candidate pairs exceed the limit
+      (near-duplicate maps) are handed back to the fused path (batched under "auto"; read
+      once more); one at a time, a hand-back sends the rest to the fused path;
     * the *verified* (int16) path below (large maps without VNNI): int16 code similarities
       with a fused top-2, exact float32 re-computation of the ambiguous rows and columns
       only.  When it has to recompute more than :data:`FUSED_SWITCH_FRACTION` of the rows
@@ -270,6 +271,8 @@ def _counts_cpu(query, candidates, compute: str, native: Optional[bool] = None,
         if i == fast_pool_from and fast is not None and fast.pool_rest(k):
             done = _verified_pooled(kernels, candidates, first, range(i, k), fast.verified,
                                     fast.q_absmax, fast.stats, fast.fused_only)
+            # handed back (near-duplicate maps): counted below by the fused path, in batches
+            fast.fused = fast.fused or (bool(fast.fused_only) and path == "auto")
         if i in done:
             counts[i] = done[i]
             continue
