@@ -646,7 +646,9 @@ static void attention_head(attention_scratch *w, float scale, float *out, int64_
         for (int64_t r = 0; r < rows; ++r)
             psum[r] = weight_codes(w, ints + r * wide, w->q_scale[i0 + r], scale,
                                    w->p + r * np, generic);
-        s16_product(w->p, np, w->v, (np / 2) * (ATT_BLOCK * 2), dp / ATT_BLOCK, np / 2,
+        /* the token pairs past the last real token hold only padding (weight code 0):
+         * left out, the sums are the same */
+        s16_product(w->p, np, w->v, (np / 2) * (ATT_BLOCK * 2), dp / ATT_BLOCK, (n + 1) / 2,
                     ints, wide, generic);
         for (int64_t r = 0; r < rows; ++r) {
             const float inv = 1.0f / (float)psum[r];
