@@ -416,11 +416,11 @@ def test_attention_of_other_blocks_runs_int8(kernels, monkeypatch):
     assert len(adapted) == 4                             # one per adapted block of the tiny model
 
 
-def _adapted_block(seed: int = 0, dim: int = 64, heads: int = 4):
+def _adapted_block(seed: int = 0, dim: int = 64, heads: int = 4, adapter_dim: int = 32):
     from vpr_ros.models.selavpr import AdaptedBlock
 
     torch.manual_seed(seed)
-    block = AdaptedBlock(dim, heads, 4.0, adapter_dim=32).eval()
+    block = AdaptedBlock(dim, heads, 4.0, adapter_dim=adapter_dim).eval()
     with torch.no_grad():
         for adapter in (block.adapter1, block.adapter2):      # trained adapters are not zero
             adapter.fc2.weight.normal_(0, 0.05)
@@ -451,6 +451,69 @@ def test_adapted_block_fused_close_and_batch_invariant(kernels):
         assert F.cosine_similarity(got.reshape(-1, 64), plain.reshape(-1, 64)).min() >= 0.9999
         alone = fused(x[1:2])
     assert torch.equal(alone[0], got[1])
+
+
+@pytest.mark.parametrize("kind", ["plain", "adapted", "adapted_no_layer_scale"])
+def test_whole_block_is_the_step_by_step_path(kernels, kind):
+    """One parallel region per block (``vpr_vit_block`` / ``vpr_adapted_block``: the threads
+    share out the rows, not the matmuls' columns) gives the bits of the same block run step
+    by step: every row count modulo 4, fewer rows than threads, 1-3 threads, a
+    non-contiguous input, LayerScale on and off.  The input is not written and every call
+    returns a fresh tensor."""
+    import copy
+
+    from vpr_ros.accel.int8_block import Int8AdaptedBlock
+
+    if not kernels.has_vnni:
+        pytest.skip("the whole-block kernels need AVX-512 VNNI")
+    if kind == "plain":
+        holder = _int8_block()
+        fuse_transformer_blocks(holder)
+        assert isinstance(holder[0], Int8TransformerBlock)
+    else:
+        holder = nn.Sequential(copy.deepcopy(_adapted_block(seed=4, adapter_dim=64)))
+        if kind == "adapted_no_layer_scale":
+            holder[0].ls1 = nn.Identity()
+            holder[0].ls2 = nn.Identity()
+        convert_to_int8(holder)
+        assert isinstance(holder[0], Int8AdaptedBlock)
+    block = holder[0]
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(5)
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for b, n in [(1, 1), (1, 2), (1, 3), (2, 5), (3, 50), (1, 257)]:
+                x = torch.randn(b, n, 64, generator=g)
+                if n == 50:
+                    x = torch.randn(b, 64, n, generator=g).transpose(1, 2)   # not contiguous
+                kept = x.clone()
+                with torch.no_grad():
+                    block.whole = False
+                    steps = block(x)
+                    block.whole = True
+                    whole = block(x)
+                    again = block(x)
+                assert torch.equal(whole, steps), (kind, t, b, n)
+                assert torch.equal(x, kept) and again.data_ptr() != whole.data_ptr()
+    finally:
+        torch.set_num_threads(threads)
+        block.whole = True
+    assert "_whole_block" in block.__dict__          # the whole-block kernel ran
+
+
+def test_whole_block_falls_back_to_the_steps_where_a_layer_cannot_be_packed(kernels):
+    """An adapter of 32 channels is not a multiple of the matmul's 64 columns: the block
+    runs step by step (same result either way) instead of the whole-block kernel."""
+    holder = nn.Sequential(_adapted_block(seed=4))
+    convert_to_int8(holder)
+    x = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        whole = holder(x)
+        holder[0].whole = False
+        steps = holder(x)
+    assert torch.equal(whole, steps)
+    assert "_whole_block" not in holder[0].__dict__
 
 
 # -- fused block steps (residual + LayerScale + LayerNorm, ReLU, MLP + adapter) -----------

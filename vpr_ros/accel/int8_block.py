@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .int8_kernels import MAX_ATTENTION_TOKENS, native_kernels
+from .int8_kernels import BlockBuffers, MAX_ATTENTION_TOKENS, native_kernels
 from .int8_linear import InplaceGELU, Int8Linear
 from .options import DEFAULT, ENV_INTEGER_ATTENTION, AccelOptions
 from .workspace import WORKSPACE, Workspace
@@ -220,6 +220,46 @@ def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Ten
     return mixed
 
 
+def _whole_block_args(kernels, owner: nn.Module, norms, layers):
+    """The C views (``BlockNorm``, ``BlockLinear``) of a block's LayerNorms and int8
+    layers for one whole-block call, or None where a layer's product does not run on the
+    native matmul (the block then runs step by step).  Cached on ``owner`` while the
+    packed weights and every tensor behind the views stay the same (a few
+    microseconds per block instead of tens)."""
+    packed = [layer.packed_weight(kernels) for layer in layers]
+    if any(p is None for p in packed):
+        return None
+    key = (id(kernels), *map(id, packed),
+           *(t.data_ptr() for layer in layers for t in (layer.weight_scale, layer.bias)
+             if t is not None),
+           *(t.data_ptr() for norm in norms for t in (norm.weight, norm.bias)),
+           *(float(norm.eps) for norm in norms))
+    cached = owner.__dict__.get("_whole_block")
+    if cached is None or cached[0] != key:
+        views = ([kernels.block_norm(norm) for norm in norms],
+                 [kernels.block_linear(layer, p) for layer, p in zip(layers, packed)])
+        # the packed weights are kept with the views: the key holds their ids
+        cached = (key, views, packed)
+        owner.__dict__["_whole_block"] = cached
+    return cached[1]
+
+
+def _whole_block_buffers(m: int, c: int, hidden: int, adapter_hidden: int = 0) -> BlockBuffers:
+    """The work buffers of a whole-block call: the step-by-step path's, by role."""
+    ws = WORKSPACE
+    shapes = {"q_c": ((m, c), torch.int8), "s_a": ((m, 1), torch.float32),
+              "s_b": ((m, 1), torch.float32), "acc_qkv": ((m, 3 * c), torch.int32),
+              "mixed": ((m, c), torch.float32), "acc_c": ((m, c), torch.int32),
+              "q_h": ((m, hidden), torch.int8), "acc_h": ((m, hidden), torch.int32)}
+    if adapter_hidden:
+        shapes.update({"q_ad": ((m, adapter_hidden), torch.int8),
+                       "s_ad": ((m, 1), torch.float32),
+                       "acc_ad": ((m, adapter_hidden), torch.int32),
+                       "acc_x1": ((m, c), torch.int32)})
+    return BlockBuffers(**{role: ws.get(role, shape, dtype).data_ptr()
+                           for role, (shape, dtype) in shapes.items()})
+
+
 def _mlp_acc(kernels, mlp: nn.Module, q_c: torch.Tensor, s_a: torch.Tensor,
              s_b: torch.Tensor) -> torch.Tensor:
     """int8 fc1 + dequantise + GELU + quantise, int8 fc2 -> its int32 sums (a fresh tensor;
@@ -235,6 +275,7 @@ class Int8TransformerBlock(nn.Module):
     """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
 
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
+    whole: bool = True                # one parallel region per block where the kernels can
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -250,6 +291,16 @@ class Int8TransformerBlock(nn.Module):
         blk = self.block
         attn, mlp = blk.attn, blk.mlp
         b, n, c = x.shape
+        if (self.whole and integer_attention_enabled(self.accel) and n <= MAX_ATTENTION_TOKENS
+                and kernels.has_vnni):
+            args = _whole_block_args(kernels, self, (blk.norm1, blk.norm2),
+                                     (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
+            if args is not None:
+                (norm1, norm2), (qkv, proj, fc1, fc2) = args
+                return kernels.vit_block(
+                    x if x.is_contiguous() else x.contiguous(), attn.num_heads, attn.head_dim,
+                    attn.scale, norm1, qkv, proj, norm2, fc1, fc2,
+                    _whole_block_buffers(b * n, c, mlp.fc1.out_features))
         rows, q_c, s_a, s_b = _block_buffers(x)
 
         # attention: LayerNorm + quantise, qkv, integer attention, proj + residual, and
@@ -285,6 +336,7 @@ class Int8AdaptedBlock(nn.Module):
     """
 
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
+    whole: bool = True                # one parallel region per block where the kernels can
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -301,6 +353,17 @@ class Int8AdaptedBlock(nn.Module):
         attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
         b, n, c = x.shape
         m, hidden = b * n, ad1.fc1.out_features
+        if self.whole and kernels.has_vnni:
+            args = _whole_block_args(kernels, self, (blk.norm1, blk.norm2),
+                                     (attn.qkv, attn.proj, ad1.fc1, ad1.fc2, mlp.fc1, mlp.fc2,
+                                      ad2.fc1, ad2.fc2))
+            if args is not None:
+                (norm1, norm2), (qkv, proj, a1f1, a1f2, fc1, fc2, a2f1, a2f2) = args
+                return kernels.adapted_block(
+                    x if x.is_contiguous() else x.contiguous(), attn.num_heads, attn.head_dim,
+                    attn.scale, norm1, qkv, proj, a1f1, a1f2, _layer_scale(blk.ls1), norm2,
+                    fc1, fc2, a2f1, a2f2, blk.adapter_scale, _layer_scale(blk.ls2),
+                    _whole_block_buffers(m, c, mlp.fc1.out_features, hidden))
         rows, q_c, s_a, s_b = _block_buffers(x)
         ws = WORKSPACE
         q_ad, s_ad = ws.get("q_ad", (m, hidden), torch.int8), ws.get("s_ad", (m, 1), torch.float32)

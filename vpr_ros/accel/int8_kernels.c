@@ -93,17 +93,19 @@ void vpr_dequantize(int32_t *acc, int64_t m, int64_t n, const float *row_scale,
 
 /* residual + dequantised, written as float into the int32 buffer itself (no new
  * allocation; `residual` is only read, since the caller may still hold it). */
+static inline void dequantize_add_row(int32_t *a, int64_t n, float rs, const float *cs,
+                                      const float *bias, const float *r) {
+    dequantize_row(a, n, rs, cs, bias);
+    float *d = (float *)a;
+    for (int64_t j = 0; j < n; ++j) d[j] = r[j] + d[j];
+}
+
 void vpr_dequantize_add(int32_t *acc, int64_t m, int64_t n, const float *row_scale,
                         const float *col_scale, const float *bias, const float *residual,
                         int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-        int32_t *a = acc + i * n;
-        const float *r = residual + i * n;
-        dequantize_row(a, n, row_scale[i], col_scale, bias);
-        float *d = (float *)a;
-        for (int64_t j = 0; j < n; ++j) d[j] = r[j] + d[j];
-    }
+    for (int64_t i = 0; i < m; ++i)
+        dequantize_add_row(acc + i * n, n, row_scale[i], col_scale, bias, residual + i * n);
 }
 
 /* erf(x) = x P(u) / Q(u) with u = x^2 / 16 on |x| < 4: a rational least-squares fit
@@ -139,31 +141,33 @@ static inline float erf_approx(float x) {
  * dequantise the int32 row, add the bias, apply exact-form GELU 0.5 x (1 + erf(x/sqrt2)),
  * and quantise the result to int8 with its own row scale.  The float row lives only in
  * the (cache-hot) int32 buffer it came from. */
+static inline float gelu_quantize_row(int32_t *a, int64_t n, float rs, const float *col_scale,
+                                      const float *bias, int8_t *q) {
+    float *h = (float *)a;   /* each element read before it is written */
+    uint32_t amax_bits = 0;  /* |h| bit patterns: the integer max of row_absmax */
+    /* dequantise + bias (as dequantize_row), GELU and the row maximum in one pass */
+    for (int64_t j = 0; j < n; ++j) {
+        float x = (float)a[j] * rs;
+        x = x * col_scale[j];
+        if (bias) x = x + bias[j];
+        const float g = 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f));
+        h[j] = g;
+        uint32_t bits;
+        memcpy(&bits, &g, sizeof bits);
+        bits &= 0x7fffffffu;
+        amax_bits = bits > amax_bits ? bits : amax_bits;
+    }
+    float amax;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    return quantize_row_amax(h, n, amax, q);
+}
+
 void vpr_dequantize_gelu_quantize(int32_t *acc, int64_t m, int64_t n, const float *row_scale,
                                   const float *col_scale, const float *bias, int8_t *q,
                                   float *q_scale, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-        int32_t *a = acc + i * n;
-        float *h = (float *)a;   /* each element read before it is written */
-        const float rs = row_scale[i];
-        uint32_t amax_bits = 0;  /* |h| bit patterns: the integer max of row_absmax */
-        /* dequantise + bias (as dequantize_row), GELU and the row maximum in one pass */
-        for (int64_t j = 0; j < n; ++j) {
-            float x = (float)a[j] * rs;
-            x = x * col_scale[j];
-            if (bias) x = x + bias[j];
-            const float g = 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f));
-            h[j] = g;
-            uint32_t bits;
-            memcpy(&bits, &g, sizeof bits);
-            bits &= 0x7fffffffu;
-            amax_bits = bits > amax_bits ? bits : amax_bits;
-        }
-        float amax;
-        memcpy(&amax, &amax_bits, sizeof amax);
-        q_scale[i] = quantize_row_amax(h, n, amax, q + i * n);
-    }
+    for (int64_t i = 0; i < m; ++i)
+        q_scale[i] = gelu_quantize_row(acc + i * n, n, row_scale[i], col_scale, bias, q + i * n);
 }
 
 /* Sum of a row in a fixed order (16 interleaved partial sums, then a fixed tree): the
@@ -1297,6 +1301,20 @@ void vpr_fma_matrix(const float *a, int64_t n_a, const float *b, int64_t n_b, in
  * LayerNorm always follows a block's residual step here (the block's last residual step
  * is vpr_dequantize_add or vpr_dequantize_pair_residual).  residual and skip are only
  * read. */
+static inline float residual_layer_norm_quantize_row(
+        int32_t *a, int64_t n, float rs, const float *col_scale, const float *bias,
+        const float *s, const float *gamma, const float *r, const float *ln_weight,
+        const float *ln_bias, float eps, float *tmp, int8_t *q) {
+    dequantize_row(a, n, rs, col_scale, bias);
+    float *x = (float *)a;
+    if (s)
+        for (int64_t j = 0; j < n; ++j) x[j] = x[j] + s[j];
+    if (gamma)
+        for (int64_t j = 0; j < n; ++j) x[j] = x[j] * gamma[j];
+    for (int64_t j = 0; j < n; ++j) x[j] = r[j] + x[j];
+    return layer_norm_quantize_row(x, n, ln_weight, ln_bias, eps, tmp, q);
+}
+
 void vpr_residual_layer_norm_quantize(int32_t *acc, int64_t m, int64_t n,
                                       const float *row_scale, const float *col_scale,
                                       const float *bias, const float *skip, const float *gamma,
@@ -1304,44 +1322,54 @@ void vpr_residual_layer_norm_quantize(int32_t *acc, int64_t m, int64_t n,
                                       const float *ln_bias, float eps, int8_t *q,
                                       float *q_scale, float *tmp, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-        int32_t *a = acc + i * n;
-        dequantize_row(a, n, row_scale[i], col_scale, bias);
-        float *x = (float *)a;
-        if (skip) {
-            const float *s = skip + i * n;
-            for (int64_t j = 0; j < n; ++j) x[j] = x[j] + s[j];
-        }
-        if (gamma)
-            for (int64_t j = 0; j < n; ++j) x[j] = x[j] * gamma[j];
-        const float *r = residual + i * n;
-        for (int64_t j = 0; j < n; ++j) x[j] = r[j] + x[j];
-        q_scale[i] = layer_norm_quantize_row(x, n, ln_weight, ln_bias, eps,
-                                             tmp + (int64_t)omp_get_thread_num() * n, q + i * n);
-    }
+    for (int64_t i = 0; i < m; ++i)
+        q_scale[i] = residual_layer_norm_quantize_row(
+            acc + i * n, n, row_scale[i], col_scale, bias, skip ? skip + i * n : NULL, gamma,
+            residual + i * n, ln_weight, ln_bias, eps, tmp + (int64_t)omp_get_thread_num() * n,
+            q + i * n);
 }
 
 /* dequantise + bias, then (relu != 0) max(x, 0), then int8 codes per row; the float row
  * stays in acc (keep_float) for a later residual.  The adapters' fc1 -> ReLU -> fc2
  * step, and the attention proj -> (serial adapter input) step. */
+static inline float dequantize_quantize_row(int32_t *a, int64_t n, float rs,
+                                            const float *col_scale, const float *bias, int relu,
+                                            int8_t *q) {
+    dequantize_row(a, n, rs, col_scale, bias);
+    float *h = (float *)a;
+    if (relu)
+        for (int64_t j = 0; j < n; ++j) h[j] = h[j] > 0.0f ? h[j] : 0.0f;
+    return quantize_row(h, n, q);
+}
+
 void vpr_dequantize_quantize(int32_t *acc, int64_t m, int64_t n, const float *row_scale,
                              const float *col_scale, const float *bias, int relu, int8_t *q,
                              float *q_scale, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-        int32_t *a = acc + i * n;
-        dequantize_row(a, n, row_scale[i], col_scale, bias);
-        float *h = (float *)a;
-        if (relu)
-            for (int64_t j = 0; j < n; ++j) h[j] = h[j] > 0.0f ? h[j] : 0.0f;
-        q_scale[i] = quantize_row(h, n, q + i * n);
-    }
+    for (int64_t i = 0; i < m; ++i)
+        q_scale[i] = dequantize_quantize_row(acc + i * n, n, row_scale[i], col_scale, bias,
+                                             relu, q + i * n);
 }
 
 /* The end of a SelaVPR adapted block: out = residual + gamma * (deq(acc) + s * deq(side)),
  * deq(acc) = acc * rs * cs + bias (MLP fc2) and deq(side) with its own scales and bias
  * (the parallel adapter's fc2); written as float into acc.  s * deq(side) + deq(acc) is
  * one fused multiply-add, as torch's add(alpha=s) computes it. */
+static inline void pair_residual_row(int32_t *a, int32_t *b, int64_t n, float rs,
+                                     const float *col_scale, const float *bias, float side_rs,
+                                     const float *side_col_scale, const float *side_bias,
+                                     float s, const float *gamma, const float *r) {
+    dequantize_row(a, n, rs, col_scale, bias);
+    dequantize_row(b, n, side_rs, side_col_scale, side_bias);
+    float *x = (float *)a;
+    const float *y = (const float *)b;
+    for (int64_t j = 0; j < n; ++j) {
+        float v = fmaf(s, y[j], x[j]);
+        if (gamma) v = v * gamma[j];
+        x[j] = r[j] + v;
+    }
+}
+
 void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_t n,
                                   const float *row_scale, const float *col_scale,
                                   const float *bias, const float *side_row_scale,
@@ -1349,18 +1377,10 @@ void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_
                                   float s, const float *gamma, const float *residual,
                                   int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t i = 0; i < m; ++i) {
-        int32_t *a = acc + i * n, *b = side + i * n;
-        dequantize_row(a, n, row_scale[i], col_scale, bias);
-        dequantize_row(b, n, side_row_scale[i], side_col_scale, side_bias);
-        float *x = (float *)a;
-        const float *y = (const float *)b, *r = residual + i * n;
-        for (int64_t j = 0; j < n; ++j) {
-            float v = fmaf(s, y[j], x[j]);
-            if (gamma) v = v * gamma[j];
-            x[j] = r[j] + v;
-        }
-    }
+    for (int64_t i = 0; i < m; ++i)
+        pair_residual_row(acc + i * n, side + i * n, n, row_scale[i], col_scale, bias,
+                          side_row_scale[i], side_col_scale, side_bias, s, gamma,
+                          residual + i * n);
 }
 
 /* The integer attention straight from the qkv layer's int32 sums: for each image-head,
@@ -1373,6 +1393,50 @@ void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_
  * done, the same threads quantise the output rows for the proj layer (the bits of
  * vpr_quantize_rows on out) in the same parallel region: one wake-up of the threads and
  * one call fewer per block.  Same return values. */
+/* The heads of vpr_integer_attention_acc, called by every thread of a parallel region:
+ * the image-heads are shared out (omp for, which ends in a barrier: out is complete when
+ * it returns).  Returns nonzero on the threads whose scratch memory could not be
+ * allocated (their heads are then missing from out). */
+static int attention_heads_team(const int32_t *acc, const float *row_scale,
+                                const float *col_scale, const float *bias, int64_t b, int64_t n,
+                                int64_t h, int64_t d, float scale, float *out, int generic) {
+    int failed = 0;
+    attention_scratch w = {0};
+    /* V of every token (n x d), then the one Q and K row pair being coded (2 x d) */
+    float *f = (float *)aligned_alloc(64, (size_t)round_up((n + 2) * d * 4, 64));
+    if (scratch_alloc(&w, n, d) != 0 || !f) failed = 1;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < b * h; ++item) {
+        if (!w.block || !f) continue;
+        const int64_t img = item / h, head = item % h;
+        const int64_t width = 3 * h * d;
+        /* Q and K of a token are dequantised into two L1 rows and coded at once; V
+         * (coded per channel, over all tokens) into f */
+        float *qk = f + n * d;
+        attention_prepare(&w);
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t row = img * n + t;
+            const int32_t *src = acc + row * width + head * d;
+            if (t + 16 < n)
+                for (int part = 0; part < 3; ++part)
+                    for (int64_t c = 0; c < d; c += 16)
+                        __builtin_prefetch(src + 16 * width + part * h * d + c);
+            const float rs = row_scale[row];
+            for (int part = 0; part < 3; ++part) {
+                const int64_t off = part * h * d + head * d;
+                dequantize_to(src + part * h * d, part < 2 ? qk + part * d : f + t * d, d,
+                              rs, col_scale + off, bias ? bias + off : NULL);
+            }
+            attention_qk_row(&w, t, qk, qk + d);
+        }
+        attention_quantize_v(&w, f, d, generic);
+        attention_head(&w, scale, out + img * n * h * d + head * d, h * d, generic);
+    }
+    free(w.block);
+    free(f);
+    return failed;
+}
+
 int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const float *col_scale,
                               const float *bias, int64_t b, int64_t n, int64_t h, int64_t d,
                               float scale, float *out, int8_t *q, float *q_scale, int generic,
@@ -1381,40 +1445,9 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        attention_scratch w = {0};
-        /* V of every token (n x d), then the one Q and K row pair being coded (2 x d) */
-        float *f = (float *)aligned_alloc(64, (size_t)round_up((n + 2) * d * 4, 64));
-        if (scratch_alloc(&w, n, d) != 0 || !f) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < b * h; ++item) {
-            if (!w.block || !f) continue;
-            const int64_t img = item / h, head = item % h;
-            const int64_t width = 3 * h * d;
-            /* Q and K of a token are dequantised into two L1 rows and coded at once; V
-             * (coded per channel, over all tokens) into f */
-            float *qk = f + n * d;
-            attention_prepare(&w);
-            for (int64_t t = 0; t < n; ++t) {
-                const int64_t row = img * n + t;
-                const int32_t *src = acc + row * width + head * d;
-                if (t + 16 < n)
-                    for (int part = 0; part < 3; ++part)
-                        for (int64_t c = 0; c < d; c += 16)
-                            __builtin_prefetch(src + 16 * width + part * h * d + c);
-                const float rs = row_scale[row];
-                for (int part = 0; part < 3; ++part) {
-                    const int64_t off = part * h * d + head * d;
-                    dequantize_to(src + part * h * d, part < 2 ? qk + part * d : f + t * d, d,
-                                  rs, col_scale + off, bias ? bias + off : NULL);
-                }
-                attention_qk_row(&w, t, qk, qk + d);
-            }
-            attention_quantize_v(&w, f, d, generic);
-            attention_head(&w, scale, out + img * n * h * d + head * d, h * d, generic);
-        }
-        free(w.block);
-        free(f);
-        if (q) {               /* the implicit barrier of the loop above: out is complete */
+        failed = attention_heads_team(acc, row_scale, col_scale, bias, b, n, h, d, scale, out,
+                                      generic);
+        if (q) {               /* the implicit barrier of the heads' loop: out is complete */
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < b * n; ++i)
                 q_scale[i] = quantize_row(out + i * h * d, h * d, q + i * h * d);
@@ -2133,16 +2166,21 @@ static inline __attribute__((always_inline)) void gemm_tile(
 }
 #endif
 
+/* The row blocks (of 4) per chunk for `blocks` blocks of k bytes per row: chunks of at most
+ * GEMM_CHUNK_BYTES of a, all of about the same size (each chunk streams every weight
+ * panel once more: from DRAM for a model's cold weights). */
+static int64_t gemm_chunk_blocks(int64_t blocks, int64_t k) {
+    int64_t most = GEMM_CHUNK_BYTES / (4 * k);
+    most = most < 1 ? 1 : most;
+    const int64_t n_chunks = (blocks + most - 1) / most;
+    return n_chunks ? (blocks + n_chunks - 1) / n_chunks : 1;
+}
+
 int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
                   const int32_t *neg_zero, int64_t n, int32_t *c, int num_threads) {
 #if VPR_HAVE_VNNI
     const int64_t groups = n / 64, blocks = (m + 3) / 4, full = m / 4;
-    /* chunks of at most GEMM_CHUNK_BYTES of a, all of about the same size: each chunk
-     * streams every weight panel once more (from DRAM for a model's cold weights) */
-    int64_t most = GEMM_CHUNK_BYTES / (4 * k);
-    most = most < 1 ? 1 : most;
-    const int64_t n_chunks = (blocks + most - 1) / most;
-    const int64_t chunk = (blocks + n_chunks - 1) / (n_chunks ? n_chunks : 1);
+    const int64_t chunk = gemm_chunk_blocks(blocks, k);
     /* the last rows, if not 4: read from a copy padded with zero rows */
     int8_t *tail = NULL;
     if (full < blocks) {
@@ -2164,6 +2202,236 @@ int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
     return 0;
 #else
     (void)a; (void)m; (void)k; (void)w; (void)neg_zero; (void)n; (void)c; (void)num_threads;
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------
+ * A whole int8 ViT block in one parallel region (issue 15).  The step-by-step block
+ * (int8_block.py) wakes the threads once per step, ~9 times per plain block and ~17 per
+ * SelaVPR adapted block, and under OMP_WAIT_POLICY=PASSIVE (the node's setting, so that
+ * waiting threads leave the cores to the rest of the robot) each wake-up of a sleeping
+ * thread costs tens of microseconds on a VM.  Here the threads split the rows instead of
+ * the matmuls' columns: every step after a matmul needs whole rows, and a thread that
+ * computed all columns of its rows can go on with them at once.  Only the attention
+ * needs every token: one barrier before it (the qkv sums of all rows) and the one that
+ * ends its loop over the heads.  Each thread streams every weight panel (the other
+ * thread reads the same panels from L3 at about the same time).  Every step is the same
+ * row function as the step-by-step path, and the matmul sums are exact, so the output
+ * has the same bits.
+ * ------------------------------------------------------------------------------------ */
+typedef struct {             /* one int8 linear layer of a block */
+    const int8_t *w;         /* the packed weight (pack_int8_weight): n % 64 == 0, k % 4 == 0 */
+    const int32_t *neg_zero;
+    const float *scale;      /* n: the weight's column scales */
+    const float *bias;       /* n, or NULL */
+    int64_t k, n;
+} vpr_linear;
+
+typedef struct {             /* a LayerNorm (biased variance, as torch) */
+    const float *weight, *bias;
+    float eps;
+} vpr_norm;
+
+typedef struct {             /* the block's work buffers (m rows) */
+    int8_t *q_c;             /* m x c: int8 codes of the current c-wide input */
+    float *s_a, *s_b;        /* m: row scales */
+    int32_t *acc_qkv;        /* m x 3c */
+    float *mixed;            /* m x c: the attention's output */
+    int32_t *acc_c;          /* m x c */
+    int8_t *q_h;             /* m x hidden */
+    int32_t *acc_h;          /* m x hidden */
+    int8_t *q_ad;            /* m x adapter hidden (adapted blocks) */
+    float *s_ad;             /* m */
+    int32_t *acc_ad;         /* m x adapter hidden */
+    int32_t *acc_x1;         /* m x c */
+} vpr_block_buffers;
+
+#if VPR_HAVE_VNNI
+/* This thread's rows [r0, r1) of m: whole 4-row blocks, shared out evenly. */
+static void team_rows(int64_t m, int64_t *r0, int64_t *r1) {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t blocks = (m + 3) / 4, b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+    *r0 = 4 * b0 < m ? 4 * b0 : m;
+    *r1 = 4 * b1 < m ? 4 * b1 : m;
+}
+
+/* Rows [r0, r1) of the int8 product a x L (every column) into c (row stride L->n), on the
+ * calling thread; tail: 4 * L->k bytes of scratch for the last rows if not 4. */
+static void gemm_rows(const int8_t *a, int64_t r0, int64_t r1, const vpr_linear *L,
+                      int32_t *c, int8_t *tail) {
+    const int64_t k = L->k, n = L->n, groups = n / 64;
+    const int64_t blocks = (r1 - r0 + 3) / 4, full = r0 + (r1 - r0) / 4 * 4;
+    const int64_t chunk = gemm_chunk_blocks(blocks, k);
+    if (full < r1) {
+        memset(tail, 0, (size_t)(4 * k));
+        memcpy(tail, a + full * k, (size_t)((r1 - full) * k));
+    }
+    for (int64_t b0 = 0; b0 < blocks; b0 += chunk) {
+        const int64_t b1 = b0 + chunk < blocks ? b0 + chunk : blocks;
+        for (int64_t g = 0; g < groups; ++g)
+            for (int64_t bl = b0; bl < b1; ++bl) {
+                const int64_t row = r0 + 4 * bl;
+                gemm_tile(row < full ? a + row * k : tail, k, L->w + g * 64 * k,
+                          L->neg_zero + g * 64, c + row * n + g * 64, n,
+                          (int)(r1 - row < 4 ? r1 - row : 4));
+            }
+    }
+}
+
+/* The scratch of one thread: LayerNorm rows (c floats) and the matmul's tail rows. */
+static int block_scratch(int64_t c, int64_t widest_k, float **tmp, int8_t **tail) {
+    *tmp = (float *)malloc((size_t)(c * 4));
+    *tail = (int8_t *)malloc((size_t)(4 * widest_k));
+    return *tmp && *tail;
+}
+
+/* Norm1 + quantise and the qkv sums of this thread's rows, the barrier, the heads, and
+ * the attention's output coded for proj (q_c, s_a) in this thread's rows.  Returns
+ * nonzero where the attention's scratch could not be allocated. */
+static int block_attention(const float *x, int64_t b, int64_t n, int64_t c,
+                           const vpr_norm *norm1, const vpr_linear *qkv, int64_t heads,
+                           int64_t head_dim, float att_scale, vpr_block_buffers *ws,
+                           int64_t r0, int64_t r1, int ok, float *tmp, int8_t *tail) {
+    if (ok) {
+        for (int64_t i = r0; i < r1; ++i)
+            ws->s_a[i] = layer_norm_quantize_row(x + i * c, c, norm1->weight, norm1->bias,
+                                                 norm1->eps, tmp, ws->q_c + i * c);
+        gemm_rows(ws->q_c, r0, r1, qkv, ws->acc_qkv, tail);
+    }
+#pragma omp barrier
+    const int failed = attention_heads_team(ws->acc_qkv, ws->s_a, qkv->scale, qkv->bias, b, n,
+                                            heads, head_dim, att_scale, ws->mixed, 0);
+    /* the heads' loop ended in a barrier: every row of mixed is complete, and s_a is
+     * read no more */
+    if (ok)
+        for (int64_t i = r0; i < r1; ++i)
+            ws->s_a[i] = quantize_row(ws->mixed + i * c, c, ws->q_c + i * c);
+    return failed;
+}
+#endif
+
+/* A timm Block (Int8TransformerBlock): x (b, n, c) float32 rows -> out (b n, c) float32,
+ * the bits of the step-by-step path.  Returns 0; 1 without VNNI (the caller runs the
+ * steps); -1 when memory ran out (out incomplete); -2 for n >= 32768 tokens. */
+int vpr_vit_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
+                  const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
+                  const vpr_linear *proj, const vpr_norm *norm2, const vpr_linear *fc1,
+                  const vpr_linear *fc2, vpr_block_buffers *ws, float *out, int num_threads) {
+#if VPR_HAVE_VNNI
+    if (n >= 32768) return -2;
+    const int64_t m = b * n, hidden = fc1->n;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        int64_t r0, r1;
+        team_rows(m, &r0, &r1);
+        float *tmp;
+        int8_t *tail;
+        const int ok = block_scratch(c, hidden > c ? hidden : c, &tmp, &tail);
+        failed = !ok;       /* every thread still meets every barrier */
+        failed |= block_attention(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, ws, r0,
+                                  r1, ok, tmp, tail);
+        if (ok) {
+            int32_t *o = (int32_t *)out;
+            gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
+            for (int64_t i = r0; i < r1; ++i)       /* x1 = x + attention, then norm2 */
+                ws->s_a[i] = residual_layer_norm_quantize_row(
+                    ws->acc_c + i * c, c, ws->s_a[i], proj->scale, proj->bias, NULL, NULL,
+                    x + i * c, norm2->weight, norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
+            gemm_rows(ws->q_c, r0, r1, fc1, ws->acc_h, tail);
+            for (int64_t i = r0; i < r1; ++i)
+                ws->s_b[i] = gelu_quantize_row(ws->acc_h + i * hidden, hidden, ws->s_a[i],
+                                               fc1->scale, fc1->bias, ws->q_h + i * hidden);
+            gemm_rows(ws->q_h, r0, r1, fc2, o, tail);
+            for (int64_t i = r0; i < r1; ++i)       /* out = x1 + MLP */
+                dequantize_add_row(o + i * c, c, ws->s_b[i], fc2->scale, fc2->bias,
+                                   (const float *)ws->acc_c + i * c);
+        }
+        free(tmp);
+        free(tail);
+    }
+    return failed ? -1 : 0;
+#else
+    (void)x; (void)b; (void)n; (void)c; (void)norm1; (void)qkv; (void)heads; (void)head_dim;
+    (void)att_scale; (void)proj; (void)norm2; (void)fc1; (void)fc2; (void)ws; (void)out;
+    (void)num_threads;
+    return 1;
+#endif
+}
+
+/* A SelaVPR adapted block (Int8AdaptedBlock): x1 = x + ls1(a + adapter1(a)) with
+ * a = attn(norm1(x)), then out = x1 + ls2(mlp(h) + s adapter2(h)) with h = norm2(x1);
+ * gamma1, gamma2: the LayerScales (NULL: none).  Same returns as vpr_vit_block. */
+int vpr_adapted_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
+                      const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
+                      const vpr_linear *proj, const vpr_linear *ad1_fc1,
+                      const vpr_linear *ad1_fc2, const float *gamma1, const vpr_norm *norm2,
+                      const vpr_linear *fc1, const vpr_linear *fc2, const vpr_linear *ad2_fc1,
+                      const vpr_linear *ad2_fc2, float adapter_scale, const float *gamma2,
+                      vpr_block_buffers *ws, float *out, int num_threads) {
+#if VPR_HAVE_VNNI
+    if (n >= 32768) return -2;
+    const int64_t m = b * n, hidden = fc1->n, ha = ad1_fc1->n;
+    int64_t widest = hidden > c ? hidden : c;
+    widest = ha > widest ? ha : widest;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        int64_t r0, r1;
+        team_rows(m, &r0, &r1);
+        float *tmp;
+        int8_t *tail;
+        const int ok = block_scratch(c, widest, &tmp, &tail);
+        failed = !ok;
+        failed |= block_attention(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, ws, r0,
+                                  r1, ok, tmp, tail);
+        if (ok) {
+            int32_t *o = (int32_t *)out;
+            /* a = proj(attention) (float in acc_c), coded for the serial adapter */
+            gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
+            for (int64_t i = r0; i < r1; ++i)
+                ws->s_b[i] = dequantize_quantize_row(ws->acc_c + i * c, c, ws->s_a[i],
+                                                     proj->scale, proj->bias, 0,
+                                                     ws->q_c + i * c);
+            gemm_rows(ws->q_c, r0, r1, ad1_fc1, ws->acc_ad, tail);
+            for (int64_t i = r0; i < r1; ++i)
+                ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_b[i],
+                                                      ad1_fc1->scale, ad1_fc1->bias, 1,
+                                                      ws->q_ad + i * ha);
+            /* x1 = x + ls1(a + adapter1(a)) (float in acc_x1), then h = norm2(x1) */
+            gemm_rows(ws->q_ad, r0, r1, ad1_fc2, ws->acc_x1, tail);
+            for (int64_t i = r0; i < r1; ++i)
+                ws->s_a[i] = residual_layer_norm_quantize_row(
+                    ws->acc_x1 + i * c, c, ws->s_ad[i], ad1_fc2->scale, ad1_fc2->bias,
+                    (const float *)ws->acc_c + i * c, gamma1, x + i * c, norm2->weight,
+                    norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
+            /* the MLP's sums into out, the parallel adapter's into acc_c */
+            gemm_rows(ws->q_c, r0, r1, fc1, ws->acc_h, tail);
+            for (int64_t i = r0; i < r1; ++i)
+                ws->s_b[i] = gelu_quantize_row(ws->acc_h + i * hidden, hidden, ws->s_a[i],
+                                               fc1->scale, fc1->bias, ws->q_h + i * hidden);
+            gemm_rows(ws->q_h, r0, r1, fc2, o, tail);
+            gemm_rows(ws->q_c, r0, r1, ad2_fc1, ws->acc_ad, tail);
+            for (int64_t i = r0; i < r1; ++i)
+                ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_a[i],
+                                                      ad2_fc1->scale, ad2_fc1->bias, 1,
+                                                      ws->q_ad + i * ha);
+            gemm_rows(ws->q_ad, r0, r1, ad2_fc2, ws->acc_c, tail);
+            for (int64_t i = r0; i < r1; ++i)       /* out = x1 + ls2(mlp + s adapter2) */
+                pair_residual_row(o + i * c, ws->acc_c + i * c, c, ws->s_b[i], fc2->scale,
+                                  fc2->bias, ws->s_ad[i], ad2_fc2->scale, ad2_fc2->bias,
+                                  adapter_scale, gamma2, (const float *)ws->acc_x1 + i * c);
+        }
+        free(tmp);
+        free(tail);
+    }
+    return failed ? -1 : 0;
+#else
+    (void)x; (void)b; (void)n; (void)c; (void)norm1; (void)qkv; (void)heads; (void)head_dim;
+    (void)att_scale; (void)proj; (void)ad1_fc1; (void)ad1_fc2; (void)gamma1; (void)norm2;
+    (void)fc1; (void)fc2; (void)ad2_fc1; (void)ad2_fc2; (void)adapter_scale; (void)gamma2;
+    (void)ws; (void)out; (void)num_threads;
     return 1;
 #endif
 }

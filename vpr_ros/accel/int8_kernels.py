@@ -146,6 +146,28 @@ _F32P = ctypes.POINTER(ctypes.c_float)
 _I64 = ctypes.c_int64
 
 
+class BlockLinear(ctypes.Structure):
+    """``vpr_linear`` of the C source: one int8 layer of a whole-block call (its packed
+    weight, column scales, bias or NULL, K, N)."""
+    _fields_ = [("w", ctypes.c_void_p), ("neg_zero", ctypes.c_void_p),
+                ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("k", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+class BlockNorm(ctypes.Structure):
+    """``vpr_norm`` of the C source: a LayerNorm's weight, bias and eps."""
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("eps", ctypes.c_float)]
+
+
+BLOCK_BUFFERS = ("q_c", "s_a", "s_b", "acc_qkv", "mixed", "acc_c", "q_h", "acc_h", "q_ad", "s_ad",
+                 "acc_ad", "acc_x1")
+
+
+class BlockBuffers(ctypes.Structure):
+    """``vpr_block_buffers`` of the C source: the work buffers of a whole-block call."""
+    _fields_ = [(name, ctypes.c_void_p) for name in BLOCK_BUFFERS]
+
+
 class NativeKernels:
     """ctypes bindings of the fused kernels, taking and returning CPU torch tensors."""
 
@@ -186,12 +208,19 @@ class NativeKernels:
             "vpr_int8_gemm": [vp, _I64, _I64, vp, vp, _I64, vp, i32],
             "vpr_int8_slacks": [vp, _I64, vp, _I64] + [ctypes.c_double] * 6 + [vp] * 4,
             "vpr_half_to_float": [vp, _I64, vp],
+            # a whole block in one parallel region (pointers to the structs below)
+            "vpr_vit_block": [vp, _I64, _I64, _I64, vp, vp, _I64, _I64, ctypes.c_float, vp,
+                              vp, vp, vp, vp, vp, i32],
+            "vpr_adapted_block": [vp, _I64, _I64, _I64, vp, vp, _I64, _I64, ctypes.c_float,
+                                  vp, vp, vp, vp, vp, vp, vp, vp, vp, ctypes.c_float, vp, vp,
+                                  vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
                    "vpr_have_vnni": ctypes.c_int, "vpr_absmax": ctypes.c_float,
                    "vpr_integer_attention_acc": ctypes.c_int,
-                   "vpr_col2im_max_kernel_height": ctypes.c_int, "vpr_int8_gemm": ctypes.c_int}
+                   "vpr_col2im_max_kernel_height": ctypes.c_int, "vpr_int8_gemm": ctypes.c_int,
+                   "vpr_vit_block": ctypes.c_int, "vpr_adapted_block": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -450,6 +479,62 @@ class NativeKernels:
             cols.data_ptr(), int(cols.dtype == torch.bfloat16), b, h, w, c, kh, kw, *stride,
             *padding, *dilation, oh, ow, self._opt(bias, c, "bias"), out.data_ptr(),
             torch.get_num_threads())
+        return out
+
+    # -- whole blocks (vpr_vit_block, vpr_adapted_block) ----------------------------
+    def block_linear(self, layer, packed: "VnniWeight") -> BlockLinear:
+        """The C view of an int8 layer (``Int8Linear``) with its packed weight; the layer
+        keeps the tensors alive."""
+        n = packed.n
+        return BlockLinear(packed.pointers[0], packed.pointers[1],
+                           self._check(layer.weight_scale, torch.float32, "weight_scale", n),
+                           self._opt(layer.bias, n, "bias"), packed.k, n)
+
+    def block_norm(self, norm) -> BlockNorm:
+        n = norm.weight.numel()
+        return BlockNorm(self._check(norm.weight, torch.float32, "norm weight"),
+                         self._check(norm.bias, torch.float32, "norm bias", n), float(norm.eps))
+
+    @staticmethod
+    def _block_status(status: int) -> None:
+        if status == -1:
+            raise MemoryError("int8 block: could not allocate its scratch memory")
+        if status != 0:
+            raise ValueError(f"int8 block: the native kernel declined ({status})")
+
+    def vit_block(self, x: torch.Tensor, heads: int, head_dim: int, scale: float,
+                  norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear, norm2: BlockNorm,
+                  fc1: BlockLinear, fc2: BlockLinear, buffers: BlockBuffers) -> torch.Tensor:
+        """A timm ``Block`` (int8, integer attention) in one parallel region: ``x`` (b, n, c)
+        float32 -> a fresh (b, n, c) float32 tensor, the bits of the step-by-step path
+        (``vpr_vit_block``).  Needs VNNI (:attr:`has_vnni`)."""
+        b, n, c = x.shape
+        self._check(x, torch.float32, "x")
+        out = torch.empty((b, n, c), dtype=torch.float32)
+        self._block_status(self._lib.vpr_vit_block(
+            x.data_ptr(), b, n, c, ctypes.byref(norm1), ctypes.byref(qkv), heads, head_dim,
+            float(scale), ctypes.byref(proj), ctypes.byref(norm2), ctypes.byref(fc1),
+            ctypes.byref(fc2), ctypes.byref(buffers), out.data_ptr(), torch.get_num_threads()))
+        return out
+
+    def adapted_block(self, x: torch.Tensor, heads: int, head_dim: int, scale: float,
+                      norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear,
+                      ad1_fc1: BlockLinear, ad1_fc2: BlockLinear, gamma1: Optional[torch.Tensor],
+                      norm2: BlockNorm, fc1: BlockLinear, fc2: BlockLinear,
+                      ad2_fc1: BlockLinear, ad2_fc2: BlockLinear, adapter_scale: float,
+                      gamma2: Optional[torch.Tensor], buffers: BlockBuffers) -> torch.Tensor:
+        """A SelaVPR adapted block in one parallel region (``vpr_adapted_block``); as
+        :meth:`vit_block`."""
+        b, n, c = x.shape
+        self._check(x, torch.float32, "x")
+        out = torch.empty((b, n, c), dtype=torch.float32)
+        self._block_status(self._lib.vpr_adapted_block(
+            x.data_ptr(), b, n, c, ctypes.byref(norm1), ctypes.byref(qkv), heads, head_dim,
+            float(scale), ctypes.byref(proj), ctypes.byref(ad1_fc1), ctypes.byref(ad1_fc2),
+            self._opt(gamma1, c, "gamma1"), ctypes.byref(norm2), ctypes.byref(fc1),
+            ctypes.byref(fc2), ctypes.byref(ad2_fc1), ctypes.byref(ad2_fc2),
+            float(adapter_scale), self._opt(gamma2, c, "gamma2"), ctypes.byref(buffers),
+            out.data_ptr(), torch.get_num_threads()))
         return out
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,

@@ -121,12 +121,19 @@ class Int8Linear(nn.Module):
         kernels) has it and the shape fits, else :func:`integer_matmul`.  Same integers
         either way.  The packed weight is built on first use and kept (as much memory
         again as ``weight_int8``)."""
+        packed = self.packed_weight(kernels)
+        if packed is not None:
+            return kernels.int8_gemm(q, packed, out)
+        return integer_matmul(q, self.weight_int8, self.use_int_mm, out=out)
+
+    def packed_weight(self, kernels=None):
+        """The packed weight the native matmul multiplies with (:meth:`_vnni_weight`), or
+        None where this layer's product runs in torch (no kernels or no VNNI, switched
+        off, or a shape the kernel does not take)."""
         if (kernels is not None and kernels.has_vnni and self.use_native_gemm
                 and self.use_int_mm):
-            packed = self._vnni_weight()
-            if packed is not None:
-                return kernels.int8_gemm(q, packed, out)
-        return integer_matmul(q, self.weight_int8, self.use_int_mm, out=out)
+            return self._vnni_weight()
+        return None
 
     def _vnni_weight(self):
         """``weight_int8`` packed for the native matmul (None: a shape it does not take);
