@@ -2256,14 +2256,41 @@ static void team_rows(int64_t m, int64_t *r0, int64_t *r1) {
     *r1 = 4 * b1 < m ? 4 * b1 : m;
 }
 
+/* One row of gemm_tile (a last row of a thread's share: 257 rows are 64 tiles and one
+ * row, and a zero-padded 4-row tile for it cost the thread holding it a whole tile more
+ * than the other per layer). */
+static inline __attribute__((always_inline)) void gemm_row1(
+        const int8_t *a, int64_t k, const int8_t *wg, const int32_t *neg_zero, int32_t *c) {
+    __m512i a0 = _mm512_loadu_si512((const void *)neg_zero);
+    __m512i a1 = _mm512_loadu_si512((const void *)(neg_zero + 16));
+    __m512i a2 = _mm512_loadu_si512((const void *)(neg_zero + 32));
+    __m512i a3 = _mm512_loadu_si512((const void *)(neg_zero + 48));
+    const int64_t steps = k / 4, block = steps * 64;
+    for (int64_t g = 0; g < steps; ++g) {
+        int32_t f;
+        memcpy(&f, a + 4 * g, 4);
+        const __m512i r = _mm512_set1_epi32(f ^ (int32_t)0x80808080);   /* s8 -> u8 */
+        const int8_t *q = wg + g * 64;
+        a0 = _mm512_dpbusd_epi32(a0, r, _mm512_load_si512((const void *)q));
+        a1 = _mm512_dpbusd_epi32(a1, r, _mm512_load_si512((const void *)(q + block)));
+        a2 = _mm512_dpbusd_epi32(a2, r, _mm512_load_si512((const void *)(q + 2 * block)));
+        a3 = _mm512_dpbusd_epi32(a3, r, _mm512_load_si512((const void *)(q + 3 * block)));
+    }
+    _mm512_storeu_si512((void *)c, a0);
+    _mm512_storeu_si512((void *)(c + 16), a1);
+    _mm512_storeu_si512((void *)(c + 32), a2);
+    _mm512_storeu_si512((void *)(c + 48), a3);
+}
+
 /* Rows [r0, r1) of the int8 product a x L (every column) into c (row stride L->n), on the
- * calling thread; tail: 4 * L->k bytes of scratch for the last rows if not 4. */
+ * calling thread; tail: 4 * L->k bytes of scratch for the last rows if 2 or 3. */
 static void gemm_rows(const int8_t *a, int64_t r0, int64_t r1, const vpr_linear *L,
                       int32_t *c, int8_t *tail) {
     const int64_t k = L->k, n = L->n, groups = n / 64;
     const int64_t blocks = (r1 - r0 + 3) / 4, full = r0 + (r1 - r0) / 4 * 4;
     const int64_t chunk = gemm_chunk_blocks(blocks, k);
-    if (full < r1) {
+    const int one = r1 - full == 1;
+    if (full < r1 && !one) {
         memset(tail, 0, (size_t)(4 * k));
         memcpy(tail, a + full * k, (size_t)((r1 - full) * k));
     }
@@ -2272,9 +2299,13 @@ static void gemm_rows(const int8_t *a, int64_t r0, int64_t r1, const vpr_linear 
         for (int64_t g = 0; g < groups; ++g)
             for (int64_t bl = b0; bl < b1; ++bl) {
                 const int64_t row = r0 + 4 * bl;
-                gemm_tile(row < full ? a + row * k : tail, k, L->w + g * 64 * k,
-                          L->neg_zero + g * 64, c + row * n + g * 64, n,
-                          (int)(r1 - row < 4 ? r1 - row : 4));
+                if (row == full && one)
+                    gemm_row1(a + row * k, k, L->w + g * 64 * k, L->neg_zero + g * 64,
+                              c + row * n + g * 64);
+                else
+                    gemm_tile(row < full ? a + row * k : tail, k, L->w + g * 64 * k,
+                              L->neg_zero + g * 64, c + row * n + g * 64, n,
+                              (int)(r1 - row < 4 ? r1 - row : 4));
             }
     }
 }
