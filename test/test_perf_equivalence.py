@@ -151,3 +151,32 @@ def test_interleaved_timing_runs_every_variant_in_turn():
     calls.clear()
     assert sorted(interleaved_times(fns, 2, warmup=0)) == ["a", "b"]
     assert calls == list("abab")
+
+
+def test_vnni_peak_benchmark_measures_and_refuses_bad_input(tmp_path):
+    """The peak program of ``bench_vnni_peak.py`` compiles and runs where the CPU has
+    AVX-512 VNNI, its table renders, and bad input is one line with exit status 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks import bench_vnni_peak
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_vnni_peak.py"),
+                           "--threads", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    try:
+        exe = bench_vnni_peak.build_peak(tmp_path)
+    except bench_vnni_peak.PeakUnavailable as exc:
+        pytest.skip(str(exc))
+    assert bench_vnni_peak.peak_rate(exe, 2, 3_200_000, 1) > 0
+    shape = {"k": 768, "n": 768, "hot_s": 1e-3, "cold_s": 2e-3, "hot_gmacs": 400.0,
+             "cold_gmacs": 300.0}
+    res = {"date_utc": "2026-12-07 22:00", "machine": {}, "threads": 2, "repeats": 1,
+           "rows": 257, "omp_wait_policy": "PASSIVE", "peak_gmacs_1_thread": 234.0,
+           "peak_gmacs": 468.0, "shapes": {"768x768": shape},
+           "models": {"SciceVPR-B": {"gmacs": 21.8, "floor_s": 0.047, "cold_s": 0.053}}}
+    text = bench_vnni_peak.markdown(res)
+    assert "| 768x768 | 400 | 85% | 300 | 64% |" in text and "47 ms" in text
