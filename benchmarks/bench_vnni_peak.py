@@ -40,10 +40,13 @@ PEAK_SOURCE = r"""
 #ifndef __AVX512VNNI__
 #error "no AVX-512 VNNI"
 #endif
-/* argv: threads, instructions per thread.  Prints G multiply-adds/s of all threads. */
+/* argv: threads, instructions per thread (a multiple of 16).  Prints G multiply-adds/s
+ * of all threads. */
 int main(int argc, char **argv) {
+    if (argc != 3) return 2;
     const int threads = atoi(argv[1]);
-    const long per_thread = atol(argv[2]);
+    const long per_thread = atol(argv[2]) / 16 * 16;
+    if (threads < 1 || per_thread < 16) return 2;
     long sink = 0;
     const double t0 = omp_get_wtime();
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
@@ -87,8 +90,9 @@ def build_peak(work: Path) -> Path:
     done = subprocess.run([cc, "-O2", "-march=native", "-fopenmp", "-o", str(exe), str(src)],
                           capture_output=True, text=True)
     if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         why = "this CPU has no AVX-512 VNNI" if "no AVX-512 VNNI" in done.stderr else \
-            f"the peak program did not compile: {done.stderr.strip().splitlines()[-1:]}"
+            f"the peak program did not compile: {last}"
         raise PeakUnavailable(why)
     return exe
 
@@ -96,13 +100,16 @@ def build_peak(work: Path) -> Path:
 def peak_rate(exe: Path, threads: int, instructions: int, repeats: int) -> float:
     rates = []
     for _ in range(repeats):
-        out = subprocess.run([str(exe), str(threads), str(instructions)], check=True,
-                             capture_output=True, text=True).stdout.split()
-        rates.append(float(out[0]))
+        done = subprocess.run([str(exe), str(threads), str(instructions)], capture_output=True,
+                              text=True)
+        if done.returncode != 0 or not done.stdout.split():
+            raise PeakUnavailable(f"the peak program failed (exit status {done.returncode})")
+        rates.append(float(done.stdout.split()[0]))
     return max(rates)   # the peak: interference only ever slows a run down
 
 
-def gemm_rates(threads: int, repeats: int) -> dict:
+def gemm_rates(repeats: int) -> dict:
+    """Each layer shape's matmul rate (torch's thread count, set by :func:`run`)."""
     import torch
 
     from vpr_ros.accel.int8_kernels import native_kernels, pack_int8_weight
@@ -142,18 +149,25 @@ def run(threads: int, repeats: int) -> dict:
         exe = build_peak(Path(tmp))
         peak_1 = peak_rate(exe, 1, 2_000_000_000, repeats)
         peak_n = peak_rate(exe, threads, 2_000_000_000, repeats)
-    shapes = gemm_rates(threads, repeats)
-    models = {}
-    for model, counts in SHAPES.items():
-        macs = sum(ROWS * k * n * c for (k, n), c in counts.items())
-        cold = sum(shapes[f"{k}x{n}"]["cold_s"] * c for (k, n), c in counts.items())
-        models[model] = {"gmacs": macs / 1e9, "floor_s": macs / (peak_n * 1e9),
-                         "cold_s": cold}
+    shapes = gemm_rates(repeats)
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "machine": machine_info(), "threads": threads, "repeats": repeats, "rows": ROWS,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "runtime default"),
             "peak_gmacs_1_thread": peak_1, "peak_gmacs": peak_n, "shapes": shapes,
-            "models": models}
+            "models": model_floors(peak_n, shapes)}
+
+
+def model_floors(peak_gmacs: float, shapes: dict) -> dict:
+    """Per model: its int8 multiply-adds (G), their time at the peak (the floor) and the
+    sum of its layers' measured cold-weight matmul times (``shapes`` from
+    :func:`gemm_rates`)."""
+    models = {}
+    for model, counts in SHAPES.items():
+        macs = sum(ROWS * k * n * c for (k, n), c in counts.items())
+        cold = sum(shapes[f"{k}x{n}"]["cold_s"] * c for (k, n), c in counts.items())
+        models[model] = {"gmacs": macs / 1e9, "floor_s": macs / (peak_gmacs * 1e9),
+                         "cold_s": cold}
+    return models
 
 
 def markdown(res: dict) -> str:

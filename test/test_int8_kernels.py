@@ -483,7 +483,9 @@ def test_whole_block_is_the_step_by_step_path(kernels, kind):
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
-            for b, n in [(1, 1), (1, 2), (1, 3), (2, 5), (3, 50), (1, 257)]:
+            # rows b n: 1, 2, 3, 10, 16, 150 and 257 (every count modulo 4, fewer than
+            # the threads)
+            for b, n in [(1, 1), (1, 2), (1, 3), (2, 5), (2, 8), (3, 50), (1, 257)]:
                 x = torch.randn(b, n, 64, generator=g)
                 if n == 50:
                     x = torch.randn(b, 64, n, generator=g).transpose(1, 2)   # not contiguous
@@ -492,14 +494,68 @@ def test_whole_block_is_the_step_by_step_path(kernels, kind):
                     block.whole = False
                     steps = block(x)
                     block.whole = True
+                    block.__dict__.pop("_whole_block", None)
                     whole = block(x)
+                    assert block.__dict__["_whole_block"][1] is not None   # it ran whole
                     again = block(x)
                 assert torch.equal(whole, steps), (kind, t, b, n)
                 assert torch.equal(x, kept) and again.data_ptr() != whole.data_ptr()
     finally:
         torch.set_num_threads(threads)
         block.whole = True
-    assert "_whole_block" in block.__dict__          # the whole-block kernel ran
+    # pickles and copies of a block that ran leave its cached C views (pointers) out
+    import pickle
+
+    for clone in (copy.deepcopy(holder), pickle.loads(pickle.dumps(holder))):
+        assert "_whole_block" not in clone[0].__dict__
+        with torch.no_grad():
+            assert torch.equal(clone(x), holder(x))
+
+
+def test_whole_block_over_several_matmul_chunks(kernels):
+    """At 512 channels (hidden 2048) the matmul's rows run in two chunks per thread with
+    one thread (the 512 KB chunks of a 257 x 2048 input), the one-row tile in the last:
+    still the step-by-step path's bits."""
+    if not kernels.has_vnni:
+        pytest.skip("the whole-block kernels need AVX-512 VNNI")
+    holder = _int8_block(dim=512, heads=8, seed=2)
+    fuse_transformer_blocks(holder)
+    block = holder[0]
+    x = torch.randn(1, 257, 512, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            with torch.no_grad():
+                block.whole = False
+                steps = block(x)
+                block.whole = True
+                whole = block(x)
+            assert torch.equal(whole, steps), t
+    finally:
+        torch.set_num_threads(threads)
+        block.whole = True
+    assert block.__dict__["_whole_block"][1] is not None
+
+
+def test_whole_block_follows_the_integer_attention_switch(kernels):
+    """With the integer attention off the block runs float32 SDPA step by step: the
+    whole-block kernel (integer attention only) must not take it."""
+    from vpr_ros.accel.options import AccelOptions
+
+    if not kernels.has_vnni:
+        pytest.skip("the whole-block kernels need AVX-512 VNNI")
+    holder = _int8_block(seed=6)
+    fuse_transformer_blocks(holder)
+    block = holder[0]
+    x = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        integer = block(x)
+        block.accel = AccelOptions(integer_attention=False)
+        sdpa = block(x)
+        block.whole = False
+        sdpa_steps = block(x)
+    assert torch.equal(sdpa, sdpa_steps) and not torch.equal(sdpa, integer)
 
 
 def test_whole_block_falls_back_to_the_steps_where_a_layer_cannot_be_packed(kernels):
@@ -514,6 +570,25 @@ def test_whole_block_falls_back_to_the_steps_where_a_layer_cannot_be_packed(kern
         steps = holder(x)
     assert torch.equal(whole, steps)
     assert "_whole_block" not in holder[0].__dict__
+
+
+def test_adapters_of_two_widths_are_not_fused():
+    """The fused adapted block shares one work buffer between its two adapters: a block
+    whose adapters differ in width is left to its own layers (which compute it right)."""
+    import copy
+
+    from vpr_ros.accel.int8_block import Int8AdaptedBlock, adapted_fusable
+    from vpr_ros.models.selavpr import Adapter
+
+    fp32 = _adapted_block(seed=8, adapter_dim=64)
+    fp32.adapter2 = Adapter(64, 192, skip=False)
+    holder = nn.Sequential(copy.deepcopy(fp32))
+    convert_to_int8(holder)
+    assert not adapted_fusable(holder[0]) and not isinstance(holder[0], Int8AdaptedBlock)
+    x = torch.randn(1, 20, 64, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        cos = F.cosine_similarity(holder(x).reshape(-1, 64), fp32(x).reshape(-1, 64)).min()
+    assert cos >= 0.999, cos
 
 
 # -- fused block steps (residual + LayerScale + LayerNorm, ReLU, MLP + adapter) -----------

@@ -180,3 +180,13 @@ def test_vnni_peak_benchmark_measures_and_refuses_bad_input(tmp_path):
            "models": {"SciceVPR-B": {"gmacs": 21.8, "floor_s": 0.047, "cold_s": 0.053}}}
     text = bench_vnni_peak.markdown(res)
     assert "| 768x768 | 400 | 85% | 300 | 64% |" in text and "47 ms" in text
+    # the floors: ViT-B's 4 layer shapes x 12 blocks at 257 rows = 21.8 G multiply-adds
+    shapes = {f"{k}x{n}": {"cold_s": 1e-3} for model in bench_vnni_peak.SHAPES.values()
+              for k, n in model}
+    floors = bench_vnni_peak.model_floors(400.0, shapes)
+    vit_b = floors["SciceVPR-B"]
+    assert vit_b["gmacs"] == pytest.approx(257 * 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)
+                                           / 1e9)
+    assert vit_b["floor_s"] == pytest.approx(vit_b["gmacs"] / 400.0)
+    assert vit_b["cold_s"] == pytest.approx(48 * 1e-3)
+    assert floors["SelaVPR ViT-L"]["gmacs"] == pytest.approx(90.5, abs=0.05)

@@ -127,7 +127,8 @@ def adapted_fusable(block: nn.Module) -> bool:
     """True for a SelaVPR adapted block (``vpr_ros.models.selavpr.AdaptedBlock``, recognised
     by its parts) this module reproduces: a fusable attention, LayerNorms, an int8 timm
     ``Mlp`` with exact GELU, a serial adapter (with skip) after the attention and a parallel
-    one (no skip, scaled by ``adapter_scale``) beside the MLP, identity drop-paths."""
+    one (no skip, scaled by ``adapter_scale``) beside the MLP, both adapters of one width
+    (their work buffers are shared), identity drop-paths."""
     attn = getattr(block, "attn", None)
     if attn is None or not attention_fusable(attn) or not hasattr(block, "adapter_scale"):
         return False
@@ -136,6 +137,7 @@ def adapted_fusable(block: nn.Module) -> bool:
             and _mlp_fusable(block.mlp, dim)
             and _adapter_fusable(block.adapter1, dim, True)
             and _adapter_fusable(block.adapter2, dim, False)
+            and block.adapter1.fc1.out_features == block.adapter2.fc1.out_features
             and all(_layer_scale_fusable(getattr(block, n, None), dim) for n in ("ls1", "ls2"))
             and all(_is_identity(getattr(block, n, None)) for n in ("drop_path1", "drop_path2")))
 
@@ -220,28 +222,57 @@ def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Ten
     return mixed
 
 
-def _whole_block_args(kernels, owner: nn.Module, norms, layers):
+def _whole_block_args(kernels, owner: nn.Module, norms, layers, chain):
     """The C views (``BlockNorm``, ``BlockLinear``) of a block's LayerNorms and int8
     layers for one whole-block call, or None where a layer's product does not run on the
-    native matmul (the block then runs step by step).  Cached on ``owner`` while the
-    packed weights and every tensor behind the views stay the same (a few
-    microseconds per block instead of tens)."""
+    native matmul or the shapes do not chain as the kernel reads them (the block then
+    runs step by step, which checks every call).  ``chain``: (layer index, K, N) that
+    must hold, -1 for "any" (the kernel trusts them).  Cached on ``owner`` while the
+    packed weights and every tensor behind the views stay the same (a few microseconds
+    per block instead of tens)."""
     packed = [layer.packed_weight(kernels) for layer in layers]
     if any(p is None for p in packed):
         return None
     key = (id(kernels), *map(id, packed),
-           *(t.data_ptr() for layer in layers for t in (layer.weight_scale, layer.bias)
+           *((t.data_ptr(), t.numel()) for layer in layers
+             for t in (layer.weight_scale, layer.bias) if t is not None),
+           *((t.data_ptr(), t.numel()) for norm in norms for t in (norm.weight, norm.bias)
              if t is not None),
-           *(t.data_ptr() for norm in norms for t in (norm.weight, norm.bias)),
            *(float(norm.eps) for norm in norms))
     cached = owner.__dict__.get("_whole_block")
     if cached is None or cached[0] != key:
-        views = ([kernels.block_norm(norm) for norm in norms],
-                 [kernels.block_linear(layer, p) for layer, p in zip(layers, packed)])
+        c = norms[0].weight.numel()
+        chained = (all(norm.bias is not None and norm.weight.numel() == norm.bias.numel() == c
+                       for norm in norms)
+                   and all((k < 0 or packed[i].k == k) and (n < 0 or packed[i].n == n)
+                           for i, k, n in chain(c, [p.n for p in packed])))
+        views = None
+        if chained:
+            views = ([kernels.block_norm(norm) for norm in norms],
+                     [kernels.block_linear(layer, p) for layer, p in zip(layers, packed)])
         # the packed weights are kept with the views: the key holds their ids
         cached = (key, views, packed)
         owner.__dict__["_whole_block"] = cached
     return cached[1]
+
+
+def _plain_chain(c, n):
+    """qkv c -> 3c, proj c -> c, fc1 c -> hidden, fc2 hidden -> c (n: each layer's N)."""
+    return [(0, c, 3 * c), (1, c, c), (2, c, -1), (3, n[2], c)]
+
+
+def _adapted_chain(c, n):
+    """qkv, proj (0, 1) and the MLP (4, 5) as in the plain chain; adapter1 (2, 3) and
+    adapter2 (6, 7) both c -> h -> c with one width h."""
+    return [(0, c, 3 * c), (1, c, c), (2, c, -1), (3, n[2], c), (4, c, -1), (5, n[4], c),
+            (6, c, n[2]), (7, n[2], c)]
+
+
+def _whole_block_state(module: nn.Module) -> dict:
+    """A block's state for pickles and copies, without its cached C views (pointers)."""
+    state = dict(module.__dict__)
+    state.pop("_whole_block", None)
+    return state
 
 
 def _whole_block_buffers(m: int, c: int, hidden: int, adapter_hidden: int = 0) -> BlockBuffers:
@@ -277,6 +308,10 @@ class Int8TransformerBlock(nn.Module):
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
     whole: bool = True                # one parallel region per block where the kernels can
 
+    def __getstate__(self):
+        """Pickles and deep copies leave the cached C views out (rebuilt on use)."""
+        return _whole_block_state(self)
+
     def __init__(self, block: nn.Module):
         super().__init__()
         if not fusable(block):
@@ -292,9 +327,9 @@ class Int8TransformerBlock(nn.Module):
         attn, mlp = blk.attn, blk.mlp
         b, n, c = x.shape
         if (self.whole and integer_attention_enabled(self.accel) and n <= MAX_ATTENTION_TOKENS
-                and kernels.has_vnni):
+                and kernels.has_vnni and c == blk.norm1.weight.numel()):
             args = _whole_block_args(kernels, self, (blk.norm1, blk.norm2),
-                                     (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
+                                     (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), _plain_chain)
             if args is not None:
                 (norm1, norm2), (qkv, proj, fc1, fc2) = args
                 return kernels.vit_block(
@@ -338,6 +373,10 @@ class Int8AdaptedBlock(nn.Module):
     accel: AccelOptions = DEFAULT     # set by convert_to_int8
     whole: bool = True                # one parallel region per block where the kernels can
 
+    def __getstate__(self):
+        """Pickles and deep copies leave the cached C views out (rebuilt on use)."""
+        return _whole_block_state(self)
+
     def __init__(self, block: nn.Module):
         super().__init__()
         if not adapted_fusable(block):
@@ -353,10 +392,10 @@ class Int8AdaptedBlock(nn.Module):
         attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
         b, n, c = x.shape
         m, hidden = b * n, ad1.fc1.out_features
-        if self.whole and kernels.has_vnni:
+        if self.whole and kernels.has_vnni and c == blk.norm1.weight.numel():
             args = _whole_block_args(kernels, self, (blk.norm1, blk.norm2),
                                      (attn.qkv, attn.proj, ad1.fc1, ad1.fc2, mlp.fc1, mlp.fc2,
-                                      ad2.fc1, ad2.fc2))
+                                      ad2.fc1, ad2.fc2), _adapted_chain)
             if args is not None:
                 (norm1, norm2), (qkv, proj, a1f1, a1f2, fc1, fc2, a2f1, a2f2) = args
                 return kernels.adapted_block(

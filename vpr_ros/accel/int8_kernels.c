@@ -2166,6 +2166,7 @@ static inline __attribute__((always_inline)) void gemm_tile(
 }
 #endif
 
+#if VPR_HAVE_VNNI
 /* The row blocks (of 4) per chunk for `blocks` blocks of k bytes per row: chunks of at most
  * GEMM_CHUNK_BYTES of a, all of about the same size (each chunk streams every weight
  * panel once more: from DRAM for a model's cold weights). */
@@ -2175,6 +2176,7 @@ static int64_t gemm_chunk_blocks(int64_t blocks, int64_t k) {
     const int64_t n_chunks = (blocks + most - 1) / most;
     return n_chunks ? (blocks + n_chunks - 1) / n_chunks : 1;
 }
+#endif
 
 int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
                   const int32_t *neg_zero, int64_t n, int32_t *c, int num_threads) {
@@ -2343,8 +2345,11 @@ static int block_attention(const float *x, int64_t b, int64_t n, int64_t c,
 #endif
 
 /* A timm Block (Int8TransformerBlock): x (b, n, c) float32 rows -> out (b n, c) float32,
- * the bits of the step-by-step path.  Returns 0; 1 without VNNI (the caller runs the
- * steps); -1 when memory ran out (out incomplete); -2 for n >= 32768 tokens. */
+ * the bits of the step-by-step path.  The layers' shapes must chain (qkv c -> 3c, proj
+ * c -> c, fc1 c -> hidden, fc2 hidden -> c): the caller checks them once
+ * (int8_block._whole_block_args).  Returns 0; 1 without VNNI; -1 when memory ran out
+ * (out incomplete); -2 for n >= 32768 tokens (the caller only calls it where neither
+ * applies). */
 int vpr_vit_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
                   const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
                   const vpr_linear *proj, const vpr_norm *norm2, const vpr_linear *fc1,
@@ -2393,7 +2398,9 @@ int vpr_vit_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_nor
 
 /* A SelaVPR adapted block (Int8AdaptedBlock): x1 = x + ls1(a + adapter1(a)) with
  * a = attn(norm1(x)), then out = x1 + ls2(mlp(h) + s adapter2(h)) with h = norm2(x1);
- * gamma1, gamma2: the LayerScales (NULL: none).  Same returns as vpr_vit_block. */
+ * gamma1, gamma2: the LayerScales (NULL: none); both adapters c -> ha -> c (one width:
+ * they share q_ad and acc_ad).  Same returns as vpr_vit_block, and -3 for adapters of
+ * two widths. */
 int vpr_adapted_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
                       const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
                       const vpr_linear *proj, const vpr_linear *ad1_fc1,
@@ -2404,6 +2411,7 @@ int vpr_adapted_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr
 #if VPR_HAVE_VNNI
     if (n >= 32768) return -2;
     const int64_t m = b * n, hidden = fc1->n, ha = ad1_fc1->n;
+    if (ad2_fc1->n != ha || ad1_fc2->k != ha || ad2_fc2->k != ha) return -3;
     int64_t widest = hidden > c ? hidden : c;
     widest = ha > widest ? ha : widest;
     int failed = 0;
