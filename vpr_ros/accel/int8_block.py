@@ -20,6 +20,13 @@ inputs and a few 1e-3 with an attention sink.  At ViT-B's 257 tokens it takes ab
 the time of float32 SDPA.  With ``AccelOptions(integer_attention=False)`` the block runs
 float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped block as it is).
 
+Where every layer of a block runs on the native VNNI matmul (and the integer attention
+is on), the whole chain is one kernel call instead (``NativeKernels.vit_block`` /
+``adapted_block``): one parallel region in which the threads share out the rows, with
+barriers only around the attention, and the same row functions, so the same bits.  Under
+``OMP_WAIT_POLICY=PASSIVE`` (the node's) each region wakes a sleeping thread, and a
+step-by-step block has ~9 (plain) or ~17 (adapted) of them.
+
 Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
 belong to one image, so descriptors stay batch-invariant.  The block's input is never
 written (the multi-layer fusion of SciceVPR keeps earlier blocks' outputs) and its
