@@ -2314,7 +2314,7 @@ static void gemm_rows(const int8_t *a, int64_t r0, int64_t r1, const vpr_linear 
 
 /* The scratch of one thread: LayerNorm rows (c floats) and the matmul's tail rows. */
 static int block_scratch(int64_t c, int64_t widest_k, float **tmp, int8_t **tail) {
-    *tmp = (float *)malloc((size_t)(c * 4));
+    *tmp = (float *)calloc((size_t)c, 4);   /* zeroed: c floats, once per call */
     *tail = (int8_t *)malloc((size_t)(4 * widest_k));
     return *tmp && *tail;
 }
@@ -2342,6 +2342,112 @@ static int block_attention(const float *x, int64_t b, int64_t n, int64_t c,
             ws->s_a[i] = quantize_row(ws->mixed + i * c, c, ws->q_c + i * c);
     return failed;
 }
+/* fc1 + GELU + quantise, then fc2's sums into o, for this thread's rows (norm2's codes
+ * of the rows in q_c / s_a; the GELU's codes and scales in q_h / s_b). */
+static void block_mlp(const vpr_linear *fc1, const vpr_linear *fc2, vpr_block_buffers *ws,
+                      int32_t *o, int64_t r0, int64_t r1, int8_t *tail) {
+    const int64_t hidden = fc1->n;
+    gemm_rows(ws->q_c, r0, r1, fc1, ws->acc_h, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        ws->s_b[i] = gelu_quantize_row(ws->acc_h + i * hidden, hidden, ws->s_a[i], fc1->scale,
+                                       fc1->bias, ws->q_h + i * hidden);
+    gemm_rows(ws->q_h, r0, r1, fc2, o, tail);
+}
+
+typedef struct {             /* a SelaVPR block's adapters, both c -> ha -> c */
+    const vpr_linear *ad1_fc1, *ad1_fc2, *ad2_fc1, *ad2_fc2;
+    const float *gamma1, *gamma2;   /* the LayerScales, NULL: none */
+    float scale;                    /* adapter2's factor */
+} block_adapters;
+
+/* After the attention, a plain block's rows: x1 = x + proj(attention) (float in acc_c),
+ * h = norm2(x1), out = x1 + MLP(h). */
+static void plain_rows(const float *x, int64_t c, const vpr_linear *proj,
+                       const vpr_norm *norm2, const vpr_linear *fc1, const vpr_linear *fc2,
+                       vpr_block_buffers *ws, int32_t *o, int64_t r0, int64_t r1, float *tmp,
+                       int8_t *tail) {
+    gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        ws->s_a[i] = residual_layer_norm_quantize_row(
+            ws->acc_c + i * c, c, ws->s_a[i], proj->scale, proj->bias, NULL, NULL, x + i * c,
+            norm2->weight, norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
+    block_mlp(fc1, fc2, ws, o, r0, r1, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        dequantize_add_row(o + i * c, c, ws->s_b[i], fc2->scale, fc2->bias,
+                           (const float *)ws->acc_c + i * c);
+}
+
+/* After the attention, an adapted block's rows: a = proj(attention) (float in acc_c),
+ * x1 = x + ls1(a + adapter1(a)) (float in acc_x1), h = norm2(x1),
+ * out = x1 + ls2(MLP(h) + s adapter2(h)). */
+static void adapted_rows(const float *x, int64_t c, const vpr_linear *proj,
+                         const block_adapters *ad, const vpr_norm *norm2,
+                         const vpr_linear *fc1, const vpr_linear *fc2, vpr_block_buffers *ws,
+                         int32_t *o, int64_t r0, int64_t r1, float *tmp, int8_t *tail) {
+    const int64_t ha = ad->ad1_fc1->n;
+    gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        ws->s_b[i] = dequantize_quantize_row(ws->acc_c + i * c, c, ws->s_a[i], proj->scale,
+                                             proj->bias, 0, ws->q_c + i * c);
+    gemm_rows(ws->q_c, r0, r1, ad->ad1_fc1, ws->acc_ad, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_b[i],
+                                              ad->ad1_fc1->scale, ad->ad1_fc1->bias, 1,
+                                              ws->q_ad + i * ha);
+    gemm_rows(ws->q_ad, r0, r1, ad->ad1_fc2, ws->acc_x1, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        ws->s_a[i] = residual_layer_norm_quantize_row(
+            ws->acc_x1 + i * c, c, ws->s_ad[i], ad->ad1_fc2->scale, ad->ad1_fc2->bias,
+            (const float *)ws->acc_c + i * c, ad->gamma1, x + i * c, norm2->weight,
+            norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
+    block_mlp(fc1, fc2, ws, o, r0, r1, tail);            /* the MLP's sums into out */
+    gemm_rows(ws->q_c, r0, r1, ad->ad2_fc1, ws->acc_ad, tail);
+    for (int64_t i = r0; i < r1; ++i)
+        ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_a[i],
+                                              ad->ad2_fc1->scale, ad->ad2_fc1->bias, 1,
+                                              ws->q_ad + i * ha);
+    gemm_rows(ws->q_ad, r0, r1, ad->ad2_fc2, ws->acc_c, tail);   /* adapter2's sums */
+    for (int64_t i = r0; i < r1; ++i)
+        pair_residual_row(o + i * c, ws->acc_c + i * c, c, ws->s_b[i], fc2->scale, fc2->bias,
+                          ws->s_ad[i], ad->ad2_fc2->scale, ad->ad2_fc2->bias, ad->scale,
+                          ad->gamma2, (const float *)ws->acc_x1 + i * c);
+}
+
+/* One block in one parallel region: the attention (block_attention), then the plain or
+ * (ad != NULL) adapted block's rows on the thread that owns them. */
+static int run_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
+                     const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
+                     const vpr_linear *proj, const vpr_norm *norm2, const vpr_linear *fc1,
+                     const vpr_linear *fc2, const block_adapters *ad, vpr_block_buffers *ws,
+                     float *out, int num_threads) {
+    if (n >= 32768) return -2;
+    const int64_t m = b * n, hidden = fc1->n;
+    int64_t widest = hidden > c ? hidden : c;
+    if (ad) {
+        const int64_t ha = ad->ad1_fc1->n;
+        if (ad->ad2_fc1->n != ha || ad->ad1_fc2->k != ha || ad->ad2_fc2->k != ha) return -3;
+        widest = ha > widest ? ha : widest;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        int64_t r0, r1;
+        team_rows(m, &r0, &r1);
+        float *tmp;
+        int8_t *tail;
+        const int ok = block_scratch(c, widest, &tmp, &tail);
+        failed = !ok;       /* every thread still meets every barrier */
+        failed |= block_attention(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, ws, r0,
+                                  r1, ok, tmp, tail);
+        if (ok && ad)
+            adapted_rows(x, c, proj, ad, norm2, fc1, fc2, ws, (int32_t *)out, r0, r1, tmp, tail);
+        else if (ok)
+            plain_rows(x, c, proj, norm2, fc1, fc2, ws, (int32_t *)out, r0, r1, tmp, tail);
+        free(tmp);
+        free(tail);
+    }
+    return failed ? -1 : 0;
+}
 #endif
 
 /* A timm Block (Int8TransformerBlock): x (b, n, c) float32 rows -> out (b n, c) float32,
@@ -2355,39 +2461,8 @@ int vpr_vit_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_nor
                   const vpr_linear *proj, const vpr_norm *norm2, const vpr_linear *fc1,
                   const vpr_linear *fc2, vpr_block_buffers *ws, float *out, int num_threads) {
 #if VPR_HAVE_VNNI
-    if (n >= 32768) return -2;
-    const int64_t m = b * n, hidden = fc1->n;
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
-    {
-        int64_t r0, r1;
-        team_rows(m, &r0, &r1);
-        float *tmp;
-        int8_t *tail;
-        const int ok = block_scratch(c, hidden > c ? hidden : c, &tmp, &tail);
-        failed = !ok;       /* every thread still meets every barrier */
-        failed |= block_attention(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, ws, r0,
-                                  r1, ok, tmp, tail);
-        if (ok) {
-            int32_t *o = (int32_t *)out;
-            gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
-            for (int64_t i = r0; i < r1; ++i)       /* x1 = x + attention, then norm2 */
-                ws->s_a[i] = residual_layer_norm_quantize_row(
-                    ws->acc_c + i * c, c, ws->s_a[i], proj->scale, proj->bias, NULL, NULL,
-                    x + i * c, norm2->weight, norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
-            gemm_rows(ws->q_c, r0, r1, fc1, ws->acc_h, tail);
-            for (int64_t i = r0; i < r1; ++i)
-                ws->s_b[i] = gelu_quantize_row(ws->acc_h + i * hidden, hidden, ws->s_a[i],
-                                               fc1->scale, fc1->bias, ws->q_h + i * hidden);
-            gemm_rows(ws->q_h, r0, r1, fc2, o, tail);
-            for (int64_t i = r0; i < r1; ++i)       /* out = x1 + MLP */
-                dequantize_add_row(o + i * c, c, ws->s_b[i], fc2->scale, fc2->bias,
-                                   (const float *)ws->acc_c + i * c);
-        }
-        free(tmp);
-        free(tail);
-    }
-    return failed ? -1 : 0;
+    return run_block(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, proj, norm2, fc1, fc2,
+                     NULL, ws, out, num_threads);
 #else
     (void)x; (void)b; (void)n; (void)c; (void)norm1; (void)qkv; (void)heads; (void)head_dim;
     (void)att_scale; (void)proj; (void)norm2; (void)fc1; (void)fc2; (void)ws; (void)out;
@@ -2409,63 +2484,10 @@ int vpr_adapted_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr
                       const vpr_linear *ad2_fc2, float adapter_scale, const float *gamma2,
                       vpr_block_buffers *ws, float *out, int num_threads) {
 #if VPR_HAVE_VNNI
-    if (n >= 32768) return -2;
-    const int64_t m = b * n, hidden = fc1->n, ha = ad1_fc1->n;
-    if (ad2_fc1->n != ha || ad1_fc2->k != ha || ad2_fc2->k != ha) return -3;
-    int64_t widest = hidden > c ? hidden : c;
-    widest = ha > widest ? ha : widest;
-    int failed = 0;
-#pragma omp parallel num_threads(num_threads) reduction(| : failed)
-    {
-        int64_t r0, r1;
-        team_rows(m, &r0, &r1);
-        float *tmp;
-        int8_t *tail;
-        const int ok = block_scratch(c, widest, &tmp, &tail);
-        failed = !ok;
-        failed |= block_attention(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, ws, r0,
-                                  r1, ok, tmp, tail);
-        if (ok) {
-            int32_t *o = (int32_t *)out;
-            /* a = proj(attention) (float in acc_c), coded for the serial adapter */
-            gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
-            for (int64_t i = r0; i < r1; ++i)
-                ws->s_b[i] = dequantize_quantize_row(ws->acc_c + i * c, c, ws->s_a[i],
-                                                     proj->scale, proj->bias, 0,
-                                                     ws->q_c + i * c);
-            gemm_rows(ws->q_c, r0, r1, ad1_fc1, ws->acc_ad, tail);
-            for (int64_t i = r0; i < r1; ++i)
-                ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_b[i],
-                                                      ad1_fc1->scale, ad1_fc1->bias, 1,
-                                                      ws->q_ad + i * ha);
-            /* x1 = x + ls1(a + adapter1(a)) (float in acc_x1), then h = norm2(x1) */
-            gemm_rows(ws->q_ad, r0, r1, ad1_fc2, ws->acc_x1, tail);
-            for (int64_t i = r0; i < r1; ++i)
-                ws->s_a[i] = residual_layer_norm_quantize_row(
-                    ws->acc_x1 + i * c, c, ws->s_ad[i], ad1_fc2->scale, ad1_fc2->bias,
-                    (const float *)ws->acc_c + i * c, gamma1, x + i * c, norm2->weight,
-                    norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
-            /* the MLP's sums into out, the parallel adapter's into acc_c */
-            gemm_rows(ws->q_c, r0, r1, fc1, ws->acc_h, tail);
-            for (int64_t i = r0; i < r1; ++i)
-                ws->s_b[i] = gelu_quantize_row(ws->acc_h + i * hidden, hidden, ws->s_a[i],
-                                               fc1->scale, fc1->bias, ws->q_h + i * hidden);
-            gemm_rows(ws->q_h, r0, r1, fc2, o, tail);
-            gemm_rows(ws->q_c, r0, r1, ad2_fc1, ws->acc_ad, tail);
-            for (int64_t i = r0; i < r1; ++i)
-                ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_a[i],
-                                                      ad2_fc1->scale, ad2_fc1->bias, 1,
-                                                      ws->q_ad + i * ha);
-            gemm_rows(ws->q_ad, r0, r1, ad2_fc2, ws->acc_c, tail);
-            for (int64_t i = r0; i < r1; ++i)       /* out = x1 + ls2(mlp + s adapter2) */
-                pair_residual_row(o + i * c, ws->acc_c + i * c, c, ws->s_b[i], fc2->scale,
-                                  fc2->bias, ws->s_ad[i], ad2_fc2->scale, ad2_fc2->bias,
-                                  adapter_scale, gamma2, (const float *)ws->acc_x1 + i * c);
-        }
-        free(tmp);
-        free(tail);
-    }
-    return failed ? -1 : 0;
+    const block_adapters ad = {ad1_fc1, ad1_fc2, ad2_fc1, ad2_fc2, gamma1, gamma2,
+                               adapter_scale};
+    return run_block(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, proj, norm2, fc1, fc2,
+                     &ad, ws, out, num_threads);
 #else
     (void)x; (void)b; (void)n; (void)c; (void)norm1; (void)qkv; (void)heads; (void)head_dim;
     (void)att_scale; (void)proj; (void)ad1_fc1; (void)ad1_fc2; (void)gamma1; (void)norm2;

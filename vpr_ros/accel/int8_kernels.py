@@ -495,12 +495,18 @@ class NativeKernels:
         return BlockNorm(self._check(norm.weight, torch.float32, "norm weight"),
                          self._check(norm.bias, torch.float32, "norm bias", n), float(norm.eps))
 
-    @staticmethod
-    def _block_status(status: int) -> None:
+    def _run_block(self, fn, x: torch.Tensor, *args) -> torch.Tensor:
+        """``fn(x, b, n, c, *args, out, threads)`` (a whole-block kernel) -> a fresh
+        (b, n, c) float32 output."""
+        b, n, c = x.shape
+        self._check(x, torch.float32, "x")
+        out = torch.empty((b, n, c), dtype=torch.float32)
+        status = fn(x.data_ptr(), b, n, c, *args, out.data_ptr(), torch.get_num_threads())
         if status == -1:
             raise MemoryError("int8 block: could not allocate its scratch memory")
         if status != 0:
             raise ValueError(f"int8 block: the native kernel declined ({status})")
+        return out
 
     def vit_block(self, x: torch.Tensor, heads: int, head_dim: int, scale: float,
                   norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear, norm2: BlockNorm,
@@ -508,14 +514,10 @@ class NativeKernels:
         """A timm ``Block`` (int8, integer attention) in one parallel region: ``x`` (b, n, c)
         float32 -> a fresh (b, n, c) float32 tensor, the bits of the step-by-step path
         (``vpr_vit_block``).  Needs VNNI (:attr:`has_vnni`)."""
-        b, n, c = x.shape
-        self._check(x, torch.float32, "x")
-        out = torch.empty((b, n, c), dtype=torch.float32)
-        self._block_status(self._lib.vpr_vit_block(
-            x.data_ptr(), b, n, c, ctypes.byref(norm1), ctypes.byref(qkv), heads, head_dim,
-            float(scale), ctypes.byref(proj), ctypes.byref(norm2), ctypes.byref(fc1),
-            ctypes.byref(fc2), ctypes.byref(buffers), out.data_ptr(), torch.get_num_threads()))
-        return out
+        ref = ctypes.byref
+        return self._run_block(self._lib.vpr_vit_block, x, ref(norm1), ref(qkv), heads,
+                               head_dim, float(scale), ref(proj), ref(norm2), ref(fc1),
+                               ref(fc2), ref(buffers))
 
     def adapted_block(self, x: torch.Tensor, heads: int, head_dim: int, scale: float,
                       norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear,
@@ -525,17 +527,12 @@ class NativeKernels:
                       gamma2: Optional[torch.Tensor], buffers: BlockBuffers) -> torch.Tensor:
         """A SelaVPR adapted block in one parallel region (``vpr_adapted_block``); as
         :meth:`vit_block`."""
-        b, n, c = x.shape
-        self._check(x, torch.float32, "x")
-        out = torch.empty((b, n, c), dtype=torch.float32)
-        self._block_status(self._lib.vpr_adapted_block(
-            x.data_ptr(), b, n, c, ctypes.byref(norm1), ctypes.byref(qkv), heads, head_dim,
-            float(scale), ctypes.byref(proj), ctypes.byref(ad1_fc1), ctypes.byref(ad1_fc2),
-            self._opt(gamma1, c, "gamma1"), ctypes.byref(norm2), ctypes.byref(fc1),
-            ctypes.byref(fc2), ctypes.byref(ad2_fc1), ctypes.byref(ad2_fc2),
-            float(adapter_scale), self._opt(gamma2, c, "gamma2"), ctypes.byref(buffers),
-            out.data_ptr(), torch.get_num_threads()))
-        return out
+        ref, c = ctypes.byref, x.shape[-1]
+        return self._run_block(self._lib.vpr_adapted_block, x, ref(norm1), ref(qkv), heads,
+                               head_dim, float(scale), ref(proj), ref(ad1_fc1), ref(ad1_fc2),
+                               self._opt(gamma1, c, "gamma1"), ref(norm2), ref(fc1), ref(fc2),
+                               ref(ad2_fc1), ref(ad2_fc2), float(adapter_scale),
+                               self._opt(gamma2, c, "gamma2"), ref(buffers))
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
                  generic: bool = False, threads: Optional[int] = None) -> Tuple[np.ndarray, ...]:
