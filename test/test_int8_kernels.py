@@ -455,9 +455,9 @@ def test_adapted_block_fused_close_and_batch_invariant(kernels):
 
 @pytest.mark.parametrize("kind", ["plain", "adapted", "adapted_no_layer_scale"])
 def test_whole_block_is_the_step_by_step_path(kernels, kind):
-    """One parallel region per block (``vpr_vit_block`` / ``vpr_adapted_block``: the threads
-    share out the rows, not the matmuls' columns) gives the bits of the same block run step
-    by step: every row count modulo 4, fewer rows than threads, 1-3 threads, a
+    """One parallel region per block (``vpr_block_chain`` with one block: the threads share
+    out the rows, not the matmuls' columns) gives the bits of the same block run step by
+    step: every row count modulo 4, fewer rows than threads, 1-3 threads, a
     non-contiguous input, LayerScale on and off.  The input is not written and every call
     returns a fresh tensor."""
     import copy
@@ -510,6 +510,67 @@ def test_whole_block_is_the_step_by_step_path(kernels, kind):
         assert "_whole_block" not in clone[0].__dict__
         with torch.no_grad():
             assert torch.equal(clone(x), holder(x))
+
+
+def test_block_chain_is_the_block_by_block_path(kernels):
+    """Consecutive fused blocks in one parallel region (``FusedBlockSequence.run`` ->
+    ``vpr_block_chain``: the threads wake once per chain, spin barriers around each
+    attention, block outputs in two work buffers used in turn) give the bits of the blocks
+    run one by one: plain and adapted blocks mixed, a block that cannot join (``whole``
+    off) splitting the chain, the kept outputs and the last one fresh tensors, 1-3
+    threads, row counts below and above the thread count.  A model's ``BlockSequence``
+    becomes a ``FusedBlockSequence`` when its blocks are fused."""
+    import copy
+
+    from vpr_ros.accel.int8_block import FusedBlockSequence
+    from vpr_ros.models.dinov2 import BlockSequence
+
+    if not kernels.has_vnni:
+        pytest.skip("the block-chain kernel needs AVX-512 VNNI")
+    torch.manual_seed(0)
+    from timm.models.vision_transformer import Block
+
+    parts = []
+    for i in range(6):
+        if i in (2, 4):
+            parts.append(copy.deepcopy(_adapted_block(seed=10 + i, adapter_dim=64)))
+        else:
+            parts.append(Block(dim=64, num_heads=4, mlp_ratio=4.0, qkv_bias=True,
+                               init_values=0.5, norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval())
+    holder = nn.Module()
+    holder.blocks = BlockSequence(parts)
+    convert_to_int8(holder)
+    assert type(holder.blocks) is FusedBlockSequence and len(holder.blocks) == 6
+    assert [k for k, _ in holder.state_dict().items()][0].startswith("blocks.0.")
+    blocks = list(holder.blocks)
+    g = torch.Generator().manual_seed(8)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            for b, n in [(1, 1), (1, 7), (2, 33), (1, 257)]:
+                x = torch.randn(b, n, 64, generator=g)
+                kept_in = x.clone()
+                with torch.no_grad():
+                    one_by_one, outs = x, []
+                    for block in blocks:
+                        one_by_one = block(one_by_one)
+                        outs.append(one_by_one)
+                    for off in ((), (3,)):          # block 3 alone splits the chain
+                        for i in off:
+                            blocks[i].whole = False
+                        last, kept = holder.blocks.run(x, 6, (1, 2, 4))
+                        for i in off:
+                            blocks[i].whole = True
+                        assert torch.equal(last, outs[5]), (t, b, n, off)
+                        assert all(torch.equal(k, outs[i]) for k, i in zip(kept, (1, 2, 4)))
+                        again, kept2 = holder.blocks.run(x, 6, (1, 2, 4))
+                        assert again.data_ptr() != last.data_ptr()
+                        assert all(a.data_ptr() != k.data_ptr() for a, k in zip(kept, kept2))
+                        assert torch.equal(holder.blocks.run(x, 3)[0], outs[2])
+                assert torch.equal(x, kept_in)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_whole_block_over_several_matmul_chunks(kernels):

@@ -21,9 +21,11 @@ the time of float32 SDPA.  With ``AccelOptions(integer_attention=False)`` the bl
 float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped block as it is).
 
 Where every layer of a block runs on the native VNNI matmul (and the integer attention
-is on), the whole chain is one kernel call instead (``NativeKernels.vit_block`` /
-``adapted_block``): one parallel region in which the threads share out the rows, with
-barriers only around the attention, and the same row functions, so the same bits.  Under
+is on), the whole chain is one kernel call instead (``NativeKernels.block_chain``): one
+parallel region in which the threads share out the rows, with spin barriers only around
+the attention, and the same row functions, so the same bits.  A model's block sequence
+(:class:`FusedBlockSequence`, swapped in for ``vpr_ros.models.dinov2.BlockSequence``)
+hands consecutive such blocks to one call, so the threads wake once per chain.  Under
 ``OMP_WAIT_POLICY=PASSIVE`` (the node's) each region wakes a sleeping thread, and a
 step-by-step block has ~9 (plain) or ~17 (adapted) of them.
 
@@ -41,13 +43,13 @@ wrapped block runs as it is, through the torch path of its int8 layers.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .int8_kernels import BlockBuffers, MAX_ATTENTION_TOKENS, native_kernels
+from .int8_kernels import BlockBuffers, BlockCall, MAX_ATTENTION_TOKENS, native_kernels
 from .int8_linear import InplaceGELU, Int8Linear
 from .options import DEFAULT, ENV_INTEGER_ATTENTION, AccelOptions
 from .workspace import WORKSPACE, Workspace
@@ -229,14 +231,15 @@ def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Ten
     return mixed
 
 
-def _whole_block_args(kernels, owner: nn.Module, norms, layers, chain):
-    """The C views (``BlockNorm``, ``BlockLinear``) of a block's LayerNorms and int8
-    layers for one whole-block call, or None where a layer's product does not run on the
-    native matmul or the shapes do not chain as the kernel reads them (the block then
+def _whole_block_call(kernels, owner: nn.Module, norms, layers, chain, build):
+    """The ``BlockCall`` of a block for :meth:`NativeKernels.block_chain`, built by
+    ``build(norm views, layer views)`` from the C views (``BlockNorm``, ``BlockLinear``)
+    of its LayerNorms and int8 layers, or None where a layer's product does not run on
+    the native matmul or the shapes do not chain as the kernel reads them (the block then
     runs step by step, which checks every call).  ``chain``: (layer index, K, N) that
-    must hold, -1 for "any" (the kernel trusts them).  Cached on ``owner`` while the
-    packed weights and every tensor behind the views stay the same (a few microseconds
-    per block instead of tens)."""
+    must hold, -1 for "any" (the kernel trusts them).  Cached on ``owner`` with the views
+    while the packed weights and every tensor behind them stay the same (a few
+    microseconds per block instead of tens)."""
     packed = [layer.packed_weight(kernels) for layer in layers]
     if any(p is None for p in packed):
         return None
@@ -253,12 +256,14 @@ def _whole_block_args(kernels, owner: nn.Module, norms, layers, chain):
                        for norm in norms)
                    and all((k < 0 or packed[i].k == k) and (n < 0 or packed[i].n == n)
                            for i, k, n in chain(c, [p.n for p in packed])))
-        views = None
+        call = views = None
         if chained:
             views = ([kernels.block_norm(norm) for norm in norms],
                      [kernels.block_linear(layer, p) for layer, p in zip(layers, packed)])
-        # the packed weights are kept with the views: the key holds their ids
-        cached = (key, views, packed)
+            call = build(*views)
+        # the views (which the call points to) and the packed weights (the key holds
+        # their ids) are kept with the call
+        cached = (key, call, views, packed)
         owner.__dict__["_whole_block"] = cached
     return cached[1]
 
@@ -283,7 +288,7 @@ def _whole_block_state(module: nn.Module) -> dict:
 
 
 def _whole_block_buffers(m: int, c: int, hidden: int, adapter_hidden: int = 0) -> BlockBuffers:
-    """The work buffers of a whole-block call: the step-by-step path's, by role."""
+    """The work buffers of a block-chain call: the step-by-step path's, by role."""
     ws = WORKSPACE
     shapes = {"q_c": ((m, c), torch.int8), "s_a": ((m, 1), torch.float32),
               "s_b": ((m, 1), torch.float32), "acc_qkv": ((m, 3 * c), torch.int32),
@@ -309,6 +314,79 @@ def _mlp_acc(kernels, mlp: nn.Module, q_c: torch.Tensor, s_a: torch.Tensor,
     return mlp.fc2.integer_product(q_h, kernels, None)
 
 
+class ChainLink(NamedTuple):
+    """One block of a block chain: the kernels, its ``BlockCall`` and the widths its work
+    buffers need (MLP hidden, adapter hidden or 0)."""
+    kernels: object
+    call: BlockCall
+    hidden: int
+    adapter_hidden: int
+
+
+def _chain_kernels(block: nn.Module, x: torch.Tensor):
+    """The native kernels if ``block`` (a fused block with ``whole`` set) runs input ``x``
+    through the whole-block kernels: a float32 CPU (B, N, C) tensor of at most
+    MAX_ATTENTION_TOKENS tokens of the block's width, the integer attention on, VNNI."""
+    kernels = _kernels_for(x, None, False, block.accel)
+    if (kernels is None or not block.whole or not integer_attention_enabled(block.accel)
+            or not kernels.has_vnni or x.shape[1] > MAX_ATTENTION_TOKENS
+            or x.shape[-1] != block.block.norm1.weight.numel()):
+        return None
+    return kernels
+
+
+def run_block_chain(x: torch.Tensor, links: Sequence[ChainLink],
+                    keep: Sequence[int] = ()) -> List[Optional[torch.Tensor]]:
+    """``x`` (b, n, c) through the blocks of ``links`` (one kernels object) in one parallel
+    region (``NativeKernels.block_chain``) -> each block's output: a fresh tensor for the
+    last block and the indices in ``keep``, None for the others (their outputs live in
+    two work buffers used in turn: a block reads only its own thread's rows of the one
+    before)."""
+    kernels = links[0].kernels
+    b, n, c = x.shape
+    buffers = _whole_block_buffers(b * n, c, max(link.hidden for link in links),
+                                   max(link.adapter_hidden for link in links))
+    last = len(links) - 1
+    outs = [torch.empty((b, n, c), dtype=torch.float32) if i == last or i in keep
+            else WORKSPACE.get(f"chain_out{i % 2}", (b, n, c), torch.float32)
+            for i in range(len(links))]
+    kernels.block_chain(x if x.is_contiguous() else x.contiguous(),
+                        [link.call for link in links], buffers, outs)
+    return [out if i == last or i in keep else None for i, out in enumerate(outs)]
+
+
+class FusedBlockSequence(nn.ModuleList):
+    """A model's block sequence (a ``ModuleList`` with ``run``, as
+    ``vpr_ros.models.dinov2.BlockSequence``) whose consecutive fused blocks run as one
+    block chain (:func:`run_block_chain`): the threads wake once per chain instead of once
+    per block.  The same modules and state-dict keys; iterating runs them one by one."""
+
+    def run(self, tokens: torch.Tensor, count: int,
+            keep: Sequence[int] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``tokens`` through blocks 0..count-1 -> the last output and the outputs of the
+        blocks in ``keep`` (block order)."""
+        blocks, kept, i = list(self)[:count], [], 0
+        while i < len(blocks):
+            chain_link = getattr(blocks[i], "chain_link", None)
+            link = chain_link(tokens) if chain_link is not None else None
+            if link is None:
+                tokens = blocks[i](tokens)
+                kept += [tokens] if i in keep else []
+                i += 1
+                continue
+            links = [link]
+            while i + len(links) < len(blocks):
+                nxt = getattr(blocks[i + len(links)], "chain_link", None)
+                nxt = nxt(tokens) if nxt is not None else None
+                if nxt is None or nxt.kernels is not link.kernels:
+                    break
+                links.append(nxt)
+            outs = run_block_chain(tokens, links, [j - i for j in keep if j >= i])
+            kept += [out for j, out in enumerate(outs) if i + j in keep]
+            tokens, i = outs[-1], i + len(links)
+        return tokens, kept
+
+
 class Int8TransformerBlock(nn.Module):
     """Inference-only stand-in for a fusable timm ``Block`` (see :func:`fusable`)."""
 
@@ -325,24 +403,35 @@ class Int8TransformerBlock(nn.Module):
             raise ValueError("not a fusable int8 timm Block (convert_to_int8 it first)")
         self.block = block
 
+    def chain_link(self, x: torch.Tensor) -> Optional["ChainLink"]:
+        """This block's link of a block chain for input ``x`` (:func:`run_block_chain`), or
+        None where it runs on its own (no whole-block kernels for this input)."""
+        kernels = _chain_kernels(self, x)
+        if kernels is None:
+            return None
+        blk = self.block
+        attn, mlp = blk.attn, blk.mlp
+
+        def build(norms, linears):
+            (norm1, norm2), (qkv, proj, fc1, fc2) = norms, linears
+            return kernels.block_call(norm1, qkv, proj, norm2, fc1, fc2, attn.num_heads,
+                                      attn.head_dim, attn.scale)
+
+        call = _whole_block_call(kernels, self, (blk.norm1, blk.norm2),
+                                 (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), _plain_chain, build)
+        return None if call is None else ChainLink(kernels, call, mlp.fc1.out_features, 0)
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        link = self.chain_link(x) if attn_mask is None and not is_causal else None
+        if link is not None:
+            return run_block_chain(x, [link])[-1]
         kernels = _kernels_for(x, attn_mask, is_causal, self.accel)
         if kernels is None:
             return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
         blk = self.block
         attn, mlp = blk.attn, blk.mlp
         b, n, c = x.shape
-        if (self.whole and integer_attention_enabled(self.accel) and n <= MAX_ATTENTION_TOKENS
-                and kernels.has_vnni and c == blk.norm1.weight.numel()):
-            args = _whole_block_args(kernels, self, (blk.norm1, blk.norm2),
-                                     (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), _plain_chain)
-            if args is not None:
-                (norm1, norm2), (qkv, proj, fc1, fc2) = args
-                return kernels.vit_block(
-                    x if x.is_contiguous() else x.contiguous(), attn.num_heads, attn.head_dim,
-                    attn.scale, norm1, qkv, proj, norm2, fc1, fc2,
-                    _whole_block_buffers(b * n, c, mlp.fc1.out_features))
         rows, q_c, s_a, s_b = _block_buffers(x)
 
         # attention: LayerNorm + quantise, qkv, integer attention, proj + residual, and
@@ -390,8 +479,32 @@ class Int8AdaptedBlock(nn.Module):
             raise ValueError("not a fusable int8 adapted block (convert_to_int8 it first)")
         self.block = block
 
+    def chain_link(self, x: torch.Tensor) -> Optional["ChainLink"]:
+        """As :meth:`Int8TransformerBlock.chain_link`."""
+        kernels = _chain_kernels(self, x)
+        if kernels is None:
+            return None
+        blk = self.block
+        attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
+
+        def build(norms, linears):
+            (norm1, norm2), (qkv, proj, a1f1, a1f2, fc1, fc2, a2f1, a2f2) = norms, linears
+            return kernels.block_call(norm1, qkv, proj, norm2, fc1, fc2, attn.num_heads,
+                                      attn.head_dim, attn.scale, (a1f1, a1f2, a2f1, a2f2),
+                                      _layer_scale(blk.ls1), _layer_scale(blk.ls2),
+                                      blk.adapter_scale)
+
+        call = _whole_block_call(kernels, self, (blk.norm1, blk.norm2),
+                                 (attn.qkv, attn.proj, ad1.fc1, ad1.fc2, mlp.fc1, mlp.fc2,
+                                  ad2.fc1, ad2.fc2), _adapted_chain, build)
+        return None if call is None else ChainLink(kernels, call, mlp.fc1.out_features,
+                                                   ad1.fc1.out_features)
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        link = self.chain_link(x) if attn_mask is None and not is_causal else None
+        if link is not None:
+            return run_block_chain(x, [link])[-1]
         kernels = _integer_attention_kernels(x, attn_mask, is_causal, self.accel)
         if kernels is None:
             return self.block(x, attn_mask=attn_mask, is_causal=is_causal)
@@ -399,17 +512,6 @@ class Int8AdaptedBlock(nn.Module):
         attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
         b, n, c = x.shape
         m, hidden = b * n, ad1.fc1.out_features
-        if self.whole and kernels.has_vnni and c == blk.norm1.weight.numel():
-            args = _whole_block_args(kernels, self, (blk.norm1, blk.norm2),
-                                     (attn.qkv, attn.proj, ad1.fc1, ad1.fc2, mlp.fc1, mlp.fc2,
-                                      ad2.fc1, ad2.fc2), _adapted_chain)
-            if args is not None:
-                (norm1, norm2), (qkv, proj, a1f1, a1f2, fc1, fc2, a2f1, a2f2) = args
-                return kernels.adapted_block(
-                    x if x.is_contiguous() else x.contiguous(), attn.num_heads, attn.head_dim,
-                    attn.scale, norm1, qkv, proj, a1f1, a1f2, _layer_scale(blk.ls1), norm2,
-                    fc1, fc2, a2f1, a2f2, blk.adapter_scale, _layer_scale(blk.ls2),
-                    _whole_block_buffers(m, c, mlp.fc1.out_features, hidden))
         rows, q_c, s_a, s_b = _block_buffers(x)
         ws = WORKSPACE
         q_ad, s_ad = ws.get("q_ad", (m, hidden), torch.int8), ws.get("s_ad", (m, 1), torch.float32)
@@ -500,9 +602,20 @@ def fuse_transformer_blocks(model: nn.Module) -> int:
                 visit(child)
 
     visit(model)
+
+    def swap_sequences(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.ModuleList) and type(child) is not FusedBlockSequence
+                    and callable(getattr(child, "run", None))
+                    and any(hasattr(m, "chain_link") for m in child)):
+                setattr(parent, name, FusedBlockSequence(list(child)))
+            swap_sequences(child)
+
+    swap_sequences(model)
     return count
 
 
 __all__ = ["IntegerAttention", "Int8TransformerBlock", "Int8AdaptedBlock", "adapted_fusable",
+           "ChainLink", "FusedBlockSequence", "run_block_chain",
            "Workspace", "WORKSPACE", "ENV_ATTENTION",
            "attention_fusable", "fusable", "fuse_transformer_blocks", "integer_attention_enabled"]

@@ -251,6 +251,7 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#include <sched.h>
 #define VPR_HAVE_VNNI 1
 #else
 #define VPR_HAVE_VNNI 0
@@ -1394,9 +1395,10 @@ void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_
  * vpr_quantize_rows on out) in the same parallel region: one wake-up of the threads and
  * one call fewer per block.  Same return values. */
 /* The heads of vpr_integer_attention_acc, called by every thread of a parallel region:
- * the image-heads are shared out (omp for, which ends in a barrier: out is complete when
- * it returns).  Returns nonzero on the threads whose scratch memory could not be
- * allocated (their heads are then missing from out). */
+ * the image-heads are shared out (omp for, no barrier at its end: out is complete once
+ * every thread has returned, so the caller waits for the team).  Returns nonzero on the
+ * threads whose scratch memory could not be allocated (their heads are then missing
+ * from out). */
 static int attention_heads_team(const int32_t *acc, const float *row_scale,
                                 const float *col_scale, const float *bias, int64_t b, int64_t n,
                                 int64_t h, int64_t d, float scale, float *out, int generic) {
@@ -1405,7 +1407,7 @@ static int attention_heads_team(const int32_t *acc, const float *row_scale,
     /* V of every token (n x d), then the one Q and K row pair being coded (2 x d) */
     float *f = (float *)aligned_alloc(64, (size_t)round_up((n + 2) * d * 4, 64));
     if (scratch_alloc(&w, n, d) != 0 || !f) failed = 1;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b * h; ++item) {
         if (!w.block || !f) continue;
         const int64_t img = item / h, head = item % h;
@@ -1447,7 +1449,8 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
     {
         failed = attention_heads_team(acc, row_scale, col_scale, bias, b, n, h, d, scale, out,
                                       generic);
-        if (q) {               /* the implicit barrier of the heads' loop: out is complete */
+#pragma omp barrier
+        if (q) {               /* after the barrier: out is complete */
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < b * n; ++i)
                 q_scale[i] = quantize_row(out + i * h * d, h * d, q + i * h * d);
@@ -2209,18 +2212,20 @@ int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
 }
 
 /* ------------------------------------------------------------------------------------
- * A whole int8 ViT block in one parallel region (issue 15).  The step-by-step block
+ * Consecutive int8 ViT blocks in one parallel region (issue 15).  The step-by-step block
  * (int8_block.py) wakes the threads once per step, ~9 times per plain block and ~17 per
  * SelaVPR adapted block, and under OMP_WAIT_POLICY=PASSIVE (the node's setting, so that
  * waiting threads leave the cores to the rest of the robot) each wake-up of a sleeping
  * thread costs tens of microseconds on a VM.  Here the threads split the rows instead of
  * the matmuls' columns: every step after a matmul needs whole rows, and a thread that
- * computed all columns of its rows can go on with them at once.  Only the attention
- * needs every token: one barrier before it (the qkv sums of all rows) and the one that
- * ends its loop over the heads.  Each thread streams every weight panel (the other
- * thread reads the same panels from L3 at about the same time).  Every step is the same
- * row function as the step-by-step path, and the matmul sums are exact, so the output
- * has the same bits.
+ * computed all columns of its rows can go on with them at once, and on into the next
+ * block (a block reads only its own rows of the previous block's output).  Only the
+ * attention needs every token: one barrier before it (the qkv sums of all rows) and one
+ * after its loop over the heads.  Those two spin (team_barrier): an OpenMP barrier under
+ * PASSIVE puts the first thread to sleep at once, and waking it costs as much as a new
+ * region.  Each thread streams every weight panel (the other thread reads the same
+ * panels from L3 at about the same time).  Every step is the same row function as the
+ * step-by-step path, and the matmul sums are exact, so the output has the same bits.
  * ------------------------------------------------------------------------------------ */
 typedef struct {             /* one int8 linear layer of a block */
     const int8_t *w;         /* the packed weight (pack_int8_weight): n % 64 == 0, k % 4 == 0 */
@@ -2319,24 +2324,68 @@ static int block_scratch(int64_t c, int64_t widest_k, float **tmp, int8_t **tail
     return *tmp && *tail;
 }
 
-/* Norm1 + quantise and the qkv sums of this thread's rows, the barrier, the heads, and
- * the attention's output coded for proj (q_c, s_a) in this thread's rows.  Returns
- * nonzero where the attention's scratch could not be allocated. */
+/* A barrier of the threads of one parallel region that spins while it waits: the waits
+ * inside a block chain are microseconds (the threads do the same work), and an OpenMP
+ * barrier under OMP_WAIT_POLICY=PASSIVE would put the first thread to sleep at once.
+ * After TEAM_SPIN_CYCLES of spinning (a thread held up by something else on the
+ * machine) a waiting thread yields its core at every check.  Sense-reversing: `arrived`
+ * counts the threads of the current round, `round` advances when the last one arrives. */
+#ifndef TEAM_SPIN_CYCLES
+#define TEAM_SPIN_CYCLES 400000ULL   /* ~0.1-0.2 ms of the time-stamp counter */
+#endif
+typedef struct {
+    int arrived;
+    int round;
+} team_barrier;
+
+static void team_barrier_wait(team_barrier *bar) {
+    const int nt = omp_get_num_threads();
+    if (nt == 1) return;
+    const int round = __atomic_load_n(&bar->round, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&bar->arrived, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(&bar->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&bar->round, round + 1, __ATOMIC_RELEASE);   /* publishes all */
+        return;
+    }
+    const unsigned long long start = __rdtsc();
+    while (__atomic_load_n(&bar->round, __ATOMIC_ACQUIRE) == round) {
+        if (__rdtsc() - start < TEAM_SPIN_CYCLES)
+            _mm_pause();
+        else
+            sched_yield();
+    }
+}
+
+/* One block of a chain: its layers (the C views of int8_block.py) and its output. */
+typedef struct {
+    const vpr_norm *norm1, *norm2;
+    const vpr_linear *qkv, *proj, *fc1, *fc2;
+    const vpr_linear *ad1_fc1, *ad1_fc2, *ad2_fc1, *ad2_fc2;   /* NULL: a plain block */
+    const float *gamma1, *gamma2;   /* an adapted block's LayerScales, NULL: none */
+    float adapter_scale, att_scale;
+    int64_t heads, head_dim;
+    float *out;                     /* (b n, c) float32 */
+} vpr_block_call;
+
+/* Norm1 + quantise and the qkv sums of this thread's rows, the barrier, the heads, the
+ * barrier, and the attention's output coded for proj (q_c, s_a) in this thread's rows.
+ * Returns nonzero where the attention's scratch could not be allocated. */
 static int block_attention(const float *x, int64_t b, int64_t n, int64_t c,
-                           const vpr_norm *norm1, const vpr_linear *qkv, int64_t heads,
-                           int64_t head_dim, float att_scale, vpr_block_buffers *ws,
-                           int64_t r0, int64_t r1, int ok, float *tmp, int8_t *tail) {
+                           const vpr_block_call *k, vpr_block_buffers *ws, int64_t r0,
+                           int64_t r1, int ok, float *tmp, int8_t *tail, team_barrier *bar) {
+    const vpr_norm *norm1 = k->norm1;
     if (ok) {
         for (int64_t i = r0; i < r1; ++i)
             ws->s_a[i] = layer_norm_quantize_row(x + i * c, c, norm1->weight, norm1->bias,
                                                  norm1->eps, tmp, ws->q_c + i * c);
-        gemm_rows(ws->q_c, r0, r1, qkv, ws->acc_qkv, tail);
+        gemm_rows(ws->q_c, r0, r1, k->qkv, ws->acc_qkv, tail);
     }
-#pragma omp barrier
-    const int failed = attention_heads_team(ws->acc_qkv, ws->s_a, qkv->scale, qkv->bias, b, n,
-                                            heads, head_dim, att_scale, ws->mixed, 0);
-    /* the heads' loop ended in a barrier: every row of mixed is complete, and s_a is
-     * read no more */
+    team_barrier_wait(bar);
+    const int failed = attention_heads_team(ws->acc_qkv, ws->s_a, k->qkv->scale, k->qkv->bias,
+                                            b, n, k->heads, k->head_dim, k->att_scale,
+                                            ws->mixed, 0);
+    /* every row of mixed is complete, and s_a is read no more */
+    team_barrier_wait(bar);
     if (ok)
         for (int64_t i = r0; i < r1; ++i)
             ws->s_a[i] = quantize_row(ws->mixed + i * c, c, ws->q_c + i * c);
@@ -2354,24 +2403,20 @@ static void block_mlp(const vpr_linear *fc1, const vpr_linear *fc2, vpr_block_bu
     gemm_rows(ws->q_h, r0, r1, fc2, o, tail);
 }
 
-typedef struct {             /* a SelaVPR block's adapters, both c -> ha -> c */
-    const vpr_linear *ad1_fc1, *ad1_fc2, *ad2_fc1, *ad2_fc2;
-    const float *gamma1, *gamma2;   /* the LayerScales, NULL: none */
-    float scale;                    /* adapter2's factor */
-} block_adapters;
-
 /* After the attention, a plain block's rows: x1 = x + proj(attention) (float in acc_c),
  * h = norm2(x1), out = x1 + MLP(h). */
-static void plain_rows(const float *x, int64_t c, const vpr_linear *proj,
-                       const vpr_norm *norm2, const vpr_linear *fc1, const vpr_linear *fc2,
-                       vpr_block_buffers *ws, int32_t *o, int64_t r0, int64_t r1, float *tmp,
+static void plain_rows(const float *x, int64_t c, const vpr_block_call *k,
+                       vpr_block_buffers *ws, int64_t r0, int64_t r1, float *tmp,
                        int8_t *tail) {
+    const vpr_linear *proj = k->proj, *fc2 = k->fc2;
+    const vpr_norm *norm2 = k->norm2;
+    int32_t *o = (int32_t *)k->out;
     gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
     for (int64_t i = r0; i < r1; ++i)
         ws->s_a[i] = residual_layer_norm_quantize_row(
             ws->acc_c + i * c, c, ws->s_a[i], proj->scale, proj->bias, NULL, NULL, x + i * c,
             norm2->weight, norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
-    block_mlp(fc1, fc2, ws, o, r0, r1, tail);
+    block_mlp(k->fc1, fc2, ws, o, r0, r1, tail);
     for (int64_t i = r0; i < r1; ++i)
         dequantize_add_row(o + i * c, c, ws->s_b[i], fc2->scale, fc2->bias,
                            (const float *)ws->acc_c + i * c);
@@ -2380,55 +2425,71 @@ static void plain_rows(const float *x, int64_t c, const vpr_linear *proj,
 /* After the attention, an adapted block's rows: a = proj(attention) (float in acc_c),
  * x1 = x + ls1(a + adapter1(a)) (float in acc_x1), h = norm2(x1),
  * out = x1 + ls2(MLP(h) + s adapter2(h)). */
-static void adapted_rows(const float *x, int64_t c, const vpr_linear *proj,
-                         const block_adapters *ad, const vpr_norm *norm2,
-                         const vpr_linear *fc1, const vpr_linear *fc2, vpr_block_buffers *ws,
-                         int32_t *o, int64_t r0, int64_t r1, float *tmp, int8_t *tail) {
-    const int64_t ha = ad->ad1_fc1->n;
+static void adapted_rows(const float *x, int64_t c, const vpr_block_call *k,
+                         vpr_block_buffers *ws, int64_t r0, int64_t r1, float *tmp,
+                         int8_t *tail) {
+    const vpr_linear *proj = k->proj, *fc2 = k->fc2;
+    const vpr_linear *a1f1 = k->ad1_fc1, *a1f2 = k->ad1_fc2, *a2f1 = k->ad2_fc1,
+                     *a2f2 = k->ad2_fc2;
+    const vpr_norm *norm2 = k->norm2;
+    int32_t *o = (int32_t *)k->out;
+    const int64_t ha = a1f1->n;
     gemm_rows(ws->q_c, r0, r1, proj, ws->acc_c, tail);
     for (int64_t i = r0; i < r1; ++i)
         ws->s_b[i] = dequantize_quantize_row(ws->acc_c + i * c, c, ws->s_a[i], proj->scale,
                                              proj->bias, 0, ws->q_c + i * c);
-    gemm_rows(ws->q_c, r0, r1, ad->ad1_fc1, ws->acc_ad, tail);
+    gemm_rows(ws->q_c, r0, r1, a1f1, ws->acc_ad, tail);
     for (int64_t i = r0; i < r1; ++i)
-        ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_b[i],
-                                              ad->ad1_fc1->scale, ad->ad1_fc1->bias, 1,
-                                              ws->q_ad + i * ha);
-    gemm_rows(ws->q_ad, r0, r1, ad->ad1_fc2, ws->acc_x1, tail);
+        ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_b[i], a1f1->scale,
+                                              a1f1->bias, 1, ws->q_ad + i * ha);
+    gemm_rows(ws->q_ad, r0, r1, a1f2, ws->acc_x1, tail);
     for (int64_t i = r0; i < r1; ++i)
         ws->s_a[i] = residual_layer_norm_quantize_row(
-            ws->acc_x1 + i * c, c, ws->s_ad[i], ad->ad1_fc2->scale, ad->ad1_fc2->bias,
-            (const float *)ws->acc_c + i * c, ad->gamma1, x + i * c, norm2->weight,
+            ws->acc_x1 + i * c, c, ws->s_ad[i], a1f2->scale, a1f2->bias,
+            (const float *)ws->acc_c + i * c, k->gamma1, x + i * c, norm2->weight,
             norm2->bias, norm2->eps, tmp, ws->q_c + i * c);
-    block_mlp(fc1, fc2, ws, o, r0, r1, tail);            /* the MLP's sums into out */
-    gemm_rows(ws->q_c, r0, r1, ad->ad2_fc1, ws->acc_ad, tail);
+    block_mlp(k->fc1, fc2, ws, o, r0, r1, tail);         /* the MLP's sums into out */
+    gemm_rows(ws->q_c, r0, r1, a2f1, ws->acc_ad, tail);
     for (int64_t i = r0; i < r1; ++i)
-        ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_a[i],
-                                              ad->ad2_fc1->scale, ad->ad2_fc1->bias, 1,
-                                              ws->q_ad + i * ha);
-    gemm_rows(ws->q_ad, r0, r1, ad->ad2_fc2, ws->acc_c, tail);   /* adapter2's sums */
+        ws->s_ad[i] = dequantize_quantize_row(ws->acc_ad + i * ha, ha, ws->s_a[i], a2f1->scale,
+                                              a2f1->bias, 1, ws->q_ad + i * ha);
+    gemm_rows(ws->q_ad, r0, r1, a2f2, ws->acc_c, tail);   /* adapter2's sums */
     for (int64_t i = r0; i < r1; ++i)
         pair_residual_row(o + i * c, ws->acc_c + i * c, c, ws->s_b[i], fc2->scale, fc2->bias,
-                          ws->s_ad[i], ad->ad2_fc2->scale, ad->ad2_fc2->bias, ad->scale,
-                          ad->gamma2, (const float *)ws->acc_x1 + i * c);
+                          ws->s_ad[i], a2f2->scale, a2f2->bias, k->adapter_scale, k->gamma2,
+                          (const float *)ws->acc_x1 + i * c);
 }
+#endif
 
-/* One block in one parallel region: the attention (block_attention), then the plain or
- * (ad != NULL) adapted block's rows on the thread that owns them. */
-static int run_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
-                     const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
-                     const vpr_linear *proj, const vpr_norm *norm2, const vpr_linear *fc1,
-                     const vpr_linear *fc2, const block_adapters *ad, vpr_block_buffers *ws,
-                     float *out, int num_threads) {
+/* Blocks 0..count-1 of a chain in one parallel region: x (b, n, c) float32 rows through
+ * each block in turn, block i's output into calls[i].out ((b n, c) float32, the bits of
+ * the step-by-step path; the next block's input).  A block is a timm Block
+ * (Int8TransformerBlock: ad1_fc1 == NULL) or a SelaVPR adapted block (Int8AdaptedBlock):
+ * x1 = x + ls1(a + adapter1(a)) with a = attn(norm1(x)), then
+ * out = x1 + ls2(mlp(h) + s adapter2(h)) with h = norm2(x1).  The layers' shapes must
+ * chain (qkv c -> 3c, proj c -> c, fc1 c -> hidden, fc2 hidden -> c, adapters c -> ha ->
+ * c), and the work buffers hold the widest block: the caller checks both
+ * (int8_block.py).  Returns 0; 1 without VNNI; -1 when memory ran out (outputs
+ * incomplete); -2 for n >= 32768 tokens; -3 for an adapted block whose adapters have two
+ * widths (they share q_ad and acc_ad). */
+int vpr_block_chain(const float *x, int64_t b, int64_t n, int64_t c,
+                    const vpr_block_call *calls, int64_t count, vpr_block_buffers *ws,
+                    int num_threads) {
+#if VPR_HAVE_VNNI
     if (n >= 32768) return -2;
-    const int64_t m = b * n, hidden = fc1->n;
-    int64_t widest = hidden > c ? hidden : c;
-    if (ad) {
-        const int64_t ha = ad->ad1_fc1->n;
-        if (ad->ad2_fc1->n != ha || ad->ad1_fc2->k != ha || ad->ad2_fc2->k != ha) return -3;
-        widest = ha > widest ? ha : widest;
+    const int64_t m = b * n;
+    int64_t widest = c;
+    for (int64_t i = 0; i < count; ++i) {
+        const vpr_block_call *k = calls + i;
+        widest = k->fc1->n > widest ? k->fc1->n : widest;
+        if (k->ad1_fc1) {
+            const int64_t ha = k->ad1_fc1->n;
+            if (k->ad2_fc1->n != ha || k->ad1_fc2->k != ha || k->ad2_fc2->k != ha) return -3;
+            widest = ha > widest ? ha : widest;
+        }
     }
     int failed = 0;
+    team_barrier bar = {0, 0};
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         int64_t r0, r1;
@@ -2437,62 +2498,23 @@ static int run_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_
         int8_t *tail;
         const int ok = block_scratch(c, widest, &tmp, &tail);
         failed = !ok;       /* every thread still meets every barrier */
-        failed |= block_attention(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, ws, r0,
-                                  r1, ok, tmp, tail);
-        if (ok && ad)
-            adapted_rows(x, c, proj, ad, norm2, fc1, fc2, ws, (int32_t *)out, r0, r1, tmp, tail);
-        else if (ok)
-            plain_rows(x, c, proj, norm2, fc1, fc2, ws, (int32_t *)out, r0, r1, tmp, tail);
+        const float *in = x;
+        for (int64_t i = 0; i < count; ++i) {
+            const vpr_block_call *k = calls + i;
+            failed |= block_attention(in, b, n, c, k, ws, r0, r1, ok, tmp, tail, &bar);
+            if (ok && k->ad1_fc1)
+                adapted_rows(in, c, k, ws, r0, r1, tmp, tail);
+            else if (ok)
+                plain_rows(in, c, k, ws, r0, r1, tmp, tail);
+            in = k->out;    /* the next block reads only this thread's rows of it */
+        }
         free(tmp);
         free(tail);
     }
     return failed ? -1 : 0;
-}
-#endif
-
-/* A timm Block (Int8TransformerBlock): x (b, n, c) float32 rows -> out (b n, c) float32,
- * the bits of the step-by-step path.  The layers' shapes must chain (qkv c -> 3c, proj
- * c -> c, fc1 c -> hidden, fc2 hidden -> c): the caller checks them once
- * (int8_block._whole_block_args).  Returns 0; 1 without VNNI; -1 when memory ran out
- * (out incomplete); -2 for n >= 32768 tokens (the caller only calls it where neither
- * applies). */
-int vpr_vit_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
-                  const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
-                  const vpr_linear *proj, const vpr_norm *norm2, const vpr_linear *fc1,
-                  const vpr_linear *fc2, vpr_block_buffers *ws, float *out, int num_threads) {
-#if VPR_HAVE_VNNI
-    return run_block(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, proj, norm2, fc1, fc2,
-                     NULL, ws, out, num_threads);
 #else
-    (void)x; (void)b; (void)n; (void)c; (void)norm1; (void)qkv; (void)heads; (void)head_dim;
-    (void)att_scale; (void)proj; (void)norm2; (void)fc1; (void)fc2; (void)ws; (void)out;
+    (void)x; (void)b; (void)n; (void)c; (void)calls; (void)count; (void)ws;
     (void)num_threads;
-    return 1;
-#endif
-}
-
-/* A SelaVPR adapted block (Int8AdaptedBlock): x1 = x + ls1(a + adapter1(a)) with
- * a = attn(norm1(x)), then out = x1 + ls2(mlp(h) + s adapter2(h)) with h = norm2(x1);
- * gamma1, gamma2: the LayerScales (NULL: none); both adapters c -> ha -> c (one width:
- * they share q_ad and acc_ad).  Same returns as vpr_vit_block, and -3 for adapters of
- * two widths. */
-int vpr_adapted_block(const float *x, int64_t b, int64_t n, int64_t c, const vpr_norm *norm1,
-                      const vpr_linear *qkv, int64_t heads, int64_t head_dim, float att_scale,
-                      const vpr_linear *proj, const vpr_linear *ad1_fc1,
-                      const vpr_linear *ad1_fc2, const float *gamma1, const vpr_norm *norm2,
-                      const vpr_linear *fc1, const vpr_linear *fc2, const vpr_linear *ad2_fc1,
-                      const vpr_linear *ad2_fc2, float adapter_scale, const float *gamma2,
-                      vpr_block_buffers *ws, float *out, int num_threads) {
-#if VPR_HAVE_VNNI
-    const block_adapters ad = {ad1_fc1, ad1_fc2, ad2_fc1, ad2_fc2, gamma1, gamma2,
-                               adapter_scale};
-    return run_block(x, b, n, c, norm1, qkv, heads, head_dim, att_scale, proj, norm2, fc1, fc2,
-                     &ad, ws, out, num_threads);
-#else
-    (void)x; (void)b; (void)n; (void)c; (void)norm1; (void)qkv; (void)heads; (void)head_dim;
-    (void)att_scale; (void)proj; (void)ad1_fc1; (void)ad1_fc2; (void)gamma1; (void)norm2;
-    (void)fc1; (void)fc2; (void)ad2_fc1; (void)ad2_fc2; (void)adapter_scale; (void)gamma2;
-    (void)ws; (void)out; (void)num_threads;
     return 1;
 #endif
 }

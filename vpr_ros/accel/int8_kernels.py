@@ -38,7 +38,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -164,8 +164,20 @@ BLOCK_BUFFERS = ("q_c", "s_a", "s_b", "acc_qkv", "mixed", "acc_c", "q_h", "acc_h
 
 
 class BlockBuffers(ctypes.Structure):
-    """``vpr_block_buffers`` of the C source: the work buffers of a whole-block call."""
+    """``vpr_block_buffers`` of the C source: the work buffers of a block-chain call."""
     _fields_ = [(name, ctypes.c_void_p) for name in BLOCK_BUFFERS]
+
+
+class BlockCall(ctypes.Structure):
+    """``vpr_block_call`` of the C source: one block of a chain (pointers to its
+    ``BlockNorm`` / ``BlockLinear`` views; the adapters' NULL for a plain block) and its
+    output (set by :meth:`NativeKernels.block_chain`)."""
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+                    "norm1", "norm2", "qkv", "proj", "fc1", "fc2", "ad1_fc1", "ad1_fc2",
+                    "ad2_fc1", "ad2_fc2", "gamma1", "gamma2")]
+    _fields_ += [("adapter_scale", ctypes.c_float), ("att_scale", ctypes.c_float),
+                 ("heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                 ("out", ctypes.c_void_p)]
 
 
 class NativeKernels:
@@ -208,19 +220,15 @@ class NativeKernels:
             "vpr_int8_gemm": [vp, _I64, _I64, vp, vp, _I64, vp, i32],
             "vpr_int8_slacks": [vp, _I64, vp, _I64] + [ctypes.c_double] * 6 + [vp] * 4,
             "vpr_half_to_float": [vp, _I64, vp],
-            # a whole block in one parallel region (pointers to the structs below)
-            "vpr_vit_block": [vp, _I64, _I64, _I64, vp, vp, _I64, _I64, ctypes.c_float, vp,
-                              vp, vp, vp, vp, vp, i32],
-            "vpr_adapted_block": [vp, _I64, _I64, _I64, vp, vp, _I64, _I64, ctypes.c_float,
-                                  vp, vp, vp, vp, vp, vp, vp, vp, vp, ctypes.c_float, vp, vp,
-                                  vp, i32],
+            # consecutive blocks in one parallel region (an array of BlockCall)
+            "vpr_block_chain": [vp, _I64, _I64, _I64, vp, _I64, vp, i32],
         }
         returns = {"vpr_integer_attention": ctypes.c_int, "vpr_mnn_top2": ctypes.c_int,
                    "vpr_mnn_exact_counts": ctypes.c_int, "vpr_mnn_int8_count": ctypes.c_int,
                    "vpr_have_vnni": ctypes.c_int, "vpr_absmax": ctypes.c_float,
                    "vpr_integer_attention_acc": ctypes.c_int,
                    "vpr_col2im_max_kernel_height": ctypes.c_int, "vpr_int8_gemm": ctypes.c_int,
-                   "vpr_vit_block": ctypes.c_int, "vpr_adapted_block": ctypes.c_int}
+                   "vpr_block_chain": ctypes.c_int}
         for name, args in signatures.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, returns.get(name)
@@ -481,7 +489,7 @@ class NativeKernels:
             torch.get_num_threads())
         return out
 
-    # -- whole blocks (vpr_vit_block, vpr_adapted_block) ----------------------------
+    # -- blocks in one parallel region (vpr_block_chain) ------------------------------
     def block_linear(self, layer, packed: "VnniWeight") -> BlockLinear:
         """The C view of an int8 layer (``Int8Linear``) with its packed weight; the layer
         keeps the tensors alive."""
@@ -495,44 +503,45 @@ class NativeKernels:
         return BlockNorm(self._check(norm.weight, torch.float32, "norm weight"),
                          self._check(norm.bias, torch.float32, "norm bias", n), float(norm.eps))
 
-    def _run_block(self, fn, x: torch.Tensor, *args) -> torch.Tensor:
-        """``fn(x, b, n, c, *args, out, threads)`` (a whole-block kernel) -> a fresh
-        (b, n, c) float32 output."""
+    def block_call(self, norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear,
+                   norm2: BlockNorm, fc1: BlockLinear, fc2: BlockLinear, heads: int,
+                   head_dim: int, scale: float, adapters=None, gamma1=None, gamma2=None,
+                   adapter_scale: float = 0.0) -> BlockCall:
+        """One block of :meth:`block_chain`: a timm ``Block``, or with ``adapters`` (the
+        views of adapter1's fc1, fc2 and adapter2's fc1, fc2) a SelaVPR adapted block
+        (``gamma1`` / ``gamma2``: its LayerScales, None: none).  The caller keeps the views
+        and tensors alive while the call is used."""
+        ref = ctypes.addressof
+        call = BlockCall(ref(norm1), ref(norm2), ref(qkv), ref(proj), ref(fc1), ref(fc2))
+        if adapters is not None:
+            call.ad1_fc1, call.ad1_fc2, call.ad2_fc1, call.ad2_fc2 = map(ref, adapters)
+            c = qkv.k                                   # the block's width
+            call.gamma1 = self._opt(gamma1, c, "gamma1")
+            call.gamma2 = self._opt(gamma2, c, "gamma2")
+            call.adapter_scale = float(adapter_scale)
+        call.att_scale, call.heads, call.head_dim = float(scale), int(heads), int(head_dim)
+        return call
+
+    def block_chain(self, x: torch.Tensor, calls: Sequence[BlockCall], buffers: BlockBuffers,
+                    outs: Sequence[torch.Tensor]) -> None:
+        """Consecutive int8 blocks (integer attention) in one parallel region: ``x`` (b, n,
+        c) float32 through ``calls`` in turn, block i's output into ``outs[i]`` ((b, n, c)
+        float32, the next block's input; two blocks apart may share a buffer), with the
+        bits of the step-by-step path (``vpr_block_chain``).  ``buffers``: work buffers for
+        the widest block.  Needs VNNI (:attr:`has_vnni`)."""
         b, n, c = x.shape
         self._check(x, torch.float32, "x")
-        out = torch.empty((b, n, c), dtype=torch.float32)
-        status = fn(x.data_ptr(), b, n, c, *args, out.data_ptr(), torch.get_num_threads())
+        if len(outs) != len(calls) or not calls:
+            raise ValueError("block_chain: one output per block, at least one block")
+        array = (BlockCall * len(calls))(*calls)
+        for i, (item, out) in enumerate(zip(array, outs)):
+            item.out = self._check(out, torch.float32, f"outs[{i}]", b * n * c)
+        status = self._lib.vpr_block_chain(x.data_ptr(), b, n, c, array, len(calls),
+                                           ctypes.byref(buffers), torch.get_num_threads())
         if status == -1:
-            raise MemoryError("int8 block: could not allocate its scratch memory")
+            raise MemoryError("int8 blocks: could not allocate their scratch memory")
         if status != 0:
-            raise ValueError(f"int8 block: the native kernel declined ({status})")
-        return out
-
-    def vit_block(self, x: torch.Tensor, heads: int, head_dim: int, scale: float,
-                  norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear, norm2: BlockNorm,
-                  fc1: BlockLinear, fc2: BlockLinear, buffers: BlockBuffers) -> torch.Tensor:
-        """A timm ``Block`` (int8, integer attention) in one parallel region: ``x`` (b, n, c)
-        float32 -> a fresh (b, n, c) float32 tensor, the bits of the step-by-step path
-        (``vpr_vit_block``).  Needs VNNI (:attr:`has_vnni`)."""
-        ref = ctypes.byref
-        return self._run_block(self._lib.vpr_vit_block, x, ref(norm1), ref(qkv), heads,
-                               head_dim, float(scale), ref(proj), ref(norm2), ref(fc1),
-                               ref(fc2), ref(buffers))
-
-    def adapted_block(self, x: torch.Tensor, heads: int, head_dim: int, scale: float,
-                      norm1: BlockNorm, qkv: BlockLinear, proj: BlockLinear,
-                      ad1_fc1: BlockLinear, ad1_fc2: BlockLinear, gamma1: Optional[torch.Tensor],
-                      norm2: BlockNorm, fc1: BlockLinear, fc2: BlockLinear,
-                      ad2_fc1: BlockLinear, ad2_fc2: BlockLinear, adapter_scale: float,
-                      gamma2: Optional[torch.Tensor], buffers: BlockBuffers) -> torch.Tensor:
-        """A SelaVPR adapted block in one parallel region (``vpr_adapted_block``); as
-        :meth:`vit_block`."""
-        ref, c = ctypes.byref, x.shape[-1]
-        return self._run_block(self._lib.vpr_adapted_block, x, ref(norm1), ref(qkv), heads,
-                               head_dim, float(scale), ref(proj), ref(ad1_fc1), ref(ad1_fc2),
-                               self._opt(gamma1, c, "gamma1"), ref(norm2), ref(fc1), ref(fc2),
-                               ref(ad2_fc1), ref(ad2_fc2), float(adapter_scale),
-                               self._opt(gamma2, c, "gamma2"), ref(buffers))
+            raise ValueError(f"int8 blocks: the native kernel declined ({status})")
 
     def mnn_top2(self, x_codes: np.ndarray, n_x: int, q_vnni: np.ndarray, n_q: int,
                  generic: bool = False, threads: Optional[int] = None) -> Tuple[np.ndarray, ...]:

@@ -62,6 +62,24 @@ def resample_position_embedding(pos_embed: torch.Tensor, stored_grid: int,
     return torch.cat((cls_row, patch), dim=1).to(pos_embed.dtype)
 
 
+class BlockSequence(nn.ModuleList):
+    """A ViT's blocks, in order (a ``ModuleList``: the official ``blocks.N.`` keys).
+
+    :meth:`run` is the one loop over them; the int8 layer (:mod:`vpr_ros.accel`) swaps in
+    a sequence whose ``run`` hands consecutive fused blocks to one native call."""
+
+    def run(self, tokens: torch.Tensor, count: int,
+            keep: Sequence[int] = ()) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``tokens`` through blocks 0..count-1 -> the last output and the outputs of the
+        blocks in ``keep`` (block order)."""
+        kept = []
+        for i, block in enumerate(list(self)[:count]):
+            tokens = block(tokens)
+            if i in keep:
+                kept.append(tokens)
+        return tokens, kept
+
+
 class DinoV2(nn.Module):
     """DINOv2 ViT; ``block_factory(dim, heads, mlp_ratio)`` lets SelaVPR swap in adapted blocks."""
 
@@ -89,7 +107,8 @@ class DinoV2(nn.Module):
         # unused at inference; kept so that the official keys load
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         factory = block_factory or dinov2_block
-        self.blocks = nn.ModuleList(factory(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = BlockSequence(factory(embed_dim, num_heads, mlp_ratio)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self._pos_cache: Dict[tuple, torch.Tensor] = {}
         self.init_weights()
@@ -162,19 +181,12 @@ class DinoV2(nn.Module):
         if not wanted or wanted[0] < 0 or wanted[-1] >= self.depth:
             raise ValueError(f"block indices {list(indices)} outside 0..{self.depth - 1}")
         grid = self.token_grid(*x.shape[-2:])
-        tokens = self.prepare_tokens(x)
-        outputs = []
-        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
-            tokens = block(tokens)
-            if i in wanted:
-                outputs.append(self._patch_map(self.norm(tokens), grid))
-        return outputs
+        _, kept = self.blocks.run(self.prepare_tokens(x), wanted[-1] + 1, wanted)
+        return [self._patch_map(self.norm(tokens), grid) for tokens in kept]
 
     def forward_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Official-style outputs: normalised cls / register / patch tokens after the last block."""
-        tokens = self.prepare_tokens(x)
-        for block in self.blocks:
-            tokens = block(tokens)
+        tokens, _ = self.blocks.run(self.prepare_tokens(x), len(self.blocks))
         normed = self.norm(tokens)
         return {
             "x_norm_clstoken": normed[:, 0],
@@ -186,9 +198,7 @@ class DinoV2(nn.Module):
     def forward_patch_map(self, x: torch.Tensor) -> torch.Tensor:
         """Final normalised patch tokens as (B, D, gh, gw)."""
         grid = self.token_grid(*x.shape[-2:])
-        tokens = self.prepare_tokens(x)
-        for block in self.blocks:
-            tokens = block(tokens)
+        tokens, _ = self.blocks.run(self.prepare_tokens(x), len(self.blocks))
         return self._patch_map(self.norm(tokens), grid)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
