@@ -251,7 +251,13 @@ void vpr_layer_norm_quantize(const float *x, int64_t m, int64_t k, const float *
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#include <limits.h>
 #include <sched.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define VPR_HAVE_VNNI 1
 #else
 #define VPR_HAVE_VNNI 0
@@ -2324,18 +2330,21 @@ static int block_scratch(int64_t c, int64_t widest_k, float **tmp, int8_t **tail
     return *tmp && *tail;
 }
 
-/* A barrier of the threads of one parallel region that spins while it waits: the waits
- * inside a block chain are microseconds (the threads do the same work), and an OpenMP
- * barrier under OMP_WAIT_POLICY=PASSIVE would put the first thread to sleep at once.
- * After TEAM_SPIN_CYCLES of spinning (a thread held up by something else on the
- * machine) a waiting thread yields its core at every check.  Sense-reversing: `arrived`
- * counts the threads of the current round, `round` advances when the last one arrives. */
+/* A barrier of the threads of one parallel region that spins, then sleeps: the waits
+ * inside a block chain are mostly microseconds (the threads do the same work), and an
+ * OpenMP barrier under OMP_WAIT_POLICY=PASSIVE puts the first thread to sleep at once,
+ * which costs a wake-up (tens of microseconds on a VM) at every barrier.  A thread
+ * spins for at most TEAM_SPIN_CYCLES of the time-stamp counter (about what a wake-up
+ * costs), then sleeps on a futex: a partner held up by another process (its core taken)
+ * then costs no spinning either.  Sense-reversing: `arrived` counts the threads of the
+ * current round, `round` advances when the last one arrives. */
 #ifndef TEAM_SPIN_CYCLES
-#define TEAM_SPIN_CYCLES 400000ULL   /* ~0.1-0.2 ms of the time-stamp counter */
+#define TEAM_SPIN_CYCLES 131072ULL   /* ~35-65 us at a 2-4 GHz time-stamp counter */
 #endif
 typedef struct {
     int arrived;
     int round;
+    int sleepers;
 } team_barrier;
 
 static void team_barrier_wait(team_barrier *bar) {
@@ -2344,15 +2353,31 @@ static void team_barrier_wait(team_barrier *bar) {
     const int round = __atomic_load_n(&bar->round, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&bar->arrived, 1, __ATOMIC_ACQ_REL) == nt) {
         __atomic_store_n(&bar->arrived, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&bar->round, round + 1, __ATOMIC_RELEASE);   /* publishes all */
+        __atomic_store_n(&bar->round, round + 1, __ATOMIC_SEQ_CST);   /* publishes all */
+#ifdef __linux__
+        if (__atomic_load_n(&bar->sleepers, __ATOMIC_SEQ_CST))
+            syscall(SYS_futex, &bar->round, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#endif
         return;
     }
     const unsigned long long start = __rdtsc();
     while (__atomic_load_n(&bar->round, __ATOMIC_ACQUIRE) == round) {
-        if (__rdtsc() - start < TEAM_SPIN_CYCLES)
+        if (__rdtsc() - start < TEAM_SPIN_CYCLES) {
             _mm_pause();
-        else
-            sched_yield();
+            continue;
+        }
+#ifdef __linux__
+        /* the last thread reads `sleepers` after advancing `round`, this one reads
+         * `round` after counting itself in (both sequentially consistent): either the
+         * wake sees this sleeper, or this thread sees the new round; FUTEX_WAIT itself
+         * returns at once where `round` has already moved on */
+        __atomic_add_fetch(&bar->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&bar->round, __ATOMIC_SEQ_CST) == round)
+            syscall(SYS_futex, &bar->round, FUTEX_WAIT_PRIVATE, round, NULL, NULL, 0);
+        __atomic_sub_fetch(&bar->sleepers, 1, __ATOMIC_SEQ_CST);
+#else
+        sched_yield();
+#endif
     }
 }
 
@@ -2489,7 +2514,7 @@ int vpr_block_chain(const float *x, int64_t b, int64_t n, int64_t c,
         }
     }
     int failed = 0;
-    team_barrier bar = {0, 0};
+    team_barrier bar = {0, 0, 0};
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
         int64_t r0, r1;
