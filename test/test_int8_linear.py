@@ -170,22 +170,25 @@ def test_patch_embedding_as_bf16_matmul_per_image():
                         options=AccelOptions(patch_conv="int4"))
 
 
-def test_convert_model_keeps_transformer_encoder_and_folds_layer_scale():
+def test_convert_model_keeps_encoder_attention_and_folds_layer_scale():
     from vpr_ros.models.cards import load_card
     from vpr_ros.models.factory import load_model
     from timm.models.vision_transformer import Block
 
     model, _, _ = load_model(load_card("scicevpr_tiny_random"))
-    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear
-               and not name.startswith("encoder.")]
+    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    assert "encoder.layers.0.linear1" in linears
     x = torch.randn(2, 3, *load_card("scicevpr_tiny_random").input_size)
     with torch.no_grad():
         ref = model(x)
     convert_to_int8(model)
     assert count_int8_layers(model) == len(linears) + 1             # + the fusion conv
     assert isinstance(model.fusion, Int8PointwiseConv2d)
-    assert type(model.encoder.layers[0].linear1) is nn.Linear        # region encoder stays float
+    # the region encoder's feed-forward layers convert; its attention, which reads its
+    # projection weights directly (the teacher's cross-image path), stays float
+    assert isinstance(model.encoder.layers[0].linear1, Int8Linear)
     assert type(model.encoder.layers[0].self_attn.out_proj) is not Int8Linear
+    assert model.encoder.layers[0].self_attn.in_proj_weight.dtype == torch.float32
     blocks = [b for b in model.modules() if type(b) is Block]
     assert blocks and all(isinstance(b.ls1, nn.Identity) and isinstance(b.ls2, nn.Identity)
                           for b in blocks)
@@ -194,6 +197,21 @@ def test_convert_model_keeps_transformer_encoder_and_folds_layer_scale():
     assert nn.functional.cosine_similarity(out, ref).min() > 0.999
     with pytest.raises(ValueError, match="inside a model"):
         convert_to_int8(nn.Linear(4, 4))
+
+
+def test_teacher_cross_image_encoder_runs_int8():
+    """The teacher's encoder attends across the batch through ``nn.TransformerEncoder``
+    (its attention reads the projection weights directly, so it stays float); its
+    feed-forward layers run int8 and the descriptors stay close to fp32."""
+    from vpr_ros.inference import GlobalDescriber
+
+    rng = np.random.RandomState(0)
+    images = [rng.randint(0, 255, (224, 224, 3), np.uint8) for _ in range(3)]
+    ref = GlobalDescriber("demo_tiny_teacher", device="cpu", precision="fp32").describe(images)
+    int8 = GlobalDescriber("demo_tiny_teacher", device="cpu", precision="int8")
+    layer = next(m for m in int8.model.modules() if isinstance(m, nn.TransformerEncoderLayer))
+    assert isinstance(layer.linear1, Int8Linear) and isinstance(layer.linear2, Int8Linear)
+    assert np.sum(int8.describe(images) * ref, axis=1).min() >= 0.999
 
 
 def test_layer_scale_folding_matches_unfolded_block():

