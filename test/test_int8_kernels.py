@@ -573,6 +573,36 @@ def test_block_chain_is_the_block_by_block_path(kernels):
         torch.set_num_threads(threads)
 
 
+def test_block_chain_call_follows_replaced_layer_scales_and_adapter_scale(kernels):
+    """The cached C call of an adapted block points at its LayerScales and holds its
+    adapter factor: replacing either after a run must be seen (the call is rebuilt), never
+    read through a stale pointer."""
+    import copy
+
+    if not kernels.has_vnni:
+        pytest.skip("the block-chain kernel needs AVX-512 VNNI")
+    holder = nn.Sequential(copy.deepcopy(_adapted_block(seed=4, adapter_dim=64)))
+    convert_to_int8(holder)
+    block = holder[0]
+    x = torch.randn(1, 20, 64, generator=torch.Generator().manual_seed(9))
+
+    def both():
+        with torch.no_grad():
+            whole = block(x)
+            block.whole = False
+            steps = block(x)
+            block.whole = True
+        return whole, steps
+
+    first, _ = both()
+    block.block.ls1.gamma = nn.Parameter(block.block.ls1.gamma.detach() * 2.0)
+    whole, steps = both()
+    assert torch.equal(whole, steps) and not torch.equal(whole, first)
+    block.block.adapter_scale = block.block.adapter_scale * 3.0
+    again, steps = both()
+    assert torch.equal(again, steps) and not torch.equal(again, whole)
+
+
 def test_whole_block_over_several_matmul_chunks(kernels):
     """At 512 channels (hidden 2048) the matmul's rows run in two chunks per thread with
     one thread (the 512 KB chunks of a 257 x 2048 input), the one-row tile in the last:

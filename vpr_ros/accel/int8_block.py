@@ -231,15 +231,18 @@ def _attention_of_codes(kernels, attn: nn.Module, b: int, n: int, q_c: torch.Ten
     return mixed
 
 
-def _whole_block_call(kernels, owner: nn.Module, norms, layers, chain, build):
+def _whole_block_call(kernels, owner: nn.Module, norms, layers, chain, build,
+                      extra: Tuple[Optional[torch.Tensor], ...] = (), scalars: tuple = ()):
     """The ``BlockCall`` of a block for :meth:`NativeKernels.block_chain`, built by
     ``build(norm views, layer views)`` from the C views (``BlockNorm``, ``BlockLinear``)
     of its LayerNorms and int8 layers, or None where a layer's product does not run on
     the native matmul or the shapes do not chain as the kernel reads them (the block then
     runs step by step, which checks every call).  ``chain``: (layer index, K, N) that
-    must hold, -1 for "any" (the kernel trusts them).  Cached on ``owner`` with the views
-    while the packed weights and every tensor behind them stay the same (a few
-    microseconds per block instead of tens)."""
+    must hold, -1 for "any" (the kernel trusts them).  ``extra``: the other tensors the
+    call points to (LayerScales, or None), ``scalars``: the numbers it holds (heads,
+    scales).  Cached on ``owner`` with the views while the packed weights, every tensor
+    behind the call and the scalars stay the same (a few microseconds per block instead
+    of tens)."""
     packed = [layer.packed_weight(kernels) for layer in layers]
     if any(p is None for p in packed):
         return None
@@ -248,7 +251,8 @@ def _whole_block_call(kernels, owner: nn.Module, norms, layers, chain, build):
              for t in (layer.weight_scale, layer.bias) if t is not None),
            *((t.data_ptr(), t.numel()) for norm in norms for t in (norm.weight, norm.bias)
              if t is not None),
-           *(float(norm.eps) for norm in norms))
+           *(float(norm.eps) for norm in norms),
+           *((None if t is None else (t.data_ptr(), t.numel())) for t in extra), *scalars)
     cached = owner.__dict__.get("_whole_block")
     if cached is None or cached[0] != key:
         c = norms[0].weight.numel()
@@ -261,9 +265,9 @@ def _whole_block_call(kernels, owner: nn.Module, norms, layers, chain, build):
             views = ([kernels.block_norm(norm) for norm in norms],
                      [kernels.block_linear(layer, p) for layer, p in zip(layers, packed)])
             call = build(*views)
-        # the views (which the call points to) and the packed weights (the key holds
-        # their ids) are kept with the call
-        cached = (key, call, views, packed)
+        # the views and extra tensors (which the call points to) and the packed weights
+        # (the key holds their ids) are kept with the call
+        cached = (key, call, views, packed, extra)
         owner.__dict__["_whole_block"] = cached
     return cached[1]
 
@@ -418,7 +422,8 @@ class Int8TransformerBlock(nn.Module):
                                       attn.head_dim, attn.scale)
 
         call = _whole_block_call(kernels, self, (blk.norm1, blk.norm2),
-                                 (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), _plain_chain, build)
+                                 (attn.qkv, attn.proj, mlp.fc1, mlp.fc2), _plain_chain, build,
+                                 scalars=(attn.num_heads, attn.head_dim, float(attn.scale)))
         return None if call is None else ChainLink(kernels, call, mlp.fc1.out_features, 0)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -487,16 +492,19 @@ class Int8AdaptedBlock(nn.Module):
         blk = self.block
         attn, mlp, ad1, ad2 = blk.attn, blk.mlp, blk.adapter1, blk.adapter2
 
+        gammas = (_layer_scale(blk.ls1), _layer_scale(blk.ls2))
+
         def build(norms, linears):
             (norm1, norm2), (qkv, proj, a1f1, a1f2, fc1, fc2, a2f1, a2f2) = norms, linears
             return kernels.block_call(norm1, qkv, proj, norm2, fc1, fc2, attn.num_heads,
                                       attn.head_dim, attn.scale, (a1f1, a1f2, a2f1, a2f2),
-                                      _layer_scale(blk.ls1), _layer_scale(blk.ls2),
-                                      blk.adapter_scale)
+                                      *gammas, blk.adapter_scale)
 
         call = _whole_block_call(kernels, self, (blk.norm1, blk.norm2),
                                  (attn.qkv, attn.proj, ad1.fc1, ad1.fc2, mlp.fc1, mlp.fc2,
-                                  ad2.fc1, ad2.fc2), _adapted_chain, build)
+                                  ad2.fc1, ad2.fc2), _adapted_chain, build, extra=gammas,
+                                 scalars=(attn.num_heads, attn.head_dim, float(attn.scale),
+                                          float(blk.adapter_scale)))
         return None if call is None else ChainLink(kernels, call, mlp.fc1.out_features,
                                                    ad1.fc1.out_features)
 
