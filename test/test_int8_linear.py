@@ -214,6 +214,28 @@ def test_teacher_cross_image_encoder_runs_int8():
     assert np.sum(int8.describe(images) * ref, axis=1).min() >= 0.999
 
 
+def test_batch_first_encoder_layers_stay_float():
+    """torch's inference fast path of a ``batch_first`` TransformerEncoderLayer reads its
+    feed-forward weights directly (an int8 layer has none): such a layer stays float
+    whole and still runs; a ``batch_first=False`` layer's feed-forward converts."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.fast = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), 1,
+        enable_nested_tensor=False)
+    model.slow = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=False)
+    model.eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model.fast(x)
+    convert_to_int8(model)
+    assert type(model.fast.layers[0].linear1) is nn.Linear
+    assert isinstance(model.slow.linear1, Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(model.fast(x), ref)
+        assert model.slow(x.transpose(0, 1)).shape == (5, 2, 32)
+
+
 def test_layer_scale_folding_matches_unfolded_block():
     from timm.models.vision_transformer import Block
 

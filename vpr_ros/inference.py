@@ -25,7 +25,8 @@ Precisions (speed and fidelity measured in docs/fast_paths.md):
   so a whole batch runs in one forward and the int8 layers give an image the same bits
   alone or in a batch (SciceVPR int8 descriptors are bit-identical; checked in
   test/test_int8_linear.py).  LayerNorm, GELU, the patch embedding, GeM and the
-  SciceVPR region encoder compute in float32; SelaVPR's LocalAdapt transposed
+  attention of the SciceVPR region encoder compute in float32 (its feed-forward layers
+  are int8 Linears too); SelaVPR's LocalAdapt transposed
   convolutions run as a bf16 matmul + col2im.  The passes between two int8 matmuls
   (quantise, dequantise + bias, LayerNorm, GELU, residual add) run fused in small C
   kernels compiled on first use (:mod:`vpr_ros.accel.int8_kernels`), and with them the
@@ -83,8 +84,8 @@ def quantize_int8(model: torch.nn.Module, accel=None) -> torch.nn.Module:
     Every ``nn.Linear`` and the pointwise (1x1) convolutions become int8 layers with
     per-output-channel weight scales and per-row (per-token) activation scales computed
     on each call, multiplied exactly in int32 (the native VNNI matmul, else
-    ``torch._int_mm``: the same integers).  The SciceVPR region
-    encoder (``nn.TransformerEncoder``, 14 tokens per image) and GeM stay float32.  The
+    ``torch._int_mm``: the same integers).  The attention of the SciceVPR region
+    encoder (``nn.MultiheadAttention``, 14 tokens per image) and GeM stay float32.  The
     native fused kernels (:mod:`vpr_ros.accel.int8_kernels`) are built here, at model
     construction, so that the first image does not wait for the compiler.  ``accel``: the
     switches (:class:`vpr_ros.accel.options.AccelOptions`; None = overrides / defaults).

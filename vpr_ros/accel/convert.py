@@ -31,7 +31,10 @@ def convert_to_int8(model: nn.Module,
     Subtrees whose type is in ``keep_float`` stay untouched (by default
     ``nn.MultiheadAttention``, which reads its projection weights directly; the
     feed-forward Linears of an ``nn.TransformerEncoderLayer`` around it are called as
-    modules and convert: SciceVPR's region encoder, 0.87 ms of 2.49 saved per image).  With
+    modules and convert: SciceVPR's region encoder, 0.87 ms of 2.49 saved per image).
+    An ``nn.TransformerEncoderLayer`` with ``batch_first=True`` stays float whole: torch's
+    inference fast path (taken only for ``batch_first`` layers) reads its Linear weights
+    directly.  With
     ``fold_layer_scales``, the LayerScale of a plain timm ViT ``Block`` is folded into the
     int8 layer before it (see :func:`fold_block_layer_scales`); with ``fuse_blocks``, such
     blocks then run through the fused native kernels
@@ -49,6 +52,8 @@ def convert_to_int8(model: nn.Module,
         for name, child in list(parent.named_children()):
             if keep and isinstance(child, keep):
                 continue
+            if isinstance(child, nn.TransformerEncoderLayer) and child.self_attn.batch_first:
+                continue            # the fast path reads linear1 / linear2 .weight itself
             if type(child) is nn.Linear:
                 setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
             elif is_pointwise_conv(child):

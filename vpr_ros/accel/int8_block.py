@@ -370,24 +370,30 @@ class FusedBlockSequence(nn.ModuleList):
         """``tokens`` through blocks 0..count-1 -> the last output and the outputs of the
         blocks in ``keep`` (block order)."""
         blocks, kept, i = list(self)[:count], [], 0
+
+        def link_of(block):       # depends on the input's shape, dtype and device only
+            chain_link = getattr(block, "chain_link", None)
+            return chain_link(tokens) if chain_link is not None else None
+
+        link = link_of(blocks[0]) if blocks else None
         while i < len(blocks):
-            chain_link = getattr(blocks[i], "chain_link", None)
-            link = chain_link(tokens) if chain_link is not None else None
             if link is None:
                 tokens = blocks[i](tokens)
                 kept += [tokens] if i in keep else []
                 i += 1
+                link = link_of(blocks[i]) if i < len(blocks) else None
                 continue
-            links = [link]
+            links, nxt = [link], None
             while i + len(links) < len(blocks):
-                nxt = getattr(blocks[i + len(links)], "chain_link", None)
-                nxt = nxt(tokens) if nxt is not None else None
+                nxt = link_of(blocks[i + len(links)])
                 if nxt is None or nxt.kernels is not link.kernels:
                     break
                 links.append(nxt)
+                nxt = None
             outs = run_block_chain(tokens, links, [j - i for j in keep if j >= i])
             kept += [out for j, out in enumerate(outs) if i + j in keep]
-            tokens, i = outs[-1], i + len(links)
+            # the block that ended the chain keeps its link (None: it runs alone)
+            tokens, i, link = outs[-1], i + len(links), nxt
         return tokens, kept
 
 

@@ -1455,8 +1455,9 @@ int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const 
     {
         failed = attention_heads_team(acc, row_scale, col_scale, bias, b, n, h, d, scale, out,
                                       generic);
+        if (q) {               /* the same for every thread: all or none meet the barrier */
 #pragma omp barrier
-        if (q) {               /* after the barrier: out is complete */
+            /* out is complete */
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < b * n; ++i)
                 q_scale[i] = quantize_row(out + i * h * d, h * d, q + i * h * d);

@@ -22,11 +22,12 @@ int32 result (and keeps batch invariance) whatever order the BLAS sums in.
 
 :func:`vpr_ros.accel.convert.convert_to_int8` swaps, in place, every ``nn.Linear`` of a
 model and every 1x1 ``nn.Conv2d`` (stride 1, no padding, no groups: a pointwise linear over
-channels, like the SciceVPR ``fusion`` layer) for these modules. ``nn.TransformerEncoder``
-subtrees are left in float32: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly
-instead of calling the module, and the SciceVPR region encoder sees only 14 tokens per
-image. The GELU after an int8 ``fc1`` of a timm ``Mlp`` runs in place on that layer's fresh
-output.
+channels, like the SciceVPR ``fusion`` layer) for these modules. ``nn.MultiheadAttention``
+stays float32 (it reads ``out_proj.weight`` directly instead of calling the module), and so
+does a whole ``nn.TransformerEncoderLayer`` built with ``batch_first=True`` (torch's fast
+path then reads its feed-forward weights directly too); the feed-forward Linears of other
+encoder layers (the SciceVPR region encoder's) convert. The GELU after an int8 ``fc1`` of
+a timm ``Mlp`` runs in place on that layer's fresh output.
 """
 
 from __future__ import annotations
