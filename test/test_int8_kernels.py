@@ -603,6 +603,43 @@ def test_block_chain_call_follows_replaced_layer_scales_and_adapter_scale(kernel
     assert torch.equal(again, steps) and not torch.equal(again, whole)
 
 
+def test_kernels_build_without_vnni_and_give_the_same_bits(kernels, tmp_path, monkeypatch):
+    """CPUs without AVX-512 VNNI (a robot's ARM board, most x86 laptops) build the plain-C
+    kernels: the source must compile without the vector code (every function the bindings
+    declare defined, every type they use visible), load, and give int8 ViT blocks (plain
+    and adapted, in a block sequence) the bits of this machine's VNNI build."""
+    import copy
+    import platform
+    import subprocess
+
+    from vpr_ros.accel import int8_block
+    from vpr_ros.models.dinov2 import BlockSequence
+
+    flags = [*int8_kernels.BASE_FLAGS, "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-mno-avx512f")               # no AVX-512 at all, whatever the default
+    out = tmp_path / "plain_kernels.so"
+    proc = subprocess.run([int8_kernels._compiler(), *flags, "-o", str(out),
+                           str(int8_kernels.SOURCE), "-lm"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plain = int8_kernels.NativeKernels(out)
+    assert not plain.has_vnni
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.blocks = BlockSequence([_int8_block(seed=3)[0],
+                                   copy.deepcopy(_adapted_block(seed=4, adapter_dim=64))])
+    convert_to_int8(holder)
+    assert type(holder.blocks) is int8_block.FusedBlockSequence
+    x = torch.randn(2, 19, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = holder.blocks.run(x, 2)[0]                 # this machine's kernels
+        monkeypatch.setattr(int8_block, "native_kernels", lambda *a, **k: plain)
+        got = holder.blocks.run(x, 2)[0]
+    assert torch.equal(got, ref)
+
+
 def test_whole_block_over_several_matmul_chunks(kernels):
     """At 512 channels (hidden 2048) the matmul's rows run in two chunks per thread with
     one thread (the 512 KB chunks of a 257 x 2048 input), the one-row tile in the last:

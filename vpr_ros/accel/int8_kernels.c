@@ -2261,6 +2261,17 @@ typedef struct {             /* the block's work buffers (m rows) */
     int32_t *acc_x1;         /* m x c */
 } vpr_block_buffers;
 
+/* One block of a chain: its layers (the C views of int8_block.py) and its output. */
+typedef struct {
+    const vpr_norm *norm1, *norm2;
+    const vpr_linear *qkv, *proj, *fc1, *fc2;
+    const vpr_linear *ad1_fc1, *ad1_fc2, *ad2_fc1, *ad2_fc2;   /* NULL: a plain block */
+    const float *gamma1, *gamma2;   /* an adapted block's LayerScales, NULL: none */
+    float adapter_scale, att_scale;
+    int64_t heads, head_dim;
+    float *out;                     /* (b n, c) float32 */
+} vpr_block_call;
+
 #if VPR_HAVE_VNNI
 /* This thread's rows [r0, r1) of m: whole 4-row blocks, shared out evenly. */
 static void team_rows(int64_t m, int64_t *r0, int64_t *r1) {
@@ -2381,17 +2392,6 @@ static void team_barrier_wait(team_barrier *bar) {
 #endif
     }
 }
-
-/* One block of a chain: its layers (the C views of int8_block.py) and its output. */
-typedef struct {
-    const vpr_norm *norm1, *norm2;
-    const vpr_linear *qkv, *proj, *fc1, *fc2;
-    const vpr_linear *ad1_fc1, *ad1_fc2, *ad2_fc1, *ad2_fc2;   /* NULL: a plain block */
-    const float *gamma1, *gamma2;   /* an adapted block's LayerScales, NULL: none */
-    float adapter_scale, att_scale;
-    int64_t heads, head_dim;
-    float *out;                     /* (b n, c) float32 */
-} vpr_block_call;
 
 /* Norm1 + quantise and the qkv sums of this thread's rows, the barrier, the heads, the
  * barrier, and the attention's output coded for proj (q_c, s_a) in this thread's rows.
