@@ -21,13 +21,14 @@ the time of float32 SDPA.  With ``AccelOptions(integer_attention=False)`` the bl
 float32 SDPA there instead (:class:`Int8AdaptedBlock` then runs the wrapped block as it is).
 
 Where every layer of a block runs on the native VNNI matmul (and the integer attention
-is on), the whole chain is one kernel call instead (``NativeKernels.block_chain``): one
-parallel region in which the threads share out the rows, with spin barriers only around
-the attention, and the same row functions, so the same bits.  A model's block sequence
-(:class:`FusedBlockSequence`, swapped in for ``vpr_ros.models.dinov2.BlockSequence``)
-hands consecutive such blocks to one call, so the threads wake once per chain.  Under
-``OMP_WAIT_POLICY=PASSIVE`` (the node's) each region wakes a sleeping thread, and a
-step-by-step block has ~9 (plain) or ~17 (adapted) of them.
+is on), the whole chain is one kernel call instead (``NativeKernels.block_chain``):
+one parallel region in which the threads share out the rows, with barriers (spin, then
+sleep) only around the attention, and the same row functions, so the same bits.  A
+model's block sequence (:class:`FusedBlockSequence`, swapped in for
+``vpr_ros.models.dinov2.BlockSequence``) hands consecutive such blocks to one call, so
+the threads wake once per chain.  Under ``OMP_WAIT_POLICY=PASSIVE`` (the node's) each
+region wakes a sleeping thread, and a step-by-step block has ~9 (plain) or ~17 (adapted)
+of them.
 
 Rows stay independent (per-token scales, per-row LayerNorm) and the attention's scales
 belong to one image, so descriptors stay batch-invariant.  The block's input is never

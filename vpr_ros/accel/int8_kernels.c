@@ -1390,16 +1390,6 @@ void vpr_dequantize_pair_residual(int32_t *acc, int32_t *side, int64_t m, int64_
                           residual + i * n);
 }
 
-/* The integer attention straight from the qkv layer's int32 sums: for each image-head,
- * its Q, K, V slices are dequantised (the operations of dequantize_row) into per-thread
- * contiguous float rows and go through the same quantisation and attention as
- * vpr_integer_attention, so the result has the same bits as vpr_dequantize followed by
- * vpr_integer_attention, without the pass that writes the whole (b n, 3 h d) float
- * matrix and the head-strided reads of it.  acc: (b, n, 3, h, d) int32; row_scale (b n);
- * col_scale, bias (3 h d; bias may be NULL).  With q (and q_scale): after every head is
- * done, the same threads quantise the output rows for the proj layer (the bits of
- * vpr_quantize_rows on out) in the same parallel region: one wake-up of the threads and
- * one call fewer per block.  Same return values. */
 /* The heads of vpr_integer_attention_acc, called by every thread of a parallel region:
  * the image-heads are shared out (omp for, no barrier at its end: out is complete once
  * every thread has returned, so the caller waits for the team).  Returns nonzero on the
@@ -1445,6 +1435,16 @@ static int attention_heads_team(const int32_t *acc, const float *row_scale,
     return failed;
 }
 
+/* The integer attention straight from the qkv layer's int32 sums: for each image-head,
+ * its Q, K, V slices are dequantised (the operations of dequantize_row) into per-thread
+ * contiguous float rows and go through the same quantisation and attention as
+ * vpr_integer_attention, so the result has the same bits as vpr_dequantize followed by
+ * vpr_integer_attention, without the pass that writes the whole (b n, 3 h d) float
+ * matrix and the head-strided reads of it.  acc: (b, n, 3, h, d) int32; row_scale (b n);
+ * col_scale, bias (3 h d; bias may be NULL).  With q (and q_scale): after every head is
+ * done, the same threads quantise the output rows for the proj layer (the bits of
+ * vpr_quantize_rows on out) in the same parallel region: one wake-up of the threads and
+ * one call fewer per block.  Same return values. */
 int vpr_integer_attention_acc(const int32_t *acc, const float *row_scale, const float *col_scale,
                               const float *bias, int64_t b, int64_t n, int64_t h, int64_t d,
                               float scale, float *out, int8_t *q, float *q_scale, int generic,
@@ -2228,9 +2228,9 @@ int vpr_int8_gemm(const int8_t *a, int64_t m, int64_t k, const int8_t *w,
  * computed all columns of its rows can go on with them at once, and on into the next
  * block (a block reads only its own rows of the previous block's output).  Only the
  * attention needs every token: one barrier before it (the qkv sums of all rows) and one
- * after its loop over the heads.  Those two spin (team_barrier): an OpenMP barrier under
- * PASSIVE puts the first thread to sleep at once, and waking it costs as much as a new
- * region.  Each thread streams every weight panel (the other thread reads the same
+ * after its loop over the heads.  Those two spin, then sleep (team_barrier): an OpenMP
+ * barrier under PASSIVE puts the first thread to sleep at once, and waking it costs as
+ * much as a new region.  Each thread streams every weight panel (the other thread reads the same
  * panels from L3 at about the same time).  Every step is the same row function as the
  * step-by-step path, and the matmul sums are exact, so the output has the same bits.
  * ------------------------------------------------------------------------------------ */
